@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine (Python 3.10+ with venv):
+#   make demo   - install into .venv, then evaluate the shipped default policy in its environment
+#   make test   - install into .venv, then run the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+DEFAULT_POLICY ?= policies/halfcheetah_2x3
+
+.PHONY: install demo test serve bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the local CPU wheel first so the project's range (torch>=2.2,<3) installs nothing more
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[all]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lorasa-eval $(DEFAULT_POLICY) --episodes 5 --compare-random
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+serve: $(STAMP)
+	$(BIN)/bentoml serve
+
+bench: $(STAMP)
+	$(BIN)/lorasa-bench --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

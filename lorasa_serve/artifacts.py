@@ -1,0 +1,248 @@
+"""Policy directory I/O: policy.json, backbone.safetensors, adapters/<agent_id>.safetensors.
+
+safetensors and JSON only. Every load validates and raises a typed `ArtifactError` naming the file:
+corrupt/truncated files, unknown format versions, missing or extra keys, wrong shapes or dtypes,
+rank/alpha mismatches, adapters trained on another backbone, NaN/inf.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .errors import (CorruptFileError, FingerprintMismatchError, FormatVersionError,
+                     KeyMismatchError, NonFiniteError, RankAlphaMismatchError, ShapeMismatchError)
+from .spec import FORMAT_VERSION, PolicySpec, check_agent_id
+
+SPEC_FILE = "policy.json"
+BACKBONE_FILE = "backbone.safetensors"
+ADAPTER_DIR = "adapters"
+MAX_HEADER_BYTES = 1 << 20  # our headers are a few KB; refuse anything absurd before parsing
+FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+ALL_DTYPES = {**FLOAT_DTYPES, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
+              "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# --- fingerprints ------------------------------------------------------------------------------
+def fingerprint(tensors: dict[str, Tensor]) -> str:
+    """sha256 over sorted tensor names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# --- raw safetensors with a header check before any allocation ----------------------------------
+def read_safetensors(data: bytes, source: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """Parse and check a safetensors buffer -> (metadata, float32-or-native tensors)."""
+    header = _check_header(data, source)
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CorruptFileError(source, f"not a valid safetensors file: {e}") from None
+    return dict(header.get("__metadata__") or {}), tensors
+
+
+def _check_header(data: bytes, source: str) -> dict:
+    if len(data) < 8:
+        raise CorruptFileError(source, f"not a safetensors file ({len(data)} bytes, truncated?)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > len(data):
+        raise CorruptFileError(source, f"header length {n} does not fit the file "
+                                       f"({len(data)} bytes): truncated or not safetensors")
+    try:
+        header = json.loads(data[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CorruptFileError(source, "header is not JSON: not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(source, "header is not a JSON object")
+    body = len(data) - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise CorruptFileError(source, "__metadata__ must map strings to strings")
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            size = ALL_DTYPES[dtype] * math.prod(int(s) for s in shape)
+        except (KeyError, TypeError, ValueError):
+            raise CorruptFileError(source, f"tensor {key!r}: malformed header entry") from None
+        if any(int(s) < 0 for s in shape) or not (0 <= begin <= end <= body) or end - begin != size:
+            raise CorruptFileError(source, f"tensor {key!r}: declared {dtype}{list(shape)} does not "
+                                           f"match its {end - begin} bytes / file size (truncated?)")
+    return header
+
+
+def _read_file(path: Path, max_bytes: int | None = None) -> bytes:
+    try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise CorruptFileError(path, f"file is {size} bytes, over the {max_bytes}-byte limit")
+        return path.read_bytes()
+    except OSError as e:
+        raise CorruptFileError(path, f"cannot read: {e}") from None
+
+
+def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]],
+                   source: str) -> dict[str, Tensor]:
+    """Keys exactly `expected`, shapes equal, floating dtype, finite -> float32 copies."""
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise KeyMismatchError(source, f"missing tensors {missing}, unexpected tensors {extra}")
+    out = {}
+    for name, shape in expected.items():
+        t = tensors[name]
+        if not t.is_floating_point():
+            raise ShapeMismatchError(source, f"tensor {name!r} has dtype {t.dtype}, expected a float")
+        if tuple(t.shape) != tuple(shape):
+            raise ShapeMismatchError(source, f"tensor {name!r} has shape {list(t.shape)}, "
+                                             f"expected {list(shape)}")
+        t = t.to(torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(source, f"tensor {name!r} contains NaN or inf")
+        out[name] = t
+    return out
+
+
+def _check_version(meta: dict[str, str], source: str) -> None:
+    v = meta.get("format_version")
+    if v != str(FORMAT_VERSION):
+        raise FormatVersionError(source, f"format_version {v!r} is not supported "
+                                         f"(this runtime reads {FORMAT_VERSION})")
+
+
+# --- backbone ----------------------------------------------------------------------------------
+def save_backbone(path: str | Path, spec: PolicySpec, tensors: dict[str, Tensor]) -> str:
+    """Write backbone.safetensors; returns its fingerprint (also stored in the metadata)."""
+    tensors = _check_tensors(tensors, spec.backbone_shapes(), str(path))
+    fp = fingerprint(tensors)
+    meta = {"format_version": str(FORMAT_VERSION), "fingerprint": fp,
+            "spec": replace(spec, backbone_fingerprint=fp).to_json()}
+    _atomic_write(Path(path), st_save(tensors, metadata=meta))
+    return fp
+
+
+def load_backbone(path: str | Path, spec: PolicySpec) -> dict[str, Tensor]:
+    path = Path(path)
+    meta, tensors = read_safetensors(_read_file(path), str(path))
+    _check_version(meta, str(path))
+    tensors = _check_tensors(tensors, spec.backbone_shapes(), str(path))
+    fp = fingerprint(tensors)
+    if spec.backbone_fingerprint and fp != spec.backbone_fingerprint:
+        raise FingerprintMismatchError(path, f"backbone fingerprint {fp[:12]} does not match the "
+                                             f"spec's {spec.backbone_fingerprint[:12]}")
+    return tensors
+
+
+# --- adapters ----------------------------------------------------------------------------------
+def adapter_bytes(spec: PolicySpec, agent_id: str, tensors: dict[str, Tensor]) -> bytes:
+    """Serialise one agent's adapter (validated against the spec)."""
+    check_agent_id(agent_id)
+    tensors = _check_tensors(tensors, spec.adapter_shapes(), f"adapter {agent_id!r}")
+    meta = {"format_version": str(FORMAT_VERSION), "agent_id": agent_id,
+            "rank": str(spec.lora.rank), "alpha": repr(float(spec.lora.alpha)),
+            "layers": json.dumps(spec.adapted_layers),
+            "backbone_fingerprint": spec.backbone_fingerprint}
+    return st_save(tensors, metadata=meta)
+
+
+def save_adapter(path: str | Path, spec: PolicySpec, agent_id: str,
+                 tensors: dict[str, Tensor]) -> None:
+    _atomic_write(Path(path), adapter_bytes(spec, agent_id, tensors))
+
+
+def parse_adapter(data: bytes, spec: PolicySpec, source: str,
+                  agent_id: str | None = None) -> tuple[str, dict[str, Tensor]]:
+    """Validate adapter bytes against `spec` -> (agent_id, float32 tensors)."""
+    meta, tensors = read_safetensors(data, source)
+    _check_version(meta, source)
+    file_agent = meta.get("agent_id")
+    if agent_id is not None and file_agent is not None and file_agent != agent_id:
+        raise KeyMismatchError(source, f"adapter is for agent {file_agent!r}, not {agent_id!r}")
+    agent_id = agent_id or file_agent
+    if not agent_id:
+        raise KeyMismatchError(source, "adapter metadata names no agent_id")
+    try:
+        rank, alpha = int(meta["rank"]), float(meta["alpha"])
+    except (KeyError, ValueError):
+        raise CorruptFileError(source, "adapter metadata needs numeric 'rank' and 'alpha'") from None
+    if rank != spec.lora.rank or not math.isclose(alpha, spec.lora.alpha, rel_tol=1e-9):
+        raise RankAlphaMismatchError(source, f"adapter rank={rank} alpha={alpha}, policy expects "
+                                             f"rank={spec.lora.rank} alpha={spec.lora.alpha}")
+    fp = meta.get("backbone_fingerprint", "")
+    if fp != spec.backbone_fingerprint:
+        raise FingerprintMismatchError(source, f"adapter was trained against backbone {fp[:12]!r}, "
+                                               f"this policy's is {spec.backbone_fingerprint[:12]!r}")
+    return agent_id, _check_tensors(tensors, spec.adapter_shapes(), source)
+
+
+def load_adapter(path: str | Path, spec: PolicySpec,
+                 agent_id: str | None = None) -> tuple[str, dict[str, Tensor]]:
+    path = Path(path)
+    return parse_adapter(_read_file(path), spec, str(path), agent_id)
+
+
+# --- whole directory ---------------------------------------------------------------------------
+def save_policy(directory: str | Path, spec: PolicySpec, backbone: dict[str, Tensor],
+                adapters: dict[str, dict[str, Tensor]] | None = None) -> PolicySpec:
+    """Write a policy directory; returns the spec with its backbone fingerprint set."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    fp = save_backbone(d / BACKBONE_FILE, spec, backbone)
+    spec = replace(spec, backbone_fingerprint=fp)
+    _atomic_write(d / SPEC_FILE, spec.to_json().encode())
+    for agent_id, tensors in (adapters or {}).items():
+        spec.agent(agent_id)  # KeyError for an agent the spec does not list
+        (d / ADAPTER_DIR).mkdir(exist_ok=True)
+        save_adapter(d / ADAPTER_DIR / f"{agent_id}.safetensors", spec, agent_id, tensors)
+    return spec
+
+
+def load_policy(directory: str | Path) -> tuple[PolicySpec, dict[str, Tensor],
+                                                  dict[str, dict[str, Tensor]]]:
+    """-> (spec, backbone, adapters). A directory without adapters is a plain (PS/merged) policy;
+    one with adapters must have exactly one per agent of the spec."""
+    d = Path(directory)
+    if not (d / SPEC_FILE).is_file():
+        raise CorruptFileError(d / SPEC_FILE, "missing: not a policy directory")
+    spec = PolicySpec.load(d / SPEC_FILE)
+    backbone = load_backbone(d / BACKBONE_FILE, spec)
+    files = sorted((d / ADAPTER_DIR).glob("*.safetensors")) if (d / ADAPTER_DIR).is_dir() else []
+    adapters: dict[str, dict[str, Tensor]] = {}
+    for f in files:
+        if f.stem not in spec.agent_ids:
+            raise KeyMismatchError(f, f"adapter for agent {f.stem!r}, which policy.json does not list")
+        agent_id, tensors = load_adapter(f, spec, f.stem)
+        adapters[agent_id] = tensors
+    if files and len(adapters) != len(spec.agents):
+        missing = [a for a in spec.agent_ids if a not in adapters]
+        raise KeyMismatchError(d / ADAPTER_DIR, f"no adapter file for agents {missing}")
+    return spec, backbone, adapters
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

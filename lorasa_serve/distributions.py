@@ -1,0 +1,67 @@
+"""Action distributions over padded heads, restricted to each row's true action size.
+
+Gaussian: mean = head output, learned state-independent log-std; dims beyond an agent's act_dim are
+zeroed in the action and excluded from the log-prob. Categorical: logits of actions beyond the
+agent's action count or not available are masked out.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(mean: Tensor, log_std: Tensor, action: Tensor, dim_mask: Tensor) -> Tensor:
+    """mean, action [B, A]; log_std [A]; dim_mask [B, A] bool -> [B]."""
+    z = (action - mean) * torch.exp(-log_std)
+    lp = -0.5 * z * z - log_std - 0.5 * _LOG_2PI
+    return (lp * dim_mask).sum(-1)
+
+
+def gaussian_entropy(log_std: Tensor, dim_mask: Tensor) -> Tensor:
+    """[B]: sum over the row's true dims of 0.5 + 0.5 log(2 pi) + log_std."""
+    return ((0.5 + 0.5 * _LOG_2PI + log_std) * dim_mask).sum(-1)
+
+
+def gaussian_act(mean: Tensor, log_std: Tensor, dim_mask: Tensor, deterministic: bool,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """-> actions [B, A] (zero beyond each row's act_dim), log-probs [B]."""
+    if deterministic:
+        action = mean
+    else:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        action = mean + noise * torch.exp(log_std)
+    action = action * dim_mask
+    return action, gaussian_log_prob(mean, log_std, action, dim_mask)
+
+
+def masked_logits(logits: Tensor, valid: Tensor) -> Tensor:
+    """logits [B, A]; valid [B, A] bool -> logits with invalid actions at the dtype's minimum."""
+    return logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+
+
+def categorical_log_prob(logits: Tensor, valid: Tensor, action: Tensor) -> Tensor:
+    logp = torch.log_softmax(masked_logits(logits, valid), dim=-1)
+    return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+
+
+def categorical_entropy(logits: Tensor, valid: Tensor) -> Tensor:
+    logp = torch.log_softmax(masked_logits(logits, valid), dim=-1)
+    return -(logp.exp() * logp).masked_fill(~valid, 0.0).sum(-1)
+
+
+def categorical_act(logits: Tensor, valid: Tensor, deterministic: bool,
+                    generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """-> actions [B] int64, log-probs [B]. Sampling is Gumbel-max (one vectorised draw)."""
+    ml = masked_logits(logits, valid)
+    if deterministic:
+        action = ml.argmax(-1)
+    else:
+        u = torch.rand(ml.shape, generator=generator, device=ml.device, dtype=ml.dtype)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+        action = (ml + gumbel).masked_fill(~valid, float("-inf")).argmax(-1)
+    logp = torch.log_softmax(ml, dim=-1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
+    return action, logp

@@ -1,0 +1,359 @@
+"""Engine: load a policy directory once, act on mixed batches of rows from many agents.
+
+    eng = Engine.from_dir("policies/halfcheetah_2x3")
+    out = eng.act(["agent_0", "agent_1"], obs, state, reset)   # out.actions, out.log_probs, out.state
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import artifacts
+from .bank import AdapterBank
+from .distributions import categorical_act, gaussian_act
+from .errors import InputError, UnknownAgentError
+from .layout import Layout, plan
+from .network import actor_forward
+from .sessions import SessionStore
+from .spec import AgentSpec, PolicySpec, check_agent_id
+
+Mode = Literal["auto", "lora", "merged"]
+MODES = ("auto", "lora", "merged")
+AUTO_MERGED_MAX_CHUNKS = 8  # auto picks merged weights for few, large chunks...
+AUTO_MERGED_MIN_ROWS = 256  # ...of at least this many rows each
+
+
+@dataclass
+class ActOutput:
+    actions: Tensor  # Gaussian [B, act_max] float (zero past each agent's act_dim); Categorical [B] int64
+    log_probs: Tensor  # [B]
+    state: Tensor | None  # [B, hidden] next recurrent state (None for a feed-forward policy)
+    versions: list[int] | None = None  # adapter version used for each row (act_session only)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, spec: PolicySpec, backbone: dict[str, Tensor],
+                 adapters: dict[str, dict[str, Tensor]] | None = None, *,
+                 device: str | torch.device = "auto", mode: Mode = "auto",
+                 max_sessions: int = 10_000):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.device = resolve_device(device)
+        self.mode = mode
+        self._write_lock = threading.Lock()
+        self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device)
+        self.sessions = SessionStore(spec.hidden, max_sessions, self.device)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str | torch.device = "auto", mode: Mode = "auto",
+                 max_sessions: int = 10_000) -> "Engine":
+        spec, backbone, adapters = artifacts.load_policy(path)
+        return cls(spec, backbone, adapters, device=device, mode=mode, max_sessions=max_sessions)
+
+    # --- introspection ------------------------------------------------------------------------
+    @property
+    def spec(self) -> PolicySpec:
+        return self._bank.spec
+
+    @property
+    def agent_ids(self) -> list[str]:
+        return self._bank.spec.agent_ids
+
+    def versions(self) -> dict[str, int]:
+        bank = self._bank
+        return {a: bank.versions[s] for a, s in bank.slot_of.items()}
+
+    @property
+    def merged_agents(self) -> list[str]:
+        bank = self._bank
+        return [a for a, s in bank.slot_of.items() if s in bank.merged]
+
+    def agent_index(self, agent_ids: Sequence[str]) -> np.ndarray:
+        """Agent ids -> integer indices accepted by `act` in place of ids (skips the lookup)."""
+        slot_of = self._bank.slot_of
+        try:
+            return np.fromiter((slot_of[a] for a in agent_ids), dtype=np.int64, count=len(agent_ids))
+        except KeyError as e:
+            raise UnknownAgentError(f"unknown agent id {e.args[0]!r}; serving {list(slot_of)}") from None
+        except TypeError:
+            raise InputError("agent_ids must be a sequence of agent id strings") from None
+
+    def adapter(self, agent_id: str) -> dict[str, Tensor] | None:
+        """The agent's current adapter tensors (PEFT layout, on the engine's device)."""
+        bank = self._bank
+        return bank.adapters[self._slot(bank, agent_id)]
+
+    def merged_weights(self, agent_id: str) -> dict[str, Tensor]:
+        """Every Linear of the agent with its adapter merged: name -> W0 + (alpha/r) B A [out, in]."""
+        bank = self._bank
+        merged = bank.merged_weights(self._slot(bank, agent_id))
+        return {n: merged.get(n, bank.backbone[f"{n}.weight"]) for n in bank.spec.linear_names()}
+
+    def backbone(self) -> dict[str, Tensor]:
+        return dict(self._bank.backbone)
+
+    # --- acting -------------------------------------------------------------------------------
+    def act(self, agent_ids: Sequence[str] | np.ndarray | Tensor, obs, state=None, reset=None,
+            avail=None, *, deterministic: bool = True, generator: torch.Generator | None = None,
+            mode: Mode | None = None) -> ActOutput:
+        """One forward over a mixed batch.
+
+        agent_ids [B] (ids, or indices from `agent_index`); obs [B, <=obs_max] (zero-padded per agent);
+        state [B, hidden] or None (zeros); reset [B] bool (True zeroes the state: episode start);
+        avail [B, <=act_max] available-action mask (Categorical only). Returns actions, log-probs and
+        the next state. Sampling draws from `generator` (seedable) when not deterministic.
+        """
+        # one bank snapshot for the whole call: hot-swaps never show half an adapter
+        return self._act(self._bank, agent_ids, obs, state, reset, avail, deterministic,
+                         generator, mode)[0]
+
+    @torch.inference_mode()
+    def _act(self, bank: AdapterBank, agent_ids, obs, state, reset, avail, deterministic: bool,
+             generator: torch.Generator | None, mode: Mode | None
+             ) -> tuple[ActOutput, AdapterBank, np.ndarray]:
+        slots = self._slots(bank, agent_ids)
+        B, spec = len(slots), bank.spec
+        obs_t, h, reset_t, slots_t = self._inputs(bank, slots, obs, state, reset)
+        head, h_next, bank = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
+        dim_mask = torch.arange(spec.act_max, device=self.device) < bank.act_dims[slots_t].unsqueeze(1)
+        if spec.action == "gaussian":
+            if avail is not None:
+                raise InputError("avail (action masks) only apply to categorical policies")
+            actions, logp = gaussian_act(head, bank.backbone["log_std"], dim_mask, deterministic,
+                                         generator)
+        else:
+            valid = dim_mask
+            if avail is not None:
+                valid = valid & self._bool_input(avail, "avail", B, spec.act_max)
+            empty = ~valid.any(-1)
+            if bool(empty.any()):
+                rows = torch.nonzero(empty).flatten().tolist()[:10]
+                raise InputError(f"rows {rows} have no available action (all-zero avail mask)")
+            actions, logp = categorical_act(head, valid, deterministic, generator)
+        return ActOutput(actions, logp, h_next), bank, slots
+
+    def _inputs(self, bank: AdapterBank, slots: np.ndarray, obs, state, reset):
+        """Checked tensors on the engine's device: obs [B, obs_max] (padding columns zeroed),
+        state [B, H] | None, reset [B] | None, slots [B]."""
+        B, spec = len(slots), bank.spec
+        obs_t = self._float_input(obs, "obs", B, spec.obs_max)
+        h = self._float_input(state, "state", B, spec.hidden, exact=True) if spec.recurrent else None
+        reset_t = self._bool_input(reset, "reset", B, None)
+        slots_t = torch.as_tensor(slots, device=self.device)
+        if bank.heterogeneous:
+            col = torch.arange(spec.obs_max, device=self.device)
+            obs_t = obs_t.masked_fill(col >= bank.obs_dims[slots_t].unsqueeze(1), 0.0)
+        return obs_t, h, reset_t, slots_t
+
+    @torch.inference_mode()
+    def forward(self, agent_ids, obs, state=None, reset=None, mode: Mode | None = None
+                ) -> tuple[Tensor, Tensor | None]:
+        """Raw head output [B, act_max] (Gaussian means or logits before masking) and next state."""
+        bank = self._bank
+        slots = self._slots(bank, agent_ids)
+        obs_t, h, reset_t, _ = self._inputs(bank, slots, obs, state, reset)
+        head, h_next, _ = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
+        return head, h_next
+
+    def _forward(self, bank: AdapterBank, slots: np.ndarray, obs: Tensor, h: Tensor | None,
+                 reset: Tensor | None, mode: str) -> tuple[Tensor, Tensor | None, AdapterBank]:
+        """obs [B, obs_max], h [B, H] -> head [B, act_max], h' [B, H] (caller order), bank used."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        B = len(slots)
+        if not bank.has_adapters and not bank.merged:  # a plain policy: one shared forward
+            out, h_next = actor_forward(bank.spec, bank.params("shared", slots[:0], b""),
+                                        obs.unsqueeze(0), _opt(h, 0), _opt(reset, 0))
+            return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
+        lay = plan(slots)
+        if mode == "auto":
+            few_large = lay.C <= AUTO_MERGED_MAX_CHUNKS and lay.M >= AUTO_MERGED_MIN_ROWS
+            mode = "merged" if few_large else "lora"
+        if mode == "merged":
+            bank = self._ensure_merged(bank, lay)
+        p = bank.params(mode, lay.chunk_slot, lay.key)
+        x, hh, rr = _to_chunks(lay, obs), _opt_chunks(lay, h), _opt_chunks(lay, reset)
+        out, h_next = actor_forward(bank.spec, p, x, hh, rr)
+        return (_from_chunks(lay, out, B),
+                None if h_next is None else _from_chunks(lay, h_next, B), bank)
+
+    # --- sessions -----------------------------------------------------------------------------
+    def act_session(self, session_id: str, agent_ids: Sequence[str], obs, avail=None, *,
+                    deterministic: bool = True, generator: torch.Generator | None = None,
+                    reset=None) -> ActOutput:
+        """`act` with the recurrent state kept by the engine per (session, agent)."""
+        ids = list(agent_ids)
+        if len(set(ids)) != len(ids):
+            raise InputError("an agent may appear at most once per session call")
+        self._slots(self._bank, ids)  # unknown agents fail before any state is touched
+        state, _ = self.sessions.get(session_id, ids) if self.spec.recurrent else (None, None)
+        out, bank, slots = self._act(self._bank, ids, obs, state, reset, avail, deterministic,
+                                     generator, None)
+        if out.state is not None:
+            self.sessions.put(session_id, ids, out.state)
+        out.versions = [bank.versions[s] for s in slots.tolist()]
+        return out
+
+    def reset_session(self, session_id: str) -> bool:
+        return self.sessions.reset(session_id)
+
+    # --- adapters: hot swap, new agents, merge --------------------------------------------------
+    def set_adapter(self, agent_id: str, tensors: dict[str, Tensor] | None,
+                    agent: AgentSpec | None = None) -> int:
+        """Validate, then atomically publish `agent_id`'s adapter; returns its new version.
+
+        A new `agent_id` needs `agent` (its obs/act sizes), which must fit the backbone.
+        `tensors=None` serves the agent from the backbone alone.
+        """
+        check_agent_id(agent_id)
+        spec = self.spec
+        if tensors is not None:
+            tensors = artifacts._check_tensors(tensors, spec.adapter_shapes(), f"adapter {agent_id!r}")
+        with self._write_lock:
+            bank = self._bank
+            if agent_id not in bank.slot_of:
+                if agent is None or agent.agent_id != agent_id:
+                    raise UnknownAgentError(f"unknown agent id {agent_id!r}: pass its AgentSpec to add it")
+                if not spec.fits(agent):
+                    raise InputError(f"agent {agent_id!r} (obs {agent.obs_dim}, act {agent.act_dim}) "
+                                     f"does not fit the backbone (obs {spec.obs_max}, act {spec.act_max})")
+            self._bank = bank.with_adapter(agent_id, tensors, None if agent_id in bank.slot_of else agent)
+            return self._bank.versions[self._bank.slot_of[agent_id]]
+
+    def load_adapter(self, source: str | Path | bytes, agent_id: str | None = None,
+                     agent: AgentSpec | None = None) -> int:
+        """Hot-swap from a safetensors file or bytes (full validation: version, rank/alpha,
+        backbone fingerprint, keys, shapes, finite values). Returns the new version."""
+        spec = self.spec
+        if isinstance(source, (bytes, bytearray)):
+            agent_id, tensors = artifacts.parse_adapter(bytes(source), spec, "uploaded adapter", agent_id)
+        else:
+            agent_id, tensors = artifacts.load_adapter(source, spec, agent_id)
+        return self.set_adapter(agent_id, tensors, agent)
+
+    def merge(self, agent_ids: Sequence[str] | None = None) -> None:
+        """Cache merged weights W0 + (alpha/r) B A for these agents (all if None). Reversible:
+        the backbone is never modified, `unmerge` drops the cache."""
+        self._set_merged(agent_ids, True)
+
+    def unmerge(self, agent_ids: Sequence[str] | None = None) -> None:
+        self._set_merged(agent_ids, False)
+
+    def _set_merged(self, agent_ids, merge: bool) -> None:
+        with self._write_lock:
+            bank = self._bank
+            ids = bank.spec.agent_ids if agent_ids is None else list(agent_ids)
+            slots = [self._slot(bank, a) for a in ids]
+            self._bank = bank.with_merged(slots, merge)
+
+    def _ensure_merged(self, bank: AdapterBank, lay: Layout) -> AdapterBank:
+        """A bank in which every chunk's agent is merged; published if nothing changed meanwhile."""
+        missing = sorted({int(s) for s in lay.chunk_slot} - set(bank.merged))
+        if not missing:
+            return bank
+        merged = bank.with_merged(missing, True)
+        with self._write_lock:
+            if self._bank is bank:
+                self._bank = merged
+        return merged
+
+    def save(self, directory: str | Path) -> PolicySpec:
+        """Write the current policy (backbone + current adapters) as a policy directory."""
+        bank = self._bank
+        adapters = {a: bank.adapters[s] for a, s in bank.slot_of.items() if bank.adapters[s] is not None}
+        return artifacts.save_policy(directory, bank.spec, {k: v.cpu() for k, v in bank.backbone.items()},
+                                     {a: {k: v.cpu() for k, v in t.items()} for a, t in adapters.items()})
+
+    # --- input checking -------------------------------------------------------------------------
+    def _slot(self, bank: AdapterBank, agent_id: str) -> int:
+        try:
+            return bank.slot_of[agent_id]
+        except KeyError:
+            raise UnknownAgentError(f"unknown agent id {agent_id!r}") from None
+
+    def _slots(self, bank: AdapterBank, agent_ids) -> np.ndarray:
+        if isinstance(agent_ids, Tensor):
+            agent_ids = agent_ids.cpu().numpy()
+        if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
+            slots = agent_ids.astype(np.int64, copy=False).reshape(-1)
+            if len(slots) and (slots.min() < 0 or slots.max() >= bank.n_slots):
+                raise UnknownAgentError(f"agent indices must be in [0, {bank.n_slots})")
+        else:
+            try:
+                slots = np.fromiter((bank.slot_of[a] for a in agent_ids), dtype=np.int64)
+            except KeyError as e:
+                raise UnknownAgentError(f"unknown agent id {e.args[0]!r}; serving "
+                                        f"{list(bank.slot_of)[:20]}") from None
+            except TypeError:
+                raise InputError("agent_ids must be a sequence of agent ids or an int array") from None
+        if len(slots) == 0:
+            raise InputError("empty batch: agent_ids has no rows")
+        return slots
+
+    def _float_input(self, x, name: str, B: int, width: int, exact: bool = False) -> Tensor:
+        if x is None:
+            return torch.zeros(B, width, device=self.device)
+        t = torch.as_tensor(x, dtype=torch.float32, device=self.device) if not (
+            isinstance(x, Tensor) and x.dtype == torch.float32 and x.device == self.device) else x
+        if t.dim() != 2 or t.shape[0] != B or t.shape[1] > width or (exact and t.shape[1] != width):
+            want = f"[{B}, {width}]" if exact else f"[{B}, <={width}]"
+            raise InputError(f"{name} has shape {list(t.shape)}, expected {want}")
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"{name} contains NaN or inf")
+        if t.shape[1] < width:
+            t = torch.nn.functional.pad(t, (0, width - t.shape[1]))
+        return t
+
+    def _bool_input(self, x, name: str, B: int, width: int | None) -> Tensor | None:
+        if x is None:
+            return None
+        t = torch.as_tensor(x, device=self.device)
+        if t.dtype != torch.bool:
+            if t.is_floating_point() and not bool(((t == 0) | (t == 1)).all()):
+                raise InputError(f"{name} must hold 0/1 or booleans")
+            t = t != 0
+        shape_ok = t.shape == (B,) if width is None else (t.dim() == 2 and t.shape[0] == B
+                                                          and t.shape[1] <= width)
+        if not shape_ok:
+            raise InputError(f"{name} has shape {list(t.shape)}, expected "
+                             f"{[B] if width is None else [B, width]}")
+        if width is not None and t.shape[1] < width:
+            t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=False)
+        return t
+
+
+# --- chunk layout <-> caller order ----------------------------------------------------------------
+def _to_chunks(lay: Layout, x: Tensor) -> Tensor:
+    """[B, D] caller order -> [C, M, D] (dead rows zero)."""
+    if lay.pos is None:
+        return x.reshape(lay.C, lay.M, *x.shape[1:])
+    out = x.new_zeros((lay.C * lay.M, *x.shape[1:]))
+    out[torch.as_tensor(lay.pos, device=x.device)] = x
+    return out.view(lay.C, lay.M, *x.shape[1:])
+
+
+def _opt_chunks(lay: Layout, x: Tensor | None) -> Tensor | None:
+    return None if x is None else _to_chunks(lay, x)
+
+
+def _from_chunks(lay: Layout, y: Tensor, B: int) -> Tensor:
+    flat = y.reshape(lay.C * lay.M, *y.shape[2:])
+    if lay.pos is None:
+        return flat
+    return flat[torch.as_tensor(lay.pos, device=y.device)]
+
+
+def _opt(x: Tensor | None, dim: int) -> Tensor | None:
+    return None if x is None else x.unsqueeze(dim)

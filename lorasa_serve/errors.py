@@ -1,0 +1,55 @@
+"""Typed errors. Artifact errors name the file and the problem; input errors name the row/field."""
+from __future__ import annotations
+
+
+class LorasaError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ArtifactError(LorasaError):
+    """A policy file (spec, backbone or adapter) is unusable. `path` names the file."""
+
+    def __init__(self, path: object, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class CorruptFileError(ArtifactError):
+    """Not a safetensors/JSON file, truncated, or unreadable."""
+
+
+class FormatVersionError(ArtifactError):
+    """The file declares a format version this runtime does not read."""
+
+
+class KeyMismatchError(ArtifactError):
+    """Tensors missing from, or unexpected in, a file."""
+
+
+class ShapeMismatchError(ArtifactError):
+    """A tensor has the wrong shape or dtype for the spec."""
+
+
+class RankAlphaMismatchError(ArtifactError):
+    """An adapter's rank or alpha differs from the policy's LoRA config."""
+
+
+class FingerprintMismatchError(ArtifactError):
+    """An adapter was trained against a different backbone."""
+
+
+class NonFiniteError(ArtifactError):
+    """A tensor contains NaN or inf."""
+
+
+class SpecError(LorasaError, ValueError):
+    """An invalid PolicySpec / AgentSpec value."""
+
+
+class InputError(LorasaError, ValueError):
+    """Bad arguments to `Engine.act` (shapes, dtypes, non-finite values, empty action masks)."""
+
+
+class UnknownAgentError(InputError):
+    """An agent id the engine does not serve."""

@@ -1,0 +1,155 @@
+"""The LoRASA actor as a functional forward over a *grouped* batch.
+
+Rows are laid out as `[C, M, D]`: C chunks of M rows, every row of a chunk belonging to one agent
+(or one group). Each Linear's parameters are either shared (one `[out, in]` weight for all chunks,
+the PS backbone) or per chunk (`[C, in, out]`, merged or NPS weights), plus an optional low-rank
+delta per chunk (`lora_a [C, in, r]`, `lora_b [C, r, out]` with alpha/r folded in). The same
+function therefore runs PS, NPS, SePS, PS+LoRA (training) and both serving modes (unmerged LoRA,
+merged), and the engine only has to decide the layout and which tensors to pass.
+
+Actor (DESIGN.md): LayerNorm(obs) -> [Linear -> act -> LayerNorm] x mlp_depth -> GRU (gru.x, gru.h)
+-> LayerNorm -> Linear (post) -> act -> LayerNorm -> head (Gaussian mean or Categorical logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import PolicySpec
+
+LN_EPS = 1e-5
+
+
+@dataclass
+class LinearP:
+    weight: Tensor  # shared [out, in], or per chunk [C, in, out]
+    bias: Tensor  # shared [out], or per chunk [C, 1, out]
+    lora_a: Tensor | None = None  # [C, in, r]
+    lora_b: Tensor | None = None  # [C, r, out], already scaled by alpha / r
+
+
+@dataclass
+class NormP:
+    weight: Tensor  # shared [D], or per chunk [C, 1, D]
+    bias: Tensor
+
+
+@dataclass
+class ActorParams:
+    linears: dict[str, LinearP]
+    norms: dict[str, NormP]
+
+
+def linear(x: Tensor, p: LinearP) -> Tensor:
+    """x [C, M, in] -> [C, M, out]."""
+    if p.weight.dim() == 2:
+        y = F.linear(x, p.weight, p.bias)
+    else:
+        y = torch.baddbmm(p.bias, x, p.weight)
+    if p.lora_a is not None:
+        y = torch.baddbmm(y, torch.bmm(x, p.lora_a), p.lora_b)  # [C,M,r] @ [C,r,out]
+    return y
+
+
+def norm(x: Tensor, p: NormP) -> Tensor:
+    """LayerNorm over the last dim with shared or per-chunk affine."""
+    d = x.shape[-1]
+    if p.weight.dim() == 1:
+        return F.layer_norm(x, (d,), p.weight, p.bias, LN_EPS)
+    return torch.addcmul(p.bias, F.layer_norm(x, (d,), None, None, LN_EPS), p.weight)
+
+
+def gru_cell(gx: Tensor, gh: Tensor, h: Tensor) -> Tensor:
+    """PyTorch GRU gate order (r, z, n), reset applied after h_layer (linear_before_reset=1).
+
+    gx = x_layer(x), gh = h_layer(h): [..., 3H]; h: [..., H].
+    """
+    xr, xz, xn = gx.chunk(3, dim=-1)
+    hr, hz, hn = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(xr + hr)
+    z = torch.sigmoid(xz + hz)
+    n = torch.tanh(torch.addcmul(xn, r, hn))
+    return torch.lerp(n, h, z)  # (1 - z) * n + z * h
+
+
+def actor_forward(spec: PolicySpec, p: ActorParams, obs: Tensor, h: Tensor | None,
+                  reset: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """obs [C, M, obs_max], h [C, M, H], reset [C, M] bool -> (head out [C, M, act_max], h' or None).
+
+    `reset` True zeroes that row's recurrent state before the GRU (episode start).
+    """
+    act = torch.relu if spec.activation == "relu" else torch.tanh
+    x = norm(obs, p.norms["ln_in"])
+    for i in range(spec.mlp_depth):
+        x = norm(act(linear(x, p.linears[f"mlp.{i}"])), p.norms[f"mlp.{i}.ln"])
+    h_next = None
+    if spec.recurrent:
+        assert h is not None
+        if reset is not None:
+            h = h.masked_fill(reset.unsqueeze(-1), 0.0)
+        h_next = gru_cell(linear(x, p.linears["gru.x"]), linear(h, p.linears["gru.h"]), h)
+        x = norm(h_next, p.norms["gru.ln"])
+    x = norm(act(linear(x, p.linears["post"])), p.norms["post.ln"])
+    return linear(x, p.linears["head"]), h_next
+
+
+def shared_params(spec: PolicySpec, backbone: dict[str, Tensor]) -> ActorParams:
+    """ActorParams with every weight shared (the PS backbone), no adapters."""
+    linears = {n: LinearP(backbone[f"{n}.weight"], backbone[f"{n}.bias"]) for n in spec.linear_names()}
+    norms = {n: NormP(backbone[f"{n}.weight"], backbone[f"{n}.bias"]) for n in spec.norm_names()}
+    return ActorParams(linears, norms)
+
+
+def init_backbone(spec: PolicySpec, generator: torch.Generator | None = None,
+                  gain: float = 2 ** 0.5, head_gain: float = 0.01) -> dict[str, Tensor]:
+    """Fresh backbone weights: orthogonal Linears (MAPPO's init), unit LayerNorms, zero biases."""
+    out: dict[str, Tensor] = {}
+    for name, n in spec.norm_shapes().items():
+        out[f"{name}.weight"] = torch.ones(n)
+        out[f"{name}.bias"] = torch.zeros(n)
+    for name, (i, o) in spec.linear_shapes().items():
+        w = torch.empty(o, i)
+        g = head_gain if name == "head" else gain
+        if name.startswith("gru."):
+            # one orthogonal block per gate, as nn.GRU initialisers do
+            for k in range(3):
+                blk = torch.empty(o // 3, i)
+                _orthogonal(blk, 1.0, generator)
+                w[k * (o // 3):(k + 1) * (o // 3)] = blk
+        else:
+            _orthogonal(w, g, generator)
+        out[f"{name}.weight"] = w
+        out[f"{name}.bias"] = torch.zeros(o)
+    if spec.action == "gaussian":
+        out["log_std"] = torch.zeros(spec.act_max)
+    return out
+
+
+def _orthogonal(w: Tensor, gain: float, generator: torch.Generator | None) -> None:
+    rows, cols = w.shape
+    flat = torch.randn(max(rows, cols), min(rows, cols), generator=generator)
+    q, r = torch.linalg.qr(flat)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    if rows < cols:
+        q = q.T
+    with torch.no_grad():
+        w.copy_(gain * q[:rows, :cols])
+
+
+def init_adapter(spec: PolicySpec, generator: torch.Generator | None = None,
+                 b_std: float = 0.0) -> dict[str, Tensor]:
+    """A fresh adapter, PEFT convention: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (dW starts at 0).
+
+    `b_std > 0` draws B from N(0, b_std) instead (tests and demos need adapters that differ).
+    """
+    out: dict[str, Tensor] = {}
+    for key, shape in spec.adapter_shapes().items():
+        if key.endswith("lora_A.weight"):
+            bound = 1.0 / shape[1] ** 0.5  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
+            out[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        else:
+            out[key] = torch.randn(shape, generator=generator) * b_std
+    return out

@@ -1,0 +1,225 @@
+"""Policy spec: typed dataclasses, serialised to `policy.json`.
+
+The spec is the contract between training, serving and exporters. Every tensor name and shape of a
+backbone or an adapter follows from it (see `backbone_shapes` / `adapter_shapes`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from .errors import CorruptFileError, FormatVersionError, SpecError
+
+FORMAT_VERSION = 1
+ActionKind = Literal["gaussian", "categorical"]
+Activation = Literal["relu", "tanh"]
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One agent: its id and its true (unpadded) observation and action sizes."""
+
+    agent_id: str
+    obs_dim: int
+    act_dim: int  # Gaussian: action dimensions; Categorical: number of discrete actions
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Per-agent low-rank adapters: dW = (alpha / rank) * B @ A on each layer in `layers`."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    layers: tuple[str, ...] | None = None  # None: every Linear of the actor
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    agents: tuple[AgentSpec, ...]
+    hidden: int = 64
+    mlp_depth: int = 3  # Linears in the MLP: fc1 plus (mlp_depth - 1) hidden layers
+    recurrent: bool = True  # GRU written as two Linears, gru.x and gru.h (hidden -> 3*hidden)
+    activation: Activation = "relu"
+    action: ActionKind = "gaussian"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    backbone_fingerprint: str = ""  # sha256 of backbone.safetensors tensors, set when saved
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived sizes -------------------------------------------------------------------
+    @property
+    def obs_max(self) -> int:
+        return max(a.obs_dim for a in self.agents)
+
+    @property
+    def act_max(self) -> int:
+        return max(a.act_dim for a in self.agents)
+
+    @property
+    def agent_ids(self) -> list[str]:
+        return [a.agent_id for a in self.agents]
+
+    def agent(self, agent_id: str) -> AgentSpec:
+        for a in self.agents:
+            if a.agent_id == agent_id:
+                return a
+        raise KeyError(agent_id)
+
+    def linear_names(self) -> list[str]:
+        """Every Linear of the actor, in forward order."""
+        names = [f"mlp.{i}" for i in range(self.mlp_depth)]
+        if self.recurrent:
+            names += ["gru.x", "gru.h"]
+        return names + ["post", "head"]
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """name -> (in_features, out_features)."""
+        H = self.hidden
+        shapes = {"mlp.0": (self.obs_max, H)}
+        shapes.update({f"mlp.{i}": (H, H) for i in range(1, self.mlp_depth)})
+        if self.recurrent:
+            shapes["gru.x"] = (H, 3 * H)
+            shapes["gru.h"] = (H, 3 * H)
+        shapes["post"] = (H, H)
+        shapes["head"] = (H, self.act_max)
+        return shapes
+
+    def norm_names(self) -> list[str]:
+        """Every LayerNorm of the actor, name -> normalised size."""
+        return list(self.norm_shapes())
+
+    def norm_shapes(self) -> dict[str, int]:
+        H = self.hidden
+        shapes = {"ln_in": self.obs_max}
+        shapes.update({f"mlp.{i}.ln": H for i in range(self.mlp_depth)})
+        if self.recurrent:
+            shapes["gru.ln"] = H
+        shapes["post.ln"] = H
+        return shapes
+
+    @property
+    def adapted_layers(self) -> list[str]:
+        names = self.linear_names()
+        if self.lora.layers is None:
+            return names
+        return [n for n in names if n in self.lora.layers]
+
+    def backbone_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape for backbone.safetensors (PyTorch Linear layout [out, in])."""
+        out: dict[str, tuple[int, ...]] = {}
+        for name, n in self.norm_shapes().items():
+            out[f"{name}.weight"] = (n,)
+            out[f"{name}.bias"] = (n,)
+        for name, (i, o) in self.linear_shapes().items():
+            out[f"{name}.weight"] = (o, i)
+            out[f"{name}.bias"] = (o,)
+        if self.action == "gaussian":
+            out["log_std"] = (self.act_max,)
+        return out
+
+    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
+        """PEFT naming: `<layer>.lora_A.weight` [r, in], `<layer>.lora_B.weight` [out, r]."""
+        shapes = self.linear_shapes()
+        r = self.lora.rank
+        out: dict[str, tuple[int, int]] = {}
+        for name in self.adapted_layers:
+            i, o = shapes[name]
+            out[f"{name}.lora_A.weight"] = (r, i)
+            out[f"{name}.lora_B.weight"] = (o, r)
+        return out
+
+    # --- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        if not self.agents:
+            raise SpecError("a policy needs at least one agent")
+        ids = [a.agent_id for a in self.agents]
+        if len(set(ids)) != len(ids):
+            raise SpecError(f"duplicate agent ids in {ids}")
+        for a in self.agents:
+            check_agent_id(a.agent_id)
+            if a.obs_dim < 1 or a.act_dim < 1:
+                raise SpecError(f"agent {a.agent_id!r}: obs_dim and act_dim must be >= 1")
+        if self.hidden < 1 or self.mlp_depth < 1:
+            raise SpecError("hidden and mlp_depth must be >= 1")
+        if self.action not in ("gaussian", "categorical"):
+            raise SpecError(f"action must be 'gaussian' or 'categorical', not {self.action!r}")
+        if self.activation not in ("relu", "tanh"):
+            raise SpecError(f"activation must be 'relu' or 'tanh', not {self.activation!r}")
+        if self.lora.rank < 1 or not self.lora.alpha > 0:
+            raise SpecError("lora rank must be >= 1 and alpha > 0")
+        if self.lora.layers is not None:
+            unknown = set(self.lora.layers) - set(self.linear_names())
+            if unknown:
+                raise SpecError(f"lora.layers names unknown layers {sorted(unknown)}; "
+                                f"known: {self.linear_names()}")
+
+    def fits(self, agent: AgentSpec) -> bool:
+        """Can this backbone serve `agent` (sizes within the padded maxima)?"""
+        return agent.obs_dim <= self.obs_max and agent.act_dim <= self.act_max
+
+    # --- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["agents"] = [asdict(a) for a in self.agents]
+        d["lora"]["layers"] = None if self.lora.layers is None else list(self.lora.layers)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<dict>") -> "PolicySpec":
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(source, f"format_version {version!r} is not supported "
+                                             f"(this runtime reads {FORMAT_VERSION})")
+        try:
+            lora = dict(d.get("lora") or {})
+            if lora.get("layers") is not None:
+                lora["layers"] = tuple(lora["layers"])
+            agents = tuple(AgentSpec(**a) for a in d["agents"])
+            rest = {k: v for k, v in d.items() if k not in ("agents", "lora")}
+            return cls(agents=agents, lora=LoraSpec(**lora), **rest)
+        except SpecError as e:
+            raise SpecError(f"{source}: {e}") from None
+        except (TypeError, KeyError) as e:
+            raise CorruptFileError(source, f"invalid policy spec: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<json>") -> "PolicySpec":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CorruptFileError(source, f"not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise CorruptFileError(source, "policy spec must be a JSON object")
+        return cls.from_dict(d, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PolicySpec":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise CorruptFileError(path, f"cannot read: {e}") from None
+        return cls.from_json(text, str(path))
+
+    def with_agents(self, agents: tuple[AgentSpec, ...]) -> "PolicySpec":
+        return replace(self, agents=agents)
+
+
+def check_agent_id(agent_id: str) -> None:
+    """Agent ids become file names (adapters/<id>.safetensors): keep them safe."""
+    ok = isinstance(agent_id, str) and 0 < len(agent_id) <= 128 and all(
+        c.isalnum() or c in "-_." for c in agent_id) and not agent_id.startswith(".")
+    if not ok:
+        raise SpecError(f"agent id {agent_id!r} must be 1-128 chars of [A-Za-z0-9._-], "
+                        "not starting with '.'")
