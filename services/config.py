@@ -1,0 +1,57 @@
+"""Service configuration, read once per process from environment variables (typed, validated).
+
+Every knob has a safe default, so `bentoml serve` from the repo root needs no arguments.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+DEFAULT_POLICY = "policies/halfcheetah_2x3"
+ENV_PREFIX = "LORASA_"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    policy: str = DEFAULT_POLICY  # LORASA_POLICY: a policy directory
+    model_tag: str = ""  # LORASA_MODEL_TAG: a BentoML model tag; wins over `policy` when set
+    state_dir: str = ""  # LORASA_STATE_DIR: shared adapter overlay + sessions ("" = per-server temp dir)
+    admin_token: str = ""  # LORASA_ADMIN_TOKEN: bearer token for /v1/admin/*; "" = admin disabled
+    workers: int = 1  # LORASA_WORKERS: BentoML worker processes
+    device: str = "cpu"  # LORASA_DEVICE: "cpu", "cuda", "auto"
+    mode: str = "auto"  # LORASA_MODE: engine adapter mode "auto" | "lora" | "merged"
+    max_rows_per_request: int = 1024  # LORASA_MAX_ROWS_PER_REQUEST
+    max_batch_rows: int = 4096  # LORASA_MAX_BATCH_ROWS: rows merged into one engine forward
+    max_body_bytes: int = 8 << 20  # LORASA_MAX_BODY_BYTES: JSON request bodies
+    max_upload_bytes: int = 16 << 20  # LORASA_MAX_UPLOAD_BYTES: adapter uploads
+    max_sessions: int = 10_000  # LORASA_MAX_SESSIONS: live sessions before LRU eviction
+    timeout_s: float = 30.0  # LORASA_TIMEOUT_S: BentoML request timeout
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "max_rows_per_request", "max_batch_rows", "max_body_bytes",
+                     "max_upload_bytes", "max_sessions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 1")
+        if self.max_batch_rows < self.max_rows_per_request:
+            raise ValueError("LORASA_MAX_BATCH_ROWS must be >= LORASA_MAX_ROWS_PER_REQUEST")
+        if self.mode not in ("auto", "lora", "merged"):
+            raise ValueError(f"LORASA_MODE must be auto, lora or merged, not {self.mode!r}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "ServiceConfig":
+        env = os.environ if environ is None else environ
+        kwargs = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "" and f.type != "str":
+                continue
+            try:
+                kwargs[f.name] = {"int": int, "float": float}.get(f.type, str)(raw)
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+        return cls(**kwargs)
+
+    @property
+    def shared_sessions(self) -> bool:
+        """Sessions must live in the shared state dir when requests can land on several workers."""
+        return self.workers > 1

@@ -1,0 +1,164 @@
+"""The v1 HTTP API: a Starlette app mounted by the BentoML service at /v1.
+
+Every handler turns bad input into a JSON `{"error": ...}` with a 4xx status before anything
+reaches the engine; admin routes check `Authorization: Bearer <LORASA_ADMIN_TOKEN>` with
+`hmac.compare_digest` before reading the body.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from typing import Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from lorasa_serve import LorasaError
+from lorasa_serve.artifacts import parse_adapter
+from lorasa_serve.errors import ArtifactError
+
+from . import metrics
+from .config import ServiceConfig
+from .runtime import PolicyRuntime
+from .schema import BadRequest, act_response, check_session_id, parse_act, parse_json
+
+log = logging.getLogger("lorasa.service")
+
+
+WORKER = str(os.getpid())  # response header X-Lorasa-Worker: which worker process answered
+
+
+class NotReady(Exception):
+    """The policy is not loaded (yet, or it failed): 503."""
+
+
+def build_app(cfg: ServiceConfig, get_runtime: Callable[[], PolicyRuntime]) -> Starlette:
+    """get_runtime() -> this worker's PolicyRuntime, or raises NotReady. Admin calls are
+    authorised (from `cfg`) before readiness is checked or the body is read."""
+
+    async def act(request: Request) -> JSONResponse:
+        rt = get_runtime()
+        req = parse_act(parse_json(await _body(request, cfg.max_body_bytes)), rt.spec,
+                        cfg.max_rows_per_request)
+        res = await asyncio.wrap_future(rt.submit(req))
+        metrics.act_requests.labels(outcome="ok").inc()
+        return JSONResponse(act_response(req, rt.spec, res.actions, res.log_probs, res.state,
+                                         res.versions, res.batch))
+
+    async def reset_session(request: Request) -> JSONResponse:
+        rt = get_runtime()
+        sid = check_session_id(request.path_params["session_id"])
+        existed = await asyncio.wrap_future(rt.control(lambda: rt.sessions.reset(sid)))
+        return JSONResponse({"session_id": sid, "existed": existed})
+
+    async def agents(request: Request) -> JSONResponse:
+        rt = get_runtime()
+        info = await asyncio.wrap_future(rt.control(rt.agents_info))
+        return JSONResponse({"backbone_fingerprint": rt.spec.backbone_fingerprint, "agents": info})
+
+    async def policy(request: Request) -> JSONResponse:
+        return JSONResponse(get_runtime().spec.to_dict())
+
+    async def put_adapter(request: Request) -> JSONResponse:
+        _authorize(request, cfg.admin_token)
+        rt = get_runtime()
+        agent_id = request.path_params["agent_id"]
+        if agent_id not in rt.applied:
+            raise BadRequest(f"unknown agent_id {agent_id!r}; serving {list(rt.applied)}", 404)
+        data = await _body(request, cfg.max_upload_bytes)
+        # same validation as Engine.load_adapter(bytes); the batcher then loads the published
+        # file with Engine.load_adapter(path), exactly like a file on disk
+        await asyncio.to_thread(parse_adapter, data, rt.spec, "uploaded adapter", agent_id)
+        version = await asyncio.to_thread(rt.overlay.publish_adapter, agent_id, data)
+        await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
+        served = rt.applied[agent_id]
+        return JSONResponse({"agent_id": agent_id, "version": version, "served_version": served})
+
+    async def merge(request: Request) -> JSONResponse:
+        return await _merge(request, True)
+
+    async def unmerge(request: Request) -> JSONResponse:
+        return await _merge(request, False)
+
+    async def _merge(request: Request, flag: bool) -> JSONResponse:
+        _authorize(request, cfg.admin_token)
+        rt = get_runtime()
+        raw = await _body(request, cfg.max_body_bytes)
+        d = parse_json(raw) if raw.strip() else {}
+        ids = d.get("agent_ids") if isinstance(d, dict) else None
+        if ids is None:
+            ids = list(rt.applied)
+        if not isinstance(ids, list) or not all(isinstance(a, str) and a in rt.applied for a in ids):
+            raise BadRequest(f"'agent_ids' must be a list of served agents {list(rt.applied)}")
+        merged = await asyncio.to_thread(rt.overlay.publish_merged, ids, flag)
+        await asyncio.wrap_future(rt.control(lambda: None))
+        return JSONResponse({"merged": list(merged)})
+
+    routes = [Route("/act", _guard(act), methods=["POST"]),
+              Route("/sessions/{session_id}/reset", _guard(reset_session), methods=["POST"]),
+              Route("/agents", _guard(agents), methods=["GET"]),
+              Route("/policy", _guard(policy), methods=["GET"]),
+              Route("/admin/adapters/{agent_id}", _guard(put_adapter), methods=["PUT"]),
+              Route("/admin/merge", _guard(merge), methods=["POST"]),
+              Route("/admin/unmerge", _guard(unmerge), methods=["POST"])]
+    return Starlette(routes=routes)
+
+
+def _guard(handler):
+    """Map every expected failure to a JSON error with the right status."""
+
+    async def wrapped(request: Request) -> JSONResponse:
+        try:
+            resp = await handler(request)
+            resp.headers["X-Lorasa-Worker"] = WORKER
+            return resp
+        except BadRequest as e:
+            return _client_error(request, e.status, e.message)
+        except NotReady as e:
+            return JSONResponse({"error": f"not ready: {e}"}, status_code=503)
+        except (ArtifactError, LorasaError) as e:  # bad upload or bad input caught by the engine
+            return _client_error(request, 400 if isinstance(e, ArtifactError) else 422,
+                                 f"{type(e).__name__}: {e}")
+        except Exception:
+            log.exception("internal error on %s", request.url.path)
+            return JSONResponse({"error": "internal server error"}, status_code=500)
+
+    return wrapped
+
+
+def _client_error(request: Request, status: int, message: str) -> JSONResponse:
+    if request.url.path.endswith("/act"):
+        metrics.act_requests.labels(outcome="client_error").inc()
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _authorize(request: Request, token: str) -> None:
+    if not token:
+        raise BadRequest("admin API disabled: set LORASA_ADMIN_TOKEN on the server to enable it", 403)
+    got = request.headers.get("authorization", "")
+    scheme, _, value = got.partition(" ")
+    if scheme.lower() != "bearer" or not value:
+        raise BadRequest("admin API needs 'Authorization: Bearer <token>'", 401)
+    if not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise BadRequest("invalid admin token", 403)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) past `limit` bytes without buffering more than that."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise BadRequest("invalid Content-Length")
+        if int(declared) > limit:
+            raise BadRequest(f"body of {declared} bytes is over the {limit}-byte limit", 413)
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise BadRequest(f"body is over the {limit}-byte limit", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,87 @@
+"""Start a real `bentoml serve` subprocess on a free loopback port (tests and the load benchmark).
+
+    with ServerProcess({"LORASA_POLICY": "my_policy"}) as srv:
+        requests.post(srv.url + "/v1/act", json=...)
+
+The server runs in its own process group; `stop()` terminates the whole group (the BentoML
+arbiter and its workers), then kills it if it has not exited after a grace period.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, env: dict[str, str], log_path: str | Path | None = None,
+                 ready_timeout_s: float = 90.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env, "BENTOML_DO_NOT_TRACK": "True"}
+        self.log_path = Path(log_path) if log_path else None
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        bentoml = Path(sys.executable).parent / "bentoml"
+        out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self) -> float:
+        """Poll /readyz until 200; returns seconds waited. Raises if the server exits or times out."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.ready_timeout_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}; log: {self.log_path}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return time.monotonic() - t0
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {self.ready_timeout_s}s; log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait()
+        try:  # workers that outlived the arbiter
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> "ServerProcess":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,164 @@
+"""JSON request parsing and validation for the v1 API: bad input -> `BadRequest` (HTTP 4xx), never
+an exception inside the batched forward.
+
+Checks are per row and name the row: unknown agent, obs length != the agent's obs_dim, non-numbers,
+NaN/inf (also float32 overflow), action masks of the wrong length or with no available action, state
+of the wrong length, state together with a session, too many rows, unknown fields (typos).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorasa_serve.spec import PolicySpec
+
+ROW_FIELDS = {"agent_id", "obs", "avail_actions", "state", "reset"}
+ACT_FIELDS = {"rows", "session_id", "deterministic"}
+MAX_SESSION_ID = 128
+
+
+class BadRequest(Exception):
+    """Client error: `status` (4xx) and a message for the JSON body."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class ActRequest:
+    agent_ids: list[str]  # [n]
+    obs: np.ndarray  # [n, obs_max] float32, zero-padded past each agent's obs_dim
+    state: np.ndarray | None  # [n, hidden] float32 explicit state (None: zeros or session)
+    reset: np.ndarray  # [n] bool: episode start (state zeroed)
+    avail: np.ndarray | None  # [n, act_max] bool (categorical only; None: all actions available)
+    session_id: str | None
+    deterministic: bool
+
+    @property
+    def n(self) -> int:
+        return len(self.agent_ids)
+
+
+def parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadRequest(f"malformed JSON body: {e}") from None
+
+
+def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
+    if not isinstance(d, dict):
+        raise BadRequest("body must be a JSON object with 'rows'")
+    _no_unknown(d, ACT_FIELDS, "request")
+    rows = d.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise BadRequest("'rows' must be a non-empty list of {agent_id, obs, ...}")
+    if len(rows) > max_rows:
+        raise BadRequest(f"{len(rows)} rows is over the limit of {max_rows} per request", 413)
+    det = d.get("deterministic", True)
+    if not isinstance(det, bool):
+        raise BadRequest("'deterministic' must be true or false")
+    sid = check_session_id(d.get("session_id"))
+    agents = {a.agent_id: a for a in spec.agents}
+    n = len(rows)
+    obs = np.zeros((n, spec.obs_max), dtype=np.float32)
+    reset = np.zeros(n, dtype=bool)
+    state = avail = None
+    ids: list[str] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BadRequest(f"row {i}: must be an object {{agent_id, obs, ...}}")
+        _no_unknown(row, ROW_FIELDS, f"row {i}")
+        agent = agents.get(row.get("agent_id")) if isinstance(row.get("agent_id"), str) else None
+        if agent is None:
+            raise BadRequest(f"row {i}: unknown agent_id {row.get('agent_id')!r}; serving {list(agents)}")
+        ids.append(agent.agent_id)
+        obs[i, :agent.obs_dim] = _floats(row.get("obs"), agent.obs_dim, f"row {i}: obs")
+        r = row.get("reset", False)
+        if not isinstance(r, bool):
+            raise BadRequest(f"row {i}: 'reset' must be true or false")
+        reset[i] = r
+        if row.get("avail_actions") is not None:
+            avail = _avail(avail, n, spec, agent.act_dim, row["avail_actions"], i)
+        if row.get("state") is not None:
+            state = _state(state, n, spec, row["state"], i, sid)
+    if sid is not None and len(set(ids)) != n:
+        raise BadRequest("with a session_id each agent may appear at most once per request")
+    return ActRequest(ids, obs, state, reset, avail, sid, det)
+
+
+def _no_unknown(d: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise BadRequest(f"{where}: unknown fields {extra}; allowed {sorted(allowed)}")
+
+
+def check_session_id(sid: object) -> str | None:
+    """None, or a string of 1-128 characters."""
+    if sid is None:
+        return None
+    if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID:
+        raise BadRequest(f"'session_id' must be a string of 1-{MAX_SESSION_ID} characters")
+    return sid
+
+
+def _floats(x: object, n: int, where: str) -> np.ndarray:
+    """A JSON list of exactly n finite numbers -> float32 [n]."""
+    if not isinstance(x, list) or any(isinstance(v, (bool, str)) or v is None for v in x):
+        raise BadRequest(f"{where} must be a list of {n} numbers")
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{where} must be a flat list of {n} numbers") from None
+    if a.shape != (n,):
+        raise BadRequest(f"{where} has shape {list(a.shape)}, expected [{n}]")
+    a32 = a.astype(np.float32)
+    if not np.isfinite(a32).all():
+        raise BadRequest(f"{where} contains NaN, inf or a value outside float32 range")
+    return a32
+
+
+def _avail(avail: np.ndarray | None, n: int, spec: PolicySpec, act_dim: int, x: object,
+           i: int) -> np.ndarray:
+    if spec.action != "categorical":
+        raise BadRequest(f"row {i}: avail_actions only apply to categorical policies")
+    if not isinstance(x, list) or len(x) != act_dim or not all(
+            v in (0, 1) and not isinstance(v, float) for v in x):
+        raise BadRequest(f"row {i}: avail_actions must be a list of {act_dim} values 0/1 or booleans")
+    if not any(x):
+        raise BadRequest(f"row {i}: avail_actions has no available action (all zero)")
+    if avail is None:
+        avail = np.ones((n, spec.act_max), dtype=bool)
+    avail[i] = False
+    avail[i, :act_dim] = np.asarray(x, dtype=bool)
+    return avail
+
+
+def _state(state: np.ndarray | None, n: int, spec: PolicySpec, x: object, i: int,
+           sid: str | None) -> np.ndarray:
+    if sid is not None:
+        raise BadRequest(f"row {i}: send either 'state' per row or a 'session_id', not both")
+    if not spec.recurrent:
+        raise BadRequest(f"row {i}: this policy is feed-forward and takes no 'state'")
+    if state is None:
+        state = np.zeros((n, spec.hidden), dtype=np.float32)
+    state[i] = _floats(x, spec.hidden, f"row {i}: state")
+    return state
+
+
+def act_response(req: ActRequest, spec: PolicySpec, actions: np.ndarray, log_probs: np.ndarray,
+                 state: np.ndarray | None, versions: list[int], batch: dict) -> dict:
+    """Actions per row sliced to each agent's act_dim (Gaussian) or an int (categorical)."""
+    dims = {a.agent_id: a.act_dim for a in spec.agents}
+    if spec.action == "gaussian":
+        acts = [actions[i, :dims[a]].tolist() for i, a in enumerate(req.agent_ids)]
+    else:
+        acts = actions.tolist()
+    out = {"actions": acts, "log_probs": log_probs.tolist(), "versions": versions, "batch": batch}
+    if req.session_id is None and state is not None:
+        out["state"] = state.tolist()
+    return out

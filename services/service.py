@@ -1,0 +1,78 @@
+"""BentoML service: `bentoml serve` (bentofile.yaml: services.service:LorasaPolicy).
+
+Configured by LORASA_* environment variables (services/config.py). Each worker process loads the
+policy in a background thread (`/readyz` is 503 until it is loaded), then serves the v1 API
+(services/http.py) from a PolicyRuntime (services/runtime.py). BentoML provides the process
+management, `/livez`, `/readyz`, `/metrics` (with ours from services/metrics.py), timeouts and logs.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import bentoml
+import torch
+
+from .config import ServiceConfig
+from .http import NotReady, build_app
+from .model_store import policy_dir_from_tag
+from .runtime import PolicyRuntime
+
+log = logging.getLogger("lorasa.service")
+
+
+def _shared_state_dir() -> str:
+    """LORASA_STATE_DIR, or a fresh temp dir created by the process that first imports this module
+    (the `bentoml serve` parent) and exported so every worker it spawns inherits the same one.
+    The creator removes it at exit: with no LORASA_STATE_DIR, uploads last as long as the server."""
+    d = os.environ.get("LORASA_STATE_DIR", "")
+    if not d:
+        d = tempfile.mkdtemp(prefix="lorasa-serve-state-")
+        os.environ["LORASA_STATE_DIR"] = d
+        atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
+
+
+CONFIG = replace(ServiceConfig.from_env(), state_dir=_shared_state_dir())
+app = build_app(CONFIG, lambda: _runtime())
+
+
+@bentoml.asgi_app(app, path="/v1")
+@bentoml.service(name="lorasa_policy", workers=CONFIG.workers,
+                 traffic={"timeout": CONFIG.timeout_s})
+class LorasaPolicy:
+    def __init__(self) -> None:
+        self.cfg = CONFIG
+        self.runtime: PolicyRuntime | None = None
+        self.load_error: str | None = None
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.workers))
+        threading.Thread(target=self._load, name="lorasa-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            cfg = self.cfg
+            path = policy_dir_from_tag(cfg.model_tag) if cfg.model_tag else Path(cfg.policy)
+            self.runtime = PolicyRuntime(cfg, path, Path(cfg.state_dir))
+            log.info("lorasa policy %s loaded: agents %s", path, self.runtime.spec.agent_ids)
+        except Exception as e:
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("lorasa policy failed to load: %s", self.load_error)
+
+    def __is_ready__(self) -> bool:
+        return self.runtime is not None
+
+
+def _runtime() -> PolicyRuntime:
+    try:
+        svc = bentoml.get_current_service()
+    except bentoml.exceptions.BentoMLException:
+        raise NotReady("service is starting") from None
+    if svc.runtime is None:
+        raise NotReady(svc.load_error or "policy is loading")
+    return svc.runtime

@@ -1,0 +1,314 @@
+"""HTTP service against a real `bentoml serve` (1 worker): equality with the in-process Engine,
+adaptive batching, sessions, hot swap, merge, health/metrics, and every kind of bad input."""
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+from conftest import make_policy
+from safetensors.torch import save as st_save
+
+from lorasa_serve import Engine, init_adapter
+from lorasa_serve.artifacts import adapter_bytes, fingerprint
+from services.launch import ServerProcess
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_ROWS, MAX_UPLOAD = 64, 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("svc")
+    spec, backbone, ads = make_policy(root / "policy", obs=(6, 5, 6), act=(2, 3, 2))
+    env = {"LORASA_POLICY": str(root / "policy"), "LORASA_ADMIN_TOKEN": TOKEN,
+           "LORASA_STATE_DIR": str(root / "state"), "LORASA_MAX_ROWS_PER_REQUEST": str(MAX_ROWS),
+           "LORASA_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LORASA_MAX_BODY_BYTES": str(256 * 1024)}
+    with ServerProcess(env, root / "server.log") as server:
+        server.policy, server.spec = root / "policy", spec
+        server.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
+        yield server
+
+
+def rows_for(spec, ids, obs, state=None, reset=None):
+    dims = {a.agent_id: a.obs_dim for a in spec.agents}
+    rows = []
+    for i, a in enumerate(ids):
+        row = {"agent_id": a, "obs": obs[i, :dims[a]].tolist()}
+        if state is not None:
+            row["state"] = state[i].tolist()
+        if reset is not None:
+            row["reset"] = bool(reset[i])
+        rows.append(row)
+    return rows
+
+
+def act(srv, body, status=200):
+    r = requests.post(srv.url + "/v1/act", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def expected(srv, ids, obs, state=None, reset=None):
+    """In-process engine output, actions sliced per agent like the service returns them."""
+    out = srv.engine.act(ids, torch.as_tensor(obs), None if state is None else torch.as_tensor(state),
+                         None if reset is None else torch.as_tensor(reset))
+    dims = {a.agent_id: a.act_dim for a in srv.spec.agents}
+    acts = [out.actions[i, :dims[a]].numpy() for i, a in enumerate(ids)]
+    return acts, out.log_probs.numpy(), out.state.numpy()
+
+
+def assert_matches(resp, exp, with_state=True):
+    acts, logp, state = exp
+    assert len(resp["actions"]) == len(acts)
+    for got, want in zip(resp["actions"], acts):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(resp["log_probs"], logp, atol=1e-4, rtol=0)
+    if with_state:
+        np.testing.assert_allclose(resp["state"], state, atol=1e-5, rtol=0)
+
+
+def sample(spec, n, seed):
+    g = np.random.default_rng(seed)
+    ids = [spec.agent_ids[k] for k in g.integers(0, len(spec.agents), n)]
+    obs = np.zeros((n, spec.obs_max), dtype=np.float32)
+    for i, a in enumerate(ids):
+        obs[i, :spec.agent(a).obs_dim] = g.standard_normal(spec.agent(a).obs_dim)
+    return ids, obs
+
+
+def test_act_matches_in_process_engine(srv):
+    spec = srv.spec
+    ids, obs = sample(spec, 11, 0)
+    state = np.random.default_rng(1).standard_normal((11, spec.hidden)).astype(np.float32)
+    reset = np.arange(11) % 3 == 0
+    resp = act(srv, {"rows": rows_for(spec, ids, obs, state, reset)})
+    assert_matches(resp, expected(srv, ids, obs, state, reset))
+    assert resp["versions"] == [srv.engine.versions()[a] for a in ids]
+    # sampled actions differ from the deterministic mean but have the right shapes
+    samp = act(srv, {"rows": rows_for(spec, ids, obs), "deterministic": False})
+    assert [len(a) for a in samp["actions"]] == [spec.agent(a).act_dim for a in ids]
+    assert not np.allclose(samp["actions"][0], resp["actions"][0])
+
+
+def test_concurrent_requests_are_merged_and_each_answer_is_right(srv):
+    spec, results, errors = srv.spec, [], []
+
+    def client(k):
+        try:
+            with requests.Session() as s:
+                for j in range(8):
+                    ids, obs = sample(spec, 1 + (k + j) % 5, 100 * k + j)
+                    r = s.post(srv.url + "/v1/act", json={"rows": rows_for(spec, ids, obs)}, timeout=30)
+                    results.append((ids, obs, r.status_code, r.json()))
+        except Exception as e:  # surfaced by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(12)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors and len(results) == 96
+    for ids, obs, code, resp in results:
+        assert code == 200, resp
+        assert_matches(resp, expected(srv, ids, obs))
+    assert max(resp["batch"]["requests"] for *_, resp in results) > 1, "no request was ever batched"
+
+
+def test_sessions_carry_state_and_reset(srv):
+    spec = srv.spec
+    ids = spec.agent_ids
+    obs_seq = [sample(spec, 3, 50 + t)[1] for t in range(4)]
+    obs_seq = [np.stack([o[i] * (np.arange(spec.obs_max) < spec.agent(a).obs_dim)
+                         for i, a in enumerate(ids)]).astype(np.float32) for o in obs_seq]
+    state = None
+    for t, obs in enumerate(obs_seq):
+        resp = act(srv, {"session_id": "ep-1", "rows": rows_for(spec, ids, obs)})
+        exp = expected(srv, ids, obs, state)
+        assert_matches(resp, exp, with_state=False)
+        assert "state" not in resp
+        state = exp[2]
+    # another session is independent; reset forgets ep-1
+    fresh = act(srv, {"session_id": "ep-2", "rows": rows_for(spec, ids, obs_seq[0])})
+    assert_matches(fresh, expected(srv, ids, obs_seq[0]), with_state=False)
+    r = requests.post(srv.url + "/v1/sessions/ep-1/reset", timeout=10)
+    assert r.status_code == 200 and r.json() == {"session_id": "ep-1", "existed": True}
+    again = act(srv, {"session_id": "ep-1", "rows": rows_for(spec, ids, obs_seq[1])})
+    assert_matches(again, expected(srv, ids, obs_seq[1]), with_state=False)
+
+
+def test_hot_swap_changes_only_that_agent(srv):
+    spec, ids = srv.spec, srv.spec.agent_ids * 2
+    _, obs = sample(spec, 6, 7)
+    obs = np.stack([obs[i] * (np.arange(spec.obs_max) < spec.agent(a).obs_dim)
+                    for i, a in enumerate(ids)]).astype(np.float32)
+    before = act(srv, {"rows": rows_for(spec, ids, obs)})
+    mid_session = act(srv, {"session_id": "swap", "rows": rows_for(spec, spec.agent_ids, obs[:3])})
+    carried = expected(srv, spec.agent_ids, obs[:3])[2]  # session state, computed before the swap
+    v0 = srv.engine.versions()["agent_1"]
+    new = init_adapter(spec, torch.Generator().manual_seed(11), b_std=0.5)
+    r = requests.put(srv.url + "/v1/admin/adapters/agent_1", data=adapter_bytes(spec, "agent_1", new),
+                     headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == r.json()["served_version"] >= 2
+    srv.engine.set_adapter("agent_1", new)
+    after = act(srv, {"rows": rows_for(spec, ids, obs)})
+    assert_matches(after, expected(srv, ids, obs))
+    for i, a in enumerate(ids):
+        same = np.allclose(after["actions"][i], before["actions"][i], atol=1e-6)
+        assert same == (a != "agent_1"), (i, a)
+    assert after["versions"] == [r.json()["version"] if a == "agent_1" else 1 for a in ids]
+    # the session started before the swap keeps going, agent_1 now on the new adapter
+    cont = act(srv, {"session_id": "swap", "rows": rows_for(spec, spec.agent_ids, obs[3:])})
+    assert_matches(cont, expected(srv, spec.agent_ids, obs[3:], carried), with_state=False)
+    assert mid_session["versions"][1] == v0
+    info = requests.get(srv.url + "/v1/agents", timeout=10).json()
+    a1 = next(a for a in info["agents"] if a["agent_id"] == "agent_1")
+    assert a1["version"] == r.json()["version"]
+    assert a1["adapter_fingerprint"] == fingerprint(srv.engine.adapter("agent_1"))
+    metrics = requests.get(srv.url + "/metrics", timeout=10).text
+    assert f'lorasa_adapter_version{{agent_id="agent_1"}} {float(a1["version"])}' in metrics
+
+
+def test_merge_and_unmerge_keep_outputs(srv):
+    spec = srv.spec
+    ids, obs = sample(spec, 9, 21)
+    base = act(srv, {"rows": rows_for(spec, ids, obs)})
+    r = requests.post(srv.url + "/v1/admin/merge", json={"agent_ids": ["agent_0", "agent_2"]},
+                      headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["merged"] == ["agent_0", "agent_2"], r.text
+    info = {a["agent_id"]: a["merged"] for a in requests.get(srv.url + "/v1/agents").json()["agents"]}
+    assert info["agent_0"] and info["agent_2"]
+    assert_matches(act(srv, {"rows": rows_for(spec, ids, obs)}), expected(srv, ids, obs))
+    r = requests.post(srv.url + "/v1/admin/unmerge", headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["merged"] == []
+    assert_matches(act(srv, {"rows": rows_for(spec, ids, obs)}),
+                   (base["actions"], base["log_probs"], base["state"]))
+
+
+def test_health_metrics_and_spec(srv):
+    assert requests.get(srv.url + "/livez").status_code == 200
+    assert requests.get(srv.url + "/readyz").status_code == 200
+    pol = requests.get(srv.url + "/v1/policy").json()
+    assert pol["backbone_fingerprint"] == srv.spec.backbone_fingerprint
+    assert [a["agent_id"] for a in pol["agents"]] == srv.spec.agent_ids
+    act(srv, {"rows": rows_for(srv.spec, ["agent_2"], np.zeros((1, 6), np.float32))})
+    text = requests.get(srv.url + "/metrics").text
+    assert 'lorasa_agent_rows_total{agent_id="agent_2"}' in text
+    assert "lorasa_batch_rows_bucket" in text and "bentoml_service_request_total" in text
+
+
+def _hostile_uploads(spec, good: dict) -> list[tuple[str, bytes, int, str]]:
+    ok = adapter_bytes(spec, "agent_0", good)
+    meta = json.loads(ok[8:8 + struct.unpack("<Q", ok[:8])[0]])["__metadata__"]
+    ints = st_save({k: (v * 100).to(torch.int32) for k, v in good.items()}, metadata=meta)
+    nan = {k: v.clone() for k, v in good.items()}
+    nan["head.lora_B.weight"][0, 0] = float("nan")
+    huge_hdr = json.dumps({"__metadata__": meta, "mlp.0.lora_A.weight": {
+        "dtype": "F32", "shape": [1 << 31, 1 << 31], "data_offsets": [0, 16]}}).encode()
+    other_spec, _, other = make_policy_other()
+    return [
+        ("garbage", b"definitely not safetensors", 400, "CorruptFileError"),
+        ("truncated", ok[: len(ok) // 2], 400, "CorruptFileError"),
+        ("absurd header length", struct.pack("<Q", 1 << 60) + b"{}", 400, "CorruptFileError"),
+        ("huge declared shape", struct.pack("<Q", len(huge_hdr)) + huge_hdr + b"\0" * 16, 400,
+         "CorruptFileError"),
+        ("int32 tensors", ints, 400, "ShapeMismatchError"),
+        ("NaN values", st_save({k: v.contiguous() for k, v in nan.items()}, metadata=meta), 400,
+         "NonFiniteError"),
+        ("other backbone", adapter_bytes(other_spec, "agent_0", other["agent_0"]), 400,
+         "FingerprintMismatchError"),
+        ("adapter of another agent", adapter_bytes(spec, "agent_2", good), 400, "KeyMismatchError"),
+        ("over the size limit", ok + b"\0" * MAX_UPLOAD, 413, "limit"),
+    ]
+
+
+def make_policy_other():
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        return make_policy(d, obs=(6, 5, 6), act=(2, 3, 2), seed=99)
+
+
+def test_bad_input_is_rejected_and_changes_nothing(srv):
+    spec = srv.spec
+    ids, obs = sample(spec, 4, 3)
+    good = {"rows": rows_for(spec, ids, obs)}
+    ref = act(srv, good)
+    versions = requests.get(srv.url + "/v1/agents").json()
+    row0 = rows_for(spec, ["agent_0"], obs[:1])[0]
+    bad_json = [
+        ('{"rows": [', 400, "malformed JSON"),
+        ('[1, 2]', 400, "JSON object"),
+        ('{"rows": []}', 400, "non-empty"),
+        (json.dumps({"rows": [{**row0, "obs": row0["obs"][:-1]}]}), 400, "expected [6]"),
+        (json.dumps({"rows": [{**row0, "obs": [1.0] * 7}]}), 400, "expected [6]"),
+        ('{"rows": [{"agent_id": "agent_0", "obs": [NaN, 0, 0, 0, 0, 0]}]}', 400, "NaN"),
+        ('{"rows": [{"agent_id": "agent_0", "obs": [Infinity, 0, 0, 0, 0, 0]}]}', 400, "NaN, inf"),
+        ('{"rows": [{"agent_id": "agent_0", "obs": [1e39, 0, 0, 0, 0, 0]}]}', 400, "float32"),
+        (json.dumps({"rows": [{**row0, "obs": ["a"] * 6}]}), 400, "numbers"),
+        (json.dumps({"rows": [{**row0, "agent_id": "nobody"}]}), 400, "unknown agent_id"),
+        (json.dumps({"rows": [row0] * (MAX_ROWS + 1)}), 413, "over the limit"),
+        (json.dumps({"rows": [row0], "determinstic": True}), 400, "unknown fields"),
+        (json.dumps({"rows": [row0], "deterministic": "yes"}), 400, "true or false"),
+        (json.dumps({"rows": [{**row0, "state": [0.0] * 3}]}), 400, "state has shape"),
+        (json.dumps({"rows": [{**row0, "state": [0.0] * spec.hidden}], "session_id": "s"}), 400,
+         "not both"),
+        (json.dumps({"rows": [row0, row0], "session_id": "s"}), 400, "at most once"),
+        (json.dumps({"rows": [{**row0, "avail_actions": [1, 0]}]}), 400, "categorical"),
+        (json.dumps({"rows": [row0], "session_id": ""}), 400, "session_id"),
+        ('{"rows": [{"agent_id": "agent_0", "obs": [' + "0," * 200_000 + '0]}]}', 413, "limit"),
+    ]
+    for body, status, msg in bad_json:
+        r = requests.post(srv.url + "/v1/act", data=body, timeout=30)
+        assert r.status_code == status and msg in r.json()["error"], (body[:80], r.status_code, r.text)
+    good_ad = init_adapter(spec, torch.Generator().manual_seed(2), b_std=0.3)
+    url = srv.url + "/v1/admin/adapters/agent_0"
+    ok_bytes = adapter_bytes(spec, "agent_0", good_ad)
+    assert requests.put(url, data=ok_bytes).status_code == 401
+    assert requests.put(url, data=ok_bytes, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert requests.post(srv.url + "/v1/admin/merge", headers={"Authorization": "Basic x"}).status_code == 401
+    r = requests.put(srv.url + "/v1/admin/adapters/nobody", data=ok_bytes, headers=AUTH)
+    assert r.status_code == 404 and "unknown agent_id" in r.json()["error"]
+    for name, data, status, msg in _hostile_uploads(spec, good_ad):
+        r = requests.put(url, data=data, headers=AUTH, timeout=30)
+        assert r.status_code == status and msg in r.json()["error"], (name, r.status_code, r.text)
+    # nothing changed: same versions, same outputs, and the server still answers
+    assert requests.get(srv.url + "/v1/agents").json() == versions
+    again = act(srv, good)
+    assert_matches(again, (again["actions"], ref["log_probs"], ref["state"]))
+    np.testing.assert_allclose(np.concatenate(again["actions"]), np.concatenate(ref["actions"]), atol=1e-6)
+    assert requests.get(srv.url + "/readyz").status_code == 200
+
+
+def test_not_ready_until_loaded_and_admin_disabled_without_token(tmp_path):
+    """A server whose policy cannot load stays alive but never ready; admin is 403 with no token."""
+    spec, _, _ = make_policy(tmp_path / "broken")
+    data = (tmp_path / "broken" / "backbone.safetensors").read_bytes()
+    (tmp_path / "broken" / "backbone.safetensors").write_bytes(data[:100])  # truncated
+    server = ServerProcess({"LORASA_POLICY": str(tmp_path / "broken"), "LORASA_ADMIN_TOKEN": ""},
+                           tmp_path / "server.log").start()
+    try:
+        deadline, r = time.monotonic() + 60, None
+        while time.monotonic() < deadline:  # until the worker has tried (and failed) to load
+            try:
+                r = requests.get(server.url + "/v1/policy", timeout=2)
+                if "backbone.safetensors" in r.json().get("error", ""):
+                    break
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                pass
+            time.sleep(0.1)
+        assert r is not None and r.status_code == 503, r and r.text
+        assert requests.get(server.url + "/livez").status_code == 200
+        assert requests.get(server.url + "/readyz").status_code == 503
+        r = requests.post(server.url + "/v1/act", json={"rows": [{"agent_id": "agent_0", "obs": [0] * 6}]})
+        assert r.status_code == 503 and "backbone.safetensors" in r.json()["error"]
+        r = requests.put(server.url + "/v1/admin/adapters/agent_0", data=b"x", headers=AUTH)
+        assert r.status_code == 403 and "disabled" in r.json()["error"]
+    finally:
+        server.stop()
