@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 from .network import ActorParams, LinearP, NormP
 from .spec import AgentSpec, PolicySpec
 
-PARAMS_CACHE_SIZE = 8  # assembled ActorParams per (mode, layout) kept per bank
+PARAMS_CACHE_SIZE = 4  # assembled ActorParams per (mode, layout) kept per bank
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,26 @@ class AdapterBank:
     obs_dims: Tensor  # [S] int64
     act_dims: Tensor  # [S] int64
     _cache: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
+    _seen: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def n_slots(self) -> int:
         return len(self.versions)
+
+    @cached_property
+    def merged_bytes_per_agent(self) -> int:
+        shapes = self.spec.linear_shapes()
+        return 4 * sum(shapes[n][0] * shapes[n][1] for n in self.spec.adapted_layers)
+
+    def seen(self, key: bytes) -> int:
+        """How often a layout was planned on this bank (bounded LRU of 64 layouts)."""
+        with self._cache_lock:
+            n = self._seen.pop(key, 0) + 1
+            self._seen[key] = n
+            while len(self._seen) > 64:
+                self._seen.popitem(last=False)
+        return n
 
     @property
     def has_adapters(self) -> bool:
@@ -46,8 +62,7 @@ class AdapterBank:
 
     @property
     def heterogeneous(self) -> bool:
-        s = self.spec
-        return any(a.obs_dim != s.obs_max or a.act_dim != s.act_max for a in s.agents)
+        return self.spec.heterogeneous
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -92,7 +107,7 @@ class AdapterBank:
         merged = dict(self.merged)
         bank = replace(self, spec=spec, slot_of=slot_of, adapters=adapters, versions=versions,
                        a_t=a_t, b_t=b_t, merged=merged, _cache=OrderedDict(),
-                       _cache_lock=threading.Lock())
+                       _seen=OrderedDict(), _cache_lock=threading.Lock())
         if slot in merged:  # keep a merged agent merged, with its new weights
             merged[slot] = bank.merged_weights(slot)
         if agent is not None:
@@ -106,7 +121,8 @@ class AdapterBank:
                 merged[s] = merged.get(s) or self.merged_weights(s)
             else:
                 merged.pop(s, None)
-        return replace(self, merged=merged, _cache=OrderedDict(), _cache_lock=threading.Lock())
+        return replace(self, merged=merged, _cache=OrderedDict(), _seen=OrderedDict(),
+                       _cache_lock=threading.Lock())
 
     def merged_weights(self, slot: int) -> dict[str, Tensor]:
         """Adapted layer -> W0 + (alpha/r) B A, [out, in]. The backbone is never modified."""

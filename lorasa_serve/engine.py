@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,11 @@ from .spec import AgentSpec, PolicySpec, check_agent_id
 
 Mode = Literal["auto", "lora", "merged"]
 MODES = ("auto", "lora", "merged")
-AUTO_MERGED_MAX_CHUNKS = 8  # auto picks merged weights for few, large chunks...
-AUTO_MERGED_MIN_ROWS = 256  # ...of at least this many rows each
+# auto mode: merged weights (one bmm per layer, no low-rank delta) when the stacked per-chunk weights
+# are cheap to read per row and either small enough to rebuild or reused from the per-layout cache
+MERGED_SMALL_BYTES = 2 << 20  # stacks up to this size: always merged (they stay in cache)
+MERGED_MAX_BYTES = 64 << 20  # never stack more than this per forward
+MERGED_MAX_BYTES_PER_ROW = 16 << 10  # weight bytes read per row; beyond it the low-rank path wins
 
 
 @dataclass
@@ -179,8 +183,7 @@ class Engine:
             return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
         lay = plan(slots)
         if mode == "auto":
-            few_large = lay.C <= AUTO_MERGED_MAX_CHUNKS and lay.M >= AUTO_MERGED_MIN_ROWS
-            mode = "merged" if few_large else "lora"
+            mode = self._auto_mode(bank, lay, B)
         if mode == "merged":
             bank = self._ensure_merged(bank, lay)
         p = bank.params(mode, lay.chunk_slot, lay.key)
@@ -188,6 +191,16 @@ class Engine:
         out, h_next = actor_forward(bank.spec, p, x, hh, rr)
         return (_from_chunks(lay, out, B),
                 None if h_next is None else _from_chunks(lay, h_next, B), bank)
+
+    @staticmethod
+    def _auto_mode(bank: AdapterBank, lay: Layout, B: int) -> str:
+        stack = lay.C * bank.merged_bytes_per_agent
+        if stack <= MERGED_SMALL_BYTES:
+            return "merged"
+        if stack <= MERGED_MAX_BYTES and stack / B <= MERGED_MAX_BYTES_PER_ROW \
+                and bank.seen(lay.key) >= 2:
+            return "merged"
+        return "lora"
 
     # --- sessions -----------------------------------------------------------------------------
     def act_session(self, session_id: str, agent_ids: Sequence[str], obs, avail=None, *,
@@ -310,7 +323,7 @@ class Engine:
         if t.dim() != 2 or t.shape[0] != B or t.shape[1] > width or (exact and t.shape[1] != width):
             want = f"[{B}, {width}]" if exact else f"[{B}, <={width}]"
             raise InputError(f"{name} has shape {list(t.shape)}, expected {want}")
-        if not bool(torch.isfinite(t).all()):
+        if not _all_finite(t):
             raise InputError(f"{name} contains NaN or inf")
         if t.shape[1] < width:
             t = torch.nn.functional.pad(t, (0, width - t.shape[1]))
@@ -353,6 +366,11 @@ def _from_chunks(lay: Layout, y: Tensor, B: int) -> Tensor:
     if lay.pos is None:
         return flat
     return flat[torch.as_tensor(lay.pos, device=y.device)]
+
+
+def _all_finite(t: Tensor) -> bool:
+    """One reduction instead of isfinite's four passes; exact check only if the sum is not finite."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _opt(x: Tensor | None, dim: int) -> Tensor | None:

@@ -46,7 +46,8 @@ class ActorParams:
 def linear(x: Tensor, p: LinearP) -> Tensor:
     """x [C, M, in] -> [C, M, out]."""
     if p.weight.dim() == 2:
-        y = F.linear(x, p.weight, p.bias)
+        C, M, i = x.shape
+        y = torch.addmm(p.bias, x.reshape(C * M, i), p.weight.T).view(C, M, -1)
     else:
         y = torch.baddbmm(p.bias, x, p.weight)
     if p.lora_a is not None:
@@ -67,11 +68,10 @@ def gru_cell(gx: Tensor, gh: Tensor, h: Tensor) -> Tensor:
 
     gx = x_layer(x), gh = h_layer(h): [..., 3H]; h: [..., H].
     """
-    xr, xz, xn = gx.chunk(3, dim=-1)
-    hr, hz, hn = gh.chunk(3, dim=-1)
-    r = torch.sigmoid(xr + hr)
-    z = torch.sigmoid(xz + hz)
-    n = torch.tanh(torch.addcmul(xn, r, hn))
+    H = h.shape[-1]
+    rz = torch.sigmoid(gx[..., :2 * H] + gh[..., :2 * H])  # both gates in one op
+    r, z = rz[..., :H], rz[..., H:]
+    n = torch.tanh(torch.addcmul(gx[..., 2 * H:], r, gh[..., 2 * H:]))
     return torch.lerp(n, h, z)  # (1 - z) * n + z * h
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -50,18 +51,26 @@ class PolicySpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     backbone_fingerprint: str = ""  # sha256 of backbone.safetensors tensors, set when saved
     format_version: int = FORMAT_VERSION
+    # Backbone input width when it exceeds every agent's obs_dim (a merged single-agent export of a
+    # smaller agent of a heterogeneous team: ln_in normalises over the padded width). None: the max.
+    obs_width: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     # --- derived sizes -------------------------------------------------------------------
-    @property
+    @cached_property
     def obs_max(self) -> int:
-        return max(a.obs_dim for a in self.agents)
+        return max(max(a.obs_dim for a in self.agents), self.obs_width or 0)
 
-    @property
+    @cached_property
     def act_max(self) -> int:
         return max(a.act_dim for a in self.agents)
+
+    @cached_property
+    def heterogeneous(self) -> bool:
+        """Do agents differ from the padded maxima (so inputs/outputs need per-agent masks)?"""
+        return any(a.obs_dim != self.obs_max or a.act_dim != self.act_max for a in self.agents)
 
     @property
     def agent_ids(self) -> list[str]:
@@ -153,6 +162,8 @@ class PolicySpec:
             raise SpecError(f"action must be 'gaussian' or 'categorical', not {self.action!r}")
         if self.activation not in ("relu", "tanh"):
             raise SpecError(f"activation must be 'relu' or 'tanh', not {self.activation!r}")
+        if self.obs_width is not None and (not isinstance(self.obs_width, int) or self.obs_width < 1):
+            raise SpecError(f"obs_width must be a positive int or null, not {self.obs_width!r}")
         if self.lora.rank < 1 or not self.lora.alpha > 0:
             raise SpecError("lora rank must be >= 1 and alpha > 0")
         if self.lora.layers is not None:
@@ -170,6 +181,8 @@ class PolicySpec:
         d = asdict(self)
         d["agents"] = [asdict(a) for a in self.agents]
         d["lora"]["layers"] = None if self.lora.layers is None else list(self.lora.layers)
+        if d["obs_width"] is None:  # policies without it keep exactly the version-1 keys
+            del d["obs_width"]
         return d
 
     def to_json(self) -> str:

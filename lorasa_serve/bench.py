@@ -1,0 +1,332 @@
+"""lorasa-bench: mixed-agent inference, measured side by side in one run.
+
+For each (agents N, rows B) it times one forward of the same mixed batch through:
+  ps            the shared backbone alone (the floor: LoRASA cannot beat it)
+  engine-lora   Engine, unmerged LoRA (shared GEMM + per-chunk low-rank delta)
+  engine-merged Engine, cached merged per-agent weights
+  engine-auto   Engine, mode chosen by batch shape (what users get)
+  per-agent     the original research code's way: one forward per agent with merged weights
+  nps           separate networks per agent (one nn.Module each), one forward per agent
+  onnx          ONNX Runtime on the exported multi-agent graph (if exporters + onnxruntime are there)
+and prints time per call, rows/s and the ratio to `ps` measured in the same run (median of repeats).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .engine import Engine, resolve_device
+from .network import init_adapter, init_backbone
+from .spec import AgentSpec, LoraSpec, PolicySpec
+
+
+@dataclass
+class BenchConfig:
+    agents: tuple[int, ...] = (2, 8, 100, 1000)
+    rows: tuple[str, ...] = ("N", "16N", "4096", "65536")
+    obs: int = 205
+    act: int = 13
+    hidden: int = 64
+    rank: int = 8
+    action: str = "categorical"
+    device: str = "cpu"
+    min_time: float = 0.3  # seconds of repeats per measurement
+    max_rows: int = 65536
+    max_loop_agents: int = 1000  # per-agent loops above this many agents are skipped
+    methods: tuple[str, ...] = ("ps", "engine-lora", "engine-merged", "engine-auto", "per-agent",
+                                "nps", "onnx")
+    team_step_calls: int = 2000
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    agents: int
+    rows: int
+    method: str
+    median_s: float
+    rows_per_s: float
+    ratio_to_ps: float | None = None
+    repeats: int = 0
+
+
+@dataclass
+class Report:
+    config: dict
+    machine: dict
+    results: list[Result] = field(default_factory=list)
+    team_step: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+
+
+# --- policies and the baselines ------------------------------------------------------------------
+def make_spec(cfg: BenchConfig, n_agents: int) -> PolicySpec:
+    agents = tuple(AgentSpec(f"agent_{i}", cfg.obs, cfg.act) for i in range(n_agents))
+    return PolicySpec(agents=agents, hidden=cfg.hidden, action=cfg.action,
+                      lora=LoraSpec(rank=cfg.rank, alpha=float(cfg.rank)))
+
+
+def make_engines(cfg: BenchConfig, spec: PolicySpec) -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(cfg.seed)
+    backbone = init_backbone(spec, g)
+    adapters = {a: init_adapter(spec, g, b_std=0.05) for a in spec.agent_ids}
+    engines = {"ps": Engine(spec, backbone, {}, device=cfg.device)}
+    for mode in ("lora", "merged", "auto"):
+        engines[f"engine-{mode}"] = Engine(spec, backbone, adapters, device=cfg.device, mode=mode)
+    engines["engine-merged"].merge()
+    return engines, adapters
+
+
+class ResearchActor(nn.Module):
+    """The reference code's actor as nn.Modules: one instance per agent (merged weights or NPS)."""
+
+    def __init__(self, spec: PolicySpec, linears: dict[str, torch.Tensor], backbone: dict):
+        super().__init__()
+        H, self.spec = spec.hidden, spec
+        self.ln_in = nn.LayerNorm(spec.obs_max)
+        self.mlp = nn.ModuleList(nn.Linear(*spec.linear_shapes()[f"mlp.{i}"]) for i in range(spec.mlp_depth))
+        self.mlp_ln = nn.ModuleList(nn.LayerNorm(H) for _ in range(spec.mlp_depth))
+        self.gru_x, self.gru_h = nn.Linear(H, 3 * H), nn.Linear(H, 3 * H)
+        self.gru_ln, self.post, self.post_ln = nn.LayerNorm(H), nn.Linear(H, H), nn.LayerNorm(H)
+        self.head = nn.Linear(H, spec.act_max)
+        mods = {**{f"mlp.{i}": m for i, m in enumerate(self.mlp)}, "gru.x": self.gru_x,
+                "gru.h": self.gru_h, "post": self.post, "head": self.head}
+        with torch.no_grad():
+            for name, m in mods.items():
+                m.weight.copy_(linears[name])
+                m.bias.copy_(backbone[f"{name}.bias"])
+
+    def forward(self, x, h):  # x [b, obs], h [b, H]
+        x = self.ln_in(x)
+        for lin, ln in zip(self.mlp, self.mlp_ln):
+            x = ln(torch.relu(lin(x)))
+        gx, gh = self.gru_x(x), self.gru_h(h)
+        H = h.shape[-1]
+        r = torch.sigmoid(gx[:, :H] + gh[:, :H])
+        z = torch.sigmoid(gx[:, H:2 * H] + gh[:, H:2 * H])
+        n = torch.tanh(gx[:, 2 * H:] + r * gh[:, 2 * H:])
+        h = (1 - z) * n + z * h
+        return self.head(self.post_ln(torch.relu(self.post(self.gru_ln(h))))), h
+
+
+def per_agent_loop(actors: list[nn.Module], slots: np.ndarray) -> Callable:
+    """One forward per agent present: select its rows, run its network, scatter back."""
+    order = np.argsort(slots, kind="stable")
+    bounds = np.cumsum(np.bincount(slots, minlength=len(actors)))
+
+    def run(obs, h):
+        out = obs.new_empty(obs.shape[0], actors[0].head.out_features)
+        h_out = torch.empty_like(h)
+        start = 0
+        for a, end in enumerate(bounds):
+            if end > start:
+                idx = torch.as_tensor(order[start:end], device=obs.device)
+                o, hn = actors[a](obs[idx], h[idx])
+                out[idx], h_out[idx] = o, hn
+            start = end
+        return out, h_out
+    return run
+
+
+# --- timing ----------------------------------------------------------------------------------------
+def time_interleaved(calls: dict[str, Callable[[], object]], min_time: float, device: str,
+                     rounds: int = 7) -> dict[str, tuple[float, float, int]]:
+    """Time every method in `rounds` interleaved blocks (so load changes hit all of them alike).
+
+    Returns name -> (median seconds per call, median over rounds of time / PS time in that round,
+    calls timed). The first method must be "ps".
+    """
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    per_block: dict[str, int] = {}
+    for name, fn in calls.items():  # warm up, then size each block to min_time / rounds
+        for _ in range(2):
+            fn()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        per_block[name] = max(1, int(min_time / rounds / max(time.perf_counter() - t0, 1e-7)))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            for _ in range(per_block[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - t0) / per_block[name])
+    ps = samples[next(iter(calls))]
+    return {name: (statistics.median(s), statistics.median(a / b for a, b in zip(s, ps)),
+                   rounds * per_block[name]) for name, s in samples.items()}
+
+
+def rows_for(spec: str, n: int, max_rows: int) -> int | None:
+    r = int(spec[:-1]) * n if spec.endswith("N") and spec != "N" else n if spec == "N" else int(spec)
+    return r if r <= max_rows and r >= n else None
+
+
+def bench_grid(cfg: BenchConfig, report: Report, onnx_factory: Callable | None) -> None:
+    dev = cfg.device
+    for n in cfg.agents:
+        spec = make_spec(cfg, n)
+        engines, adapters = make_engines(cfg, spec)
+        backbone = engines["ps"].backbone()
+        loops = {}
+        if n <= cfg.max_loop_agents and {"per-agent", "nps"} & set(cfg.methods):
+            eng = engines["engine-lora"]
+            merged = [ResearchActor(spec, eng.merged_weights(a), backbone).to(dev)
+                      for a in spec.agent_ids]
+            g = torch.Generator().manual_seed(cfg.seed + 1)
+            nps = []
+            for _ in range(n):  # independent networks: the NPS upper-bound baseline
+                w = init_backbone(spec, g)
+                nps.append(ResearchActor(spec, {k: w[f"{k}.weight"] for k in spec.linear_names()}, w).to(dev))
+            loops = {"per-agent": merged, "nps": nps}
+        onnx_eng = onnx_factory(spec, backbone, adapters) if onnx_factory and "onnx" in cfg.methods else None
+        for rspec in cfg.rows:
+            B = rows_for(rspec, n, cfg.max_rows)
+            if B is None:
+                continue
+            rng = np.random.default_rng(cfg.seed)
+            slots = np.concatenate([np.arange(n), rng.integers(0, n, B - n)])  # every agent present
+            rng.shuffle(slots)
+            obs = torch.randn(B, cfg.obs, device=dev)
+            h = torch.randn(B, cfg.hidden, device=dev) * 0.5
+            calls: dict[str, Callable] = {}
+            for name, eng in engines.items():
+                calls[name] = (lambda e=eng: e.forward(slots, obs, h))
+            with torch.inference_mode():
+                for name, actors in loops.items():
+                    run = per_agent_loop(actors, slots)
+                    calls[name] = (lambda r=run: _no_grad(r, obs, h))
+            if onnx_eng is not None:
+                o_np, h_np = obs.cpu().numpy(), h.cpu().numpy()
+                calls["onnx"] = (lambda: onnx_eng.forward(slots, o_np, h_np))
+            timed = time_interleaved({m: calls[m] for m in cfg.methods if m in calls},
+                                     cfg.min_time, dev)
+            for name, (t, ratio, reps) in timed.items():
+                report.results.append(Result(n, B, name, t, B / t, ratio, reps))
+                print(f"N={n:5d} rows={B:6d} {name:14s} {t * 1e3:9.3f} ms  {B / t:12.0f} rows/s  "
+                      f"x{ratio:5.2f} PS", flush=True)
+        report.memory[str(n)] = memory_per_agent(spec)
+
+
+def _no_grad(fn, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
+def memory_per_agent(spec: PolicySpec) -> dict:
+    """Bytes each extra agent costs: its adapter (LoRASA) vs a whole actor (NPS), fp32."""
+    lora = sum(int(np.prod(s)) for s in spec.adapter_shapes().values()) * 4
+    full = sum(int(np.prod(s)) for s in spec.backbone_shapes().values()) * 4
+    return {"lorasa_bytes_per_agent": lora, "nps_bytes_per_agent": full, "nps_over_lorasa": full / lora}
+
+
+def bench_team_step(cfg: BenchConfig, report: Report, n_agents: int = 8) -> None:
+    """p50/p99 latency of one decision step of an n-agent team through Engine.act (what an env loop calls)."""
+    spec = make_spec(cfg, n_agents)
+    engines, _ = make_engines(cfg, spec)
+    eng = engines["engine-auto"]
+    idx = eng.agent_index(spec.agent_ids)
+    obs = torch.randn(n_agents, cfg.obs, device=cfg.device)
+    state = torch.zeros(n_agents, cfg.hidden, device=cfg.device)
+    pair = {"ps": engines["ps"], "engine-auto": eng}
+    times: dict[str, list[float]] = {name: [] for name in pair}
+    states = {name: state for name in pair}
+    for i in range(cfg.team_step_calls + 50):  # alternate the two so load changes hit both alike
+        for name, e in pair.items():
+            t0 = time.perf_counter()
+            states[name] = e.act(idx, obs, states[name]).state
+            if i >= 50:
+                times[name].append(time.perf_counter() - t0)
+    out: dict = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"p50_us": ts[len(ts) // 2] * 1e6, "p99_us": ts[int(len(ts) * 0.99)] * 1e6}
+    out["agents"] = n_agents
+    out["ratio_p50"] = out["engine-auto"]["p50_us"] / out["ps"]["p50_us"]
+    report.team_step = out
+    print(f"team step ({n_agents} agents, Engine.act): p50 {out['engine-auto']['p50_us']:.0f} us, "
+          f"p99 {out['engine-auto']['p99_us']:.0f} us (PS backbone alone: p50 {out['ps']['p50_us']:.0f} us)")
+
+
+def onnx_factory_or_none() -> Callable | None:
+    """A factory building the ONNX backend for a policy, if the exporter and onnxruntime are present."""
+    try:
+        from lorasa_serve.onnx_backend import OnnxEngine  # noqa: F401
+        from exporters.bench_support import onnx_engine_for  # type: ignore
+    except ImportError:
+        return None
+    return onnx_engine_for
+
+
+def print_table(report: Report) -> None:
+    rows = report.results
+    methods = [m for m in dict.fromkeys(r.method for r in rows)]
+    keys = list(dict.fromkeys((r.agents, r.rows) for r in rows))
+    by = {(r.agents, r.rows, r.method): r for r in rows}
+    print("\n| agents | rows | " + " | ".join(f"{m} ms (xPS)" for m in methods) + " |")
+    print("|---:|---:|" + "---:|" * len(methods))
+    for n, b in keys:
+        cells = []
+        for m in methods:
+            r = by.get((n, b, m))
+            cells.append("-" if r is None else f"{r.median_s * 1e3:.3f} (x{r.ratio_to_ps:.2f})")
+        print(f"| {n} | {b} | " + " | ".join(cells) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lorasa-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a small grid, finishes in under a minute")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 or auto")
+    ap.add_argument("--agents", type=str, default=None, help="comma list, e.g. 2,8,100,1000")
+    ap.add_argument("--rows", type=str, default=None, help="comma list of N, 16N, 4096, 65536")
+    ap.add_argument("--methods", type=str, default=None, help="comma list of methods")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per cell")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--out", default="bench.json", help="JSON results file")
+    args = ap.parse_args(argv)
+    cfg = BenchConfig(device=str(resolve_device(args.device)))
+    if args.quick:
+        cfg = BenchConfig(device=cfg.device, agents=(2, 8, 100), rows=("N", "16N", "4096"),
+                          min_time=0.1, team_step_calls=500, max_loop_agents=100)
+    if args.agents:
+        cfg.agents = tuple(int(x) for x in args.agents.split(","))
+    if args.rows:
+        cfg.rows = tuple(args.rows.split(","))
+    if args.methods:
+        cfg.methods = tuple(args.methods.split(","))
+    if args.min_time is not None:
+        cfg.min_time = args.min_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = Report(config=asdict(cfg), machine={
+        "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "device": cfg.device,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    t0 = time.perf_counter()
+    bench_team_step(cfg, report)
+    bench_grid(cfg, report, onnx_factory_or_none())
+    print_table(report)
+    for n, m in report.memory.items():
+        print(f"memory per extra agent (N={n}): LoRASA {m['lorasa_bytes_per_agent']} B, "
+              f"NPS {m['nps_bytes_per_agent']} B (x{m['nps_over_lorasa']:.1f})")
+    with open(args.out, "w") as f:
+        json.dump(asdict(report), f, indent=1)
+    print(f"\nwrote {args.out} ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
