@@ -1,25 +1,30 @@
-"""Prometheus metrics added to BentoML's `/metrics` (multiprocess mode: summed over workers)."""
+"""Prometheus metrics served on BentoML's `/metrics`.
+
+Plain prometheus_client (BentoML 1.4 deprecates `bentoml.metrics`): BentoML starts workers with
+PROMETHEUS_MULTIPROC_DIR set, so these write to its multiprocess directory and `/metrics` aggregates
+them over workers (counters and histograms summed, the version gauge as max over live workers).
+"""
 from __future__ import annotations
 
-import bentoml
+from prometheus_client import Counter, Gauge, Histogram
 
 BATCH_BUCKETS = tuple(float(2 ** k) for k in range(13))  # 1 .. 4096
 
-agent_rows = bentoml.metrics.Counter(
+agent_rows = Counter(
     name="lorasa_agent_rows", documentation="Rows acted on, per agent",
     labelnames=["agent_id"])
-act_requests = bentoml.metrics.Counter(
+act_requests = Counter(
     name="lorasa_act_requests", documentation="/v1/act requests by outcome (ok, client_error, error)",
     labelnames=["outcome"])
-batch_rows = bentoml.metrics.Histogram(
+batch_rows = Histogram(
     name="lorasa_batch_rows", documentation="Rows per engine forward (requests merged by the batcher)",
     buckets=BATCH_BUCKETS)
-batch_requests = bentoml.metrics.Histogram(
+batch_requests = Histogram(
     name="lorasa_batch_requests", documentation="HTTP requests merged into one engine forward",
     buckets=BATCH_BUCKETS)
-adapter_version = bentoml.metrics.Gauge(
+adapter_version = Gauge(
     name="lorasa_adapter_version", documentation="Adapter version served, per agent (max over live workers)",
     labelnames=["agent_id"], multiprocess_mode="livemax")
-adapter_swaps = bentoml.metrics.Counter(
+adapter_swaps = Counter(
     name="lorasa_adapter_swaps", documentation="Adapter versions applied by a worker, per agent",
     labelnames=["agent_id"])

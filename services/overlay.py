@@ -5,6 +5,7 @@ The state directory (shared by all workers of a server, or by several replicas o
     manifest.json                         {"format": 1, "backbone_fingerprint": ..., "merged": [...],
                                            "adapters": {agent_id: {"version": v, "file": ..., "sha256": ...}}}
     adapters/<agent_id>.v<version>.safetensors   immutable; never rewritten once named in the manifest
+    generation                            one byte appended per publish (its size only grows)
     .lock                                 flock held by a publisher during read-modify-write
 
 Publishing (any worker, after full validation): write the adapter file, then atomically replace the
@@ -55,20 +56,20 @@ class Overlay:
         self.root = Path(state_dir)
         (self.root / "adapters").mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
-        self._stamp: tuple[int, int, int] | None = None
+        self._seen = -1  # generation size at the last read
         self.read()  # fail fast on a state dir made for another backbone
 
     # --- reading (every worker, every batch) ---------------------------------------------------
     def changed(self) -> bool:
-        """Cheap: one stat of the manifest. True when it differs from the last `read`."""
-        return self._stat() != self._stamp
+        """Cheap: one stat. True when something was published since the last `read`."""
+        return self._generation() != self._seen
 
     def read(self) -> Manifest:
-        stamp = self._stat()
-        if stamp is None:
-            self._stamp = None
-            return Manifest(self.fingerprint)
+        gen = self._generation()  # before reading: a publish in between is caught next time
         path = self.root / MANIFEST
+        if not path.exists():
+            self._seen = gen
+            return Manifest(self.fingerprint)
         try:
             d = json.loads(path.read_text())
             m = Manifest(d["backbone_fingerprint"], dict(d["adapters"]), tuple(d["merged"]))
@@ -77,12 +78,12 @@ class Overlay:
         if m.fingerprint != self.fingerprint:
             raise OverlayError(f"{path} was written for backbone {m.fingerprint[:12]}, this policy's "
                                f"is {self.fingerprint[:12]}: use another LORASA_STATE_DIR")
-        self._stamp = stamp
+        self._seen = gen
         return m
 
     def invalidate(self) -> None:
         """Forget the last read: the next `changed()` is True (retry after a failed sync)."""
-        self._stamp = None
+        self._seen = -1
 
     def adapter_path(self, manifest: Manifest, agent_id: str) -> Path:
         return self.root / manifest.adapters[agent_id]["file"]
@@ -110,6 +111,8 @@ class Overlay:
 
     def _write(self, m: Manifest) -> None:
         _atomic_write(self.root / MANIFEST, m.to_json().encode())
+        with open(self.root / "generation", "ab") as f:
+            f.write(b".")
 
     def _prune(self, agent_id: str, version: int) -> None:
         for v in range(max(1, version - 2 * KEEP_VERSIONS), version - KEEP_VERSIONS + 1):
@@ -124,9 +127,8 @@ class Overlay:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _generation(self) -> int:
         try:
-            st = os.stat(self.root / MANIFEST)
+            return os.stat(self.root / "generation").st_size
         except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
+            return 0

@@ -102,11 +102,13 @@ def test_served_from_model_tag_with_masks(srv):
 
 def test_sessions_are_shared_across_workers(srv):
     spec = srv.spec
-    steps = 6
+    max_steps = 30  # an episode steps until it has been served by both workers (or this many steps)
 
     def episode(k):
         state, seen = None, []
-        for t in range(steps):
+        for t in range(max_steps):
+            if len(set(seen)) == 2 and t >= 4:
+                break
             obs = team_obs(spec, 1000 * k + t)
             worker, resp = post_act(srv, {"session_id": f"ep-{k}", "rows": rows_for(spec, spec.agent_ids, obs)})
             exp = srv.engine.act(spec.agent_ids, torch.from_numpy(obs), state)
@@ -130,10 +132,12 @@ def test_hot_swap_reaches_every_worker(srv):
     version = r.json()["version"]
     srv.engine.set_adapter(agent, new)
     exp = srv.engine.act(ids, torch.from_numpy(obs)).actions.tolist()
-    answers = fan_out(8, lambda k: [post_act(srv, {"rows": rows_for(spec, ids, obs)}) for _ in range(6)])
     by_worker = defaultdict(list)
-    for worker, resp in (x for xs in answers for x in xs):
-        by_worker[worker].append(resp)
+    for _ in range(10):  # rounds of concurrent requests until both workers have answered
+        for worker, resp in fan_out(8, lambda k: post_act(srv, {"rows": rows_for(spec, ids, obs)})):
+            by_worker[worker].append(resp)
+        if len(by_worker) == 2:
+            break
     assert len(by_worker) == 2, "requests never reached the second worker"
     for worker, resps in by_worker.items():
         for resp in resps:

@@ -1,0 +1,212 @@
+"""HTTP load benchmark (loopback only, bounded in requests and seconds).
+
+    python -m services.load_bench                     # the shipped policy (policies/halfcheetah_2x3)
+    python -m services.load_bench --random-team 12x3,12x3 --clients 8 --requests 150
+
+Starts a real `bentoml serve` per configuration, then N concurrent clients each step a team of
+agents through its own session (one request per team step, keep-alive connections). Runs, side by
+side in one invocation:
+  merged   the service as shipped (requests merged into one forward by the micro-batcher)
+  swap     the same load while one agent's adapter is hot-swapped every --swap-interval seconds
+  single   a server whose batcher may not merge requests (LORASA_MAX_BATCH_ROWS = team size)
+Reports requests/s, p50/p99 latency, batch sizes seen (from the responses), errors, version
+regressions, and the ratios swap/merged p99 and merged/single throughput; writes JSON and a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+from tqdm import tqdm
+
+from lorasa_serve import AgentSpec, PolicySpec, init_adapter, init_backbone, save_policy
+from lorasa_serve.artifacts import adapter_bytes, load_policy
+
+from .config import DEFAULT_POLICY
+from .launch import ServerProcess
+
+
+@dataclass
+class RunResult:
+    name: str
+    requests: int = 0
+    errors: int = 0
+    version_regressions: int = 0
+    swaps: int = 0
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    batch_requests: list[int] = field(default_factory=list)  # per response: requests in its forward
+    batch_rows: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latencies_ms)
+        br = np.asarray(self.batch_requests)
+        return {"name": self.name, "requests": self.requests, "errors": self.errors,
+                "version_regressions": self.version_regressions, "swaps": self.swaps,
+                "seconds": round(self.seconds, 2), "req_per_s": round(self.requests / self.seconds, 1),
+                "p50_ms": round(float(np.percentile(lat, 50)), 2),
+                "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                "mean_requests_per_forward": round(float(br.mean()), 2),
+                "max_requests_per_forward": int(br.max()),
+                "mean_rows_per_forward": round(float(np.mean(self.batch_rows)), 1)}
+
+
+def random_team_policy(directory: Path, team: str, seed: int = 0) -> Path:
+    """A random policy with the given per-agent sizes, e.g. '12x3,12x3' (obs x act)."""
+    sizes = [tuple(int(v) for v in part.split("x")) for part in team.split(",")]
+    spec = PolicySpec(agents=tuple(AgentSpec(f"agent_{i}", o, a) for i, (o, a) in enumerate(sizes)))
+    g = torch.Generator().manual_seed(seed)
+    save_policy(directory, spec, init_backbone(spec, g),
+                {a: init_adapter(spec, g, b_std=0.1) for a in spec.agent_ids})
+    return directory
+
+
+def client(url: str, spec: PolicySpec, k: int, n_req: int, deadline: float, swap_agent: str,
+           res: RunResult, lock: threading.Lock, bar: tqdm) -> None:
+    g = np.random.default_rng(k)
+    last_version = 0
+    with requests.Session() as s:
+        for t in range(n_req):
+            if time.monotonic() > deadline:
+                break
+            rows = [{"agent_id": a.agent_id, "obs": g.standard_normal(a.obs_dim).round(4).tolist()}
+                    for a in spec.agents]
+            body = {"session_id": f"bench-{k}", "rows": rows, "deterministic": False}
+            t0 = time.perf_counter()
+            try:
+                r = s.post(url + "/v1/act", json=body, timeout=30)
+                ok, out = r.status_code == 200, (r.json() if r.status_code == 200 else None)
+            except requests.RequestException:
+                ok, out = False, None
+            ms = 1000 * (time.perf_counter() - t0)
+            with lock:
+                res.requests += 1
+                if not ok:
+                    res.errors += 1
+                else:
+                    res.latencies_ms.append(ms)
+                    res.batch_requests.append(out["batch"]["requests"])
+                    res.batch_rows.append(out["batch"]["rows"])
+                    v = out["versions"][spec.agent_ids.index(swap_agent)]
+                    res.version_regressions += int(v < last_version)
+                    last_version = max(last_version, v)
+            bar.update(1)
+
+
+def swapper(url: str, token: str, spec: PolicySpec, agent: str, interval: float,
+            stop: threading.Event, res: RunResult) -> None:
+    g = torch.Generator().manual_seed(123)
+    while not stop.wait(interval):
+        data = adapter_bytes(spec, agent, init_adapter(spec, g, b_std=0.1))
+        r = requests.put(f"{url}/v1/admin/adapters/{agent}", data=data,
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        res.swaps += int(r.status_code == 200)
+        res.errors += int(r.status_code != 200)
+
+
+def run_load(srv: ServerProcess, spec: PolicySpec, name: str, args, token: str,
+             swap: bool) -> RunResult:
+    res, lock, stop = RunResult(name), threading.Lock(), threading.Event()
+    agent = spec.agent_ids[-1]
+    deadline = time.monotonic() + args.seconds
+    with tqdm(total=args.clients * args.requests, desc=name, unit="req", leave=False) as bar:
+        threads = [threading.Thread(target=client, args=(srv.url, spec, k, args.requests, deadline,
+                                                         agent, res, lock, bar))
+                   for k in range(args.clients)]
+        sw = threading.Thread(target=swapper, args=(srv.url, token, spec, agent, args.swap_interval,
+                                                    stop, res)) if swap else None
+        t0 = time.monotonic()
+        [t.start() for t in threads]
+        if sw:
+            sw.start()
+        [t.join() for t in threads]
+        res.seconds = time.monotonic() - t0
+        stop.set()
+        if sw:
+            sw.join()
+    return res
+
+
+def serve(policy: Path, token: str, workers: int, extra: dict[str, str], log: Path) -> ServerProcess:
+    env = {"LORASA_POLICY": str(policy), "LORASA_ADMIN_TOKEN": token, "LORASA_WORKERS": str(workers),
+           "LORASA_STATE_DIR": tempfile.mkdtemp(prefix="lorasa-bench-state-"), **extra}
+    return ServerProcess(env, log)
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        lat = np.sort(r.latencies_ms)
+        ax1.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r.name)
+        ax2.hist(r.batch_requests, bins=np.arange(0.5, max(r.batch_requests) + 1.5), alpha=0.5,
+                 label=r.name)
+    ax1.set(xscale="log", xlabel="latency (ms)", ylabel="fraction of requests", title="latency CDF")
+    ax2.set(xlabel="requests merged into the forward that served a request", ylabel="responses",
+            title="batch sizes seen")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default=DEFAULT_POLICY)
+    ap.add_argument("--random-team", default="", help="bench a random policy instead, e.g. 12x3,12x3")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=150, help="per client and run")
+    ap.add_argument("--seconds", type=float, default=30.0, help="wall-time cap per run")
+    ap.add_argument("--swap-interval", type=float, default=1.0)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--out", default="runs/load_bench")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    policy = Path(args.policy)
+    if args.random_team:
+        policy = random_team_policy(out / "random_policy", args.random_team)
+    elif not (policy / "policy.json").is_file():
+        sys.exit(f"{policy} is not a policy directory; pass --policy or --random-team 12x3,12x3")
+    spec = load_policy(policy)[0]
+    token = secrets.token_hex(16)
+    results = []
+    configs = [("merged", {}, False), ("swap", {}, True),
+               ("single", {"LORASA_MAX_BATCH_ROWS": str(len(spec.agents)),
+                           "LORASA_MAX_ROWS_PER_REQUEST": str(len(spec.agents))}, False)]
+    srv = None
+    for name, extra, swap in configs:
+        if srv is None or extra:
+            if srv:
+                srv.stop()
+            srv = serve(policy, token, args.workers, extra, out / f"server_{name}.log").__enter__()
+            run_load(srv, spec, "warmup", argparse.Namespace(**{**vars(args), "requests": 10}), token, False)
+        results.append(run_load(srv, spec, name, args, token, swap))
+        print(json.dumps(results[-1].summary()))
+    srv.stop()
+    base, sw, single = (r.summary() for r in results)
+    ratios = {"p99_swap_over_merged": round(sw["p99_ms"] / base["p99_ms"], 2),
+              "throughput_merged_over_single": round(base["req_per_s"] / single["req_per_s"], 2)}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "policy": str(policy),
+              "agents": len(spec.agents), "clients": args.clients, "workers": args.workers,
+              "runs": [base, sw, single], "ratios": ratios, "command": " ".join(sys.argv)}
+    (out / "load_bench.json").write_text(json.dumps(report, indent=1))
+    plot(results, out / "load_bench.png")
+    print(json.dumps(ratios))
+    print(f"wrote {out / 'load_bench.json'} and {out / 'load_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
