@@ -1,0 +1,191 @@
+"""Torch modules traced into ONNX: one agent with merged weights, or every agent with stacked adapters.
+
+Both mirror `lorasa_serve.network.actor_forward` op for op; the GRU cell is `network.gru_cell`
+(explicit MatMul/Sigmoid/Tanh with PyTorch's reset-after-h_layer semantics), never `nn.GRU`, so no
+exporter can rewrite it with `linear_before_reset=0`. The export is checked against the Engine anyway.
+
+Graph inputs/outputs (B is dynamic):
+  per agent   obs [B, obs_dim], state [B, H], reset [B] bool, avail [B, act_dim] bool (Categorical)
+  multi-agent agent_index [B] int64, obs [B, obs_max], state, reset, avail [B, act_max] bool
+  Gaussian:    action [B, A] (the mean, zero past each row's act_dim), mean [B, A], log_std [B, A]
+  Categorical: action [B] int64 (masked argmax), logits [B, A] (unavailable: float32 min)
+  recurrent:   state_out [B, H]
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorasa_serve.network import LN_EPS, gru_cell
+from lorasa_serve.spec import AgentSpec, PolicySpec
+
+LoraImpl = Literal["auto", "dense", "gather"]
+DENSE_MAX_COLS = 512  # "auto": dense one-hot LoRA while agents * rank stays this narrow
+NEG = torch.finfo(torch.float32).min  # masked logits, as lorasa_serve.distributions.masked_logits
+
+
+def input_names(spec: PolicySpec, multi_agent: bool) -> list[str]:
+    names = (["agent_index"] if multi_agent else []) + ["obs"]
+    if spec.recurrent:
+        names += ["state", "reset"]
+    if spec.action == "categorical":
+        names.append("avail")
+    return names
+
+
+def output_names(spec: PolicySpec) -> list[str]:
+    names = ["action", "mean", "log_std"] if spec.action == "gaussian" else ["action", "logits"]
+    return names + (["state_out"] if spec.recurrent else [])
+
+
+def _key(name: str) -> str:
+    return "p_" + name.replace(".", "_")  # buffer names must not collide with graph I/O names
+
+
+class _Actor(nn.Module):
+    """Shared trunk: buffers for norms and Linears, `_linear` supplied by the subclass."""
+
+    def __init__(self, spec: PolicySpec, backbone: dict[str, Tensor]):
+        super().__init__()
+        self.spec = spec
+        for n in spec.norm_names():
+            self.register_buffer(_key(n) + "_w", backbone[f"{n}.weight"].detach().clone())
+            self.register_buffer(_key(n) + "_b", backbone[f"{n}.bias"].detach().clone())
+
+    def _norm(self, x: Tensor, name: str) -> Tensor:
+        k = _key(name)
+        return F.layer_norm(x, (x.shape[-1],), getattr(self, k + "_w"), getattr(self, k + "_b"), LN_EPS)
+
+    def _trunk(self, linear: Callable[[Tensor, str], Tensor], obs: Tensor, h: Tensor | None,
+               reset: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """obs [B, obs_max] -> (head [B, out], h' [B, H] or None), as network.actor_forward."""
+        spec = self.spec
+        act = torch.relu if spec.activation == "relu" else torch.tanh
+        x = self._norm(obs, "ln_in")
+        for i in range(spec.mlp_depth):
+            x = self._norm(act(linear(x, f"mlp.{i}")), f"mlp.{i}.ln")
+        h_next = None
+        if spec.recurrent:
+            h = torch.where(reset.unsqueeze(-1), torch.zeros_like(h), h)
+            h_next = gru_cell(linear(x, "gru.x"), linear(h, "gru.h"), h)
+            x = self._norm(h_next, "gru.ln")
+        x = self._norm(act(linear(x, "post")), "post.ln")
+        return linear(x, "head"), h_next
+
+    def _outputs(self, head: Tensor, h_next: Tensor | None, dim_mask: Tensor,
+                 avail: Tensor | None) -> tuple[Tensor, ...]:
+        """head [B, A], dim_mask [B, A] bool (or [A]) -> the graph outputs (see module doc)."""
+        if self.spec.action == "gaussian":
+            mean = torch.where(dim_mask, head, torch.zeros_like(head))
+            outs = (mean, mean, (self.p_log_std * dim_mask).expand_as(mean))
+        else:
+            valid = dim_mask & avail
+            logits = torch.where(valid, head, torch.full_like(head, NEG))
+            outs = (logits.argmax(-1), logits)
+        return outs + ((h_next,) if h_next is not None else ())
+
+    def _unpack(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        rest = list(inputs)
+        h, reset = (rest.pop(0), rest.pop(0)) if self.spec.recurrent else (None, None)
+        avail = rest.pop(0) if self.spec.action == "categorical" else None
+        return h, reset, avail
+
+
+class MergedAgentActor(_Actor):
+    """One agent, merged weights W0 + (alpha/r) B A; inputs and outputs at the agent's true sizes."""
+
+    n_named = 1  # forward(obs, *inputs)
+
+    def __init__(self, spec: PolicySpec, agent: AgentSpec, backbone: dict[str, Tensor],
+                 merged: dict[str, Tensor]):
+        super().__init__(spec, backbone)
+        self.obs_dim, self.pad = agent.obs_dim, spec.obs_max - agent.obs_dim
+        for n in spec.linear_names():
+            w, b = merged[n].detach().clone(), backbone[f"{n}.bias"].detach().clone()
+            if n == "head":  # head rows are independent: keep the agent's own actions only
+                w, b = w[:agent.act_dim], b[:agent.act_dim]
+            self.register_buffer(_key(n) + "_w", w)  # [out, in]
+            self.register_buffer(_key(n) + "_b", b)
+        if spec.action == "gaussian":
+            self.register_buffer("p_log_std", backbone["log_std"][:agent.act_dim].detach().clone())
+        self.register_buffer("dim_mask", torch.ones(agent.act_dim, dtype=torch.bool))
+
+    def _lin(self, x: Tensor, name: str) -> Tensor:
+        k = _key(name)
+        return F.linear(x, getattr(self, k + "_w"), getattr(self, k + "_b"))
+
+    def forward(self, obs: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        h, reset, avail = self._unpack(inputs)
+        x = F.pad(obs, (0, self.pad)) if self.pad else obs  # ln_in normalises over obs_max
+        head, h_next = self._trunk(self._lin, x, h, reset)
+        return self._outputs(head, h_next, self.dim_mask, avail)
+
+
+class MultiAgentActor(_Actor):
+    """Every agent in one graph: shared backbone GEMMs plus each row's own low-rank delta.
+
+    `dense`: x @ [A_0 .. A_S] -> [B, S*r], zero every agent's block but the row's own, @ [B_0; ..; B_S]
+    (plain MatMuls, exact, cheap while S*r is narrow). `gather`: per-row Gather of A/B + batched
+    MatMul (cost independent of S, memory B*in*r per layer). `auto` picks by S*r.
+    """
+
+    n_named = 2  # forward(agent_index, obs, *inputs)
+
+    def __init__(self, spec: PolicySpec, backbone: dict[str, Tensor],
+                 adapters: dict[str, dict[str, Tensor] | None], lora_impl: LoraImpl = "auto"):
+        super().__init__(spec, backbone)
+        S, r = len(spec.agents), spec.lora.rank
+        self.impl = ("dense" if S * r <= DENSE_MAX_COLS else "gather") if lora_impl == "auto" else lora_impl
+        for n in spec.linear_names():
+            self.register_buffer(_key(n) + "_w", backbone[f"{n}.weight"].detach().clone())
+            self.register_buffer(_key(n) + "_b", backbone[f"{n}.bias"].detach().clone())
+        for n in spec.adapted_layers:
+            a, b = _stack(spec, n, [adapters.get(x) for x in spec.agent_ids])  # [S,in,r], [S,r,out]
+            if self.impl == "dense":
+                a = a.permute(1, 0, 2).reshape(a.shape[1], S * r)  # [in, S*r]
+                b = b.reshape(S * r, b.shape[2])  # [S*r, out]
+            self.register_buffer(_key(n) + "_a", a.contiguous())
+            self.register_buffer(_key(n) + "_bb", b.contiguous())
+        self.register_buffer("col_agent", torch.arange(S).repeat_interleave(r))  # [S*r]
+        self.register_buffer("obs_dims", torch.tensor([a.obs_dim for a in spec.agents]))
+        self.register_buffer("act_dims", torch.tensor([a.act_dim for a in spec.agents]))
+        self.register_buffer("obs_cols", torch.arange(spec.obs_max))
+        self.register_buffer("act_cols", torch.arange(spec.act_max))
+        if spec.action == "gaussian":
+            self.register_buffer("p_log_std", backbone["log_std"].detach().clone())
+
+    def forward(self, agent_index: Tensor, obs: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        h, reset, avail = self._unpack(inputs)
+        adapted = set(self.spec.adapted_layers)
+        rows = agent_index
+        sel = (rows.unsqueeze(1) == self.col_agent).to(obs.dtype) if self.impl == "dense" else None
+
+        def linear(x: Tensor, name: str) -> Tensor:
+            k = _key(name)
+            y = F.linear(x, getattr(self, k + "_w"), getattr(self, k + "_b"))
+            if name not in adapted:
+                return y
+            a, b = getattr(self, k + "_a"), getattr(self, k + "_bb")
+            if self.impl == "dense":
+                return y + (x @ a * sel) @ b
+            low = torch.bmm(x.unsqueeze(1), a[rows])  # [B, 1, r]
+            return y + torch.bmm(low, b[rows]).squeeze(1)
+
+        obs = torch.where(self.obs_cols < self.obs_dims[rows].unsqueeze(1), obs, torch.zeros_like(obs))
+        head, h_next = self._trunk(linear, obs, h, reset)
+        dim_mask = self.act_cols < self.act_dims[rows].unsqueeze(1)  # [B, act_max]
+        return self._outputs(head, h_next, dim_mask, avail)
+
+
+def _stack(spec: PolicySpec, layer: str, adapters: list[dict[str, Tensor] | None]
+           ) -> tuple[Tensor, Tensor]:
+    """Per-agent A^T [in, r] and (alpha/r) B^T [r, out], stacked; a missing adapter is zeros."""
+    i, o = spec.linear_shapes()[layer]
+    r = spec.lora.rank
+    a_t = [torch.zeros(i, r) if ad is None else ad[f"{layer}.lora_A.weight"].T.float() for ad in adapters]
+    b_t = [torch.zeros(r, o) if ad is None else ad[f"{layer}.lora_B.weight"].T.float() * spec.lora.scale
+           for ad in adapters]
+    return torch.stack(a_t), torch.stack(b_t)
