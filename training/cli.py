@@ -1,0 +1,86 @@
+"""`lorasa-train`: typed config from CLI flags via a small generic dataclass -> argparse helper.
+
+    lorasa-train --preset halfcheetah_2x3 --mode lorasa --total-steps 400000 --switch-step 200000
+    lorasa-train --preset humanoid_9_8 --mode lorasa --init-from runs/ps --out runs/lora
+    lorasa-train --resume runs/halfcheetah_2x3 [--total-steps 600000]
+    lorasa-train --preset smax_3s5z --ppo.lr 3e-4 --env.n-envs 32 --lora.layers mlp.0,head
+
+Every field of `TrainConfig` is a flag (nested ones dotted: --ppo.lr, --env.scenario); only flags you
+give override the preset (or the defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .config import PRESETS, TrainConfig, preset, with_overrides
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One flag per (nested) field; defaults are SUPPRESSed so only given flags appear in the namespace."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        t, name = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(t):
+            add_dataclass_args(parser, t, name + ".")
+            continue
+        flag = "--" + name.replace("_", "-")
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
+        origin, args = typing.get_origin(t), typing.get_args(t)
+        if t is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif origin is typing.Literal:
+            kw.update(choices=list(args), type=type(args[0]))
+        elif t in (int, float, str):
+            kw["type"] = t
+        elif _is_optional_str_tuple(t):
+            kw.update(type=_str_tuple, metavar="A,B,...|all")
+        else:
+            raise TypeError(f"no CLI parser for field {name}: {t}")
+        parser.add_argument(flag, **kw)
+
+
+def _is_optional_str_tuple(t) -> bool:
+    return any(typing.get_origin(a) is tuple for a in typing.get_args(t))
+
+
+def _str_tuple(s: str):
+    return None if s in ("all", "") else tuple(x.strip() for x in s.split(",") if x.strip())
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    p = argparse.ArgumentParser(prog="lorasa-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a scenario preset")
+    p.add_argument("--resume", metavar="OUT", help="continue the run saved in OUT (flags override it)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_dataclass_args(p, TrainConfig)
+    ns = vars(p.parse_args(argv))
+    base_name, resume, show = ns.pop("preset"), ns.pop("resume"), ns.pop("print_config")
+    if resume:
+        from .checkpoint import load_meta
+        base = TrainConfig.from_dict(load_meta(Path(resume))["config"])
+        ns.setdefault("out", resume)
+    else:
+        base = preset(base_name) if base_name else TrainConfig()
+    cfg = with_overrides(base, ns)
+    if show:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        sys.exit(0)
+    return cfg, bool(resume)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, resume = parse_config(argv)
+    from .trainer import Trainer
+    trainer = Trainer(cfg, resume=resume)
+    summary = trainer.train()
+    print(json.dumps({"out": cfg.out, **summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

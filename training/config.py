@@ -1,0 +1,139 @@
+"""Typed training config (dataclasses), presets for the paper's scenarios, JSON round-trip."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from .envs import EnvConfig
+
+Mode = Literal["ps", "nps", "lorasa"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden: int = 64
+    mlp_depth: int = 3
+    recurrent: bool = True
+    init_log_std: float = -0.7  # Gaussian only: initial state-independent log std (std ~0.5)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    layers: tuple[str, ...] | None = None  # None: all Linears of the actor
+    lr: float = 1e-3  # adapters' learning rate in phase 2
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    rollout: int = 200  # env steps per env between updates (a multiple of chunk)
+    chunk: int = 10  # GRU training chunk length (data chunk length)
+    epochs: int = 5
+    minibatches: int = 1
+    lr: float = 5e-4  # actor (PS / NPS) learning rate
+    critic_lr: float = 5e-4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip: float = 0.2
+    value_clip: float = 0.2
+    entropy_coef: float = 0.0
+    value_coef: float = 1.0
+    max_grad_norm: float = 10.0
+    critic_hidden: int = 128
+    huber_delta: float = 10.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    mode: Mode = "lorasa"  # ps: shared actor; nps: one actor per agent; lorasa: PS, then per-agent LoRA
+    total_steps: int = 900_000  # env steps summed over envs, all phases together
+    switch_step: int = 600_000  # lorasa: env step at which the backbone freezes and adapters train
+    init_from: str = ""  # lorasa: start phase 2 from this phase-1 policy directory (skips phase 1)
+    out: str = "runs/halfcheetah_2x3"
+    seed: int = 1
+    eval_every: int = 50_000  # env steps between deterministic evaluations (0: only at the end)
+    eval_episodes: int = 4
+    save_every: int = 100_000  # env steps between checkpoints (policy dir + train_state)
+    torch_threads: int = 1
+    tensorboard: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return _build(cls, d)
+
+
+def _build(cls, d: dict):
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in d.items():
+        if k not in hints:
+            raise ValueError(f"unknown config key {k!r} for {cls.__name__}")
+        sub = _dataclass_type(cls, k)
+        if sub is not None:
+            v = _build(sub, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _dataclass_type(cls, name: str):
+    import typing
+    t = typing.get_type_hints(cls)[name]
+    return t if dataclasses.is_dataclass(t) else None
+
+
+def _mujoco(scenario: str, conf: str, **kw) -> TrainConfig:
+    out = f"runs/{scenario.lower()}_{conf.replace('|', '_')}"
+    env = EnvConfig("mamujoco", scenario, conf, n_envs=16, workers=0)
+    return TrainConfig(env=env, ppo=PPOConfig(rollout=100), out=out, **kw)
+
+
+def _smax(map_name: str, **kw) -> TrainConfig:
+    return TrainConfig(env=EnvConfig("smax", map_name, episode_limit=0, n_envs=64, workers=0),
+                       ppo=PPOConfig(rollout=100, chunk=10, epochs=5, minibatches=2, lr=5e-4,
+                                     entropy_coef=0.01),
+                       lora=LoraConfig(lr=5e-4), out=f"runs/smax_{map_name}",
+                       total_steps=2_000_000, switch_step=1_000_000, eval_every=200_000,
+                       eval_episodes=32, save_every=200_000, **kw)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "halfcheetah_2x3": _mujoco("HalfCheetah", "2x3"),
+    "walker2d_2x3": _mujoco("Walker2d", "2x3"),
+    "ant_4x2": _mujoco("Ant", "4x2"),
+    "humanoid_9_8": _mujoco("Humanoid", "9|8"),
+    "smax_3s5z": _smax("3s5z"),
+    "smax_3s5z_vs_3s6z": _smax("3s5z_vs_3s6z"),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def with_overrides(cfg, overrides: dict):
+    """Apply dotted overrides {'ppo.lr': 1e-3, 'env.n_envs': 4} to a (nested) frozen dataclass."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, v in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = v
+        else:
+            flat[key] = v
+    for head, sub in nested.items():
+        flat[head] = with_overrides(getattr(cfg, head), sub)
+    return replace(cfg, **flat)

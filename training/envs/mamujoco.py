@@ -1,0 +1,60 @@
+"""MaMuJoCo (gymnasium-robotics `mamujoco_v1`) as a `SingleEnv`: any scenario / agent_conf / agent_obsk."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, pad_obs
+
+
+class MaMuJoCoEnv:
+    def __init__(self, cfg: EnvConfig):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from gymnasium_robotics import mamujoco_v1
+        except ImportError as e:
+            raise EnvUnavailableError(f"MaMuJoCo needs gymnasium-robotics and mujoco "
+                                      f"(pip install -e '.[mujoco]'): {e}") from None
+        kw = {"max_episode_steps": cfg.episode_limit} if cfg.episode_limit > 0 else {}
+        try:
+            self.env = mamujoco_v1.parallel_env(cfg.scenario, cfg.agent_conf,
+                                                agent_obsk=cfg.agent_obsk, **kw)
+        except Exception as e:  # gymnasium-robotics raises bare Exception for unknown configs
+            raise ValueError(f"MaMuJoCo cannot build {cfg.scenario} {cfg.agent_conf!r}: {e}") from None
+        self.agents = list(self.env.possible_agents)
+        spaces = [self.env.action_space(a) for a in self.agents]
+        self.low = [s.low.astype(np.float32) for s in spaces]
+        self.high = [s.high.astype(np.float32) for s in spaces]
+        obs_dims = tuple(int(self.env.observation_space(a).shape[0]) for a in self.agents)
+        act_dims = tuple(int(s.shape[0]) for s in spaces)
+        self.info = EnvInfo(cfg.name, tuple(self.agents), obs_dims, act_dims,
+                            self._state_dim(), "gaussian",
+                            cfg.episode_limit)
+        self._avail = np.ones((len(self.agents), self.info.act_max), bool)
+
+    def _state_dim(self) -> int:
+        self.env.reset(seed=0)
+        return int(np.asarray(self.env.state()).shape[0])
+
+    def _pack(self, obs: dict, reward: float = 0.0, terminated: bool = False,
+              truncated: bool = False) -> Transition:
+        o = pad_obs([np.asarray(obs[a], np.float32) for a in self.agents], self.info.obs_max)
+        return Transition(o, np.asarray(self.env.state(), np.float32), self._avail, reward,
+                          terminated, truncated, float("nan"))
+
+    def reset(self, seed: int | None) -> Transition:
+        obs, _ = self.env.reset(seed=seed)
+        return self._pack(obs)
+
+    def step(self, actions: np.ndarray) -> Transition:
+        """actions [N, act_max]: each agent's first act_dim columns, clipped to the action box."""
+        act = {a: np.clip(actions[i, :len(lo)], lo, hi)
+               for i, (a, lo, hi) in enumerate(zip(self.agents, self.low, self.high))}
+        obs, rew, term, trunc, _ = self.env.step(act)
+        a0 = self.agents[0]
+        return self._pack(obs, float(rew[a0]), bool(term[a0]), bool(trunc[a0]) and not bool(term[a0]))
+
+    def close(self) -> None:
+        self.env.close()

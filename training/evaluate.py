@@ -1,0 +1,143 @@
+"""`lorasa-eval POLICY_DIR`: run a policy directory's episodes in the environment it was trained on,
+acting through `lorasa_serve.Engine.act` in-process (the serving code path: mixed batch of every env's
+agents, recurrent state and reset flags passed back each step) or through the HTTP service (`--url`).
+
+    lorasa-eval policies/halfcheetah_2x3 --episodes 5 --compare-random
+    lorasa-eval runs/smax_3s5z --episodes 32 --json out.json
+    lorasa-eval policies/halfcheetah_2x3 --url http://127.0.0.1:3000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .actor import param_counts
+from .envs import EnvInfo, make_vec_env
+from .episodes import ActFn, EpisodeStats, random_act, run_episodes
+from .trainer import read_env_json
+
+
+def engine_act_fn(engine, info: EnvInfo, n_envs: int) -> ActFn:
+    """Every env's team in one mixed `engine.act` batch of E*N rows (env-major)."""
+    import torch
+    ids = np.tile(engine.agent_index(list(info.agent_ids)), n_envs)  # [E*N]
+    N, categorical = info.n_agents, info.action == "categorical"
+
+    def act(obs, avail, state, reset):
+        E = obs.shape[0]
+        out = engine.act(ids, torch.from_numpy(obs.reshape(E * N, -1)), state, torch.from_numpy(np.repeat(reset, N)),
+                         torch.from_numpy(avail.reshape(E * N, -1)) if categorical else None,
+                         deterministic=True)
+        actions = out.actions.numpy()
+        return (actions.reshape(E, N) if categorical else actions.reshape(E, N, -1)), out.state
+
+    return act
+
+
+def http_act_fn(url: str, info: EnvInfo, timeout: float = 30.0) -> ActFn:
+    """Act through the HTTP service (services/, README "HTTP service"): one POST {url}/v1/act per step
+    with every env's agents as rows, each row carrying its recurrent state and reset flag (the
+    stateless form of the contract; the response returns the next state per row)."""
+    import requests
+    session = requests.Session()
+    N, categorical = info.n_agents, info.action == "categorical"
+
+    def act(obs, avail, state, reset):
+        E = obs.shape[0]
+        rows = []
+        for e in range(E):
+            for i, (agent, od, ad) in enumerate(zip(info.agent_ids, info.obs_dims, info.act_dims)):
+                row = {"agent_id": agent, "obs": obs[e, i, :od].tolist(), "reset": bool(reset[e])}
+                if state is not None:
+                    row["state"] = state[e * N + i]
+                if categorical:
+                    row["avail_actions"] = avail[e, i, :ad].astype(int).tolist()
+                rows.append(row)
+        r = session.post(f"{url.rstrip('/')}/v1/act", json={"rows": rows, "deterministic": True},
+                         timeout=timeout)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}/v1/act returned HTTP {r.status_code}: {r.text[:300]}")
+        out = r.json()
+        if categorical:
+            actions = np.asarray(out["actions"], np.int64).reshape(E, N)
+        else:
+            actions = np.zeros((E * N, info.act_max), np.float32)
+            for k, a in enumerate(out["actions"]):
+                actions[k, :len(a)] = a
+            actions = actions.reshape(E, N, -1)
+        return actions, out.get("state")
+
+    return act
+
+
+def check_policy_fits_env(spec, info: EnvInfo, path: Path) -> None:
+    want = tuple((a.agent_id, a.obs_dim, a.act_dim) for a in spec.agents)
+    have = tuple(zip(info.agent_ids, info.obs_dims, info.act_dims))
+    if want != have or spec.action != info.action:
+        raise SystemExit(f"{path}: policy agents {want} ({spec.action}) do not match the environment "
+                         f"{info.name}: {have} ({info.action})")
+
+
+def summarise(stats: EpisodeStats) -> str:
+    s = f"return {stats.mean_return:9.2f} +- {stats.std_return:7.2f}  (len {stats.mean_length:.0f})"
+    if not math.isnan(stats.win_rate):
+        s += f"  win rate {stats.win_rate:.3f}"
+    return s
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="lorasa-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("policy_dir", type=Path)
+    p.add_argument("--episodes", type=int, default=10, help="episodes (one per parallel env)")
+    p.add_argument("--compare-random", action="store_true", help="also run a uniform random policy")
+    p.add_argument("--url", help="act through the HTTP service at this base URL instead of in-process")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--mode", choices=["auto", "lora", "merged"], default="auto", help="engine adapter mode")
+    p.add_argument("--json", type=Path, help="also write the results as JSON here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (small batches: 1 is fastest)")
+    args = p.parse_args(argv)
+    if args.episodes < 1:
+        p.error("--episodes must be >= 1")
+    import torch
+    torch.set_num_threads(args.threads)
+
+    from lorasa_serve import Engine, LorasaError
+    try:
+        env_cfg = read_env_json(args.policy_dir)
+        engine = Engine.from_dir(args.policy_dir, device="cpu", mode=args.mode)
+    except (FileNotFoundError, LorasaError) as e:
+        raise SystemExit(f"lorasa-eval: {e}") from None
+    venv = make_vec_env(env_cfg, n_envs=args.episodes, workers=0)
+    info = venv.info
+    check_policy_fits_env(engine.spec, info, args.policy_dir)
+    counts = param_counts(engine.spec)
+    adapters = "with per-agent adapters" if engine.adapter(info.agent_ids[0]) is not None else "PS (no adapters)"
+    print(f"policy {args.policy_dir}  [{adapters}]  env {info.name}  agents {list(info.agent_ids)}")
+    print("actor parameters: PS {ps_total} shared | NPS {nps_per_agent}/agent ({nps_total} total) | "
+          "LoRASA {backbone} shared + {lorasa_adapter_per_agent}/agent ({lorasa_total} total)".format(**counts))
+
+    act = http_act_fn(args.url, info) if args.url else engine_act_fn(engine, info, args.episodes)
+    t0 = time.perf_counter()
+    stats = run_episodes(venv, act, args.seed)
+    via = f"HTTP {args.url}" if args.url else "Engine.act in-process"
+    print(f"policy  ({via}, {args.episodes} episodes, {time.perf_counter() - t0:.1f}s): {summarise(stats)}")
+    result = {"policy_dir": str(args.policy_dir), "env": env_cfg.env_block(), "via": via,
+              "policy": stats.to_dict(), "param_counts": counts}
+    if args.compare_random:
+        rnd = run_episodes(venv, random_act(info, args.seed), args.seed)
+        print(f"random  ({args.episodes} episodes): {summarise(rnd)}")
+        result["random"] = rnd.to_dict()
+    venv.close()
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

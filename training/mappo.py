@@ -1,0 +1,272 @@
+"""MAPPO for LoRASA, CleanRL-style: recurrent actor (the serving forward, grouped per agent), shared
+centralised critic on the global state, GAE, running value normalisation, PPO clip, entropy bonus.
+
+Tensor layout: rollouts are stored agent-major, `[T, N, E, ...]` (time, agent, env), so each time step
+is already the grouped batch `[N, E, D]` that `actor_forward` takes (chunk i = agent i). Env-level
+quantities (team reward, value, done) are `[T, E]`. Training cuts time into chunks of length L and
+treats every (chunk, env) pair as one sequence: `[L, N, Q, ...]` with Q = (T / L) * E.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lorasa_serve.distributions import (categorical_act, categorical_entropy, categorical_log_prob,
+                                        gaussian_act, gaussian_entropy, gaussian_log_prob)
+from lorasa_serve.network import actor_forward
+
+from .actor import Actor
+from .config import PPOConfig
+from .envs import EnvInfo, Step, VecEnv
+
+
+# --- critic and value normalisation -------------------------------------------------------------
+class Critic(nn.Module):
+    """V(global state): LayerNorm -> [Linear -> ReLU -> LayerNorm] x 2 -> Linear(1). Shared by all agents."""
+
+    def __init__(self, state_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(state_dim),
+                                 nn.Linear(state_dim, hidden), nn.ReLU(), nn.LayerNorm(hidden),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.LayerNorm(hidden),
+                                 nn.Linear(hidden, 1))
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.orthogonal_(m.weight, 1.0 if m.out_features == 1 else 2 ** 0.5)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, state: Tensor) -> Tensor:  # [..., S] -> [...] (normalised value)
+        return self.net(state).squeeze(-1)
+
+
+class ValueNorm:
+    """Running mean / variance of value targets (parallel Welford); the critic predicts normalised values."""
+
+    def __init__(self, eps: float = 1e-5):
+        self.mean, self.var, self.count, self.eps = 0.0, 1.0, 0.0, eps
+
+    def update(self, x: Tensor) -> None:
+        n, m, v = x.numel(), float(x.mean()), float(x.var(unbiased=False))
+        total = self.count + n
+        delta = m - self.mean
+        self.var = (self.var * self.count + v * n + delta ** 2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / (self.var + self.eps) ** 0.5
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        return x * (self.var + self.eps) ** 0.5 + self.mean
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load(self, d: dict) -> None:
+        self.mean, self.var, self.count = float(d["mean"]), float(d["var"]), float(d["count"])
+
+
+# --- GAE ----------------------------------------------------------------------------------------
+def gae(rewards: Tensor, values: Tensor, last_value: Tensor, ends: Tensor, gamma: float,
+        lam: float) -> tuple[Tensor, Tensor]:
+    """rewards, values, ends [T, E]; last_value [E] -> (advantages, returns) [T, E].
+
+    `ends[t]` marks an episode that ended with step t (no bootstrapping across it; truncated episodes
+    have their bootstrap value already added to the reward).
+    """
+    T = rewards.shape[0]
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(last_value)
+    for t in reversed(range(T)):
+        next_value = last_value if t == T - 1 else values[t + 1]
+        live = 1.0 - ends[t].float()
+        delta = rewards[t] + gamma * next_value * live - values[t]
+        running = delta + gamma * lam * live * running
+        adv[t] = running
+    return adv, adv + values
+
+
+# --- acting -------------------------------------------------------------------------------------
+@dataclass
+class Policy:
+    """Everything needed to act: the actor and the per-agent masks of the task."""
+
+    actor: Actor
+    info: EnvInfo
+    dim_mask: Tensor  # [N, 1, A] bool: the agent's true action columns
+
+    @classmethod
+    def build(cls, actor: Actor, info: EnvInfo) -> "Policy":
+        return cls(actor, info, torch.as_tensor(info.dim_mask()).unsqueeze(1))
+
+    def act(self, obs: Tensor, h: Tensor | None, reset: Tensor, avail: Tensor, deterministic: bool,
+            g: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """obs [N, E, D], h [N, E, H], reset [N, E], avail [N, E, A] -> actions, log-probs [N, E], h'."""
+        a = self.actor
+        head, h_next = actor_forward(a.spec, a.params(), obs, h, reset)
+        if a.spec.action == "gaussian":
+            actions, logp = gaussian_act(head, a.log_std(), self.dim_mask, deterministic, g)
+        else:
+            actions, logp = categorical_act(head, avail & self.dim_mask, deterministic, g)
+        return actions, logp, h_next
+
+    def evaluate(self, obs: Tensor, h0: Tensor | None, reset: Tensor, avail: Tensor,
+                 actions: Tensor) -> tuple[Tensor, Tensor]:
+        """Sequences: obs [L, N, Q, D], h0 [N, Q, H], reset [L, N, Q] -> log-probs, entropies [L, N, Q]."""
+        a = self.actor
+        p, h, heads = a.params(), h0, []
+        for t in range(obs.shape[0]):
+            head, h = actor_forward(a.spec, p, obs[t], h, reset[t])
+            heads.append(head)
+        head = torch.stack(heads)  # [L, N, Q, A]
+        if a.spec.action == "gaussian":
+            log_std = a.log_std()
+            logp = gaussian_log_prob(head, log_std, actions, self.dim_mask)
+            ent = gaussian_entropy(log_std, self.dim_mask).expand_as(logp)
+        else:
+            valid = avail & self.dim_mask
+            logp = categorical_log_prob(head, valid, actions)
+            ent = categorical_entropy(head, valid)
+        return logp, ent
+
+
+def grouped(x: np.ndarray) -> Tensor:
+    """env-major [E, N, ...] numpy -> agent-major [N, E, ...] tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 0, 1)))
+
+
+def env_actions(actions: Tensor, action_kind: str) -> np.ndarray:
+    """[N, E, A] float or [N, E] int -> env-major numpy [E, N, ...]."""
+    return np.swapaxes(actions.numpy(), 0, 1)
+
+
+# --- rollout ------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    obs: Tensor  # [T, N, E, D]
+    avail: Tensor  # [T, N, E, A] bool
+    actions: Tensor  # [T, N, E, A] float or [T, N, E] int64
+    logp: Tensor  # [T, N, E]
+    h: Tensor | None  # [T, N, E, H]: actor state *before* step t (zeroed by reset[t] in the forward)
+    reset: Tensor  # [T, E] bool: step t starts an episode
+    state: Tensor  # [T, E, S]
+    value: Tensor  # [T, E] (denormalised)
+    reward: Tensor  # [T, E] (plus gamma * V(final state) on time-limit truncations)
+    end: Tensor  # [T, E] bool: the episode ended with step t
+    last_value: Tensor  # [E]
+
+
+@dataclass
+class Cursor:
+    """Where the vector env is between rollouts."""
+
+    step: Step
+    h: Tensor | None  # [N, E, H]
+    reset: Tensor  # [E] bool
+
+
+def collect(venv: VecEnv, policy: Policy, critic: Critic, vnorm: ValueNorm, cur: Cursor, T: int,
+            gamma: float, g: torch.Generator) -> tuple[Rollout, Cursor, list[tuple[float, int, float]]]:
+    """T steps of every env. Returns the rollout, the new cursor and finished episodes (return, length, won)."""
+    bufs: dict[str, list[Tensor]] = {k: [] for k in Rollout.__dataclass_fields__ if k != "last_value"}
+    episodes = []
+    step, h, reset = cur.step, cur.h, cur.reset
+    N = policy.info.n_agents
+    with torch.no_grad():
+        for _ in range(T):
+            obs, avail, state = grouped(step.obs), grouped(step.avail), torch.from_numpy(step.state)
+            actions, logp, h_next = policy.act(obs, h, reset.expand(N, -1), avail, False, g)
+            value = vnorm.denormalize(critic(state))
+            step = venv.step(env_actions(actions, policy.info.action))
+            reward = torch.from_numpy(step.reward).float()
+            trunc = step.done & ~step.terminated
+            if trunc.any():  # bootstrap a time-limit cut: r + gamma * V(s_final)
+                idx = np.flatnonzero(trunc)
+                reward[idx] += gamma * vnorm.denormalize(critic(torch.from_numpy(step.final_state[idx])))
+            for k, v in (("obs", obs), ("avail", avail), ("actions", actions), ("logp", logp),
+                         ("h", h), ("reset", reset), ("state", state), ("value", value),
+                         ("reward", reward), ("end", torch.from_numpy(step.done))):
+                bufs[k].append(v)
+            episodes += [(float(step.ep_return[e]), int(step.ep_length[e]), float(step.ep_won[e]))
+                         for e in np.flatnonzero(step.done)]
+            h, reset = h_next, torch.from_numpy(step.done)
+        last_value = vnorm.denormalize(critic(torch.from_numpy(step.state)))
+    data = {k: (None if v[0] is None else torch.stack(v)) for k, v in bufs.items()}
+    return Rollout(**data, last_value=last_value), Cursor(step, h, reset), episodes
+
+
+# --- PPO update ---------------------------------------------------------------------------------
+def to_sequences(x: Tensor, L: int, env_dim: int) -> Tensor:
+    """[T, ...] with the env axis at `env_dim` (1-based after T) -> [L, ..., Q] with Q = (T/L) * E
+    replacing the env axis: sequence q = (chunk k, env e) holds steps k*L .. k*L+L-1 of env e."""
+    T = x.shape[0]
+    x = x.reshape(T // L, L, *x.shape[1:])  # [K, L, ...]
+    x = x.movedim(0, env_dim)  # [L, ..., K, E, ...]
+    return x.flatten(env_dim, env_dim + 1)
+
+
+AGENT_KEYS = ("obs", "avail", "actions", "logp")  # [L, N, Q, ...]; the rest are [L, Q, ...]
+
+
+@dataclass
+class UpdateStats:
+    policy_loss: float
+    value_loss: float
+    entropy: float
+    approx_kl: float
+    clip_frac: float
+
+
+def ppo_update(policy: Policy, critic: Critic, vnorm: ValueNorm, ro: Rollout, cfg: PPOConfig,
+               actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
+               g: torch.Generator) -> UpdateStats:
+    L = cfg.chunk
+    adv, returns = gae(ro.reward, ro.value, ro.last_value, ro.end, cfg.gamma, cfg.gae_lambda)
+    vnorm.update(returns)
+    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    N = ro.obs.shape[1]
+    seq = {  # agent-major tensors: [L, N, Q, ...]; env-level: [L, Q, ...]
+        "obs": to_sequences(ro.obs, L, 2), "avail": to_sequences(ro.avail, L, 2),
+        "actions": to_sequences(ro.actions, L, 2), "logp": to_sequences(ro.logp, L, 2),
+        "state": to_sequences(ro.state, L, 1), "ret": to_sequences(vnorm.normalize(returns), L, 1),
+        "v_old": to_sequences(vnorm.normalize(ro.value), L, 1), "adv": to_sequences(adv, L, 1),
+        "reset": to_sequences(ro.reset, L, 1),
+    }
+    h0 = None if ro.h is None else to_sequences(ro.h, L, 2)[0]  # [N, Q, H]: state at each chunk start
+    Q = seq["adv"].shape[1]
+    stats = []
+    actor_params = list(policy.actor.trainable.values())
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(Q, generator=g)
+        for idx in perm.chunk(cfg.minibatches):
+            mb = {k: v[:, :, idx] if k in AGENT_KEYS else v[:, idx] for k, v in seq.items()}
+            reset = mb["reset"].unsqueeze(1).expand(-1, N, -1)  # [L, N, Qm]
+            logp, ent = policy.evaluate(mb["obs"], None if h0 is None else h0[:, idx], reset,
+                                        mb["avail"], mb["actions"])
+            ratio = torch.exp(logp - mb["logp"])
+            a = mb["adv"].unsqueeze(1)  # [L, 1, Qm]: the team advantage for every agent
+            pl = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
+            entropy = ent.mean()
+            actor_opt.zero_grad(set_to_none=True)
+            (pl - cfg.entropy_coef * entropy).backward()
+            nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
+            actor_opt.step()
+
+            v = critic(mb["state"])  # [L, Qm] normalised
+            v_clip = mb["v_old"] + (v - mb["v_old"]).clamp(-cfg.value_clip, cfg.value_clip)
+            vl = torch.max(F.huber_loss(v, mb["ret"], reduction="none", delta=cfg.huber_delta),
+                           F.huber_loss(v_clip, mb["ret"], reduction="none", delta=cfg.huber_delta)).mean()
+            critic_opt.zero_grad(set_to_none=True)
+            (cfg.value_coef * vl).backward()
+            nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+            critic_opt.step()
+            with torch.no_grad():
+                lr = logp - mb["logp"]
+                stats.append((float(pl), float(vl), float(entropy), float((lr.exp() - 1 - lr).mean()),
+                              float(((ratio - 1).abs() > cfg.clip).float().mean())))
+    return UpdateStats(*np.mean(stats, axis=0).tolist())

@@ -1,0 +1,46 @@
+"""Learning-curve PNGs (matplotlib, Agg) from one or more metrics.csv files."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def plot_learning_curves(runs: dict[str, Path], out: Path, title: str = "",
+                         metric: str | None = None) -> Path:
+    """One line per run: evaluation return (or win rate for win-condition tasks) vs env steps; the
+    training return (mean of the last episodes) as a thin line; a dotted line at each LoRA switch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (label, path) in enumerate(runs.items()):
+        rows = read_metrics(Path(path))
+        color = f"C{i}"
+        key = metric or ("eval_win" if any(r["eval_win"] for r in rows) else "eval_return")
+        train_key = "train_win" if key == "eval_win" else "train_return"
+        tr = [(int(r["env_steps"]), float(r[train_key])) for r in rows if r[train_key]]
+        if tr:
+            ax.plot(*zip(*tr), color=color, alpha=0.35, lw=1, label=f"{label} (train, last 20 episodes)")
+        ev = [(int(r["env_steps"]), float(r[key])) for r in rows if r[key]]
+        if ev:
+            ax.plot(*zip(*ev), color=color, marker="o", ms=3, lw=1.8, label=f"{label} (eval)")
+        phases = [int(r["env_steps"]) for a, r in zip(rows, rows[1:]) if a["phase"] != r["phase"]]
+        for x in phases:
+            ax.axvline(x, color=color, ls=":", lw=1)
+        ax.set_ylabel("win rate" if key == "eval_win" else "episode return")
+    ax.set_xlabel("environment steps")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
