@@ -3,12 +3,12 @@
     python -m services.load_bench                     # the shipped policy (policies/halfcheetah_2x3)
     python -m services.load_bench --random-team 12x3,12x3 --clients 8 --requests 150
 
-Starts a real `bentoml serve` per configuration, then N concurrent clients each step a team of
-agents through its own session (one request per team step, keep-alive connections). Runs, side by
-side in one invocation:
+Starts two real `bentoml serve` processes, then N concurrent clients each step a team of agents
+through its own session (one request per team step, keep-alive connections). Three conditions, run
+side by side in interleaved rounds (so background load on a shared machine hits all of them):
   merged   the service as shipped (requests merged into one forward by the micro-batcher)
-  swap     the same load while one agent's adapter is hot-swapped every --swap-interval seconds
-  single   a server whose batcher may not merge requests (LORASA_MAX_BATCH_ROWS = team size)
+  swap     the same server and load while one agent's adapter is hot-swapped every --swap-interval s
+  single   a second server whose batcher may not merge requests (LORASA_MAX_BATCH_ROWS = team size)
 Reports requests/s, p50/p99 latency, batch sizes seen (from the responses), errors, version
 regressions, and the ratios swap/merged p99 and merged/single throughput; writes JSON and a PNG.
 """
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,13 @@ class RunResult:
                 "mean_requests_per_forward": round(float(br.mean()), 2),
                 "max_requests_per_forward": int(br.max()),
                 "mean_rows_per_forward": round(float(np.mean(self.batch_rows)), 1)}
+
+
+def merge_into(total: RunResult, r: RunResult) -> None:
+    for f in ("requests", "errors", "version_regressions", "swaps", "seconds"):
+        setattr(total, f, getattr(total, f) + getattr(r, f))
+    for f in ("latencies_ms", "batch_requests", "batch_rows"):
+        getattr(total, f).extend(getattr(r, f))
 
 
 def random_team_policy(directory: Path, team: str, seed: int = 0) -> Path:
@@ -119,7 +126,8 @@ def run_load(srv: ServerProcess, spec: PolicySpec, name: str, args, token: str,
     res, lock, stop = RunResult(name), threading.Lock(), threading.Event()
     agent = spec.agent_ids[-1]
     deadline = time.monotonic() + args.seconds
-    with tqdm(total=args.clients * args.requests, desc=name, unit="req", leave=False) as bar:
+    with tqdm(total=args.clients * args.requests, desc=name, unit="req", leave=False,
+              mininterval=1.0) as bar:
         threads = [threading.Thread(target=client, args=(srv.url, spec, k, args.requests, deadline,
                                                          agent, res, lock, bar))
                    for k in range(args.clients)]
@@ -167,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policy", default=DEFAULT_POLICY)
     ap.add_argument("--random-team", default="", help="bench a random policy instead, e.g. 12x3,12x3")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=150, help="per client and run")
-    ap.add_argument("--seconds", type=float, default=30.0, help="wall-time cap per run")
+    ap.add_argument("--requests", type=int, default=200, help="per client, condition and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=20.0, help="wall-time cap per run")
     ap.add_argument("--swap-interval", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--out", default="runs/load_bench")
@@ -182,28 +191,38 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{policy} is not a policy directory; pass --policy or --random-team 12x3,12x3")
     spec = load_policy(policy)[0]
     token = secrets.token_hex(16)
-    results = []
-    configs = [("merged", {}, False), ("swap", {}, True),
-               ("single", {"LORASA_MAX_BATCH_ROWS": str(len(spec.agents)),
-                           "LORASA_MAX_ROWS_PER_REQUEST": str(len(spec.agents))}, False)]
-    srv = None
-    for name, extra, swap in configs:
-        if srv is None or extra:
-            if srv:
-                srv.stop()
-            srv = serve(policy, token, args.workers, extra, out / f"server_{name}.log").__enter__()
+    servers = {"shipped": serve(policy, token, args.workers, {}, out / "server_shipped.log"),
+               "single": serve(policy, token, args.workers,
+                               {"LORASA_MAX_BATCH_ROWS": str(len(spec.agents)),
+                                "LORASA_MAX_ROWS_PER_REQUEST": str(len(spec.agents))},
+                               out / "server_single.log")}
+    conditions = [("merged", "shipped", False), ("swap", "shipped", True), ("single", "single", False)]
+    totals = {name: RunResult(name) for name, *_ in conditions}
+    try:
+        for srv in servers.values():
+            srv.__enter__()
             run_load(srv, spec, "warmup", argparse.Namespace(**{**vars(args), "requests": 10}), token, False)
-        results.append(run_load(srv, spec, name, args, token, swap))
-        print(json.dumps(results[-1].summary()))
-    srv.stop()
+        for rnd in range(args.rounds):
+            for name, server, swap in conditions:
+                r = run_load(servers[server], spec, f"{name} {rnd + 1}/{args.rounds}", args, token, swap)
+                merge_into(totals[name], r)
+                print(json.dumps({"round": rnd + 1, **r.summary()}), flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    results = list(totals.values())
     base, sw, single = (r.summary() for r in results)
     ratios = {"p99_swap_over_merged": round(sw["p99_ms"] / base["p99_ms"], 2),
-              "throughput_merged_over_single": round(base["req_per_s"] / single["req_per_s"], 2)}
+              "p50_swap_over_merged": round(sw["p50_ms"] / base["p50_ms"], 2),
+              "throughput_merged_over_single": round(base["req_per_s"] / single["req_per_s"], 2),
+              "p99_single_over_merged": round(single["p99_ms"] / base["p99_ms"], 2)}
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "policy": str(policy),
               "agents": len(spec.agents), "clients": args.clients, "workers": args.workers,
-              "runs": [base, sw, single], "ratios": ratios, "command": " ".join(sys.argv)}
+              "rounds": args.rounds, "runs": [base, sw, single], "ratios": ratios, "command": " ".join(sys.argv)}
     (out / "load_bench.json").write_text(json.dumps(report, indent=1))
     plot(results, out / "load_bench.png")
+    for r in (base, sw, single):
+        print(json.dumps(r))
     print(json.dumps(ratios))
     print(f"wrote {out / 'load_bench.json'} and {out / 'load_bench.png'}")
 
