@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -105,7 +106,13 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], PolicyRuntime]) -> S
               Route("/admin/adapters/{agent_id}", _guard(put_adapter), methods=["PUT"]),
               Route("/admin/merge", _guard(merge), methods=["POST"]),
               Route("/admin/unmerge", _guard(unmerge), methods=["POST"])]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown paths (404) and wrong methods (405) answer JSON like every other error."""
+    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 def _guard(handler):
@@ -119,7 +126,8 @@ def _guard(handler):
         except BadRequest as e:
             return _client_error(request, e.status, e.message)
         except NotReady as e:
-            return JSONResponse({"error": f"not ready: {e}"}, status_code=503)
+            return JSONResponse({"error": f"not ready: {e}"}, status_code=503,
+                                headers={"Retry-After": "1"})
         except (ArtifactError, LorasaError) as e:  # bad upload or bad input caught by the engine
             return _client_error(request, 400 if isinstance(e, ArtifactError) else 422,
                                  f"{type(e).__name__}: {e}")

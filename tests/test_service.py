@@ -264,6 +264,9 @@ def test_bad_input_is_rejected_and_changes_nothing(srv):
         (json.dumps({"rows": [row0], "session_id": ""}), 400, "session_id"),
         ('{"rows": [{"agent_id": "agent_0", "obs": [' + "0," * 200_000 + '0]}]}', 413, "limit"),
     ]
+    r = requests.get(srv.url + "/v1/act")
+    assert r.status_code == 405 and "GET /v1/act" in r.json()["error"]
+    assert requests.get(srv.url + "/v1/nothing").status_code == 404
     for body, status, msg in bad_json:
         r = requests.post(srv.url + "/v1/act", data=body, timeout=30)
         assert r.status_code == status and msg in r.json()["error"], (body[:80], r.status_code, r.text)
