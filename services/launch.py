@@ -28,11 +28,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, env: dict[str, str], log_path: str | Path | None = None,
+    def __init__(self, env: dict[str, str | None], log_path: str | Path | None = None,
                  ready_timeout_s: float = 90.0):
+        """env: added to this process's environment; a None value removes that variable."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, **env, "BENTOML_DO_NOT_TRACK": "True"}
+        merged = {**os.environ, **env, "BENTOML_DO_NOT_TRACK": "True"}
+        self.env = {k: v for k, v in merged.items() if v is not None}
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout_s = ready_timeout_s
         self.proc: subprocess.Popen | None = None

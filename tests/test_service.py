@@ -3,6 +3,7 @@ adaptive batching, sessions, hot swap, merge, health/metrics, and every kind of 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 import time
@@ -14,9 +15,9 @@ import torch
 from conftest import make_policy
 from safetensors.torch import save as st_save
 
-from lorasa_serve import Engine, init_adapter
+from lorasa_serve import Engine, PolicySpec, init_adapter
 from lorasa_serve.artifacts import adapter_bytes, fingerprint
-from services.launch import ServerProcess
+from services.launch import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123456789"
@@ -287,6 +288,23 @@ def test_bad_input_is_rejected_and_changes_nothing(srv):
     assert_matches(again, (again["actions"], ref["log_probs"], ref["state"]))
     np.testing.assert_allclose(np.concatenate(again["actions"]), np.concatenate(ref["actions"]), atol=1e-6)
     assert requests.get(srv.url + "/readyz").status_code == 200
+
+
+def test_bentoml_serve_with_no_arguments_serves_the_shipped_policy(tmp_path):
+    shipped = REPO / "policies" / "halfcheetah_2x3"
+    spec = PolicySpec.load(shipped / "policy.json")
+    env = {k: None for k in os.environ if k.startswith("LORASA_")}
+    with ServerProcess(env, tmp_path / "server.log") as server:
+        info = requests.get(server.url + "/v1/agents", timeout=10).json()
+        assert info["backbone_fingerprint"] == spec.backbone_fingerprint
+        assert [a["agent_id"] for a in info["agents"]] == spec.agent_ids
+        rows = [{"agent_id": a.agent_id, "obs": [0.1] * a.obs_dim} for a in spec.agents]
+        r = requests.post(server.url + "/v1/act", json={"rows": rows}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [len(a) for a in r.json()["actions"]] == [a.act_dim for a in spec.agents]
+        eng = Engine.from_dir(shipped, device="cpu")
+        want = eng.act(spec.agent_ids, torch.tensor([row["obs"] for row in rows]))
+        np.testing.assert_allclose(r.json()["actions"], want.actions.numpy(), atol=1e-5, rtol=0)
 
 
 def test_not_ready_until_loaded_and_admin_disabled_without_token(tmp_path):
