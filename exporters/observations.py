@@ -61,10 +61,10 @@ def real_env_config(policy_dir: Path, spec: PolicySpec) -> tuple[dict | None, st
         if cfg.get("kind") != "mamujoco":
             return None, f"{ENV_FILE} names kind {cfg.get('kind')!r}; only MaMuJoCo is stepped here, " \
                          "random observations only"
-        return {**DEFAULT_ENV, **cfg}, f"real observations from {ENV_FILE}"
+        return {**DEFAULT_ENV, **cfg}, f"environment from {ENV_FILE}"
     dims = [(a.obs_dim, a.act_dim) for a in spec.agents]
     if spec.action == "gaussian" and dims == [(12, 3), (12, 3)]:
-        return dict(DEFAULT_ENV), f"no {ENV_FILE}; sizes match HalfCheetah 2x3, used it"
+        return dict(DEFAULT_ENV), f"no {ENV_FILE}; the agent sizes match HalfCheetah 2x3"
     return None, f"no {ENV_FILE} and sizes match no default environment: random observations only"
 
 

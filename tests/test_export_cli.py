@@ -31,7 +31,7 @@ def test_cli_round_trip_merge(tmp_path):
     out = tmp_path / "out"
     r = run_cli(str(tmp_path / "p"), "--merge", "--out", str(out), "--no-progress", "--steps", "20")
     assert r.returncode == 0, r.stderr
-    assert "max abs diff" in r.stdout and "sizes match HalfCheetah 2x3" in r.stdout
+    assert "max abs diff" in r.stdout and "real HalfCheetah 2x3 observations" in r.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     arts = {(a["agent"], a["kind"]): a for a in manifest["artifacts"]}
     assert set(arts) == {(a, k) for a in spec.agent_ids for k in ("safetensors", "onnx")}
