@@ -187,10 +187,11 @@ class Engine:
         if mode == "merged":
             bank = self._ensure_merged(bank, lay)
         p = bank.params(mode, lay.chunk_slot, lay.key)
-        x, hh, rr = _to_chunks(lay, obs), _opt_chunks(lay, h), _opt_chunks(lay, reset)
+        pos = None if lay.pos is None else torch.as_tensor(lay.pos, device=obs.device)
+        x, hh, rr = _to_chunks(lay, obs, pos), _opt_chunks(lay, h, pos), _opt_chunks(lay, reset, pos)
         out, h_next = actor_forward(bank.spec, p, x, hh, rr)
-        return (_from_chunks(lay, out, B),
-                None if h_next is None else _from_chunks(lay, h_next, B), bank)
+        return (_from_chunks(lay, out, pos),
+                None if h_next is None else _from_chunks(lay, h_next, pos), bank)
 
     @staticmethod
     def _auto_mode(bank: AdapterBank, lay: Layout, B: int) -> str:
@@ -348,24 +349,22 @@ class Engine:
 
 
 # --- chunk layout <-> caller order ----------------------------------------------------------------
-def _to_chunks(lay: Layout, x: Tensor) -> Tensor:
-    """[B, D] caller order -> [C, M, D] (dead rows zero)."""
-    if lay.pos is None:
+def _to_chunks(lay: Layout, x: Tensor, pos: Tensor | None) -> Tensor:
+    """[B, D] caller order -> [C, M, D] (dead rows zero). `pos` [B]: padded position of each row."""
+    if pos is None:
         return x.reshape(lay.C, lay.M, *x.shape[1:])
     out = x.new_zeros((lay.C * lay.M, *x.shape[1:]))
-    out[torch.as_tensor(lay.pos, device=x.device)] = x
+    out.index_copy_(0, pos, x)
     return out.view(lay.C, lay.M, *x.shape[1:])
 
 
-def _opt_chunks(lay: Layout, x: Tensor | None) -> Tensor | None:
-    return None if x is None else _to_chunks(lay, x)
+def _opt_chunks(lay: Layout, x: Tensor | None, pos: Tensor | None) -> Tensor | None:
+    return None if x is None else _to_chunks(lay, x, pos)
 
 
-def _from_chunks(lay: Layout, y: Tensor, B: int) -> Tensor:
+def _from_chunks(lay: Layout, y: Tensor, pos: Tensor | None) -> Tensor:
     flat = y.reshape(lay.C * lay.M, *y.shape[2:])
-    if lay.pos is None:
-        return flat
-    return flat[torch.as_tensor(lay.pos, device=y.device)]
+    return flat if pos is None else flat.index_select(0, pos)
 
 
 def _all_finite(t: Tensor) -> bool:

@@ -51,7 +51,9 @@ def linear(x: Tensor, p: LinearP) -> Tensor:
     else:
         y = torch.baddbmm(p.bias, x, p.weight)
     if p.lora_a is not None:
-        y = torch.baddbmm(y, torch.bmm(x, p.lora_a), p.lora_b)  # [C,M,r] @ [C,r,out]
+        xa = torch.bmm(x, p.lora_a)  # [C, M, r]
+        y = y.baddbmm_(xa, p.lora_b) if torch.is_inference_mode_enabled() else \
+            torch.baddbmm(y, xa, p.lora_b)  # + [C,M,r] @ [C,r,out]
     return y
 
 
