@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from .engine import Engine, resolve_device
+from .artifacts import save_policy
 from .network import init_adapter, init_backbone
 from .spec import AgentSpec, LoraSpec, PolicySpec
 
@@ -46,6 +48,7 @@ class BenchConfig:
     methods: tuple[str, ...] = ("ps", "engine-lora", "engine-merged", "engine-auto", "per-agent",
                                 "nps", "onnx")
     team_step_calls: int = 2000
+    max_onnx_agents: int = 100  # exporting a 1000-agent graph (and verifying it) takes minutes
     seed: int = 0
 
 
@@ -204,13 +207,19 @@ def bench_grid(cfg: BenchConfig, report: Report, onnx_factory: Callable | None) 
             calls: dict[str, Callable] = {}
             for name, eng in engines.items():
                 calls[name] = (lambda e=eng: e.forward(slots, obs, h))
-            with torch.inference_mode():
-                for name, actors in loops.items():
-                    run = per_agent_loop(actors, slots)
-                    calls[name] = (lambda r=run: _no_grad(r, obs, h))
+            ref = engines["engine-lora"].forward(slots, obs, h)[0]
+            for name in ("engine-merged", "engine-auto"):
+                _check_same(calls[name]()[0], ref, name)
+            for name, actors in loops.items():
+                run = per_agent_loop(actors, slots)
+                calls[name] = (lambda r=run: _no_grad(r, obs, h))
+            if "per-agent" in calls:
+                _check_same(calls["per-agent"]()[0], ref, "per-agent")
             if onnx_eng is not None:
                 o_np, h_np = obs.cpu().numpy(), h.cpu().numpy()
                 calls["onnx"] = (lambda: onnx_eng.forward(slots, o_np, h_np))
+                _check_same(onnx_eng.forward(slots, o_np, h_np)[0], engines["engine-lora"].forward(
+                    slots, obs, h)[0], "onnx")
             timed = time_interleaved({m: calls[m] for m in cfg.methods if m in calls},
                                      cfg.min_time, dev)
             for name, (t, ratio, reps) in timed.items():
@@ -218,6 +227,13 @@ def bench_grid(cfg: BenchConfig, report: Report, onnx_factory: Callable | None) 
                 print(f"N={n:5d} rows={B:6d} {name:14s} {t * 1e3:9.3f} ms  {B / t:12.0f} rows/s  "
                       f"x{ratio:5.2f} PS", flush=True)
         report.memory[str(n)] = memory_per_agent(spec)
+
+
+def _check_same(a: torch.Tensor, b: torch.Tensor, name: str, atol: float = 1e-4) -> None:
+    """Benchmarks compare like with like: every method must compute the same outputs."""
+    diff = (a.cpu() - b.cpu()).abs().max().item()
+    if diff > atol:
+        raise AssertionError(f"{name} differs from the engine by {diff:.2e}: not timing a wrong result")
 
 
 def _no_grad(fn, *args):
@@ -260,14 +276,23 @@ def bench_team_step(cfg: BenchConfig, report: Report, n_agents: int = 8) -> None
           f"p99 {out['engine-auto']['p99_us']:.0f} us (PS backbone alone: p50 {out['ps']['p50_us']:.0f} us)")
 
 
-def onnx_factory_or_none() -> Callable | None:
-    """A factory building the ONNX backend for a policy, if the exporter and onnxruntime are present."""
+def onnx_factory_or_none(max_agents: int) -> Callable | None:
+    """Builds the ONNX Runtime backend (verified multi-agent export) for a policy, if the exporter and
+    onnxruntime are installed; None otherwise (the table then has no onnx column)."""
     try:
-        from lorasa_serve.onnx_backend import OnnxEngine  # noqa: F401
-        from exporters.bench_support import onnx_engine_for  # type: ignore
+        import onnxruntime  # noqa: F401
+
+        from .onnx_backend import OnnxEngine
     except ImportError:
         return None
-    return onnx_engine_for
+
+    def build(spec: PolicySpec, backbone: dict, adapters: dict):
+        if len(spec.agents) > max_agents:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_policy(tmp, spec, {k: v.cpu() for k, v in backbone.items()}, adapters)
+            return OnnxEngine.from_policy(tmp, threads=torch.get_num_threads())
+    return build
 
 
 def print_table(report: Report) -> None:
@@ -317,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     t0 = time.perf_counter()
     bench_team_step(cfg, report)
-    bench_grid(cfg, report, onnx_factory_or_none())
+    bench_grid(cfg, report, onnx_factory_or_none(cfg.max_onnx_agents))
     print_table(report)
     for n, m in report.memory.items():
         print(f"memory per extra agent (N={n}): LoRASA {m['lorasa_bytes_per_agent']} B, "
