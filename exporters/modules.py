@@ -142,7 +142,9 @@ class MultiAgentActor(_Actor):
         for n in spec.linear_names():
             self.register_buffer(_key(n) + "_w", backbone[f"{n}.weight"].detach().clone())
             self.register_buffer(_key(n) + "_b", backbone[f"{n}.bias"].detach().clone())
-        for n in spec.adapted_layers:
+        any_adapter = any(adapters.get(a) is not None for a in spec.agent_ids)
+        self.adapted = spec.adapted_layers if any_adapter else []  # a plain policy: backbone only
+        for n in self.adapted:
             a, b = _stack(spec, n, [adapters.get(x) for x in spec.agent_ids])  # [S,in,r], [S,r,out]
             if self.impl == "dense":
                 a = a.permute(1, 0, 2).reshape(a.shape[1], S * r)  # [in, S*r]
@@ -159,7 +161,7 @@ class MultiAgentActor(_Actor):
 
     def forward(self, agent_index: Tensor, obs: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         h, reset, avail = self._unpack(inputs)
-        adapted = set(self.spec.adapted_layers)
+        adapted = set(self.adapted)
         rows = agent_index
         sel = (rows.unsqueeze(1) == self.col_agent).to(obs.dtype) if self.impl == "dense" else None
 

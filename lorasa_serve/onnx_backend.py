@@ -121,6 +121,24 @@ class OnnxEngine:
             log_std = _manifest_log_std(d, spec)
         return cls(spec, sessions, multi.is_file(), log_std)
 
+    @classmethod
+    def from_policy(cls, policy_dir: str | Path, merge: bool = False, providers: str | Sequence[str] = "cpu",
+                    threads: int | None = None, lora_impl: str = "auto") -> "OnnxEngine":
+        """Export `policy_dir` (verified, as `lorasa-export`) to a temporary directory and serve it:
+        one multi-agent graph, or per-agent merged graphs with `merge=True` (for benchmarks)."""
+        import tempfile
+
+        from exporters import ExportConfig, ExportError, export_policy
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = ExportConfig(Path(policy_dir), Path(tmp), merge=merge, formats=("onnx",),
+                               lora_impl=lora_impl, progress=False)
+            report = export_policy(cfg)
+            failed = [r.error for r in report.results if r.error]
+            if failed:
+                raise ExportError(f"export of {policy_dir} failed verification: {failed[0]}")
+            return cls.from_dir(tmp, providers, threads)  # sessions hold the models in memory
+
     @property
     def agent_ids(self) -> list[str]:
         return self.spec.agent_ids

@@ -63,7 +63,8 @@ def onnx_rollout(path, spec, backbone, ads, ids, multi: bool, seed=0):
         avail = torch.rand(B, width, generator=g) < 0.6
         avail[torch.arange(B), (torch.rand(B, generator=g) * act_dims).long()] = True
         feeds = {"obs": obs.numpy()}
-        if multi:
+        if multi:  # columns past a row's obs_dim hold garbage: the graph must ignore them
+            feeds["obs"] = (obs + 123.0 * (torch.arange(cols) >= obs_dims[:, None])).numpy()
             feeds["agent_index"] = np.array([spec.agent_ids.index(a) for a in ids])
         if spec.recurrent:
             feeds.update(state=h.numpy(), reset=reset.numpy())
@@ -173,6 +174,8 @@ def _same_as_engine(oe: OnnxEngine, eng: Engine, B: int = 40):
     ids = [spec.agent_ids[i] for i in torch.randint(len(spec.agents), (B,), generator=g)]
     obs = torch.randn(B, spec.obs_max, generator=g)
     h, reset = torch.randn(B, spec.hidden, generator=g), torch.rand(B, generator=g) < 0.3
+    if not spec.recurrent:
+        h = reset = None
     avail = None
     if spec.action == "categorical":
         avail = torch.rand(B, spec.act_max, generator=g) < 0.6
@@ -185,7 +188,10 @@ def _same_as_engine(oe: OnnxEngine, eng: Engine, B: int = 40):
         else:
             torch.testing.assert_close(a.actions, b.actions, atol=TOL, rtol=0)
         torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
-        torch.testing.assert_close(a.state, b.state, atol=TOL, rtol=0)
+        if spec.recurrent:
+            torch.testing.assert_close(a.state, b.state, atol=TOL, rtol=0)
+        else:
+            assert a.state is None and b.state is None
 
 
 # --- OnnxEngine over per-agent graphs, errors, providers ----------------------------------------------
@@ -201,6 +207,14 @@ def test_onnx_engine_groups_rows_over_per_agent_graphs(merged_export):
     oe = OnnxEngine.from_dir(merged_export / "out")
     assert not oe.multi_agent
     _same_as_engine(oe, Engine.from_dir(merged_export / "p", device="cpu"))
+
+
+def test_onnx_engine_from_policy_plain_backbone(tmp_path):
+    """The one-call constructor (for lorasa-bench), on a policy without adapters (PS checkpoint)."""
+    _make_policy(tmp_path / "p", adapters=False, obs=(5, 7), act=(2, 3), hidden=16, recurrent=False)
+    oe = OnnxEngine.from_policy(tmp_path / "p")
+    assert oe.multi_agent and not oe.spec.recurrent
+    _same_as_engine(oe, Engine.from_dir(tmp_path / "p", device="cpu"))
 
 
 def test_onnx_engine_bad_input_is_typed(merged_export):
