@@ -192,8 +192,9 @@ def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout]
         name = f"merged/{agent}"
     else:
         data, rows, width, index, ref_mode = _onnx(cfg, engine, agent)
-        (tmp / f"{_stem(agent)}.onnx").write_bytes(data)
-        cand = onnx_step(data, output_names(spec), index)
+        written = tmp / f"{_stem(agent)}.onnx"
+        written.write_bytes(data)
+        cand = onnx_step(written, output_names(spec), index)  # the file as written, reloaded
         ref = engine_step(engine, rows, width, ref_mode)
         name = f"onnx/{_stem(agent)}.onnx"
     for k, roll in enumerate(rollouts):

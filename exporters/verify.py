@@ -12,6 +12,7 @@ absolute; for Categorical also the chosen action (another choice passes only on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -81,7 +82,7 @@ def engine_step(engine: Engine, rows: Rows, act_width: int, mode: str) -> StepFn
     return step
 
 
-def onnx_step(model: bytes, names: list[str], agent_index: np.ndarray | None) -> StepFn:
+def onnx_step(model: bytes | Path, names: list[str], agent_index: np.ndarray | None) -> StepFn:
     """The candidate: an onnxruntime CPU session over the exported graph."""
     sess = make_session(model, "cpu")
     inputs = [i.name for i in sess.get_inputs()]

@@ -3,8 +3,8 @@
     eng = OnnxEngine.from_dir("export/")               # written by `lorasa-export`
     out = eng.act(["agent_0", "agent_1"], obs, state, reset)   # ActOutput, as Engine.act
 
-A directory holding `onnx/multi_agent.onnx` is served by that one graph (mixed batches natively);
-otherwise rows are grouped per agent over `onnx/<agent_id>.onnx` (merged weights). The graphs return
+When the export's manifest lists a verified `onnx/multi_agent.onnx`, that one graph serves mixed
+batches natively; otherwise rows are grouped per agent over `onnx/<agent_id>.onnx` (merged weights). The graphs return
 raw heads and next states; actions and log-probs come from `lorasa_serve.distributions`, the same
 code the Engine uses, so deterministic and seeded sampled actions match the Engine's.
 
@@ -105,21 +105,27 @@ class OnnxEngine:
     @classmethod
     def from_dir(cls, export_dir: str | Path, providers: str | Sequence[str] = "cpu",
                  threads: int | None = None) -> "OnnxEngine":
+        """Serve the graphs that the directory's manifest.json lists as verified by its last export
+        (files left by older exports into the same directory are ignored)."""
         d = Path(export_dir)
         spec = PolicySpec.load(d / SPEC_FILE)
-        multi = d / "onnx" / MULTI_GRAPH
-        if multi.is_file():
-            sessions = {"multi_agent": make_session(multi, providers, threads)}
+        manifest = _manifest(d)
+        verified = {a.get("agent") for a in manifest.get("artifacts", [])
+                    if a.get("kind") == "onnx" and a.get("error") is None}
+        multi = "*" in verified
+        if multi:
+            files = {"multi_agent": d / "onnx" / MULTI_GRAPH}
         else:
-            files = {a: d / "onnx" / f"{a}.onnx" for a in spec.agent_ids}
-            missing = [a for a, f in files.items() if not f.is_file()]
+            missing = [a for a in spec.agent_ids if a not in verified]
             if missing:
-                raise ArtifactError(d / "onnx", f"no ONNX graph for agents {missing} and no {MULTI_GRAPH}")
-            sessions = {a: make_session(f, providers, threads) for a, f in files.items()}
-        log_std = None
-        if spec.action == "gaussian":
-            log_std = _manifest_log_std(d, spec)
-        return cls(spec, sessions, multi.is_file(), log_std)
+                raise ArtifactError(d / MANIFEST, f"no verified ONNX graph for agents {missing} "
+                                                  f"(export with --format onnx, all agents)")
+            files = {a: d / "onnx" / f"{a}.onnx" for a in spec.agent_ids}
+        sessions = {k: make_session(f, providers, threads) for k, f in files.items()}
+        for f, sess in zip(files.values(), sessions.values()):
+            _check_graph_spec(f, sess, spec)
+        log_std = _log_std(d, manifest, spec) if spec.action == "gaussian" else None
+        return cls(spec, sessions, multi, log_std)
 
     @classmethod
     def from_policy(cls, policy_dir: str | Path, merge: bool = False, providers: str | Sequence[str] = "cpu",
@@ -270,12 +276,33 @@ def _bool_padded(x, B: int, width: int) -> np.ndarray:
     return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=False)
 
 
-def _manifest_log_std(d: Path, spec: PolicySpec) -> np.ndarray:
-    """The Gaussian log-std [act_max], recorded by the exporter in manifest.json."""
+def _manifest(d: Path) -> dict:
     try:
         manifest = json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(d / MANIFEST, f"missing or not JSON ({e}): not an export directory") from None
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(d / MANIFEST, "must be a JSON object")
+    return manifest
+
+
+def _check_graph_spec(path: Path, sess, spec: PolicySpec) -> None:
+    """The graph must have been exported from this policy's backbone."""
+    meta = sess.get_modelmeta().custom_metadata_map.get("lorasa.spec")
+    try:
+        fp = json.loads(meta)["backbone_fingerprint"] if meta else None
+    except (ValueError, KeyError, TypeError):
+        fp = None
+    if fp != spec.backbone_fingerprint:
+        raise ArtifactError(path, f"graph was exported from backbone {str(fp)[:12]!r}, policy.json "
+                                  f"names {spec.backbone_fingerprint[:12]!r}")
+
+
+def _log_std(d: Path, manifest: dict, spec: PolicySpec) -> np.ndarray:
+    """The Gaussian log-std [act_max], recorded by the exporter in manifest.json."""
+    try:
         log_std = np.asarray(manifest["log_std"], dtype=np.float32)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(d / MANIFEST, f"missing or invalid log_std: {e}") from None
     if log_std.shape != (spec.act_max,) or not np.isfinite(log_std).all():
         raise CorruptFileError(d / MANIFEST, f"log_std must be {spec.act_max} finite floats")

@@ -13,7 +13,7 @@ from reference import forward_loop, merged_linears
 from exporters import ExportConfig, export_policy
 from exporters.merged import merged_policy, write_merged
 from exporters.observations import real_env_config
-from lorasa_serve import Engine, InputError, UnknownAgentError, save_policy
+from lorasa_serve import ArtifactError, Engine, InputError, UnknownAgentError, save_policy
 from lorasa_serve.onnx_backend import OnnxEngine, OnnxRuntimeMissingError, select_providers
 
 ort = pytest.importorskip("onnxruntime")
@@ -215,6 +215,28 @@ def test_onnx_engine_from_policy_plain_backbone(tmp_path):
     oe = OnnxEngine.from_policy(tmp_path / "p")
     assert oe.multi_agent and not oe.spec.recurrent
     _same_as_engine(oe, Engine.from_dir(tmp_path / "p", device="cpu"))
+
+
+def test_onnx_engine_serves_what_the_manifest_verified(merged_export, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(merged_export / "out", out)
+    # a file an older export left behind is not listed as verified: ignored
+    shutil.copy(out / "onnx" / "agent_0.onnx", out / "onnx" / "multi_agent.onnx")
+    assert not OnnxEngine.from_dir(out).multi_agent
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["agent"] != "agent_1"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"no verified ONNX graph for agents \['agent_1'\]"):
+        OnnxEngine.from_dir(out)
+    shutil.copy(merged_export / "out" / "manifest.json", out / "manifest.json")
+    spec = json.loads((out / "policy.json").read_text())
+    spec["backbone_fingerprint"] = "0" * 64  # graphs from another backbone than policy.json names
+    (out / "policy.json").write_text(json.dumps(spec))
+    with pytest.raises(ArtifactError, match="exported from backbone"):
+        OnnxEngine.from_dir(out)
+    with pytest.raises(ArtifactError, match="not an export directory"):
+        OnnxEngine.from_dir(merged_export / "p")
 
 
 def test_onnx_engine_bad_input_is_typed(merged_export):
