@@ -26,9 +26,10 @@ class ServiceConfig:
     max_upload_bytes: int = 16 << 20  # LORASA_MAX_UPLOAD_BYTES: adapter uploads
     max_sessions: int = 10_000  # LORASA_MAX_SESSIONS: live sessions before LRU eviction
     timeout_s: float = 30.0  # LORASA_TIMEOUT_S: BentoML request timeout
+    torch_threads: int = 1  # LORASA_TORCH_THREADS: intra-op threads per worker (see README)
 
     def __post_init__(self) -> None:
-        for name in ("workers", "max_rows_per_request", "max_batch_rows", "max_body_bytes",
+        for name in ("workers", "torch_threads", "max_rows_per_request", "max_batch_rows", "max_body_bytes",
                      "max_upload_bytes", "max_sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 1")

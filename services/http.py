@@ -77,6 +77,8 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], PolicyRuntime]) -> S
         version = await asyncio.to_thread(rt.overlay.publish_adapter, agent_id, data)
         await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
         served = rt.applied[agent_id]
+        if served < version:  # published, but this worker could not load it back (see the log)
+            raise RuntimeError(f"adapter v{version} of {agent_id!r} was published but not applied")
         return JSONResponse({"agent_id": agent_id, "version": version, "served_version": served})
 
     async def merge(request: Request) -> JSONResponse:
@@ -133,6 +135,8 @@ def _guard(handler):
                                  f"{type(e).__name__}: {e}")
         except Exception:
             log.exception("internal error on %s", request.url.path)
+            if request.url.path.endswith("/act"):
+                metrics.act_requests.labels(outcome="error").inc()
             return JSONResponse({"error": "internal server error"}, status_code=500)
 
     return wrapped

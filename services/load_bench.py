@@ -9,6 +9,7 @@ side by side in interleaved rounds (so background load on a shared machine hits 
   merged   the service as shipped (requests merged into one forward by the micro-batcher)
   swap     the same server and load while one agent's adapter is hot-swapped every --swap-interval s
   single   a second server whose batcher may not merge requests (LORASA_MAX_BATCH_ROWS = team size)
+  threadsN (with --threads-compare N) a third server like the first but with N torch threads
 Reports requests/s, p50/p99 latency, batch sizes seen (from the responses), errors, version
 regressions, and the ratios swap/merged p99 and merged/single throughput; writes JSON and a PNG.
 """
@@ -56,6 +57,7 @@ class RunResult:
                 "seconds": round(self.seconds, 2), "req_per_s": round(self.requests / self.seconds, 1),
                 "p50_ms": round(float(np.percentile(lat, 50)), 2),
                 "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                "mean_ms": round(float(lat.mean()), 2), "max_ms": round(float(lat.max()), 2),
                 "mean_requests_per_forward": round(float(br.mean()), 2),
                 "max_requests_per_forward": int(br.max()),
                 "mean_rows_per_forward": round(float(np.mean(self.batch_rows)), 1)}
@@ -175,11 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policy", default=DEFAULT_POLICY)
     ap.add_argument("--random-team", default="", help="bench a random policy instead, e.g. 12x3,12x3")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--requests", type=int, default=200, help="per client, condition and round")
+    ap.add_argument("--requests", type=int, default=1000, help="per client, condition and round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=20.0, help="wall-time cap per run")
+    ap.add_argument("--seconds", type=float, default=30.0, help="wall-time cap per run")
     ap.add_argument("--swap-interval", type=float, default=1.0)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads-compare", type=int, default=0,
+                    help="also run a server with this many torch threads per worker (default 1)")
     ap.add_argument("--out", default="runs/load_bench")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -197,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
                                 "LORASA_MAX_ROWS_PER_REQUEST": str(len(spec.agents))},
                                out / "server_single.log")}
     conditions = [("merged", "shipped", False), ("swap", "shipped", True), ("single", "single", False)]
+    if args.threads_compare:
+        name = f"threads{args.threads_compare}"
+        servers[name] = serve(policy, token, args.workers,
+                              {"LORASA_TORCH_THREADS": str(args.threads_compare)}, out / f"server_{name}.log")
+        conditions.append((name, name, False))
     totals = {name: RunResult(name) for name, *_ in conditions}
     try:
         for srv in servers.values():
@@ -211,17 +220,20 @@ def main(argv: list[str] | None = None) -> None:
         for srv in servers.values():
             srv.stop()
     results = list(totals.values())
-    base, sw, single = (r.summary() for r in results)
+    base, sw, single, *extra = (r.summary() for r in results)
     ratios = {"p99_swap_over_merged": round(sw["p99_ms"] / base["p99_ms"], 2),
               "p50_swap_over_merged": round(sw["p50_ms"] / base["p50_ms"], 2),
               "throughput_merged_over_single": round(base["req_per_s"] / single["req_per_s"], 2),
               "p99_single_over_merged": round(single["p99_ms"] / base["p99_ms"], 2)}
+    for r in extra:
+        ratios[f"p99_{r['name']}_over_merged"] = round(r["p99_ms"] / base["p99_ms"], 2)
+        ratios[f"throughput_merged_over_{r['name']}"] = round(base["req_per_s"] / r["req_per_s"], 2)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "policy": str(policy),
               "agents": len(spec.agents), "clients": args.clients, "workers": args.workers,
-              "rounds": args.rounds, "runs": [base, sw, single], "ratios": ratios, "command": " ".join(sys.argv)}
+              "rounds": args.rounds, "runs": [base, sw, single, *extra], "ratios": ratios, "command": " ".join(sys.argv)}
     (out / "load_bench.json").write_text(json.dumps(report, indent=1))
     plot(results, out / "load_bench.png")
-    for r in (base, sw, single):
+    for r in (base, sw, single, *extra):
         print(json.dumps(r))
     print(json.dumps(ratios))
     print(f"wrote {out / 'load_bench.json'} and {out / 'load_bench.png'}")

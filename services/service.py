@@ -51,7 +51,7 @@ class LorasaPolicy:
         self.cfg = CONFIG
         self.runtime: PolicyRuntime | None = None
         self.load_error: str | None = None
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.cfg.workers))
+        torch.set_num_threads(self.cfg.torch_threads)
         threading.Thread(target=self._load, name="lorasa-load", daemon=True).start()
 
     def _load(self) -> None:
