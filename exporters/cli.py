@@ -13,7 +13,6 @@ from pathlib import Path
 
 from lorasa_serve.errors import LorasaError
 
-from .errors import ExportError
 from .pipeline import MIN_STEPS, ExportConfig, export_policy
 from .verify import VerifyConfig
 

@@ -165,7 +165,9 @@ def test_multi_agent_onnx_matches_oracle_and_engine(tmp_path, impl, action):
     ids = [spec.agent_ids[i] for i in [2, 0, 1, 1, 0, 2, 2, 1]]  # a shuffled mixed batch
     assert onnx_rollout(tmp_path / "out/onnx/multi_agent.onnx", spec, backbone, ads, ids, multi=True) <= TOL
     # served through OnnxEngine: same actions, log-probs and states as the Engine
-    _same_as_engine(OnnxEngine.from_dir(tmp_path / "out"), Engine.from_dir(tmp_path / "p", device="cpu"))
+    oe, eng = OnnxEngine.from_dir(tmp_path / "out"), Engine.from_dir(tmp_path / "p", device="cpu")
+    _same_as_engine(oe, eng)
+    _same_as_engine(oe, eng, B=1)  # the batch dimension is dynamic down to one row
 
 
 def _same_as_engine(oe: OnnxEngine, eng: Engine, B: int = 40):
@@ -207,6 +209,7 @@ def test_onnx_engine_groups_rows_over_per_agent_graphs(merged_export):
     oe = OnnxEngine.from_dir(merged_export / "out")
     assert not oe.multi_agent
     _same_as_engine(oe, Engine.from_dir(merged_export / "p", device="cpu"))
+    _same_as_engine(oe, Engine.from_dir(merged_export / "p", device="cpu"), B=1)
 
 
 def test_onnx_engine_from_policy_plain_backbone(tmp_path):
