@@ -216,7 +216,7 @@ class PolicyRuntime:
             key = (a.agent_id, v)
             if key not in self._fp_cache:
                 ad = self.engine.adapter(a.agent_id)
-                self._fp_cache[key] = "" if ad is None else fingerprint({k: v.cpu() for k, v in ad.items()})
+                self._fp_cache[key] = "" if ad is None else fingerprint({n: t.cpu() for n, t in ad.items()})
             out.append({"agent_id": a.agent_id, "obs_dim": a.obs_dim, "act_dim": a.act_dim,
                         "version": v, "adapter_fingerprint": self._fp_cache[key],
                         "merged": a.agent_id in merged})
