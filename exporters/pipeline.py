@@ -32,7 +32,7 @@ from lorasa_serve.errors import LorasaError
 from . import merged as merged_mod
 from .errors import ExportError, VerificationError
 from .modules import LoraImpl, MergedAgentActor, MultiAgentActor, input_names, output_names
-from .observations import Rollout, mamujoco_rollout, random_rollout, real_env_config
+from .observations import Rollout, env_rollout, random_rollout, real_env_config
 from .onnx_export import MIN_OPSET, export_bytes, require_onnx
 from .verify import VerifyConfig, agent_rows, engine_step, mixed_rows, onnx_step, rollout_parity
 
@@ -123,12 +123,12 @@ def check_config(cfg: ExportConfig, engine: Engine) -> tuple[list[str], tuple[st
 
 
 def load_rollouts(cfg: ExportConfig, engine: Engine) -> tuple[list[Rollout], list[str]]:
-    """Random observations always; real MaMuJoCo observations when the environment is known."""
+    """Random observations always; real ones (and action masks) when the environment is known."""
     rolls = [random_rollout(engine.spec, cfg.steps, cfg.envs, cfg.reset_prob, cfg.seed)]
     env_cfg, note = real_env_config(Path(cfg.policy_dir), engine.spec)
     if env_cfg is not None:
         try:
-            rolls.append(mamujoco_rollout(env_cfg, engine, cfg.steps, cfg.envs, cfg.reset_prob, cfg.seed))
+            rolls.append(env_rollout(env_cfg, engine, cfg.steps, cfg.envs, cfg.reset_prob, cfg.seed))
             note = f"verified on random and on real {rolls[-1].source} observations ({note})"
         except Exception as e:  # a broken env must not block exporting; say so in the report
             note = f"{note}, but stepping it failed ({type(e).__name__}: {e}); random observations only"

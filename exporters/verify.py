@@ -107,7 +107,10 @@ def rollout_parity(name: str, candidate: StepFn, reference: StepFn, engine: Engi
         for i, (a, e) in enumerate(zip(rows.agent_ids, rows.envs)):
             obs[i, :spec.agent(a).obs_dim] = rollout.obs[a][t, e]
         reset = rollout.reset[t, rows.envs] if spec.recurrent else None
-        avail = _avail(rng, act_dims, act_width, cfg.avail_prob) if spec.action == "categorical" else None
+        avail = None
+        if spec.action == "categorical":
+            avail = _avail(rng, act_dims, act_width, cfg.avail_prob) if rollout.avail is None else \
+                _rollout_avail(rollout, rows, t, act_width)
         got, want = candidate(obs, h, reset, avail), reference(obs, h, reset, avail)
         for key, ref in want.items():
             diff, ok = _diff(key, got[key], ref, want.get("logits"), cfg)
@@ -134,6 +137,15 @@ def _diff(key: str, got: np.ndarray, ref: np.ndarray, logits: np.ndarray | None,
     err = np.abs(got.astype(np.float64) - ref64)
     scale = np.where(ref == np.finfo(np.float32).min, 0.0, np.abs(ref64))  # no slack for masked logits
     return float(err.max(initial=0.0)), bool((err <= cfg.tol + cfg.rtol * scale).all())
+
+
+def _rollout_avail(rollout: Rollout, rows: Rows, t: int, width: int) -> np.ndarray:
+    """The environment's own masks for step t as [R, width] bool."""
+    avail = np.zeros((len(rows.agent_ids), width), bool)
+    for i, (a, e) in enumerate(zip(rows.agent_ids, rows.envs)):
+        m = rollout.avail[a][t, e]
+        avail[i, :len(m)] = m
+    return avail
 
 
 def _avail(rng: np.random.Generator, act_dims: np.ndarray, width: int, prob: float) -> np.ndarray:

@@ -12,7 +12,7 @@ from reference import forward_loop, merged_linears
 
 from exporters import ExportConfig, export_policy
 from exporters.merged import merged_policy, write_merged
-from exporters.observations import real_env_config
+from exporters.observations import env_rollout, real_env_config
 from lorasa_serve import ArtifactError, Engine, InputError, UnknownAgentError, save_policy
 from lorasa_serve.onnx_backend import OnnxEngine, OnnxRuntimeMissingError, select_providers
 
@@ -279,9 +279,9 @@ def test_env_json_chooses_real_observations(tmp_path):
     spec, _, _ = make_policy(tmp_path / "p", obs=(12, 12), act=(3, 3))
     cfg, note = real_env_config(tmp_path / "p", spec)
     assert cfg["scenario"] == "HalfCheetah" and "no env.json" in note
-    (tmp_path / "p" / "env.json").write_text(json.dumps({"kind": "smax", "scenario": "3s5z"}))
+    (tmp_path / "p" / "env.json").write_text(json.dumps({"kind": "gridworld", "scenario": "x"}))
     cfg, note = real_env_config(tmp_path / "p", spec)
-    assert cfg is None and "smax" in note
+    assert cfg is None and "no known environment" in note
     (tmp_path / "p" / "env.json").write_text(json.dumps(
         {"kind": "mamujoco", "scenario": "Walker2d", "agent_conf": "2x3", "agent_obsk": 1}))
     cfg, note = real_env_config(tmp_path / "p", spec)
@@ -290,3 +290,20 @@ def test_env_json_chooses_real_observations(tmp_path):
                                                                  "agent_conf": "4x2"}, "seed": 1}))
     cfg, _ = real_env_config(tmp_path / "p", spec)  # training's layout: the env block nested
     assert (cfg["scenario"], cfg["agent_conf"], cfg["agent_obsk"]) == ("Ant", "4x2", 1)
+
+
+def test_real_smax_observations_and_action_masks(tmp_path):
+    """A Categorical policy with SMAX 2s3z sizes is verified on real observations and the game's own
+    available-action masks, through episode ends (auto-reset) inside the rollout."""
+    pytest.importorskip("jaxmarl")
+    env = {"kind": "smax", "scenario": "2s3z", "episode_limit": 8}
+    spec, _, _ = make_policy(tmp_path / "p", action="categorical", obs=(127,) * 5, act=(10,) * 5,
+                             hidden=16, recurrent=True)
+    (tmp_path / "p" / "env.json").write_text(json.dumps({"env": env, "trained_by": "test"}))
+    roll = env_rollout(env, Engine.from_dir(tmp_path / "p", device="cpu"), STEPS, 2, 0.0, 0)
+    assert roll.source == "smax 2s3z" and roll.reset[1:].any()  # episodes of 8 steps ended
+    masks = np.stack([roll.avail[a] for a in spec.agent_ids])
+    assert masks.any(-1).all() and not masks.all()  # real masks: some actions unavailable
+    report = export_policy(ExportConfig(tmp_path / "p", tmp_path / "out", progress=False, envs=2,
+                                        steps=STEPS))
+    assert report.ok and "real smax 2s3z observations" in report.notes[0], report.notes
