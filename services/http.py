@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import logging
 import os
-from typing import Callable
+from typing import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -37,12 +37,12 @@ class NotReady(Exception):
     """The policy is not loaded (yet, or it failed): 503."""
 
 
-def build_app(cfg: ServiceConfig, get_runtime: Callable[[], PolicyRuntime]) -> Starlette:
-    """get_runtime() -> this worker's PolicyRuntime, or raises NotReady. Admin calls are
+def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRuntime]]) -> Starlette:
+    """await get_runtime() -> this worker's PolicyRuntime, or raises NotReady. Admin calls are
     authorised (from `cfg`) before readiness is checked or the body is read."""
 
     async def act(request: Request) -> JSONResponse:
-        rt = get_runtime()
+        rt = await get_runtime()
         req = parse_act(parse_json(await _body(request, cfg.max_body_bytes)), rt.spec,
                         cfg.max_rows_per_request)
         res = await asyncio.wrap_future(rt.submit(req))
@@ -51,22 +51,22 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], PolicyRuntime]) -> S
                                          res.versions, res.batch))
 
     async def reset_session(request: Request) -> JSONResponse:
-        rt = get_runtime()
+        rt = await get_runtime()
         sid = check_session_id(request.path_params["session_id"])
         existed = await asyncio.wrap_future(rt.control(lambda: rt.sessions.reset(sid)))
         return JSONResponse({"session_id": sid, "existed": existed})
 
     async def agents(request: Request) -> JSONResponse:
-        rt = get_runtime()
+        rt = await get_runtime()
         info = await asyncio.wrap_future(rt.control(rt.agents_info))
         return JSONResponse({"backbone_fingerprint": rt.spec.backbone_fingerprint, "agents": info})
 
     async def policy(request: Request) -> JSONResponse:
-        return JSONResponse(get_runtime().spec.to_dict())
+        return JSONResponse((await get_runtime()).spec.to_dict())
 
     async def put_adapter(request: Request) -> JSONResponse:
         _authorize(request, cfg.admin_token)
-        rt = get_runtime()
+        rt = await get_runtime()
         agent_id = request.path_params["agent_id"]
         if agent_id not in rt.applied:
             raise BadRequest(f"unknown agent_id {agent_id!r}; serving {list(rt.applied)}", 404)
@@ -89,7 +89,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], PolicyRuntime]) -> S
 
     async def _merge(request: Request, flag: bool) -> JSONResponse:
         _authorize(request, cfg.admin_token)
-        rt = get_runtime()
+        rt = await get_runtime()
         raw = await _body(request, cfg.max_body_bytes)
         d = parse_json(raw) if raw.strip() else {}
         ids = d.get("agent_ids") if isinstance(d, dict) else None

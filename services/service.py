@@ -7,6 +7,7 @@ management, `/livez`, `/readyz`, `/metrics` (with ours from services/metrics.py)
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -40,7 +41,23 @@ def _shared_state_dir() -> str:
 
 
 CONFIG = replace(ServiceConfig.from_env(), state_dir=_shared_state_dir())
-app = build_app(CONFIG, lambda: _runtime())
+
+
+async def _runtime() -> PolicyRuntime:
+    """This worker's runtime. A request that reaches a worker still loading the policy (with several
+    workers, /readyz may have been answered by another one) waits for the load, up to the timeout."""
+    try:
+        svc = bentoml.get_current_service()
+    except bentoml.exceptions.BentoMLException:
+        raise NotReady("service is starting") from None
+    if svc.runtime is None and not svc.loaded.is_set():
+        await asyncio.to_thread(svc.loaded.wait, CONFIG.timeout_s / 2)
+    if svc.runtime is None:
+        raise NotReady(svc.load_error or "policy is still loading")
+    return svc.runtime
+
+
+app = build_app(CONFIG, _runtime)
 
 
 @bentoml.asgi_app(app, path="/v1")
@@ -51,6 +68,7 @@ class LorasaPolicy:
         self.cfg = CONFIG
         self.runtime: PolicyRuntime | None = None
         self.load_error: str | None = None
+        self.loaded = threading.Event()  # set when loading has finished (or failed)
         torch.set_num_threads(self.cfg.torch_threads)
         threading.Thread(target=self._load, name="lorasa-load", daemon=True).start()
 
@@ -63,16 +81,8 @@ class LorasaPolicy:
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("lorasa policy failed to load: %s", self.load_error)
+        finally:
+            self.loaded.set()
 
     def __is_ready__(self) -> bool:
         return self.runtime is not None
-
-
-def _runtime() -> PolicyRuntime:
-    try:
-        svc = bentoml.get_current_service()
-    except bentoml.exceptions.BentoMLException:
-        raise NotReady("service is starting") from None
-    if svc.runtime is None:
-        raise NotReady(svc.load_error or "policy is loading")
-    return svc.runtime
