@@ -103,3 +103,17 @@ def test_bad_env_configs_raise_clear_errors():
         make_vec_env(EnvConfig(kind="smax", scenario="no_such_map"), n_envs=1)
     with pytest.raises(ValueError, match="MaMuJoCo cannot build"):
         make_vec_env(EnvConfig(scenario="HalfCheetah", agent_conf="7x9"), n_envs=1, workers=0)
+
+
+def test_every_mamujoco_preset_builds():
+    from training.config import PRESETS
+    sizes = {"halfcheetah_2x3": 2, "walker2d_2x3": 2, "ant_4x2": 4, "humanoid_9_8": 2}
+    for name, cfg in PRESETS.items():
+        if cfg.env.kind != "mamujoco":
+            assert cfg.env.kind == "smax" and cfg.env.scenario in ("3s5z", "3s5z_vs_3s6z")
+            continue
+        env = make_single(cfg.env)
+        assert env.info.n_agents == sizes[name], name
+        tr = env.reset(0)
+        assert tr.obs.shape == (env.info.n_agents, env.info.obs_max)
+        env.close()

@@ -46,9 +46,9 @@ def _rows(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _eval_json(policy_dir: Path, tmp: Path, *extra: str) -> dict:
+def _eval_json(policy_dir: Path, tmp: Path, *extra: str, episodes: int = 2) -> dict:
     path = tmp / f"eval_{policy_dir.name}.json"
-    eval_main([str(policy_dir), "--episodes", "2", "--json", str(path), *extra])
+    eval_main([str(policy_dir), "--episodes", str(episodes), "--json", str(path), *extra])
     return json.loads(path.read_text())
 
 
@@ -122,8 +122,8 @@ def test_smax_two_phases(tmp_path):
     Trainer(tiny(out, SMAX_3M, eval_episodes=4)).train(progress=False)
     assert [r["phase"] for r in _rows(out)] == ["ps", "lora"]  # 4 envs x 20 steps per update
     assert backbone_bytes(out / "phase1") == backbone_bytes(out)
-    res = _eval_json(out, tmp_path)
-    assert 0.0 <= res["policy"]["win_rate"] <= 1.0
+    res = _eval_json(out, tmp_path, episodes=4)  # 4 envs: reuses the compiled SMAX functions
+    assert res["policy"]["episodes"] == 4 and 0.0 <= res["policy"]["win_rate"] <= 1.0
 
 
 def test_nps_trains_per_agent_networks(tmp_path):
@@ -132,5 +132,23 @@ def test_nps_trains_per_agent_networks(tmp_path):
     meta = json.loads((out / "train_state" / "state.json").read_text())
     assert s["trainable_params"] == param_counts(PolicySpec.from_dict(meta["spec"]))["nps_total"]
     assert meta["actor_kind"] == "nps" and not (out / "policy.json").exists()
-    with pytest.raises(SystemExit, match="not a policy directory"):
-        eval_main([str(out), "--episodes", "1"])
+    res = _eval_json(out, tmp_path)  # acts with the NPS training actor
+    assert res["via"].startswith("the NPS training actor") and res["policy"]["episodes"] == 2
+    assert res["param_counts"]["nps_total"] == s["trainable_params"]
+
+
+@pytest.mark.slow
+def test_eval_through_http_service_equals_in_process(tmp_path):
+    """lorasa-eval --url against a real `bentoml serve` of a freshly trained policy gives the same
+    deterministic episodes as acting through Engine.act in-process."""
+    from services.launch import ServerProcess
+    out = tmp_path / "run"
+    Trainer(tiny(out, CHEETAH, total_steps=80, switch_step=40, eval_every=0, eval_episodes=0)).train(progress=False)
+    local = _eval_json(out, tmp_path)
+    with ServerProcess({"LORASA_POLICY": str(out), "LORASA_STATE_DIR": str(tmp_path / "state")},
+                       tmp_path / "server.log") as server:
+        path = tmp_path / "http.json"
+        eval_main([str(out), "--episodes", "2", "--json", str(path), "--url", server.url])
+    remote = json.loads(path.read_text())
+    assert "HTTP" in remote["via"] and "in-process" in local["via"]
+    np.testing.assert_allclose(remote["policy"]["returns"], local["policy"]["returns"], rtol=1e-4)

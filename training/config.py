@@ -58,7 +58,7 @@ class TrainConfig:
     out: str = "runs/halfcheetah_2x3"
     seed: int = 1
     eval_every: int = 50_000  # env steps between deterministic evaluations (0: only at the end)
-    eval_episodes: int = 4
+    eval_episodes: int = 4  # 0: no evaluation
     save_every: int = 100_000  # env steps between checkpoints (policy dir + train_state)
     torch_threads: int = 1
     tensorboard: bool = True

@@ -76,6 +76,27 @@ def http_act_fn(url: str, info: EnvInfo, timeout: float = 30.0) -> ActFn:
     return act
 
 
+def nps_run(directory: Path) -> bool:
+    """A directory lorasa-train wrote for an NPS run: train_state only, no policy.json."""
+    from .checkpoint import STATE_DIR
+    state = Path(directory) / STATE_DIR / "state.json"
+    return not (Path(directory) / "policy.json").exists() and state.is_file() and \
+        json.loads(state.read_text()).get("actor_kind") == "nps"
+
+
+def nps_act_fn(directory: Path, info: EnvInfo):
+    """-> (spec, ActFn) acting with an NPS run's per-agent networks (the training forward)."""
+    from lorasa_serve import PolicySpec
+    from . import checkpoint
+    from .actor import Actor
+    from .mappo import Policy
+    from .trainer import torch_act_fn
+    meta = checkpoint.load_meta(directory)
+    trainable, frozen = checkpoint.load_actor_tensors(directory)
+    spec = PolicySpec.from_dict(meta["spec"])
+    return spec, torch_act_fn(Policy.build(Actor(spec, "nps", trainable, frozen), info))
+
+
 def check_policy_fits_env(spec, info: EnvInfo, path: Path) -> None:
     want = tuple((a.agent_id, a.obs_dim, a.act_dim) for a in spec.agents)
     have = tuple(zip(info.agent_ids, info.obs_dims, info.act_dims))
@@ -89,6 +110,24 @@ def summarise(stats: EpisodeStats) -> str:
     if not math.isnan(stats.win_rate):
         s += f"  win rate {stats.win_rate:.3f}"
     return s
+
+
+def resolve_actor(args, info: EnvInfo):
+    """-> (spec, ActFn, description): the Engine in-process, the HTTP service, or an NPS run's actor."""
+    from lorasa_serve import Engine, LorasaError
+    if nps_run(args.policy_dir):
+        if args.url:
+            raise SystemExit("lorasa-eval: an NPS run is not a servable policy directory; --url needs one")
+        spec, act = nps_act_fn(args.policy_dir, info)
+        return spec, act, "the NPS training actor (NPS runs have no policy directory for the Engine)"
+    try:
+        engine = Engine.from_dir(args.policy_dir, device="cpu", mode=args.mode)
+    except LorasaError as e:
+        raise SystemExit(f"lorasa-eval: {e}") from None
+    kind = "PS+LoRA" if engine.adapter(engine.agent_ids[0]) is not None else "PS"
+    if args.url:
+        return engine.spec, http_act_fn(args.url, info), f"{kind}, HTTP {args.url}"
+    return engine.spec, engine_act_fn(engine, info, args.episodes), f"{kind}, Engine.act in-process"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,25 +147,21 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     torch.set_num_threads(args.threads)
 
-    from lorasa_serve import Engine, LorasaError
     try:
         env_cfg = read_env_json(args.policy_dir)
-        engine = Engine.from_dir(args.policy_dir, device="cpu", mode=args.mode)
-    except (FileNotFoundError, LorasaError) as e:
+    except FileNotFoundError as e:
         raise SystemExit(f"lorasa-eval: {e}") from None
     venv = make_vec_env(env_cfg, n_envs=args.episodes, workers=0)
     info = venv.info
-    check_policy_fits_env(engine.spec, info, args.policy_dir)
-    counts = param_counts(engine.spec)
-    adapters = "with per-agent adapters" if engine.adapter(info.agent_ids[0]) is not None else "PS (no adapters)"
-    print(f"policy {args.policy_dir}  [{adapters}]  env {info.name}  agents {list(info.agent_ids)}")
+    spec, act, via = resolve_actor(args, info)
+    check_policy_fits_env(spec, info, args.policy_dir)
+    counts = param_counts(spec)
+    print(f"policy {args.policy_dir}  env {info.name}  agents {list(info.agent_ids)}")
     print("actor parameters: PS {ps_total} shared | NPS {nps_per_agent}/agent ({nps_total} total) | "
           "LoRASA {backbone} shared + {lorasa_adapter_per_agent}/agent ({lorasa_total} total)".format(**counts))
 
-    act = http_act_fn(args.url, info) if args.url else engine_act_fn(engine, info, args.episodes)
     t0 = time.perf_counter()
     stats = run_episodes(venv, act, args.seed)
-    via = f"HTTP {args.url}" if args.url else "Engine.act in-process"
     print(f"policy  ({via}, {args.episodes} episodes, {time.perf_counter() - t0:.1f}s): {summarise(stats)}")
     result = {"policy_dir": str(args.policy_dir), "env": env_cfg.env_block(), "via": via,
               "policy": stats.to_dict(), "param_counts": counts}

@@ -140,7 +140,7 @@ def grouped(x: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.swapaxes(x, 0, 1)))
 
 
-def env_actions(actions: Tensor, action_kind: str) -> np.ndarray:
+def env_actions(actions: Tensor) -> np.ndarray:
     """[N, E, A] float or [N, E] int -> env-major numpy [E, N, ...]."""
     return np.swapaxes(actions.numpy(), 0, 1)
 
@@ -182,7 +182,7 @@ def collect(venv: VecEnv, policy: Policy, critic: Critic, vnorm: ValueNorm, cur:
             obs, avail, state = grouped(step.obs), grouped(step.avail), torch.from_numpy(step.state)
             actions, logp, h_next = policy.act(obs, h, reset.expand(N, -1), avail, False, g)
             value = vnorm.denormalize(critic(state))
-            step = venv.step(env_actions(actions, policy.info.action))
+            step = venv.step(env_actions(actions))
             reward = torch.from_numpy(step.reward).float()
             trunc = step.done & ~step.terminated
             if trunc.any():  # bootstrap a time-limit cut: r + gamma * V(s_final)

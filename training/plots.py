@@ -37,10 +37,27 @@ def plot_learning_curves(runs: dict[str, Path], out: Path, title: str = "",
     ax.set_xlabel("environment steps")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m training.plots OUT.png [--title T] LABEL=path/to/metrics.csv ..."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m training.plots", description=main.__doc__)
+    p.add_argument("out", type=Path)
+    p.add_argument("runs", nargs="+", help="LABEL=metrics.csv")
+    p.add_argument("--title", default="")
+    args = p.parse_args(argv)
+    runs = dict(r.rsplit("=", 1) for r in args.runs)
+    print(plot_learning_curves({k: Path(v) for k, v in runs.items()}, args.out, args.title))
+
+
+if __name__ == "__main__":
+    main()

@@ -54,7 +54,7 @@ def torch_act_fn(policy: Policy, deterministic: bool = True, g: torch.Generator 
                 state = torch.zeros(N, o.shape[1], H)
             actions, _, h = policy.act(o, state, torch.from_numpy(reset).expand(N, -1), grouped(avail),
                                        deterministic, g)
-        return env_actions(actions, policy.info.action), h
+        return env_actions(actions), h
 
     return act
 
@@ -198,7 +198,8 @@ class Trainer:
                    "rollout_s": round(t1 - t0, 4), "update_s": round(t2 - t1, 4),
                    "train_return": _mean([r for r, _, _ in recent]),
                    "train_win": _mean([w for _, _, w in recent]), **stats.__dict__}
-            if cfg.eval_every and c.env_steps >= next_eval or c.env_steps >= cfg.total_steps:
+            due = cfg.eval_every and c.env_steps >= next_eval or c.env_steps >= cfg.total_steps
+            if due and cfg.eval_episodes > 0:
                 ev = self.evaluate()
                 row.update(eval_return=ev.mean_return, eval_std=ev.std_return, eval_win=ev.win_rate)
                 last = ev
