@@ -29,21 +29,24 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, env: dict[str, str | None], log_path: str | Path | None = None,
-                 ready_timeout_s: float = 90.0):
-        """env: added to this process's environment; a None value removes that variable."""
+                 ready_timeout_s: float = 90.0, target: str = ""):
+        """env: added to this process's environment; a None value removes that variable.
+        target: what `bentoml serve` serves ("" = bentofile.yaml in the repo root)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         merged = {**os.environ, **env, "BENTOML_DO_NOT_TRACK": "True"}
         self.env = {k: v for k, v in merged.items() if v is not None}
         self.log_path = Path(log_path) if log_path else None
         self.ready_timeout_s = ready_timeout_s
+        self.target = target
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":
         bentoml = Path(sys.executable).parent / "bentoml"
         out = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
-            [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            [str(bentoml), "serve", *([self.target] if self.target else []), "--host", "127.0.0.1",
+             "--port", str(self.port)],
             cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

@@ -10,6 +10,9 @@ side by side in interleaved rounds (so background load on a shared machine hits 
   swap     the same server and load while one agent's adapter is hot-swapped every --swap-interval s
   single   a second server whose batcher may not merge requests (LORASA_MAX_BATCH_ROWS = team size)
   threadsN (with --threads-compare N) a third server like the first but with N torch threads
+  stateless, bentoml_batching (with --compare-bentoml-batching) stateless deterministic clients (state
+           passed back) against the first server and against the same Engine behind BentoML's
+           `@bentoml.api(batchable=True)` (services/bentoml_batching_probe.py)
 Reports requests/s, p50/p99 latency, batch sizes seen (from the responses), errors, version
 regressions, and the ratios swap/merged p99 and merged/single throughput; writes JSON and a PNG.
 """
@@ -51,16 +54,17 @@ class RunResult:
 
     def summary(self) -> dict:
         lat = np.asarray(self.latencies_ms)
-        br = np.asarray(self.batch_requests)
+        br = np.asarray(self.batch_requests, dtype=float)
+        has_batches = len(br) > 0
         return {"name": self.name, "requests": self.requests, "errors": self.errors,
                 "version_regressions": self.version_regressions, "swaps": self.swaps,
                 "seconds": round(self.seconds, 2), "req_per_s": round(self.requests / self.seconds, 1),
                 "p50_ms": round(float(np.percentile(lat, 50)), 2),
                 "p99_ms": round(float(np.percentile(lat, 99)), 2),
                 "mean_ms": round(float(lat.mean()), 2), "max_ms": round(float(lat.max()), 2),
-                "mean_requests_per_forward": round(float(br.mean()), 2),
-                "max_requests_per_forward": int(br.max()),
-                "mean_rows_per_forward": round(float(np.mean(self.batch_rows)), 1)}
+                "mean_requests_per_forward": round(float(br.mean()), 2) if has_batches else None,
+                "max_requests_per_forward": int(br.max()) if has_batches else None,
+                "mean_rows_per_forward": round(float(np.mean(self.batch_rows)), 1) if has_batches else None}
 
 
 def merge_into(total: RunResult, r: RunResult) -> None:
@@ -81,35 +85,56 @@ def random_team_policy(directory: Path, team: str, seed: int = 0) -> Path:
 
 
 def client(url: str, spec: PolicySpec, k: int, n_req: int, deadline: float, swap_agent: str,
-           res: RunResult, lock: threading.Lock, bar: tqdm) -> None:
+           res: RunResult, lock: threading.Lock, bar: tqdm, mode: str = "session") -> None:
+    """Step one team: mode "session" (server keeps the state, sampled actions), "stateless" (the
+    client passes the state back, deterministic) or "probe" (stateless, BentoML-batching probe)."""
     g = np.random.default_rng(k)
-    last_version = 0
+    last_version, state = 0, [None] * len(spec.agents)
+    path = "/act" if mode == "probe" else "/v1/act"
     with requests.Session() as s:
         for t in range(n_req):
             if time.monotonic() > deadline:
                 break
             rows = [{"agent_id": a.agent_id, "obs": g.standard_normal(a.obs_dim).round(4).tolist()}
                     for a in spec.agents]
-            body = {"session_id": f"bench-{k}", "rows": rows, "deterministic": False}
+            if mode == "session":
+                body = {"session_id": f"bench-{k}", "rows": rows, "deterministic": False}
+            else:
+                rows = [{**r, "state": h} if h is not None else r for r, h in zip(rows, state)]
+                body = {"rows": rows}
             t0 = time.perf_counter()
             try:
-                r = s.post(url + "/v1/act", json=body, timeout=30)
+                r = s.post(url + path, json=body, timeout=30)
                 ok, out = r.status_code == 200, (r.json() if r.status_code == 200 else None)
             except requests.RequestException:
                 ok, out = False, None
             ms = 1000 * (time.perf_counter() - t0)
+            if ok and mode != "session":
+                state = [o["state"] for o in out] if mode == "probe" else out["state"]
             with lock:
                 res.requests += 1
                 if not ok:
                     res.errors += 1
-                else:
-                    res.latencies_ms.append(ms)
+                    continue
+                res.latencies_ms.append(ms)
+                if mode != "probe":
                     res.batch_requests.append(out["batch"]["requests"])
                     res.batch_rows.append(out["batch"]["rows"])
                     v = out["versions"][spec.agent_ids.index(swap_agent)]
                     res.version_regressions += int(v < last_version)
                     last_version = max(last_version, v)
             bar.update(1)
+
+
+def bentoml_batch_sizes(url: str) -> float:
+    """Mean requests per batch from BentoML's own adaptive-batching histogram on /metrics."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    vals = {}
+    for line in text.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith("bentoml_service_adaptive_batch_size" + suffix):
+                vals[suffix] = vals.get(suffix, 0.0) + float(line.rsplit(" ", 1)[1])
+    return vals.get("_sum", 0.0) / max(vals.get("_count", 0.0), 1.0)
 
 
 def swapper(url: str, token: str, spec: PolicySpec, agent: str, interval: float,
@@ -124,14 +149,14 @@ def swapper(url: str, token: str, spec: PolicySpec, agent: str, interval: float,
 
 
 def run_load(srv: ServerProcess, spec: PolicySpec, name: str, args, token: str,
-             swap: bool) -> RunResult:
+             swap: bool, mode: str = "session") -> RunResult:
     res, lock, stop = RunResult(name), threading.Lock(), threading.Event()
     agent = spec.agent_ids[-1]
     deadline = time.monotonic() + args.seconds
     with tqdm(total=args.clients * args.requests, desc=name, unit="req", leave=False,
               mininterval=1.0) as bar:
         threads = [threading.Thread(target=client, args=(srv.url, spec, k, args.requests, deadline,
-                                                         agent, res, lock, bar))
+                                                         agent, res, lock, bar, mode))
                    for k in range(args.clients)]
         sw = threading.Thread(target=swapper, args=(srv.url, token, spec, agent, args.swap_interval,
                                                     stop, res)) if swap else None
@@ -147,10 +172,11 @@ def run_load(srv: ServerProcess, spec: PolicySpec, name: str, args, token: str,
     return res
 
 
-def serve(policy: Path, token: str, workers: int, extra: dict[str, str], log: Path) -> ServerProcess:
+def serve(policy: Path, token: str, workers: int, extra: dict[str, str], log: Path,
+          target: str = "") -> ServerProcess:
     env = {"LORASA_POLICY": str(policy), "LORASA_ADMIN_TOKEN": token, "LORASA_WORKERS": str(workers),
            "LORASA_STATE_DIR": tempfile.mkdtemp(prefix="lorasa-bench-state-"), **extra}
-    return ServerProcess(env, log)
+    return ServerProcess(env, log, target=target)
 
 
 def plot(results: list[RunResult], path: Path) -> None:
@@ -161,8 +187,9 @@ def plot(results: list[RunResult], path: Path) -> None:
     for r in results:
         lat = np.sort(r.latencies_ms)
         ax1.plot(lat, np.arange(1, len(lat) + 1) / len(lat), label=r.name)
-        ax2.hist(r.batch_requests, bins=np.arange(0.5, max(r.batch_requests) + 1.5), alpha=0.5,
-                 label=r.name)
+        if r.batch_requests:  # (BentoML's batching reports only a mean, on /metrics)
+            ax2.hist(r.batch_requests, bins=np.arange(0.5, max(r.batch_requests) + 1.5), alpha=0.5,
+                     label=r.name)
     ax1.set(xscale="log", xlabel="latency (ms)", ylabel="fraction of requests", title="latency CDF")
     ax2.set(xlabel="requests merged into the forward that served a request", ylabel="responses",
             title="batch sizes seen")
@@ -184,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads-compare", type=int, default=0,
                     help="also run a server with this many torch threads per worker (default 1)")
+    ap.add_argument("--compare-bentoml-batching", action="store_true",
+                    help="also run stateless clients against the service and against BentoML's own "
+                         "adaptive batching (services/bentoml_batching_probe.py)")
     ap.add_argument("--out", default="runs/load_bench")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -200,22 +230,32 @@ def main(argv: list[str] | None = None) -> None:
                                {"LORASA_MAX_BATCH_ROWS": str(len(spec.agents)),
                                 "LORASA_MAX_ROWS_PER_REQUEST": str(len(spec.agents))},
                                out / "server_single.log")}
-    conditions = [("merged", "shipped", False), ("swap", "shipped", True), ("single", "single", False)]
+    conditions = [("merged", "shipped", False, "session"), ("swap", "shipped", True, "session"),
+                  ("single", "single", False, "session")]
     if args.threads_compare:
         name = f"threads{args.threads_compare}"
         servers[name] = serve(policy, token, args.workers,
                               {"LORASA_TORCH_THREADS": str(args.threads_compare)}, out / f"server_{name}.log")
-        conditions.append((name, name, False))
+        conditions.append((name, name, False, "session"))
+    if args.compare_bentoml_batching:
+        servers["probe"] = serve(policy, token, 1, {}, out / "server_probe.log",
+                                 target="services.bentoml_batching_probe:BatchableProbe")
+        conditions += [("stateless", "shipped", False, "stateless"),
+                       ("bentoml_batching", "probe", False, "probe")]
     totals = {name: RunResult(name) for name, *_ in conditions}
     try:
         for srv in servers.values():
             srv.__enter__()
-            run_load(srv, spec, "warmup", argparse.Namespace(**{**vars(args), "requests": 10}), token, False)
+            mode = "probe" if srv is servers.get("probe") else "session"
+            run_load(srv, spec, "warmup", argparse.Namespace(**{**vars(args), "requests": 10}), token,
+                     False, mode)
         for rnd in range(args.rounds):
-            for name, server, swap in conditions:
-                r = run_load(servers[server], spec, f"{name} {rnd + 1}/{args.rounds}", args, token, swap)
+            for name, server, swap, mode in conditions:
+                r = run_load(servers[server], spec, f"{name} {rnd + 1}/{args.rounds}", args, token, swap,
+                             mode)
                 merge_into(totals[name], r)
                 print(json.dumps({"round": rnd + 1, **r.summary()}), flush=True)
+        probe_batch = bentoml_batch_sizes(servers["probe"].url) if "probe" in servers else None
     finally:
         for srv in servers.values():
             srv.stop()
@@ -225,7 +265,13 @@ def main(argv: list[str] | None = None) -> None:
               "p50_swap_over_merged": round(sw["p50_ms"] / base["p50_ms"], 2),
               "throughput_merged_over_single": round(base["req_per_s"] / single["req_per_s"], 2),
               "p99_single_over_merged": round(single["p99_ms"] / base["p99_ms"], 2)}
-    for r in extra:
+    by_name = {r["name"]: r for r in extra}
+    if probe_batch is not None:
+        by_name["bentoml_batching"]["mean_requests_per_forward"] = round(probe_batch, 2)
+        st, bb = by_name.pop("stateless"), by_name.pop("bentoml_batching")
+        ratios["throughput_stateless_over_bentoml_batching"] = round(st["req_per_s"] / bb["req_per_s"], 2)
+        ratios["p99_bentoml_batching_over_stateless"] = round(bb["p99_ms"] / st["p99_ms"], 2)
+    for r in by_name.values():
         ratios[f"p99_{r['name']}_over_merged"] = round(r["p99_ms"] / base["p99_ms"], 2)
         ratios[f"throughput_merged_over_{r['name']}"] = round(base["req_per_s"] / r["req_per_s"], 2)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "policy": str(policy),
