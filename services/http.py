@@ -30,6 +30,7 @@ from .schema import BadRequest, act_response, check_session_id, parse_act, parse
 log = logging.getLogger("lorasa.service")
 
 
+PARSE_IN_THREAD_BYTES = 64 * 1024
 WORKER = str(os.getpid())  # response header X-Lorasa-Worker: which worker process answered
 
 
@@ -43,8 +44,10 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
 
     async def act(request: Request) -> JSONResponse:
         rt = await get_runtime()
-        req = parse_act(parse_json(await _body(request, cfg.max_body_bytes)), rt.spec,
-                        cfg.max_rows_per_request)
+        body = await _body(request, cfg.max_body_bytes)
+        parse = lambda: parse_act(parse_json(body), rt.spec, cfg.max_rows_per_request)  # noqa: E731
+        # big bodies are parsed off the event loop so they do not stall other requests
+        req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
         res = await asyncio.wrap_future(rt.submit(req))
         metrics.act_requests.labels(outcome="ok").inc()
         return JSONResponse(act_response(req, rt.spec, res.actions, res.log_probs, res.state,

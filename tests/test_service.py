@@ -93,6 +93,10 @@ def test_act_matches_in_process_engine(srv):
     resp = act(srv, {"rows": rows_for(spec, ids, obs, state, reset)})
     assert_matches(resp, expected(srv, ids, obs, state, reset))
     assert resp["versions"] == [srv.engine.versions()[a] for a in ids]
+    # a large body (parsed off the event loop) gives the same answer
+    padded = json.dumps({"rows": rows_for(spec, ids, obs, state, reset)}) + " " * 100_000
+    big = requests.post(srv.url + "/v1/act", data=padded, timeout=30)
+    assert big.status_code == 200 and big.json()["actions"] == resp["actions"]
     # sampled actions differ from the deterministic mean but have the right shapes
     samp = act(srv, {"rows": rows_for(spec, ids, obs), "deterministic": False})
     assert [len(a) for a in samp["actions"]] == [spec.agent(a).act_dim for a in ids]
