@@ -289,8 +289,7 @@ def test_bad_input_is_rejected_and_changes_nothing(srv):
     # nothing changed: same versions, same outputs, and the server still answers
     assert requests.get(srv.url + "/v1/agents").json() == versions
     again = act(srv, good)
-    assert_matches(again, (again["actions"], ref["log_probs"], ref["state"]))
-    np.testing.assert_allclose(np.concatenate(again["actions"]), np.concatenate(ref["actions"]), atol=1e-6)
+    assert_matches(again, (ref["actions"], ref["log_probs"], ref["state"]))
     assert requests.get(srv.url + "/readyz").status_code == 200
 
 
