@@ -46,8 +46,8 @@ class ActRequest:
 def parse_json(body: bytes) -> object:
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadRequest(f"malformed JSON body: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON/UTF-8, too-deep nesting, huge int literals
+        raise BadRequest(f"malformed JSON body: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
@@ -112,8 +112,8 @@ def _floats(x: object, n: int, where: str) -> np.ndarray:
         raise BadRequest(f"{where} must be a list of {n} numbers")
     try:
         a = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise BadRequest(f"{where} must be a flat list of {n} numbers") from None
+    except (TypeError, ValueError, OverflowError):
+        raise BadRequest(f"{where} must be a flat list of {n} finite numbers") from None
     if a.shape != (n,):
         raise BadRequest(f"{where} has shape {list(a.shape)}, expected [{n}]")
     a32 = a.astype(np.float32)
