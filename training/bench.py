@@ -59,10 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=32_000, help="env steps per measurement")
     p.add_argument("--workers", default="0,2", help="worker counts to compare for random stepping")
     p.add_argument("--n-envs", type=int, default=0, help="override the preset's n_envs")
+    p.add_argument("--train-workers", type=int, default=-1, help="override the preset's env.workers")
     args = p.parse_args(argv)
     cfg = preset(args.preset)
     if args.n_envs:
         cfg = with_overrides(cfg, {"env.n_envs": args.n_envs})
+    if args.train_workers >= 0:
+        cfg = with_overrides(cfg, {"env.workers": args.train_workers})
     workers = [int(w) for w in args.workers.split(",")]
     print(f"{args.preset}: {cfg.env.n_envs} envs, training with workers={cfg.env.workers}, "
           f"rollout {cfg.ppo.rollout}, {args.steps} env steps per measurement")

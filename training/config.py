@@ -92,9 +92,11 @@ def _dataclass_type(cls, name: str):
     return t if dataclasses.is_dataclass(t) else None
 
 
-def _mujoco(scenario: str, conf: str, **kw) -> TrainConfig:
+def _mujoco(scenario: str, conf: str, workers: int = 0, **kw) -> TrainConfig:
+    """workers: subprocesses pay off for the heavier bodies (Ant, Humanoid: x1.4 on 2 cores, see
+    BENCHMARKS.md), not for HalfCheetah / Walker2d, whose steps are cheaper than the pipe round trip."""
     out = f"runs/{scenario.lower()}_{conf.replace('|', '_')}"
-    env = EnvConfig("mamujoco", scenario, conf, n_envs=16, workers=0)
+    env = EnvConfig("mamujoco", scenario, conf, n_envs=16, workers=workers)
     return TrainConfig(env=env, ppo=PPOConfig(rollout=100), out=out, **kw)
 
 
@@ -110,8 +112,8 @@ def _smax(map_name: str, **kw) -> TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     "halfcheetah_2x3": _mujoco("HalfCheetah", "2x3"),
     "walker2d_2x3": _mujoco("Walker2d", "2x3"),
-    "ant_4x2": _mujoco("Ant", "4x2"),
-    "humanoid_9_8": _mujoco("Humanoid", "9|8"),
+    "ant_4x2": _mujoco("Ant", "4x2", workers=2),
+    "humanoid_9_8": _mujoco("Humanoid", "9|8", workers=2),
     "smax_3s5z": _smax("3s5z"),
     "smax_3s5z_vs_3s6z": _smax("3s5z_vs_3s6z"),
 }

@@ -1,6 +1,9 @@
 """MaMuJoCo (gymnasium-robotics `mamujoco_v1`) as a `SingleEnv`: any scenario / agent_conf / agent_obsk."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
 
 import numpy as np
@@ -8,15 +11,30 @@ import numpy as np
 from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, pad_obs
 
 
+log = logging.getLogger(__name__)
+KNOWN_MODEL_WARNINGS = ("compiler attribute 'settotalmass' is deprecated",)  # in gymnasium's own XML
+
+
+def _route_mujoco_warnings() -> None:
+    """MuJoCo's default warning handler prints and appends to MUJOCO_LOG.TXT in the working directory;
+    send its warnings to Python logging instead (unless the user installed a handler)."""
+    import mujoco
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(lambda msg: log.log(
+            logging.DEBUG if msg.startswith(KNOWN_MODEL_WARNINGS) else logging.WARNING, "MuJoCo: %s", msg))
+
+
 class MaMuJoCoEnv:
     def __init__(self, cfg: EnvConfig):
         try:
-            with warnings.catch_warnings():
+            # the import prints a Farama notice about the Adroit hand envs (not used here) to stderr
+            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 from gymnasium_robotics import mamujoco_v1
         except ImportError as e:
             raise EnvUnavailableError(f"MaMuJoCo needs gymnasium-robotics and mujoco "
                                       f"(pip install -e '.[mujoco]'): {e}") from None
+        _route_mujoco_warnings()
         kw = {"max_episode_steps": cfg.episode_limit} if cfg.episode_limit > 0 else {}
         try:
             self.env = mamujoco_v1.parallel_env(cfg.scenario, cfg.agent_conf,
