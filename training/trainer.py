@@ -166,61 +166,73 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def train(self, progress: bool = True) -> dict:
         cfg, c = self.cfg, self.counters
-        T, E = cfg.ppo.rollout, self.venv.n_envs
-        if T % cfg.ppo.chunk:
-            raise ValueError(f"ppo.rollout ({T}) must be a multiple of ppo.chunk ({cfg.ppo.chunk})")
+        if cfg.ppo.rollout % cfg.ppo.chunk:
+            raise ValueError(f"ppo.rollout ({cfg.ppo.rollout}) must be a multiple of ppo.chunk ({cfg.ppo.chunk})")
         writer = _CsvLog(self.out / "metrics.csv")
         self._open_tb()
-        step = self.venv.reset(cfg.seed + c.updates * 7919)
-        h0 = torch.zeros(self.info.n_agents, E, self.actor.spec.hidden) if self.actor.spec.recurrent else None
-        cur = Cursor(step, h0, torch.ones(E, dtype=torch.bool))
+        cur, recent, last = self._start_cursor(), [], None
         next_eval = _next_multiple(c.env_steps, cfg.eval_every)
         next_save = _next_multiple(c.env_steps, cfg.save_every)
-        recent: list[tuple[float, int, float]] = []
         bar = tqdm(total=cfg.total_steps, initial=c.env_steps, unit="step", disable=not progress,
                    desc=f"{cfg.mode} {self.info.name}", dynamic_ncols=True)
-        t_start, last = time.perf_counter(), None
+        t_start = time.perf_counter()
         while c.env_steps < cfg.total_steps:
             if cfg.mode == "lorasa" and self.actor.kind == "ps" and c.env_steps >= cfg.switch_step:
                 self._switch_to_lora()
-            t0 = time.perf_counter()
-            ro, cur, eps = collect(self.venv, self.policy, self.critic, self.vnorm, cur, T,
-                                   cfg.ppo.gamma, self.g)
-            t1 = time.perf_counter()
-            stats = ppo_update(self.policy, self.critic, self.vnorm, ro, cfg.ppo, self.actor_opt,
-                               self.critic_opt, self.g)
-            t2 = time.perf_counter()
-            c.env_steps += T * E
-            c.updates += 1
-            recent = (recent + eps)[-20:]
-            row = {"env_steps": c.env_steps, "phase": self.actor.kind, "updates": c.updates,
-                   "wall_s": round(t2 - t_start, 2), "sps": round(T * E / (t2 - t0), 1),
-                   "rollout_s": round(t1 - t0, 4), "update_s": round(t2 - t1, 4),
-                   "train_return": _mean([r for r, _, _ in recent]),
-                   "train_win": _mean([w for _, _, w in recent]), **stats.__dict__}
+            row, cur, recent = self._iteration(cur, recent)
+            row["wall_s"] = round(time.perf_counter() - t_start, 2)
             due = cfg.eval_every and c.env_steps >= next_eval or c.env_steps >= cfg.total_steps
             if due and cfg.eval_episodes > 0:
-                ev = self.evaluate()
-                row.update(eval_return=ev.mean_return, eval_std=ev.std_return, eval_win=ev.win_rate)
-                last = ev
+                last = self.evaluate()
+                row.update(eval_return=last.mean_return, eval_std=last.std_return, eval_win=last.win_rate)
                 next_eval = _next_multiple(c.env_steps, cfg.eval_every)
             writer.write(row)
             self._tb_write(row)
             if cfg.save_every and c.env_steps >= next_save:
                 self.save_policy(self.out)
                 next_save = _next_multiple(c.env_steps, cfg.save_every)
-            bar.update(T * E)
+            bar.update(cfg.ppo.rollout * self.venv.n_envs)
             bar.set_postfix(ret=f"{row['train_return']:.1f}", sps=f"{row['sps']:.0f}", phase=self.actor.kind)
         bar.close()
-        self.save_policy(self.out)
         writer.close()
-        self._close_tb()
-        from .plots import plot_learning_curves
-        plot_learning_curves({cfg.mode: self.out / "metrics.csv"}, self.out / "learning_curve.png",
-                             title=f"{self.info.name}: {cfg.mode}")
-        self.close()
+        self._finish()
         return {"env_steps": c.env_steps, "final_eval": None if last is None else last.to_dict(),
                 "trainable_params": self.actor.n_trainable()}
+
+    def _start_cursor(self) -> Cursor:
+        """Fresh episodes in every env (a resumed run restarts its episodes), zero GRU states."""
+        E, spec = self.venv.n_envs, self.actor.spec
+        step = self.venv.reset(self.cfg.seed + self.counters.updates * 7919)
+        h0 = torch.zeros(self.info.n_agents, E, spec.hidden) if spec.recurrent else None
+        return Cursor(step, h0, torch.ones(E, dtype=torch.bool))
+
+    def _iteration(self, cur: Cursor, recent: list) -> tuple[dict, Cursor, list]:
+        """One rollout + one PPO update -> (metrics row, new cursor, the last 20 finished episodes)."""
+        cfg, c = self.cfg, self.counters
+        T, E = cfg.ppo.rollout, self.venv.n_envs
+        t0 = time.perf_counter()
+        ro, cur, eps = collect(self.venv, self.policy, self.critic, self.vnorm, cur, T, cfg.ppo.gamma, self.g)
+        t1 = time.perf_counter()
+        stats = ppo_update(self.policy, self.critic, self.vnorm, ro, cfg.ppo, self.actor_opt,
+                           self.critic_opt, self.g)
+        t2 = time.perf_counter()
+        c.env_steps += T * E
+        c.updates += 1
+        recent = (recent + eps)[-20:]
+        row = {"env_steps": c.env_steps, "phase": self.actor.kind, "updates": c.updates,
+               "sps": round(T * E / (t2 - t0), 1), "rollout_s": round(t1 - t0, 4),
+               "update_s": round(t2 - t1, 4), "train_return": _mean([r for r, _, _ in recent]),
+               "train_win": _mean([w for _, _, w in recent]), **stats.__dict__}
+        return row, cur, recent
+
+    def _finish(self) -> None:
+        """Final policy directory + train_state, learning-curve PNG, close the envs."""
+        from .plots import plot_learning_curves
+        self.save_policy(self.out)
+        self._close_tb()
+        plot_learning_curves({self.cfg.mode: self.out / "metrics.csv"}, self.out / "learning_curve.png",
+                             title=f"{self.info.name}: {self.cfg.mode}")
+        self.close()
 
     def close(self) -> None:
         self.venv.close()
