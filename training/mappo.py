@@ -172,32 +172,43 @@ class Cursor:
 
 def collect(venv: VecEnv, policy: Policy, critic: Critic, vnorm: ValueNorm, cur: Cursor, T: int,
             gamma: float, g: torch.Generator) -> tuple[Rollout, Cursor, list[tuple[float, int, float]]]:
-    """T steps of every env. Returns the rollout, the new cursor and finished episodes (return, length, won)."""
-    bufs: dict[str, list[Tensor]] = {k: [] for k in Rollout.__dataclass_fields__ if k != "last_value"}
-    episodes = []
+    """T steps of every env. Returns the rollout, the new cursor and finished episodes (return, length, won).
+
+    The critic does not influence acting, so it runs once over all T+1 states (and the final states of
+    truncated episodes) after the loop instead of once per step.
+    """
+    bufs: dict[str, list] = {k: [] for k in ("obs", "avail", "actions", "logp", "h", "reset", "state",
+                                             "reward", "end")}
+    episodes, cuts = [], []  # cuts: (t, env indices, final states) of time-limit truncations
     step, h, reset = cur.step, cur.h, cur.reset
     N = policy.info.n_agents
     with torch.no_grad():
-        for _ in range(T):
+        for t in range(T):
             obs, avail, state = grouped(step.obs), grouped(step.avail), torch.from_numpy(step.state)
             actions, logp, h_next = policy.act(obs, h, reset.expand(N, -1), avail, False, g)
-            value = vnorm.denormalize(critic(state))
             step = venv.step(env_actions(actions))
-            reward = torch.from_numpy(step.reward).float()
             trunc = step.done & ~step.terminated
-            if trunc.any():  # bootstrap a time-limit cut: r + gamma * V(s_final)
+            if trunc.any():
                 idx = np.flatnonzero(trunc)
-                reward[idx] += gamma * vnorm.denormalize(critic(torch.from_numpy(step.final_state[idx])))
-            for k, v in (("obs", obs), ("avail", avail), ("actions", actions), ("logp", logp),
-                         ("h", h), ("reset", reset), ("state", state), ("value", value),
-                         ("reward", reward), ("end", torch.from_numpy(step.done))):
+                cuts.append((t, idx, step.final_state[idx]))
+            for k, v in (("obs", obs), ("avail", avail), ("actions", actions), ("logp", logp), ("h", h),
+                         ("reset", reset), ("state", state), ("reward", torch.from_numpy(step.reward)),
+                         ("end", torch.from_numpy(step.done))):
                 bufs[k].append(v)
             episodes += [(float(step.ep_return[e]), int(step.ep_length[e]), float(step.ep_won[e]))
                          for e in np.flatnonzero(step.done)]
             h, reset = h_next, torch.from_numpy(step.done)
-        last_value = vnorm.denormalize(critic(torch.from_numpy(step.state)))
-    data = {k: (None if v[0] is None else torch.stack(v)) for k, v in bufs.items()}
-    return Rollout(**data, last_value=last_value), Cursor(step, h, reset), episodes
+        data = {k: (None if v[0] is None else torch.stack(v)) for k, v in bufs.items()}
+        values = vnorm.denormalize(critic(torch.cat([data["state"], torch.from_numpy(step.state)[None]])))
+        reward = data.pop("reward").float()
+        if cuts:  # bootstrap each time-limit cut: r + gamma * V(s_final)
+            v_final = vnorm.denormalize(critic(torch.from_numpy(np.concatenate([c[2] for c in cuts]))))
+            k = 0
+            for t, idx, _ in cuts:
+                reward[t, idx] += gamma * v_final[k:k + len(idx)]
+                k += len(idx)
+    return (Rollout(**data, value=values[:-1], reward=reward, last_value=values[-1]),
+            Cursor(step, h, reset), episodes)
 
 
 # --- PPO update ---------------------------------------------------------------------------------
