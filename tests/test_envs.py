@@ -117,3 +117,9 @@ def test_every_mamujoco_preset_builds():
         tr = env.reset(0)
         assert tr.obs.shape == (env.info.n_agents, env.info.obs_max)
         env.close()
+
+
+def test_a_failing_env_worker_reports_its_error():
+    from training.envs.vector import SubprocVecEnv
+    with pytest.raises(RuntimeError, match="env worker failed to start: ValueError: no single-env adapter"):
+        SubprocVecEnv(EnvConfig(kind="smax", scenario="3m"), make_single, n_envs=2, workers=1)
