@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from lorasa_serve import Engine
-from lorasa_serve.artifacts import SPEC_FILE, _atomic_write
+from lorasa_serve.artifacts import SPEC_FILE, atomic_write
 from lorasa_serve.errors import LorasaError
 
 from . import merged as merged_mod
@@ -144,7 +144,7 @@ def export_policy(cfg: ExportConfig) -> ExportReport:
     rollouts, notes = load_rollouts(cfg, engine)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / SPEC_FILE, engine.spec.to_json().encode())
+    atomic_write(out / SPEC_FILE, engine.spec.to_json().encode())
     tasks = [(a, f) for a in agents for f in formats] if cfg.merge else [("*", "onnx")]
     results = []
     with tqdm(tasks, desc="export", unit="artifact", disable=not cfg.progress) as bar:
@@ -269,4 +269,4 @@ def _write_manifest(cfg: ExportConfig, engine: Engine, report: ExportReport) -> 
                          "observations": sorted({n for n in report.notes})},
         "artifacts": [asdict(r) for r in report.results],
     }
-    _atomic_write(report.out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    atomic_write(report.out / MANIFEST, json.dumps(manifest, indent=2).encode())

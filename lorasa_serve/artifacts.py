@@ -132,7 +132,7 @@ def save_backbone(path: str | Path, spec: PolicySpec, tensors: dict[str, Tensor]
     fp = fingerprint(tensors)
     meta = {"format_version": str(FORMAT_VERSION), "fingerprint": fp,
             "spec": replace(spec, backbone_fingerprint=fp).to_json()}
-    _atomic_write(Path(path), st_save(tensors, metadata=meta))
+    atomic_write(Path(path), st_save(tensors, metadata=meta))
     return fp
 
 
@@ -162,7 +162,7 @@ def adapter_bytes(spec: PolicySpec, agent_id: str, tensors: dict[str, Tensor]) -
 
 def save_adapter(path: str | Path, spec: PolicySpec, agent_id: str,
                  tensors: dict[str, Tensor]) -> None:
-    _atomic_write(Path(path), adapter_bytes(spec, agent_id, tensors))
+    atomic_write(Path(path), adapter_bytes(spec, agent_id, tensors))
 
 
 def parse_adapter(data: bytes, spec: PolicySpec, source: str,
@@ -204,7 +204,7 @@ def save_policy(directory: str | Path, spec: PolicySpec, backbone: dict[str, Ten
     d.mkdir(parents=True, exist_ok=True)
     fp = save_backbone(d / BACKBONE_FILE, spec, backbone)
     spec = replace(spec, backbone_fingerprint=fp)
-    _atomic_write(d / SPEC_FILE, spec.to_json().encode())
+    atomic_write(d / SPEC_FILE, spec.to_json().encode())
     for agent_id, tensors in (adapters or {}).items():
         spec.agent(agent_id)  # KeyError for an agent the spec does not list
         (d / ADAPTER_DIR).mkdir(exist_ok=True)
@@ -234,13 +234,24 @@ def load_policy(directory: str | Path) -> tuple[PolicySpec, dict[str, Tensor],
     return spec, backbone, adapters
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file.
+    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,7 +20,7 @@ from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
 from .errors import InputError, UnknownAgentError
 from .layout import Layout, plan
-from .network import actor_forward
+from .network import actor_forward, slice_chunks
 from .sessions import SessionStore
 from .spec import AgentSpec, PolicySpec, check_agent_id
 
@@ -28,6 +28,7 @@ Mode = Literal["auto", "lora", "merged"]
 MODES = ("auto", "lora", "merged")
 # auto mode: merged weights (one bmm per layer, no low-rank delta) when the stacked per-chunk weights
 # are cheap to read per row and either small enough to rebuild or reused from the per-layout cache
+BLOCK_ROWS = 8192  # rows per forward block: larger batches run block by block (faster: cache-sized)
 MERGED_SMALL_BYTES = 2 << 20  # stacks up to this size: always merged (they stay in cache)
 MERGED_MAX_BYTES = 64 << 20  # never stack more than this per forward
 MERGED_MAX_BYTES_PER_ROW = 16 << 10  # weight bytes read per row; beyond it the low-rank path wins
@@ -177,9 +178,12 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         B = len(slots)
-        if not bank.has_adapters and not bank.merged:  # a plain policy: one shared forward
-            out, h_next = actor_forward(bank.spec, bank.params("shared", slots[:0], b""),
-                                        obs.unsqueeze(0), _opt(h, 0), _opt(reset, 0))
+        if not bank.has_adapters and not bank.merged:  # a plain policy: shared forward, row blocks
+            p = bank.params("shared", slots[:0], b"")
+            blocks = [actor_forward(bank.spec, p, obs[i:i + BLOCK_ROWS].unsqueeze(0),
+                                    _opt(_cut(h, i), 0), _opt(_cut(reset, i), 0))
+                      for i in range(0, B, BLOCK_ROWS)]
+            out, h_next = _cat_blocks(blocks, dim=1)
             return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
         lay = plan(slots)
         if mode == "auto":
@@ -189,7 +193,11 @@ class Engine:
         p = bank.params(mode, lay.chunk_slot, lay.key)
         pos = None if lay.pos is None else torch.as_tensor(lay.pos, device=obs.device)
         x, hh, rr = _to_chunks(lay, obs, pos), _opt_chunks(lay, h, pos), _opt_chunks(lay, reset, pos)
-        out, h_next = actor_forward(bank.spec, p, x, hh, rr)
+        k = max(1, BLOCK_ROWS // lay.M)  # chunks per block: big batches run in cache-sized blocks
+        blocks = [actor_forward(bank.spec, p if lay.C <= k else slice_chunks(p, slice(c, c + k)),
+                                x[c:c + k], _opt_cut(hh, c, k), _opt_cut(rr, c, k))
+                  for c in range(0, lay.C, k)]
+        out, h_next = _cat_blocks(blocks, dim=0)
         return (_from_chunks(lay, out, pos),
                 None if h_next is None else _from_chunks(lay, h_next, pos), bank)
 
@@ -370,6 +378,21 @@ def _from_chunks(lay: Layout, y: Tensor, pos: Tensor | None) -> Tensor:
 def _all_finite(t: Tensor) -> bool:
     """One reduction instead of isfinite's four passes; exact check only if the sum is not finite."""
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _cut(x: Tensor | None, i: int) -> Tensor | None:
+    return None if x is None else x[i:i + BLOCK_ROWS]
+
+
+def _opt_cut(x: Tensor | None, c: int, k: int) -> Tensor | None:
+    return None if x is None else x[c:c + k]
+
+
+def _cat_blocks(blocks: list, dim: int) -> tuple[Tensor, Tensor | None]:
+    if len(blocks) == 1:
+        return blocks[0]
+    outs, states = zip(*blocks)
+    return torch.cat(outs, dim), (None if states[0] is None else torch.cat(states, dim))
 
 
 def _opt(x: Tensor | None, dim: int) -> Tensor | None:

@@ -7,11 +7,14 @@ loop per agent (slower). M is chosen per batch to trade padding against the numb
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 CHUNK_COST_ROWS = 8  # one extra chunk costs about as much as this many padded rows
+MAX_TILE = 4096  # rows per chunk at most, so big batches can run in cache-sized blocks of chunks
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,28 @@ class Layout:
         return self.M.to_bytes(8, "little") + self.chunk_slot.tobytes()
 
 
+_CACHE: OrderedDict[bytes, Layout] = OrderedDict()
+_CACHE_SIZE = 16
+_CACHE_LOCK = threading.Lock()
+
+
 def plan(slots: np.ndarray) -> Layout:
+    """slots [B] int64 -> Layout, cached: an environment loop sends the same agent order every step."""
+    key = slots.tobytes()
+    with _CACHE_LOCK:
+        lay = _CACHE.get(key)
+        if lay is not None:
+            _CACHE.move_to_end(key)
+            return lay
+    lay = plan_uncached(slots)
+    with _CACHE_LOCK:
+        _CACHE[key] = lay
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return lay
+
+
+def plan_uncached(slots: np.ndarray) -> Layout:
     """slots [B] int64 -> Layout. Identity layouts (no copy) when rows are already grouped."""
     B = len(slots)
     counts = np.bincount(slots)
@@ -52,8 +76,8 @@ def plan(slots: np.ndarray) -> Layout:
 
 def choose_tile(counts: np.ndarray) -> int:
     """Rows per chunk minimising padded rows + CHUNK_COST_ROWS * chunks."""
-    top = int(counts.max())
-    cands = {top, max(1, int(counts.sum()) // len(counts))}
+    top = min(int(counts.max()), MAX_TILE)
+    cands = {top, min(top, max(1, int(counts.sum()) // len(counts)))}
     p = 1
     while p < top:
         cands.add(p)

@@ -98,6 +98,15 @@ def actor_forward(spec: PolicySpec, p: ActorParams, obs: Tensor, h: Tensor | Non
     return linear(x, p.linears["head"]), h_next
 
 
+def slice_chunks(p: ActorParams, sl: slice) -> ActorParams:
+    """The parameters of chunks `sl` (per-chunk tensors sliced along C; shared ones as they are)."""
+    def cut(t: Tensor | None) -> Tensor | None:
+        return t[sl] if t is not None and t.dim() == 3 else t
+    linears = {n: LinearP(cut(q.weight), cut(q.bias), cut(q.lora_a), cut(q.lora_b))
+               for n, q in p.linears.items()}
+    return ActorParams(linears, {n: NormP(cut(q.weight), cut(q.bias)) for n, q in p.norms.items()})
+
+
 def shared_params(spec: PolicySpec, backbone: dict[str, Tensor]) -> ActorParams:
     """ActorParams with every weight shared (the PS backbone), no adapters."""
     linears = {n: LinearP(backbone[f"{n}.weight"], backbone[f"{n}.bias"]) for n in spec.linear_names()}

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lorasa_serve.artifacts import _atomic_write
+from lorasa_serve.artifacts import atomic_write
 from lorasa_serve.spec import check_agent_id
 
 MANIFEST = "manifest.json"
@@ -96,7 +96,7 @@ class Overlay:
             m = self.read()
             version = m.version(agent_id) + 1
             rel = f"adapters/{agent_id}.v{version}.safetensors"
-            _atomic_write(self.root / rel, data)
+            atomic_write(self.root / rel, data)
             entry = {"version": version, "file": rel, "sha256": hashlib.sha256(data).hexdigest()}
             self._write(Manifest(m.fingerprint, {**m.adapters, agent_id: entry}, m.merged))
             self._prune(agent_id, version)
@@ -110,7 +110,7 @@ class Overlay:
             return tuple(sorted(merged))
 
     def _write(self, m: Manifest) -> None:
-        _atomic_write(self.root / MANIFEST, m.to_json().encode())
+        atomic_write(self.root / MANIFEST, m.to_json().encode())
         with open(self.root / "generation", "ab") as f:
             f.write(b".")
 

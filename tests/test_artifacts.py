@@ -166,3 +166,13 @@ def test_parse_adapter_bytes_checks_agent(tiny_policy):
         parse_adapter(data, spec, "upload", "agent_0")
     assert PolicySpec.from_json(spec.to_json()) == spec
     st_save({"x": torch.zeros(1)})  # sanity: the library itself is importable here
+
+
+def test_written_files_are_not_private(tmp_path):
+    """mkstemp makes 0600 files; a shipped or served policy must be readable by other users."""
+    import os
+    from conftest import make_policy
+    make_policy(tmp_path / "p")
+    for f in (tmp_path / "p").rglob("*"):
+        if f.is_file():
+            assert os.stat(f).st_mode & 0o044 == 0o044 & ~os.umask(os.umask(0)), f

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasa_serve.artifacts import _atomic_write
+from lorasa_serve.artifacts import atomic_write
 
 STATE_DIR = "train_state"
 
@@ -57,7 +57,7 @@ def save(out: Path, meta: dict, actor, critic: torch.nn.Module, actor_opt, criti
     opt = {**_opt_tensors(actor_opt, "actor"), **_opt_tensors(critic_opt, "critic"),
            "rng.state": g.get_state()}
     save_file(opt, str(d / "optim.safetensors"))
-    _atomic_write(d / "state.json", json.dumps(meta, indent=2).encode())  # last: marks a whole checkpoint
+    atomic_write(d / "state.json", json.dumps(meta, indent=2).encode())  # last: marks a whole checkpoint
 
 
 def load_meta(out: Path) -> dict:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from lorasa_serve import LoraSpec, PolicySpec, load_policy, save_policy
-from lorasa_serve.artifacts import _atomic_write
+from lorasa_serve.artifacts import atomic_write
 
 from . import checkpoint
 from .actor import Actor
@@ -62,7 +62,7 @@ def torch_act_fn(policy: Policy, deterministic: bool = True, g: torch.Generator 
 def write_env_json(directory: Path, cfg: TrainConfig, kind: str, counters: checkpoint.Counters) -> None:
     meta = {"env": cfg.env.env_block(), "trained_by": "lorasa-train", "actor": kind, "mode": cfg.mode,
             "env_steps": counters.env_steps, "seed": cfg.seed}
-    _atomic_write(Path(directory) / ENV_FILE, json.dumps(meta, indent=2).encode())
+    atomic_write(Path(directory) / ENV_FILE, json.dumps(meta, indent=2).encode())
 
 
 def read_env_json(directory: Path) -> EnvConfig:
