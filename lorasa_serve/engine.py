@@ -181,7 +181,8 @@ class Engine:
         if not bank.has_adapters and not bank.merged:  # a plain policy: shared forward, row blocks
             p = bank.params("shared", slots[:0], b"")
             blocks = [actor_forward(bank.spec, p, obs[i:i + BLOCK_ROWS].unsqueeze(0),
-                                    _opt(_cut(h, i), 0), _opt(_cut(reset, i), 0))
+                                    _opt(_opt_cut(h, i, BLOCK_ROWS), 0),
+                                    _opt(_opt_cut(reset, i, BLOCK_ROWS), 0))
                       for i in range(0, B, BLOCK_ROWS)]
             out, h_next = _cat_blocks(blocks, dim=1)
             return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
@@ -380,12 +381,9 @@ def _all_finite(t: Tensor) -> bool:
     return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def _cut(x: Tensor | None, i: int) -> Tensor | None:
-    return None if x is None else x[i:i + BLOCK_ROWS]
-
-
-def _opt_cut(x: Tensor | None, c: int, k: int) -> Tensor | None:
-    return None if x is None else x[c:c + k]
+def _opt_cut(x: Tensor | None, start: int, n: int) -> Tensor | None:
+    """x[start:start + n] along dim 0, or None."""
+    return None if x is None else x[start:start + n]
 
 
 def _cat_blocks(blocks: list, dim: int) -> tuple[Tensor, Tensor | None]:
