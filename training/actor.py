@@ -1,10 +1,16 @@
 """The actor's trainable parameters in each mode, exposed to `lorasa_serve.network.actor_forward`.
 
-Training runs the *serving* forward over the grouped layout `[N_agents, M, D]` (chunk i = agent i):
-  ps     one shared backbone (`[out, in]` weights) for every agent;
-  nps    one full network per agent (`[N, in, out]` weights, `[N, 1, D]` norms, `[N, 1, A]` log-std);
-  lora   the frozen PS backbone plus per-agent adapters (`lora_a [N, in, r]`, `lora_b [N, r, out]`).
-The PS / LoRA parameters convert losslessly to a policy directory (PEFT layout A [r, in], B [out, r]).
+Training runs the *serving* forward over the grouped layout `[N_agents, M, D]` (chunk i = agent i).
+Every tensor is either shared (the PS backbone's shape, e.g. a Linear weight `[out, in]`) or per group
+(`[G, in, out]` weights, `[G, 1, D]` biases / norms, `[G, 1, A]` log-std), and `groups[i]` names agent
+i's group. The modes are just choices of which tensors are per group and how agents are grouped:
+
+  ps     every tensor shared (one network for all agents);
+  nps    every tensor per group, one group per agent (independent networks);
+  seps   every tensor per group, agents clustered into G < N groups (selective parameter sharing);
+  mtl    a shared trunk (input norm, MLP, GRU) with per-agent output heads (post, post.ln, head, log-std);
+  lora   a frozen PS or SePS base plus per-agent adapters (`lora_a [N, in, r]`, `lora_b [N, r, out]`).
+PS / PS+LoRA parameters convert losslessly to a policy directory (PEFT layout A [r, in], B [out, r]).
 """
 from __future__ import annotations
 
@@ -14,90 +20,137 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lorasa_serve.network import ActorParams, LinearP, NormP, init_adapter, init_backbone, shared_params
+from lorasa_serve.network import ActorParams, LinearP, NormP, init_adapter, init_backbone
 from lorasa_serve.spec import PolicySpec
 
-Kind = Literal["ps", "nps", "lora"]
+Kind = Literal["ps", "nps", "seps", "mtl", "lora"]
+MTL_HEAD = ("post", "post.ln", "head")  # MTL: the per-agent layers (plus log-std)
 
 
 class Actor:
     def __init__(self, spec: PolicySpec, kind: Kind, trainable: dict[str, Tensor],
-                 frozen: dict[str, Tensor] | None = None):
+                 frozen: dict[str, Tensor] | None = None, groups: tuple[int, ...] | None = None):
         self.spec, self.kind = spec, kind
+        self.n = len(spec.agents)
+        self.groups = tuple(range(self.n)) if groups is None else tuple(int(x) for x in groups)
+        if len(self.groups) != self.n:
+            raise ValueError(f"groups {self.groups} must name one group per agent ({self.n})")
         # sorted: the optimiser's parameter order must not depend on how the tensors were loaded
         self.trainable = {k: trainable[k].detach().clone().requires_grad_(True) for k in sorted(trainable)}
         self.frozen = {k: v.detach().clone() for k, v in (frozen or {}).items()}
-        self.n = len(spec.agents)
+        self._index = torch.tensor(self.groups, dtype=torch.long)
+        self._identity = self.groups == tuple(range(self.n))
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
     def new_ps(cls, spec: PolicySpec, g: torch.Generator, init_log_std: float) -> "Actor":
-        bb = init_backbone(spec, g)
-        if spec.action == "gaussian":
-            bb["log_std"] = torch.full((spec.act_max,), init_log_std)
-        return cls(spec, "ps", bb)
+        return cls(spec, "ps", _fresh_backbone(spec, g, init_log_std), groups=(0,) * len(spec.agents))
 
     @classmethod
     def new_nps(cls, spec: PolicySpec, g: torch.Generator, init_log_std: float) -> "Actor":
-        """N independent backbones (each drawn like a PS one), stacked per agent in [N, in, out]."""
-        per_agent = [cls.new_ps(spec, g, init_log_std).trainable for _ in spec.agents]
-        t = {}
-        for name in spec.linear_names():
-            t[f"{name}.weight"] = torch.stack([b[f"{name}.weight"].T for b in per_agent])  # [N, in, out]
-            t[f"{name}.bias"] = torch.stack([b[f"{name}.bias"] for b in per_agent]).unsqueeze(1)
-        for name in spec.norm_names():
-            for p in ("weight", "bias"):
-                t[f"{name}.{p}"] = torch.stack([b[f"{name}.{p}"] for b in per_agent]).unsqueeze(1)
-        if spec.action == "gaussian":
-            t["log_std"] = torch.stack([b["log_std"] for b in per_agent]).unsqueeze(1)  # [N, 1, A]
-        return cls(spec, "nps", t)
+        """N independent backbones (each drawn like a PS one), stacked per agent."""
+        return cls.new_grouped(spec, g, init_log_std, tuple(range(len(spec.agents))), "nps")
+
+    @classmethod
+    def new_seps(cls, spec: PolicySpec, g: torch.Generator, init_log_std: float,
+                 groups: tuple[int, ...]) -> "Actor":
+        """One network per group of agents (groups[i] = agent i's group, 0 .. G-1)."""
+        return cls.new_grouped(spec, g, init_log_std, groups, "seps")
+
+    @classmethod
+    def new_mtl(cls, spec: PolicySpec, g: torch.Generator, init_log_std: float) -> "Actor":
+        """A shared trunk with one output head (post, post.ln, head, log-std) per agent."""
+        return cls.new_grouped(spec, g, init_log_std, tuple(range(len(spec.agents))), "mtl", MTL_HEAD)
+
+    @classmethod
+    def new_grouped(cls, spec: PolicySpec, g: torch.Generator, init_log_std: float,
+                    groups: tuple[int, ...], kind: Kind, layers: tuple[str, ...] | None = None) -> "Actor":
+        """Per-group copies (drawn independently) of `layers` (None: all) and log-std; the rest shared."""
+        n_groups = max(groups) + 1
+        if sorted(set(groups)) != list(range(n_groups)):
+            raise ValueError(f"groups {groups} must use every group 0 .. {n_groups - 1}")
+        per_group = [_fresh_backbone(spec, g, init_log_std) for _ in range(n_groups)]
+        t = dict(per_group[0])
+        for name, value in per_group[0].items():
+            layer = name.rsplit(".", 1)[0]
+            if layers is None or layer in layers or name == "log_std":
+                t[name] = torch.stack([_as_group_tensor(b[name]) for b in per_group])
+        return cls(spec, kind, t, groups=tuple(groups))
+
+    @classmethod
+    def lora_from_base(cls, base: "Actor", g: torch.Generator) -> "Actor":
+        """Freeze `base` (PS or SePS); fresh adapters (A random, B = 0), so the policy starts equal to it."""
+        spec = base.spec
+        adapters = {a: init_adapter(spec, g) for a in spec.agent_ids}
+        base_tensors = {k: v.detach().clone() for k, v in {**base.frozen, **base.trainable}.items()}
+        return cls.lora_from_adapters(spec, base_tensors, adapters, base.groups)
 
     @classmethod
     def lora_from_backbone(cls, spec: PolicySpec, backbone: dict[str, Tensor],
                            g: torch.Generator) -> "Actor":
-        """Freeze `backbone`; fresh adapters (A random, B = 0), so the policy starts equal to PS."""
         adapters = {a: init_adapter(spec, g) for a in spec.agent_ids}
         return cls.lora_from_adapters(spec, backbone, adapters)
 
     @classmethod
-    def lora_from_adapters(cls, spec: PolicySpec, backbone: dict[str, Tensor],
-                           adapters: dict[str, dict[str, Tensor]]) -> "Actor":
+    def lora_from_adapters(cls, spec: PolicySpec, base: dict[str, Tensor],
+                           adapters: dict[str, dict[str, Tensor]],
+                           groups: tuple[int, ...] | None = None) -> "Actor":
         t = {}
         for name in spec.adapted_layers:
             t[f"{name}.lora_a"] = torch.stack([adapters[a][f"{name}.lora_A.weight"].T
                                                for a in spec.agent_ids])  # [N, in, r]
             t[f"{name}.lora_b"] = torch.stack([adapters[a][f"{name}.lora_B.weight"].T
                                                for a in spec.agent_ids])  # [N, r, out]
-        return cls(spec, "lora", t, backbone)
+        return cls(spec, "lora", t, base, groups or (0,) * len(spec.agents))
 
     # --- forward parameters ---------------------------------------------------------------------
+    def _get(self, name: str) -> Tensor:
+        """Tensor `name` for the grouped batch: shared as stored, per group gathered to per agent."""
+        t = self.trainable.get(name)
+        if t is None:
+            t = self.frozen[name]
+        if t.dim() == 3 and not name.endswith((".lora_a", ".lora_b")) and not self._identity:
+            t = t.index_select(0, self._index)  # [G, ...] -> [N, ...] (differentiable)
+        return t
+
     def params(self) -> ActorParams:
         """ActorParams for a grouped batch `[N, M, D]` whose chunk i holds agent i's rows."""
-        spec, t = self.spec, self.trainable
-        if self.kind == "ps":
-            return shared_params(spec, t)
-        if self.kind == "nps":
-            return ActorParams({n: LinearP(t[f"{n}.weight"], t[f"{n}.bias"]) for n in spec.linear_names()},
-                               {n: NormP(t[f"{n}.weight"], t[f"{n}.bias"]) for n in spec.norm_names()})
-        p = shared_params(spec, self.frozen)
-        scale = spec.lora.scale
-        for n in spec.adapted_layers:
-            lp = p.linears[n]
-            p.linears[n] = LinearP(lp.weight, lp.bias, t[f"{n}.lora_a"], t[f"{n}.lora_b"] * scale)
-        return p
+        spec, scale = self.spec, self.spec.lora.scale
+        linears = {}
+        for n in spec.linear_names():
+            w, b = self._get(f"{n}.weight"), self._get(f"{n}.bias")  # shared 2-D or per agent 3-D
+            la = self.trainable.get(f"{n}.lora_a")
+            lb = self.trainable.get(f"{n}.lora_b")
+            linears[n] = LinearP(w, b, la, None if lb is None else lb * scale)
+        norms = {n: NormP(self._get(f"{n}.weight"), self._get(f"{n}.bias")) for n in spec.norm_names()}
+        return ActorParams(linears, norms)
 
     def log_std(self) -> Tensor:
         """[A] shared or [N, 1, A] per agent (broadcasts against [N, M, A])."""
-        if self.kind == "nps":
-            return self.trainable["log_std"]
-        return (self.frozen if self.kind == "lora" else self.trainable)["log_std"]
+        return self._get("log_std")
+
+    def group_rows(self) -> dict[str, Tensor]:
+        """For each per-group / per-agent trainable tensor, which leading index belongs to which agent:
+        name -> [N] long (the group of agent i; identity for adapters). Shared tensors are absent."""
+        out = {}
+        for k, v in self.trainable.items():
+            if k.endswith((".lora_a", ".lora_b")):
+                out[k] = torch.arange(self.n)
+            elif v.dim() == 3:
+                out[k] = self._index
+        return out
 
     # --- conversion to a servable policy ------------------------------------------------------
     def backbone(self) -> dict[str, Tensor]:
-        if self.kind == "nps":
-            raise ValueError("an NPS actor has no shared backbone")
+        if not self.servable():
+            raise ValueError(f"a {self.kind} actor has per-group weights, not one shared backbone")
         src = self.frozen if self.kind == "lora" else self.trainable
         return {k: v.detach().clone() for k, v in src.items()}
+
+    def base(self) -> "Actor":
+        """The frozen base of a LoRA actor as its own (PS or SePS) actor."""
+        kind = "ps" if all(v.dim() < 3 for v in self.frozen.values()) else "seps"
+        return Actor(self.spec, kind, self.frozen, groups=self.groups)
 
     def adapters(self) -> dict[str, dict[str, Tensor]] | None:
         """Per agent PEFT tensors: `<layer>.lora_A.weight` [r, in], `<layer>.lora_B.weight` [out, r]."""
@@ -111,10 +164,28 @@ class Actor:
                 for i, a in enumerate(self.spec.agent_ids)}
 
     def servable(self) -> bool:
-        return self.kind != "nps"
+        """A policy directory needs one shared backbone: PS, or LoRA over a PS base."""
+        base = self.frozen if self.kind == "lora" else self.trainable
+        return all(v.dim() < 3 for v in base.values())
 
     def n_trainable(self) -> int:
         return sum(v.numel() for v in self.trainable.values())
+
+    def n_total(self) -> int:
+        """Every actor parameter the team needs at inference (frozen base included)."""
+        return sum(v.numel() for v in {**self.frozen, **self.trainable}.values())
+
+
+def _fresh_backbone(spec: PolicySpec, g: torch.Generator, init_log_std: float) -> dict[str, Tensor]:
+    bb = init_backbone(spec, g)
+    if spec.action == "gaussian":
+        bb["log_std"] = torch.full((spec.act_max,), init_log_std)
+    return bb
+
+
+def _as_group_tensor(t: Tensor) -> Tensor:
+    """One group's copy of a shared tensor in the per-group layout: [out, in] -> [in, out], [D] -> [1, D]."""
+    return t.T if t.dim() == 2 else t.unsqueeze(0)
 
 
 def param_counts(spec: PolicySpec) -> dict[str, int]:

@@ -37,19 +37,27 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
             kw.update(choices=list(args), type=type(args[0]))
         elif t in (int, float, str):
             kw["type"] = t
-        elif _is_optional_str_tuple(t):
-            kw.update(type=_str_tuple, metavar="A,B,...|all")
+        elif _tuple_item(t) is not None:
+            kw.update(type=_tuple_parser(_tuple_item(t)), metavar="A,B,...|all")
         else:
             raise TypeError(f"no CLI parser for field {name}: {t}")
         parser.add_argument(flag, **kw)
 
 
-def _is_optional_str_tuple(t) -> bool:
-    return any(typing.get_origin(a) is tuple for a in typing.get_args(t))
+def _tuple_item(t):
+    """The item type of `tuple[X, ...]` or `tuple[X, ...] | None`, else None."""
+    for a in (t, *typing.get_args(t)):
+        if typing.get_origin(a) is tuple:
+            return typing.get_args(a)[0]
+    return None
 
 
-def _str_tuple(s: str):
-    return None if s in ("all", "") else tuple(x.strip() for x in s.split(",") if x.strip())
+def _tuple_parser(item):
+    def parse(s: str):
+        if s in ("all", ""):
+            return None
+        return tuple(item(x.strip()) for x in s.split(",") if x.strip())
+    return parse
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:

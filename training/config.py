@@ -7,7 +7,8 @@ from typing import Literal
 
 from .envs import EnvConfig
 
-Mode = Literal["ps", "nps", "lorasa"]
+Mode = Literal["ps", "nps", "seps", "mtl", "lorasa", "seps_lorasa"]
+Algo = Literal["mappo", "a2po"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,24 @@ class LoraConfig:
     alpha: float = 8.0
     layers: tuple[str, ...] | None = None  # None: all Linears of the actor
     lr: float = 1e-3  # adapters' learning rate in phase 2
+
+
+@dataclass(frozen=True)
+class SepsConfig:
+    """Selective parameter sharing: agents clustered into `groups` networks (modes seps, seps_lorasa)."""
+
+    groups: int = 2
+    assignment: tuple[int, ...] | None = None  # agent -> group; None: cluster (training/seps.py)
+    probe_steps: int = 400  # random-action env steps per env for the clustering probe
+
+
+@dataclass(frozen=True)
+class A2POConfig:
+    """A2PO (Wang et al., ICLR 2023): agents updated one after another within each PPO update."""
+
+    others_clip: float = 0.1  # clip of the preceding agents' ratio product (the paper's MuJoCo value)
+    order: Literal["random", "fixed"] = "random"  # agent order per update
+    trace: bool = True  # advantage correction: GAE with traces truncated at min(1, preceding ratio)
 
 
 @dataclass(frozen=True)
@@ -51,14 +70,21 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    mode: Mode = "lorasa"  # ps: shared actor; nps: one actor per agent; lorasa: PS, then per-agent LoRA
+    seps: SepsConfig = field(default_factory=SepsConfig)
+    a2po: A2POConfig = field(default_factory=A2POConfig)
+    algo: Algo = "mappo"
+    # ps: shared actor; nps: one actor per agent; seps: one per agent cluster; mtl: shared trunk with
+    # per-agent heads; lorasa: PS, then per-agent LoRA; seps_lorasa: SePS, then per-agent LoRA
+    mode: Mode = "lorasa"
     total_steps: int = 900_000  # env steps summed over envs, all phases together
     switch_step: int = 600_000  # lorasa: env step at which the backbone freezes and adapters train
-    init_from: str = ""  # lorasa: start phase 2 from this phase-1 policy directory (skips phase 1)
+    init_from: str = ""  # lorasa: start phase 2 from this phase-1 run / policy directory (skips phase 1)
+    snapshot_steps: tuple[int, ...] = ()  # also keep the whole run at these env steps: out/snapshots/<n>
     out: str = "runs/halfcheetah_2x3"
     seed: int = 1
     eval_every: int = 50_000  # env steps between deterministic evaluations (0: only at the end)
     eval_episodes: int = 4  # 0: no evaluation
+    final_eval_episodes: int = 16  # the evaluation at the end (summary.json)
     save_every: int = 100_000  # env steps between checkpoints (policy dir + train_state)
     torch_threads: int = 1
     tensorboard: bool = True

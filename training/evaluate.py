@@ -76,25 +76,21 @@ def http_act_fn(url: str, info: EnvInfo, timeout: float = 30.0) -> ActFn:
     return act
 
 
-def nps_run(directory: Path) -> bool:
-    """A directory lorasa-train wrote for an NPS run: train_state only, no policy.json."""
+def actor_only_run(directory: Path) -> bool:
+    """A run directory lorasa-train wrote for an actor without one shared backbone (NPS, SePS, MTL,
+    SePS+LoRA): train_state only, no policy.json."""
     from .checkpoint import STATE_DIR
-    state = Path(directory) / STATE_DIR / "state.json"
-    return not (Path(directory) / "policy.json").exists() and state.is_file() and \
-        json.loads(state.read_text()).get("actor_kind") == "nps"
+    return not (Path(directory) / "policy.json").exists() and \
+        (Path(directory) / STATE_DIR / "state.json").is_file()
 
 
-def nps_act_fn(directory: Path, info: EnvInfo):
-    """-> (spec, ActFn) acting with an NPS run's per-agent networks (the training forward)."""
-    from lorasa_serve import PolicySpec
+def run_act_fn(directory: Path, info: EnvInfo):
+    """-> (spec, ActFn, kind) acting with a run's training actor (the training forward)."""
     from . import checkpoint
-    from .actor import Actor
     from .mappo import Policy
-    from .trainer import torch_act_fn
-    meta = checkpoint.load_meta(directory)
-    trainable, frozen = checkpoint.load_actor_tensors(directory)
-    spec = PolicySpec.from_dict(meta["spec"])
-    return spec, torch_act_fn(Policy.build(Actor(spec, "nps", trainable, frozen), info))
+    from .trainer import actor_from_state, torch_act_fn
+    actor = actor_from_state(Path(directory), checkpoint.load_meta(directory))
+    return actor.spec, torch_act_fn(Policy.build(actor, info)), actor.kind
 
 
 def check_policy_fits_env(spec, info: EnvInfo, path: Path) -> None:
@@ -115,11 +111,13 @@ def summarise(stats: EpisodeStats) -> str:
 def resolve_actor(args, info: EnvInfo):
     """-> (spec, ActFn, description): the Engine in-process, the HTTP service, or an NPS run's actor."""
     from lorasa_serve import Engine, LorasaError
-    if nps_run(args.policy_dir):
+    if actor_only_run(args.policy_dir):
         if args.url:
-            raise SystemExit("lorasa-eval: an NPS run is not a servable policy directory; --url needs one")
-        spec, act = nps_act_fn(args.policy_dir, info)
-        return spec, act, "the NPS training actor (NPS runs have no policy directory for the Engine)"
+            raise SystemExit("lorasa-eval: this run has no servable policy directory (no single shared "
+                             "backbone: NPS / SePS / MTL); --url needs one")
+        spec, act, kind = run_act_fn(args.policy_dir, info)
+        name = {"nps": "NPS", "seps": "SePS", "mtl": "MTL", "lora": "SePS+LoRA"}.get(kind, kind)
+        return spec, act, f"the {name} training actor (no single backbone, so no policy directory)"
     try:
         engine = Engine.from_dir(args.policy_dir, device="cpu", mode=args.mode)
     except LorasaError as e:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lorasa_serve.distributions import (categorical_act, categorical_entropy, categorical_log_prob,
                                         gaussian_act, gaussian_entropy, gaussian_log_prob)
-from lorasa_serve.network import actor_forward
+from lorasa_serve.network import actor_forward, slice_chunks
 
 from .actor import Actor
 from .config import PPOConfig
@@ -73,11 +73,12 @@ class ValueNorm:
 
 # --- GAE ----------------------------------------------------------------------------------------
 def gae(rewards: Tensor, values: Tensor, last_value: Tensor, ends: Tensor, gamma: float,
-        lam: float) -> tuple[Tensor, Tensor]:
+        lam: float, trace: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """rewards, values, ends [T, E]; last_value [E] -> (advantages, returns) [T, E].
 
     `ends[t]` marks an episode that ended with step t (no bootstrapping across it; truncated episodes
-    have their bootstrap value already added to the reward).
+    have their bootstrap value already added to the reward). `trace` [T, E] (A2PO's off-policy
+    correction, Retrace-style): A_t = sum_l (gamma lam)^l (c_{t+1} ... c_{t+l}) delta_{t+l}.
     """
     T = rewards.shape[0]
     adv = torch.zeros_like(rewards)
@@ -86,6 +87,8 @@ def gae(rewards: Tensor, values: Tensor, last_value: Tensor, ends: Tensor, gamma
         next_value = last_value if t == T - 1 else values[t + 1]
         live = 1.0 - ends[t].float()
         delta = rewards[t] + gamma * next_value * live - values[t]
+        if trace is not None and t < T - 1:
+            running = running * trace[t + 1]
         running = delta + gamma * lam * live * running
         adv[t] = running
     return adv, adv + values
@@ -116,20 +119,23 @@ class Policy:
         return actions, logp, h_next
 
     def evaluate(self, obs: Tensor, h0: Tensor | None, reset: Tensor, avail: Tensor,
-                 actions: Tensor) -> tuple[Tensor, Tensor]:
-        """Sequences: obs [L, N, Q, D], h0 [N, Q, H], reset [L, N, Q] -> log-probs, entropies [L, N, Q]."""
+                 actions: Tensor, agents: slice = slice(None)) -> tuple[Tensor, Tensor]:
+        """Sequences of the agents `agents` (n of them): obs [L, n, Q, D], h0 [n, Q, H], reset [L, n, Q]
+        -> log-probs, entropies [L, n, Q]."""
         a = self.actor
-        p, h, heads = a.params(), h0, []
+        p, h, heads = slice_chunks(a.params(), agents), h0, []
         for t in range(obs.shape[0]):
             head, h = actor_forward(a.spec, p, obs[t], h, reset[t])
             heads.append(head)
-        head = torch.stack(heads)  # [L, N, Q, A]
+        head = torch.stack(heads)  # [L, n, Q, A]
+        dim_mask = self.dim_mask[agents]
         if a.spec.action == "gaussian":
             log_std = a.log_std()
-            logp = gaussian_log_prob(head, log_std, actions, self.dim_mask)
-            ent = gaussian_entropy(log_std, self.dim_mask).expand_as(logp)
+            log_std = log_std[agents] if log_std.dim() == 3 else log_std
+            logp = gaussian_log_prob(head, log_std, actions, dim_mask)
+            ent = gaussian_entropy(log_std, dim_mask).expand_as(logp)
         else:
-            valid = avail & self.dim_mask
+            valid = avail & dim_mask
             logp = categorical_log_prob(head, valid, actions)
             ent = categorical_entropy(head, valid)
         return logp, ent
@@ -212,6 +218,13 @@ def collect(venv: VecEnv, policy: Policy, critic: Critic, vnorm: ValueNorm, cur:
 
 
 # --- PPO update ---------------------------------------------------------------------------------
+def from_sequences(x: Tensor, E: int) -> Tensor:
+    """Inverse of `to_sequences(., L, 1)`: [L, Q, ...] with Q = K * E -> [T, E, ...], T = K * L."""
+    L, Q = x.shape[:2]
+    x = x.reshape(L, Q // E, E, *x.shape[2:])  # [L, K, E, ...]
+    return x.transpose(0, 1).reshape(-1, E, *x.shape[3:])
+
+
 def to_sequences(x: Tensor, L: int, env_dim: int) -> Tensor:
     """[T, ...] with the env axis at `env_dim` (1-based after T) -> [L, ..., Q] with Q = (T/L) * E
     replacing the env axis: sequence q = (chunk k, env e) holds steps k*L .. k*L+L-1 of env e."""
@@ -233,32 +246,66 @@ class UpdateStats:
     clip_frac: float
 
 
-def ppo_update(policy: Policy, critic: Critic, vnorm: ValueNorm, ro: Rollout, cfg: PPOConfig,
-               actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
-               g: torch.Generator) -> UpdateStats:
+@dataclass
+class Batch:
+    """A rollout cut into GRU training sequences: agent-major `[L, N, Q, ...]`, env-level `[L, Q, ...]`."""
+
+    seq: dict[str, Tensor]
+    h0: Tensor | None  # [N, Q, H]: actor state at each sequence start
+
+    @property
+    def n_seq(self) -> int:
+        return self.seq["adv"].shape[1]
+
+    def minibatch(self, idx: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+        mb = {k: v[:, :, idx] if k in AGENT_KEYS else v[:, idx] for k, v in self.seq.items()}
+        return mb, None if self.h0 is None else self.h0[:, idx]
+
+
+def normalise(adv: Tensor) -> Tensor:
+    return (adv - adv.mean()) / (adv.std() + 1e-8)
+
+
+def make_batch(ro: Rollout, vnorm: ValueNorm, cfg: PPOConfig) -> Batch:
+    """GAE, value-normaliser update, advantage normalisation, sequences of length `cfg.chunk`."""
     L = cfg.chunk
     adv, returns = gae(ro.reward, ro.value, ro.last_value, ro.end, cfg.gamma, cfg.gae_lambda)
     vnorm.update(returns)
-    adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    seq = {"obs": to_sequences(ro.obs, L, 2), "avail": to_sequences(ro.avail, L, 2),
+           "actions": to_sequences(ro.actions, L, 2), "logp": to_sequences(ro.logp, L, 2),
+           "state": to_sequences(ro.state, L, 1), "ret": to_sequences(vnorm.normalize(returns), L, 1),
+           "v_old": to_sequences(vnorm.normalize(ro.value), L, 1), "adv": to_sequences(normalise(adv), L, 1),
+           "reset": to_sequences(ro.reset, L, 1)}
+    return Batch(seq, None if ro.h is None else to_sequences(ro.h, L, 2)[0])
+
+
+def critic_step(critic: Critic, opt: torch.optim.Optimizer, mb: dict[str, Tensor], cfg: PPOConfig) -> float:
+    """One clipped Huber value-loss step on normalised returns."""
+    v = critic(mb["state"])  # [L, Qm] normalised
+    v_clip = mb["v_old"] + (v - mb["v_old"]).clamp(-cfg.value_clip, cfg.value_clip)
+    vl = torch.max(F.huber_loss(v, mb["ret"], reduction="none", delta=cfg.huber_delta),
+                   F.huber_loss(v_clip, mb["ret"], reduction="none", delta=cfg.huber_delta)).mean()
+    opt.zero_grad(set_to_none=True)
+    (cfg.value_coef * vl).backward()
+    nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
+    opt.step()
+    return float(vl.detach())
+
+
+def ppo_update(policy: Policy, critic: Critic, vnorm: ValueNorm, ro: Rollout, cfg: PPOConfig,
+               actor_opt: torch.optim.Optimizer, critic_opt: torch.optim.Optimizer,
+               g: torch.Generator) -> UpdateStats:
+    """MAPPO: every agent's clipped surrogate on the team advantage, all agents updated together."""
+    batch = make_batch(ro, vnorm, cfg)
     N = ro.obs.shape[1]
-    seq = {  # agent-major tensors: [L, N, Q, ...]; env-level: [L, Q, ...]
-        "obs": to_sequences(ro.obs, L, 2), "avail": to_sequences(ro.avail, L, 2),
-        "actions": to_sequences(ro.actions, L, 2), "logp": to_sequences(ro.logp, L, 2),
-        "state": to_sequences(ro.state, L, 1), "ret": to_sequences(vnorm.normalize(returns), L, 1),
-        "v_old": to_sequences(vnorm.normalize(ro.value), L, 1), "adv": to_sequences(adv, L, 1),
-        "reset": to_sequences(ro.reset, L, 1),
-    }
-    h0 = None if ro.h is None else to_sequences(ro.h, L, 2)[0]  # [N, Q, H]: state at each chunk start
-    Q = seq["adv"].shape[1]
     stats = []
     actor_params = list(policy.actor.trainable.values())
     for _ in range(cfg.epochs):
-        perm = torch.randperm(Q, generator=g)
+        perm = torch.randperm(batch.n_seq, generator=g)
         for idx in perm.chunk(cfg.minibatches):
-            mb = {k: v[:, :, idx] if k in AGENT_KEYS else v[:, idx] for k, v in seq.items()}
+            mb, h0 = batch.minibatch(idx)
             reset = mb["reset"].unsqueeze(1).expand(-1, N, -1)  # [L, N, Qm]
-            logp, ent = policy.evaluate(mb["obs"], None if h0 is None else h0[:, idx], reset,
-                                        mb["avail"], mb["actions"])
+            logp, ent = policy.evaluate(mb["obs"], h0, reset, mb["avail"], mb["actions"])
             ratio = torch.exp(logp - mb["logp"])
             a = mb["adv"].unsqueeze(1)  # [L, 1, Qm]: the team advantage for every agent
             pl = -torch.min(ratio * a, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * a).mean()
@@ -267,17 +314,13 @@ def ppo_update(policy: Policy, critic: Critic, vnorm: ValueNorm, ro: Rollout, cf
             (pl - cfg.entropy_coef * entropy).backward()
             nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             actor_opt.step()
-
-            v = critic(mb["state"])  # [L, Qm] normalised
-            v_clip = mb["v_old"] + (v - mb["v_old"]).clamp(-cfg.value_clip, cfg.value_clip)
-            vl = torch.max(F.huber_loss(v, mb["ret"], reduction="none", delta=cfg.huber_delta),
-                           F.huber_loss(v_clip, mb["ret"], reduction="none", delta=cfg.huber_delta)).mean()
-            critic_opt.zero_grad(set_to_none=True)
-            (cfg.value_coef * vl).backward()
-            nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
-            critic_opt.step()
-            with torch.no_grad():
-                lr = logp - mb["logp"]
-                stats.append((float(pl), float(vl), float(entropy), float((lr.exp() - 1 - lr).mean()),
-                              float(((ratio - 1).abs() > cfg.clip).float().mean())))
+            vl = critic_step(critic, critic_opt, mb, cfg)
+            stats.append((float(pl), vl, float(entropy), *ratio_stats(logp, mb["logp"], cfg.clip)))
     return UpdateStats(*np.mean(stats, axis=0).tolist())
+
+
+def ratio_stats(logp: Tensor, old: Tensor, clip: float) -> tuple[float, float]:
+    """(approx KL (k3 estimator), fraction of ratios outside the clip range)."""
+    with torch.no_grad():
+        lr = logp - old
+        return float((lr.exp() - 1 - lr).mean()), float(((lr.exp() - 1).abs() > clip).float().mean())

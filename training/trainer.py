@@ -3,15 +3,19 @@
 Output directory (`cfg.out`):
     policy.json, backbone.safetensors, adapters/   the servable policy (PS or PS+LoRA; Engine.from_dir)
     env.json                                       which task it was trained on (read by lorasa-eval)
-    phase1/                                        lorasa runs: the PS policy at the switch step
+    phase1/                                        lorasa runs: the PS (SePS) run at the switch step
+    snapshots/<env_steps>/                         the run at each of `snapshot_steps` (phase-2 starts)
     train_state/                                   critic, optimisers, counters (resume / phase 2)
-    metrics.csv, tb/, learning_curve.png
+    metrics.csv, tb/, learning_curve.png, summary.json (final evaluation, parameters, speed)
+SePS, MTL, NPS and SePS+LoRA actors have no single shared backbone: their runs hold train_state only
+(`lorasa-eval` acts with the training actor).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +32,12 @@ from .actor import Actor
 from .config import TrainConfig
 from .envs import EnvConfig, EnvInfo, make_vec_env
 from .episodes import EpisodeStats, run_episodes
+from .a2po import a2po_update
 from .mappo import Critic, Cursor, Policy, ValueNorm, collect, env_actions, grouped, ppo_update
 
 ENV_FILE = "env.json"
+SUMMARY_FILE = "summary.json"
+LORA_MODES = ("lorasa", "seps_lorasa")
 CSV_FIELDS = ["env_steps", "phase", "updates", "wall_s", "sps", "rollout_s", "update_s",
               "train_return", "train_win", "eval_return", "eval_std", "eval_win", "policy_loss",
               "value_loss", "entropy", "approx_kl", "clip_frac"]
@@ -99,46 +106,69 @@ class Trainer:
     def _fresh_actor(self) -> Actor:
         cfg = self.cfg
         spec = build_spec(self.info, cfg)
+        if cfg.mode in LORA_MODES and cfg.init_from:
+            return self._phase2_from(Path(cfg.init_from))
         if cfg.mode == "nps":
             return Actor.new_nps(spec, self.g, cfg.model.init_log_std)
-        if cfg.mode == "lorasa" and cfg.init_from:
-            return self._phase2_from(Path(cfg.init_from))
+        if cfg.mode == "mtl":
+            return Actor.new_mtl(spec, self.g, cfg.model.init_log_std)
+        if cfg.mode in ("seps", "seps_lorasa"):
+            return Actor.new_seps(spec, self.g, cfg.model.init_log_std, self._seps_groups())
         return Actor.new_ps(spec, self.g, cfg.model.init_log_std)
 
+    def _seps_groups(self) -> tuple[int, ...]:
+        sc, n = self.cfg.seps, self.info.n_agents
+        if sc.assignment is not None:
+            if len(sc.assignment) != n:
+                raise ValueError(f"seps.assignment {sc.assignment} must give a group for each of {n} agents")
+            from .seps import renumber
+            return tuple(int(v) for v in renumber(sc.assignment))
+        from .seps import cluster_agents
+        probe = make_vec_env(self.cfg.env, workers=0)
+        try:
+            return cluster_agents(probe, min(sc.groups, n), sc.probe_steps, self.cfg.seed)
+        finally:
+            probe.close()
+
     def _phase2_from(self, src: Path) -> Actor:
-        """Phase 2 from a phase-1 (PS) policy dir: frozen backbone, fresh adapters; its critic if saved."""
-        spec0, backbone, adapters = load_policy(src)
-        if adapters:
-            raise ValueError(f"{src} already has adapters: init_from needs a phase-1 (PS) policy directory")
-        if tuple(spec0.agents) != self.info.agent_specs():
-            raise ValueError(f"{src} was trained for agents {spec0.agents}, this env has "
-                             f"{self.info.agent_specs()}")
-        lo = self.cfg.lora
-        spec = replace(spec0, lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers)))
-        if checkpoint.load_critic(src, self.critic):
+        """Phase 2 from a phase-1 run (PS or SePS: its train_state, critic included) or a PS policy dir:
+        frozen base, fresh adapters."""
+        if (src / checkpoint.STATE_DIR / "state.json").is_file():
             meta = checkpoint.load_meta(src)
+            base = actor_from_state(src, meta)
+            checkpoint.load_critic(src, self.critic)
             self.vnorm.load(meta["value_norm"])
             self.counters.env_steps = int(meta["counters"]["env_steps"])
+        else:
+            spec0, backbone, adapters = load_policy(src)
+            if adapters:
+                raise ValueError(f"{src} already has adapters: init_from needs a phase-1 (PS) policy directory")
+            base = Actor(spec0, "ps", backbone, groups=(0,) * len(spec0.agents))
+        if base.kind not in ("ps", "seps"):
+            raise ValueError(f"{src} holds a {base.kind} actor: phase 2 starts from a PS or SePS run")
+        if tuple(base.spec.agents) != self.info.agent_specs():
+            raise ValueError(f"{src} was trained for agents {base.spec.agents}, this env has "
+                             f"{self.info.agent_specs()}")
+        lo = self.cfg.lora
+        spec = replace(base.spec, lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers)))
         self.counters.phase_switch_step = self.counters.env_steps
-        return Actor.lora_from_backbone(spec, backbone, self.g)
+        return Actor.lora_from_base(Actor(spec, base.kind, base.trainable, base.frozen, base.groups), self.g)
 
     def _resume(self) -> Actor:
         meta = checkpoint.load_meta(self.out)
         self.counters = checkpoint.Counters(**meta["counters"])
         self.vnorm.load(meta["value_norm"])
         checkpoint.load_critic(self.out, self.critic)
-        trainable, frozen = checkpoint.load_actor_tensors(self.out)
-        spec = PolicySpec.from_dict(meta["spec"])
-        return Actor(spec, meta["actor_kind"], trainable, frozen)
+        return actor_from_state(self.out, meta)
 
     def _actor_opt(self) -> torch.optim.Optimizer:
         lr = self.cfg.lora.lr if self.actor.kind == "lora" else self.cfg.ppo.lr
         return torch.optim.Adam(list(self.actor.trainable.values()), lr=lr, eps=1e-5)
 
     def _switch_to_lora(self) -> None:
-        """Phase 1 -> 2: save the PS policy to phase1/, freeze it, train fresh per-agent adapters."""
+        """Phase 1 -> 2: save the PS (SePS) run to phase1/, freeze it, train fresh per-agent adapters."""
         self.save_policy(self.out / "phase1")
-        self.actor = Actor.lora_from_backbone(self.actor.spec, self.actor.backbone(), self.g)
+        self.actor = Actor.lora_from_base(self.actor, self.g)
         self.actor_opt = self._actor_opt()
         self.policy = Policy.build(self.actor, self.info)
         self.counters.phase_switch_step = self.counters.env_steps
@@ -153,14 +183,18 @@ class Trainer:
 
     def save_train_state(self, directory: Path) -> None:
         meta = {"config": self.cfg.to_dict(), "counters": self.counters.__dict__,
-                "actor_kind": self.actor.kind, "spec": self.actor.spec.to_dict(),
+                "actor_kind": self.actor.kind, "groups": list(self.actor.groups),
+                "spec": self.actor.spec.to_dict(),
                 "value_norm": self.vnorm.to_dict()}
         checkpoint.save(directory, meta, self.actor, self.critic, self.actor_opt, self.critic_opt, self.g)
 
-    def evaluate(self) -> EpisodeStats:
+    def evaluate(self, episodes: int | None = None) -> EpisodeStats:
         cfg = self.cfg
-        if self._eval_env is None:
-            self._eval_env = make_vec_env(cfg.env, n_envs=cfg.eval_episodes, workers=0)
+        n = episodes or cfg.eval_episodes
+        if self._eval_env is None or self._eval_env.n_envs != n:
+            if self._eval_env is not None:
+                self._eval_env.close()
+            self._eval_env = make_vec_env(cfg.env, n_envs=n, workers=0)
         return run_episodes(self._eval_env, torch_act_fn(self.policy), seed=cfg.seed + 10_000)
 
     # --- the loop -----------------------------------------------------------------------------
@@ -175,9 +209,9 @@ class Trainer:
         next_save = _next_multiple(c.env_steps, cfg.save_every)
         bar = tqdm(total=cfg.total_steps, initial=c.env_steps, unit="step", disable=not progress,
                    desc=f"{cfg.mode} {self.info.name}", dynamic_ncols=True)
-        t_start = time.perf_counter()
+        t_start, prev_steps = time.perf_counter(), c.env_steps
         while c.env_steps < cfg.total_steps:
-            if cfg.mode == "lorasa" and self.actor.kind == "ps" and c.env_steps >= cfg.switch_step:
+            if cfg.mode in LORA_MODES and self.actor.kind != "lora" and c.env_steps >= cfg.switch_step:
                 self._switch_to_lora()
             row, cur, recent = self._iteration(cur, recent)
             row["wall_s"] = round(time.perf_counter() - t_start, 2)
@@ -191,13 +225,29 @@ class Trainer:
             if cfg.save_every and c.env_steps >= next_save:
                 self.save_policy(self.out)
                 next_save = _next_multiple(c.env_steps, cfg.save_every)
+            for s in (s for s in cfg.snapshot_steps if prev_steps < s <= c.env_steps):
+                self._snapshot(s)
+            prev_steps = c.env_steps
             bar.update(cfg.ppo.rollout * self.venv.n_envs)
             bar.set_postfix(ret=f"{row['train_return']:.1f}", sps=f"{row['sps']:.0f}", phase=self.actor.kind)
         bar.close()
         writer.close()
+        final = self.evaluate(cfg.final_eval_episodes) if cfg.final_eval_episodes > 0 else last
+        summary = {"env": self.info.name, "algo": cfg.algo, "mode": cfg.mode, "seed": cfg.seed,
+                   "env_steps": c.env_steps, "phase_switch_step": c.phase_switch_step,
+                   "init_from": cfg.init_from, "groups": list(self.actor.groups),
+                   "final_eval": None if final is None else final.to_dict(),
+                   "trainable_params": self.actor.n_trainable(), "actor_params": self.actor.n_total(),
+                   "train_wall_s": round(time.perf_counter() - t_start, 2)}
+        atomic_write(self.out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
         self._finish()
-        return {"env_steps": c.env_steps, "final_eval": None if last is None else last.to_dict(),
-                "trainable_params": self.actor.n_trainable()}
+        return summary
+
+    def _snapshot(self, step: int) -> None:
+        """The run as it is now (policy / train_state / metrics) in out/snapshots/<step>/: a phase-2 start."""
+        d = self.out / "snapshots" / str(step)
+        self.save_policy(d)
+        shutil.copyfile(self.out / "metrics.csv", d / "metrics.csv")
 
     def _start_cursor(self) -> Cursor:
         """Fresh episodes in every env (a resumed run restarts its episodes), zero GRU states."""
@@ -213,8 +263,12 @@ class Trainer:
         t0 = time.perf_counter()
         ro, cur, eps = collect(self.venv, self.policy, self.critic, self.vnorm, cur, T, cfg.ppo.gamma, self.g)
         t1 = time.perf_counter()
-        stats = ppo_update(self.policy, self.critic, self.vnorm, ro, cfg.ppo, self.actor_opt,
-                           self.critic_opt, self.g)
+        if cfg.algo == "a2po":
+            stats = a2po_update(self.policy, self.critic, self.vnorm, ro, cfg.ppo, cfg.a2po, self.actor_opt,
+                                self.critic_opt, self.g)
+        else:
+            stats = ppo_update(self.policy, self.critic, self.vnorm, ro, cfg.ppo, self.actor_opt,
+                               self.critic_opt, self.g)
         t2 = time.perf_counter()
         c.env_steps += T * E
         c.updates += 1
@@ -258,6 +312,25 @@ class Trainer:
     def _close_tb(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def actor_from_state(directory: Path, meta: dict) -> Actor:
+    """The actor saved in `directory`/train_state (any kind)."""
+    trainable, frozen = checkpoint.load_actor_tensors(directory)
+    spec = PolicySpec.from_dict(meta["spec"])
+    groups = meta.get("groups")
+    return Actor(spec, meta["actor_kind"], trainable, frozen, None if groups is None else tuple(groups))
+
+
+def load_run_policy(directory: Path) -> tuple[Policy, EnvConfig]:
+    """A finished (or snapshotted) run's training actor, ready to act: (Policy, its env config)."""
+    directory = Path(directory)
+    env_cfg = read_env_json(directory)
+    actor = actor_from_state(directory, checkpoint.load_meta(directory))
+    probe = make_vec_env(replace(env_cfg, n_envs=1), workers=0)
+    info = probe.info
+    probe.close()
+    return Policy.build(actor, info), env_cfg
 
 
 class _CsvLog:

@@ -1,0 +1,167 @@
+"""The experiment grid behind `lorasa-report`: declared in TOML, expanded into lorasa-train runs with
+their dependencies (a LoRA run starts from its PS / SePS run's snapshot at the switch step), run a few
+at a time, resumable (a run whose summary.json exists is done).
+
+    seeds = [1, 2, 3]
+    total_steps = 300000
+    switch_step = 150000
+    [[scenarios]]
+    preset = "halfcheetah_2x3"
+    methods = ["mappo:ps", "mappo:nps", "mappo:lorasa", "a2po:ps", "a2po:lorasa"]
+    [ablations]                                  # optional; on one scenario, from its mappo:ps runs
+    preset = "halfcheetah_2x3"
+    ranks = [4, 16, 64]
+    layers = { mlp = ["mlp.0", "mlp.1", "mlp.2"], gru = ["gru.x", "gru.h"] }
+    switch_steps = [75000, 225000]
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import PRESETS
+
+METHODS = ("ps", "nps", "seps", "mtl", "lorasa", "seps_lorasa")
+BASE_OF = {"lorasa": "ps", "seps_lorasa": "seps"}  # phase-2 methods and the run they start from
+
+
+@dataclass(frozen=True)
+class Run:
+    key: str  # e.g. "halfcheetah_2x3/mappo-lorasa/seed1" (also its directory under the runs root)
+    preset: str
+    group: str  # "main" or the ablation's name ("rank=4", "layers=mlp", "switch=75000")
+    method: str  # "mappo:lorasa", ...
+    seed: int
+    args: tuple[str, ...]  # lorasa-train flags (without --out)
+    needs: str | None = None  # key of the run whose snapshot this one starts from
+
+
+@dataclass
+class Grid:
+    seeds: list[int]
+    total_steps: int
+    switch_step: int
+    scenarios: list[dict]
+    ablations: dict | None = None
+    eval_every: int = 25_000
+    eval_episodes: int = 4
+    final_eval_episodes: int = 16
+    runs: list[Run] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, path: Path) -> "Grid":
+        d = tomllib.loads(Path(path).read_text())
+        known = {"seeds", "total_steps", "switch_step", "scenarios", "ablations", "eval_every",
+                 "eval_episodes", "final_eval_episodes"}
+        if set(d) - known:
+            raise ValueError(f"{path}: unknown keys {sorted(set(d) - known)}; known: {sorted(known)}")
+        g = cls(**d)
+        g.runs = g.expand()
+        return g
+
+    def switch_steps(self) -> list[int]:
+        extra = (self.ablations or {}).get("switch_steps", [])
+        return sorted({self.switch_step, *extra})
+
+    def expand(self) -> list[Run]:
+        runs: list[Run] = []
+        for sc in self.scenarios:
+            preset = sc["preset"]
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+            extra = [f"--{k}={v}" for k, v in sc.get("overrides", {}).items()]
+            for seed in self.seeds:
+                for m in sc["methods"]:
+                    runs.append(self._run(preset, "main", m, seed, extra))
+        ab = self.ablations
+        if ab:
+            preset, algo = ab["preset"], ab.get("algo", "mappo")
+            extra = [f"--{k}={v}" for k, v in ab.get("overrides", {}).items()]
+            method = f"{algo}:lorasa"
+            for seed in self.seeds:
+                for r in ab.get("ranks", []):
+                    runs.append(self._run(preset, f"rank={r}", method, seed,
+                                          extra + [f"--lora.rank={r}", f"--lora.alpha={r}"]))
+                for name, layers in ab.get("layers", {}).items():
+                    runs.append(self._run(preset, f"layers={name}", method, seed,
+                                          extra + [f"--lora.layers={','.join(layers)}"]))
+                for s in ab.get("switch_steps", []):
+                    runs.append(self._run(preset, f"switch={s}", method, seed, extra, switch=s))
+        keys = [r.key for r in runs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("the grid declares the same run twice")
+        missing = {r.needs for r in runs if r.needs} - set(keys)
+        if missing:
+            raise ValueError(f"LoRA runs need their base runs in the grid: add {sorted(missing)}")
+        return runs
+
+    def _run(self, preset: str, group: str, method: str, seed: int, extra: list[str],
+             switch: int | None = None) -> Run:
+        algo, _, mode = method.partition(":")
+        if algo not in ("mappo", "a2po") or mode not in METHODS:
+            raise ValueError(f"method {method!r}: want <mappo|a2po>:<{'|'.join(METHODS)}>")
+        name = f"{algo}-{mode}" if group == "main" else f"ablation-{group}"
+        key = f"{preset}/{name}/seed{seed}"
+        args = ["--preset", preset, "--algo", algo, "--mode", mode, "--seed", str(seed),
+                "--total-steps", str(self.total_steps), "--eval-every", str(self.eval_every),
+                "--eval-episodes", str(self.eval_episodes),
+                "--final-eval-episodes", str(self.final_eval_episodes), "--no-tensorboard", *extra]
+        needs = None
+        if mode in BASE_OF:
+            needs = f"{preset}/{algo}-{BASE_OF[mode]}/seed{seed}"
+            args += ["--init-from", f"{{runs}}/{needs}/snapshots/{switch or self.switch_step}"]
+        elif mode in ("ps", "seps"):
+            args += ["--snapshot-steps", ",".join(map(str, self.switch_steps()))]
+        return Run(key, preset, group, method, seed, tuple(args), needs)
+
+
+def is_done(runs_root: Path, run: Run) -> bool:
+    return (runs_root / run.key / "summary.json").is_file()
+
+
+def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.executable) -> list[str]:
+    """Run every missing run (`jobs` at a time, each a 1-thread lorasa-train process) -> failed keys."""
+    todo = [r for r in grid.runs if not is_done(runs_root, r)]
+    failed: list[str] = []
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    bar = tqdm(total=len(grid.runs), initial=len(grid.runs) - len(todo), unit="run", desc="grid")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    while todo or running:
+        for key, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[key]
+                if proc.returncode != 0:
+                    failed.append(key)
+                    tqdm.write(f"FAILED {key} (exit {proc.returncode}): see {runs_root / key / 'train.log'}")
+                bar.update(1)
+        blocked = set(failed) | set(running) | {r.key for r in todo}
+        for run in list(todo):
+            if len(running) >= jobs:
+                break
+            if run.needs in blocked:
+                if run.needs in failed:
+                    todo.remove(run)
+                    failed.append(run.key)
+                    bar.update(1)
+                continue
+            todo.remove(run)
+            out = runs_root / run.key
+            out.mkdir(parents=True, exist_ok=True)
+            args = [a.replace("{runs}", str(runs_root)) for a in run.args]
+            log = open(out / "train.log", "w")
+            cmd = [python, "-m", "training.cli", *args, "--out", str(out)]
+            log.write(" ".join(cmd) + "\n")
+            log.flush()
+            running[run.key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            bar.set_postfix_str(run.key)
+        time.sleep(0.5)
+    bar.close()
+    return failed
