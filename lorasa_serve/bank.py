@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .layout import Layout
 from .network import ActorParams, LinearP, NormP
+from .traced import TraceCache
 from .spec import AgentSpec, PolicySpec
 
 PARAMS_CACHE_SIZE = 4  # assembled ActorParams per (mode, layout) kept per bank
@@ -37,6 +39,7 @@ class AdapterBank:
     _cache: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
     _seen: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
+    traced: TraceCache = field(default_factory=TraceCache, compare=False, repr=False)  # small batches
 
     @property
     def n_slots(self) -> int:
@@ -56,13 +59,34 @@ class AdapterBank:
                 self._seen.popitem(last=False)
         return n
 
-    @property
+    @cached_property
     def has_adapters(self) -> bool:
         return any(a is not None for a in self.adapters)
 
     @property
     def heterogeneous(self) -> bool:
         return self.spec.heterogeneous
+
+    @cached_property
+    def obs_uniform(self) -> bool:
+        """Every agent sees the full obs_max columns (no per-row input mask needed)."""
+        return all(a.obs_dim == self.spec.obs_max for a in self.spec.agents)
+
+    @cached_property
+    def _all_actions(self) -> Tensor | None:
+        """[act_max] all True when every agent has act_max actions, else None."""
+        if any(a.act_dim != self.spec.act_max for a in self.spec.agents):
+            return None
+        return torch.ones(self.spec.act_max, dtype=torch.bool, device=self.obs_dims.device)
+
+    def dim_mask(self, slots: np.ndarray) -> Tensor:
+        """slots [B] -> [B, act_max] bool: the row's agent has that action dimension
+        ([act_max] all True, broadcastable, when every agent has them all)."""
+        if self._all_actions is not None:
+            return self._all_actions
+        dev = self.obs_dims.device
+        slots_t = torch.as_tensor(slots, device=dev)
+        return torch.arange(self.spec.act_max, device=dev) < self.act_dims[slots_t].unsqueeze(1)
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -107,7 +131,7 @@ class AdapterBank:
         merged = dict(self.merged)
         bank = replace(self, spec=spec, slot_of=slot_of, adapters=adapters, versions=versions,
                        a_t=a_t, b_t=b_t, merged=merged, _cache=OrderedDict(),
-                       _seen=OrderedDict(), _cache_lock=threading.Lock())
+                       _seen=OrderedDict(), _cache_lock=threading.Lock(), traced=TraceCache())
         if slot in merged:  # keep a merged agent merged, with its new weights
             merged[slot] = bank.merged_weights(slot)
         if agent is not None:
@@ -122,7 +146,7 @@ class AdapterBank:
             else:
                 merged.pop(s, None)
         return replace(self, merged=merged, _cache=OrderedDict(), _seen=OrderedDict(),
-                       _cache_lock=threading.Lock())
+                       _cache_lock=threading.Lock(), traced=TraceCache())
 
     def merged_weights(self, slot: int) -> dict[str, Tensor]:
         """Adapted layer -> W0 + (alpha/r) B A, [out, in]. The backbone is never modified."""
@@ -138,40 +162,68 @@ class AdapterBank:
         return out
 
     # --- per-forward parameters -------------------------------------------------------------
-    def params(self, mode: str, chunk_slot: np.ndarray, key: bytes) -> ActorParams:
-        """ActorParams for chunks `chunk_slot` [C]; mode 'lora', 'merged' or 'shared'."""
-        ck = (mode, key)
+    def params(self, mode: str, lay: Layout | None = None) -> ActorParams:
+        """ActorParams for the chunks of `lay`; mode 'lora', 'merged' or 'shared' (no layout)."""
+        ck = (mode, b"" if lay is None else lay.key)
         with self._cache_lock:
             hit = self._cache.get(ck)
             if hit is not None:
                 self._cache.move_to_end(ck)
                 return hit
-        p = self._assemble(mode, chunk_slot)
+        p = self._assemble(mode, lay)
         with self._cache_lock:
             self._cache[ck] = p
             while len(self._cache) > PARAMS_CACHE_SIZE:
                 self._cache.popitem(last=False)
         return p
 
-    def _assemble(self, mode: str, chunk_slot: np.ndarray) -> ActorParams:
+    def _assemble(self, mode: str, lay: Layout | None) -> ActorParams:
         bb, spec = self.backbone, self.spec
         norms = {n: NormP(bb[f"{n}.weight"], bb[f"{n}.bias"]) for n in spec.norm_names()}
         linears = {n: LinearP(bb[f"{n}.weight"], bb[f"{n}.bias"]) for n in spec.linear_names()}
         if mode == "shared":
             return ActorParams(linears, norms)
-        dev = self.obs_dims.device
-        identity = len(chunk_slot) == self.n_slots and (chunk_slot == np.arange(self.n_slots)).all()
-        idx = torch.as_tensor(chunk_slot, device=dev)
+        assert lay is not None
+        if mode == "lora":
+            mask = self._lora_mask(lay)
+            for layer in spec.adapted_layers:
+                lp = linears[layer]
+                lp.lora_a, lp.lora_b = self._stacked_lora(layer, lay.chunk_slots)
+                lp.lora_mask = mask
+            return ActorParams(linears, norms)
+        chunk_slot = lay.chunk_slot
         for layer in spec.adapted_layers:
             lp = linears[layer]
-            if mode == "lora":
-                lp.lora_a = self.a_t[layer] if identity else self.a_t[layer].index_select(0, idx)
-                lp.lora_b = self.b_t[layer] if identity else self.b_t[layer].index_select(0, idx)
-            elif len(chunk_slot) == 1:  # one chunk: a plain shared GEMM with merged weights
+            if len(chunk_slot) == 1:  # one chunk: a plain shared GEMM with merged weights
                 lp.weight = self.merged[int(chunk_slot[0])][layer]
             else:
                 lp.weight = torch.stack([self.merged[int(s)][layer].T for s in chunk_slot])
         return ActorParams(linears, norms)
+
+    def _stacked_lora(self, layer: str, chunk_slots: np.ndarray) -> tuple[Tensor, Tensor]:
+        """chunk_slots [C, P] -> A [C, in, P*r], B [C, P*r, out]: each chunk's P adapters side by side."""
+        C, P = chunk_slots.shape
+        a_t, b_t = self.a_t[layer], self.b_t[layer]  # [S, in, r], [S, r, out]
+        if P == 1 and C == self.n_slots and (chunk_slots[:, 0] == np.arange(C)).all():
+            return a_t, b_t  # identity: no copy
+        idx = torch.as_tensor(chunk_slots.reshape(-1), device=a_t.device)
+        a = a_t.index_select(0, idx)  # [C*P, in, r]
+        b = b_t.index_select(0, idx)  # [C*P, r, out]
+        if P == 1:
+            return a, b
+        S, i, r = a.shape
+        a = a.view(C, P, i, r).permute(0, 2, 1, 3).reshape(C, i, P * r)
+        return a, b.view(C, P * r, b.shape[-1])
+
+    def _lora_mask(self, lay: Layout) -> Tensor | None:
+        """[C, M, P*r] 0/1 float: row m of chunk c keeps the r columns of its own agent's block."""
+        if lay.row_block is None:
+            return None
+        r = self.spec.lora.rank
+        rb = torch.as_tensor(lay.row_block, device=self.obs_dims.device)  # [C, M], -1 = dead row
+        blocks = torch.arange(lay.P, device=rb.device)
+        mask = (rb.unsqueeze(-1) == blocks).to(torch.float32)  # [C, M, P]
+        return mask.repeat_interleave(r, dim=-1).contiguous()  # [C, M, P*r]
 
 
 def _to(adapter: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor] | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -20,7 +21,8 @@ from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
 from .errors import InputError, UnknownAgentError
 from .layout import Layout, plan
-from .network import actor_forward, slice_chunks
+from . import traced
+from .network import ActorParams, actor_forward, slice_chunks
 from .sessions import SessionStore
 from .spec import AgentSpec, PolicySpec, check_agent_id
 
@@ -31,7 +33,10 @@ MODES = ("auto", "lora", "merged")
 BLOCK_ROWS = 8192  # rows per forward block: larger batches run block by block (faster: cache-sized)
 MERGED_SMALL_BYTES = 2 << 20  # stacks up to this size: always merged (they stay in cache)
 MERGED_MAX_BYTES = 64 << 20  # never stack more than this per forward
-MERGED_MAX_BYTES_PER_ROW = 16 << 10  # weight bytes read per row; beyond it the low-rank path wins
+MERGED_MAX_BYTES_PER_ROW = 1 << 10  # weight bytes read per row; beyond it the low-rank path wins
+# agents that `auto` merges on demand are kept in an LRU of at most this many bytes of merged
+# weights (explicit `merge()` calls are pinned and never evicted)
+AUTO_MERGED_MAX_BYTES = 64 << 20
 
 
 @dataclass
@@ -58,6 +63,9 @@ class Engine:
         self.device = resolve_device(device)
         self.mode = mode
         self._write_lock = threading.Lock()
+        self._pinned: set[int] = set()  # slots merged by `merge()`: never evicted
+        self._auto_lru: OrderedDict[int, None] = OrderedDict()  # slots merged by auto, oldest first
+        self._lru_key: bytes | None = None  # layout whose slots were touched last
         self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device)
         self.sessions = SessionStore(spec.hidden, max_sessions, self.device)
 
@@ -130,37 +138,37 @@ class Engine:
              ) -> tuple[ActOutput, AdapterBank, np.ndarray]:
         slots = self._slots(bank, agent_ids)
         B, spec = len(slots), bank.spec
-        obs_t, h, reset_t, slots_t = self._inputs(bank, slots, obs, state, reset)
+        if avail is not None and spec.action == "gaussian":
+            raise InputError("avail (action masks) only apply to categorical policies")
+        obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
         head, h_next, bank = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
-        dim_mask = torch.arange(spec.act_max, device=self.device) < bank.act_dims[slots_t].unsqueeze(1)
+        dim_mask = bank.dim_mask(slots)  # [B, act_max] or [act_max] (all agents: every action)
         if spec.action == "gaussian":
-            if avail is not None:
-                raise InputError("avail (action masks) only apply to categorical policies")
             actions, logp = gaussian_act(head, bank.backbone["log_std"], dim_mask, deterministic,
                                          generator)
         else:
             valid = dim_mask
             if avail is not None:
                 valid = valid & self._bool_input(avail, "avail", B, spec.act_max)
-            empty = ~valid.any(-1)
-            if bool(empty.any()):
-                rows = torch.nonzero(empty).flatten().tolist()[:10]
-                raise InputError(f"rows {rows} have no available action (all-zero avail mask)")
+                empty = ~valid.any(-1)
+                if bool(empty.any()):
+                    rows = torch.nonzero(empty).flatten().tolist()[:10]
+                    raise InputError(f"rows {rows} have no available action (all-zero avail mask)")
             actions, logp = categorical_act(head, valid, deterministic, generator)
         return ActOutput(actions, logp, h_next), bank, slots
 
     def _inputs(self, bank: AdapterBank, slots: np.ndarray, obs, state, reset):
         """Checked tensors on the engine's device: obs [B, obs_max] (padding columns zeroed),
-        state [B, H] | None, reset [B] | None, slots [B]."""
+        state [B, H] | None, reset [B] | None."""
         B, spec = len(slots), bank.spec
         obs_t = self._float_input(obs, "obs", B, spec.obs_max)
         h = self._float_input(state, "state", B, spec.hidden, exact=True) if spec.recurrent else None
         reset_t = self._bool_input(reset, "reset", B, None)
-        slots_t = torch.as_tensor(slots, device=self.device)
-        if bank.heterogeneous:
+        if not bank.obs_uniform:
+            slots_t = torch.as_tensor(slots, device=self.device)
             col = torch.arange(spec.obs_max, device=self.device)
             obs_t = obs_t.masked_fill(col >= bank.obs_dims[slots_t].unsqueeze(1), 0.0)
-        return obs_t, h, reset_t, slots_t
+        return obs_t, h, reset_t
 
     @torch.inference_mode()
     def forward(self, agent_ids, obs, state=None, reset=None, mode: Mode | None = None
@@ -168,7 +176,7 @@ class Engine:
         """Raw head output [B, act_max] (Gaussian means or logits before masking) and next state."""
         bank = self._bank
         slots = self._slots(bank, agent_ids)
-        obs_t, h, reset_t, _ = self._inputs(bank, slots, obs, state, reset)
+        obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
         head, h_next, _ = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
         return head, h_next
 
@@ -179,33 +187,57 @@ class Engine:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         B = len(slots)
         if not bank.has_adapters and not bank.merged:  # a plain policy: shared forward, row blocks
-            p = bank.params("shared", slots[:0], b"")
+            p = bank.params("shared")
+            if B <= traced.TRACE_MAX_ROWS:
+                out, h_next = self._run(bank, p, ("shared", B), obs.unsqueeze(0), _opt(h, 0),
+                                        _opt(reset, 0))
+                return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
             blocks = [actor_forward(bank.spec, p, obs[i:i + BLOCK_ROWS].unsqueeze(0),
                                     _opt(_opt_cut(h, i, BLOCK_ROWS), 0),
                                     _opt(_opt_cut(reset, i, BLOCK_ROWS), 0))
                       for i in range(0, B, BLOCK_ROWS)]
             out, h_next = _cat_blocks(blocks, dim=1)
             return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
-        lay = plan(slots)
+        lay = plan(slots)  # one agent per chunk
         if mode == "auto":
             mode = self._auto_mode(bank, lay, B)
         if mode == "merged":
             bank = self._ensure_merged(bank, lay)
-        p = bank.params(mode, lay.chunk_slot, lay.key)
+        else:
+            lay = plan(slots, mixed=True)  # chunks may hold several agents (if cheaper)
+        p = bank.params(mode, lay)
         pos = None if lay.pos is None else torch.as_tensor(lay.pos, device=obs.device)
         x, hh, rr = _to_chunks(lay, obs, pos), _opt_chunks(lay, h, pos), _opt_chunks(lay, reset, pos)
         k = max(1, BLOCK_ROWS // lay.M)  # chunks per block: big batches run in cache-sized blocks
-        blocks = [actor_forward(bank.spec, p if lay.C <= k else slice_chunks(p, slice(c, c + k)),
-                                x[c:c + k], _opt_cut(hh, c, k), _opt_cut(rr, c, k))
-                  for c in range(0, lay.C, k)]
-        out, h_next = _cat_blocks(blocks, dim=0)
+        if lay.C * lay.M <= traced.TRACE_MAX_ROWS:
+            out, h_next = self._run(bank, p, (mode, lay.key), x, hh, rr)
+        else:
+            blocks = [actor_forward(bank.spec, p if lay.C <= k else slice_chunks(p, slice(c, c + k)),
+                                    x[c:c + k], _opt_cut(hh, c, k), _opt_cut(rr, c, k))
+                      for c in range(0, lay.C, k)]
+            out, h_next = _cat_blocks(blocks, dim=0)
         return (_from_chunks(lay, out, pos),
                 None if h_next is None else _from_chunks(lay, h_next, pos), bank)
 
     @staticmethod
-    def _auto_mode(bank: AdapterBank, lay: Layout, B: int) -> str:
+    def _run(bank: AdapterBank, p: ActorParams, key: tuple, x: Tensor, h: Tensor | None,
+             reset: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """actor_forward on one small block [C, M, D], traced (lazily, see traced.py) if enabled."""
+        def forward(x: Tensor, h: Tensor | None, reset: Tensor | None):
+            return actor_forward(bank.spec, p, x, h, reset)
+        if not traced.TRACE_ENABLED:
+            return forward(x, h, reset)
+        return bank.traced.run((*key, tuple(x.shape), h is None, reset is None), forward,
+                               (x, h, reset))
+
+    def _auto_mode(self, bank: AdapterBank, lay: Layout, B: int) -> str:
         stack = lay.C * bank.merged_bytes_per_agent
         if stack <= MERGED_SMALL_BYTES:
+            # tiny batches on one CPU thread: per-chunk merged GEMVs cannot run in parallel and
+            # the (traced) shared GEMM + low-rank term is faster (measured on 8-agent team steps)
+            if (B <= traced.TRACE_MAX_ROWS and self.device.type == "cpu"
+                    and torch.get_num_threads() == 1):
+                return "lora"
             return "merged"
         if stack <= MERGED_MAX_BYTES and stack / B <= MERGED_MAX_BYTES_PER_ROW \
                 and bank.seen(lay.key) >= 2:
@@ -279,18 +311,52 @@ class Engine:
             bank = self._bank
             ids = bank.spec.agent_ids if agent_ids is None else list(agent_ids)
             slots = [self._slot(bank, a) for a in ids]
+            for s in slots:
+                self._auto_lru.pop(s, None)
+                (self._pinned.add if merge else self._pinned.discard)(s)
             self._bank = bank.with_merged(slots, merge)
 
     def _ensure_merged(self, bank: AdapterBank, lay: Layout) -> AdapterBank:
-        """A bank in which every chunk's agent is merged; published if nothing changed meanwhile."""
-        missing = sorted({int(s) for s in lay.chunk_slot} - set(bank.merged))
+        """A bank in which every chunk's agent is merged; published if nothing changed meanwhile.
+
+        Agents merged here (not pinned by `merge()`) live in an LRU bounded by
+        AUTO_MERGED_MAX_BYTES: the least recently used ones not needed now are unmerged."""
+        need = lay.slot_set
+        if lay.key is not self._lru_key:  # an env loop repeats its layout: touch once
+            with self._write_lock:
+                self._lru_key = lay.key
+                for s in need & self._auto_lru.keys():
+                    self._auto_lru.move_to_end(s)
+        missing = sorted(need - bank.merged.keys())
         if not missing:
             return bank
-        merged = bank.with_merged(missing, True)
         with self._write_lock:
-            if self._bank is bank:
-                self._bank = merged
-        return merged
+            if self._bank is not bank:  # a writer got in first: merge for this forward only
+                return bank.with_merged(missing, True)
+            for s in missing:
+                if s not in self._pinned:
+                    self._auto_lru[s] = None
+            merged = bank.with_merged(missing, True)
+            evict = self._evictions(bank, need)
+            self._bank = merged.with_merged(evict, False) if evict else merged
+            return self._bank
+
+    def _evictions(self, bank: AdapterBank, need: set[int]) -> list[int]:
+        """Least recently used auto-merged slots beyond the byte budget (never those in `need`).
+        Caller holds the write lock."""
+        limit = max(len(need), AUTO_MERGED_MAX_BYTES // max(1, bank.merged_bytes_per_agent))
+        lru = self._auto_lru
+        for s in [s for s in bank.merged if s not in self._pinned and s not in lru]:
+            lru[s] = None  # merged but untracked (e.g. after a concurrent writer): track it
+            lru.move_to_end(s, last=False)
+        out = []
+        for s in list(lru):
+            if len(lru) <= limit:
+                break
+            if s not in need:
+                del lru[s]
+                out.append(s)
+        return out
 
     def save(self, directory: str | Path) -> PolicySpec:
         """Write the current policy (backbone + current adapters) as a policy directory."""
@@ -311,7 +377,8 @@ class Engine:
             agent_ids = agent_ids.cpu().numpy()
         if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
             slots = agent_ids.astype(np.int64, copy=False).reshape(-1)
-            if len(slots) and (slots.min() < 0 or slots.max() >= bank.n_slots):
+            small = slots.tolist() if len(slots) <= 64 else slots  # Python min/max: faster when tiny
+            if len(slots) and (min(small) < 0 or max(small) >= bank.n_slots):
                 raise UnknownAgentError(f"agent indices must be in [0, {bank.n_slots})")
         else:
             try:

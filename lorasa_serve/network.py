@@ -29,6 +29,9 @@ class LinearP:
     bias: Tensor  # shared [out], or per chunk [C, 1, out]
     lora_a: Tensor | None = None  # [C, in, r]
     lora_b: Tensor | None = None  # [C, r, out], already scaled by alpha / r
+    # chunks holding several agents: lora_a [C, in, P*r], lora_b [C, P*r, out] (the P adapters side
+    # by side) and lora_mask [C, M, P*r] 0/1 keeping each row's own agent's r columns
+    lora_mask: Tensor | None = None
 
 
 @dataclass
@@ -51,9 +54,11 @@ def linear(x: Tensor, p: LinearP) -> Tensor:
     else:
         y = torch.baddbmm(p.bias, x, p.weight)
     if p.lora_a is not None:
-        xa = torch.bmm(x, p.lora_a)  # [C, M, r]
-        y = y.baddbmm_(xa, p.lora_b) if torch.is_inference_mode_enabled() else \
-            torch.baddbmm(y, xa, p.lora_b)  # + [C,M,r] @ [C,r,out]
+        inplace = torch.is_inference_mode_enabled()
+        xa = torch.bmm(x, p.lora_a)  # [C, M, r] (or [C, M, P*r])
+        if p.lora_mask is not None:
+            xa = xa.mul_(p.lora_mask) if inplace else xa * p.lora_mask
+        y = y.baddbmm_(xa, p.lora_b) if inplace else torch.baddbmm(y, xa, p.lora_b)  # + xa @ B
     return y
 
 
@@ -102,7 +107,7 @@ def slice_chunks(p: ActorParams, sl: slice) -> ActorParams:
     """The parameters of chunks `sl` (per-chunk tensors sliced along C; shared ones as they are)."""
     def cut(t: Tensor | None) -> Tensor | None:
         return t[sl] if t is not None and t.dim() == 3 else t
-    linears = {n: LinearP(cut(q.weight), cut(q.bias), cut(q.lora_a), cut(q.lora_b))
+    linears = {n: LinearP(cut(q.weight), cut(q.bias), cut(q.lora_a), cut(q.lora_b), cut(q.lora_mask))
                for n, q in p.linears.items()}
     return ActorParams(linears, {n: NormP(cut(q.weight), cut(q.bias)) for n, q in p.norms.items()})
 

@@ -1,0 +1,233 @@
+"""Every dispatch path of the Engine forced on, against the float64 per-row reference.
+
+Paths: mixed chunks (several agents per chunk, masked low-rank blocks), one-agent chunks, traced
+small batches (and their eager fallback), the LRU bound on agents `auto` merges on demand.
+No test depends on timing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_policy
+from reference import forward_loop
+
+import lorasa_serve.engine as engine_mod
+import lorasa_serve.layout as layout_mod
+import lorasa_serve.traced as traced_mod
+from lorasa_serve import Engine
+from lorasa_serve.layout import mixed_candidates, plan, plan_uncached
+
+
+def batch(spec, B, seed=1, counts=None):
+    """A random mixed batch; `counts` (per agent) gives a skewed agent mix."""
+    g = torch.Generator().manual_seed(seed)
+    ids = spec.agent_ids
+    if counts is None:
+        idx = torch.randint(len(ids), (B,), generator=g).tolist()
+    else:
+        idx = [i for i, c in enumerate(counts) for _ in range(c)]
+        idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
+    B = len(idx)
+    obs = torch.randn(B, spec.obs_max, generator=g)
+    h = torch.randn(B, spec.hidden, generator=g) * 0.5
+    reset = torch.rand(B, generator=g) < 0.3
+    return [ids[i] for i in idx], obs, h, reset
+
+
+def check(eng, spec, backbone, ads, ids, obs, h, reset, mode=None):
+    rec = spec.recurrent
+    head, h_next = eng.forward(ids, obs, h if rec else None, reset if rec else None, mode=mode)
+    ref_head, ref_h = forward_loop(spec, backbone, ads, ids, obs, h if rec else None,
+                                   reset if rec else None)
+    torch.testing.assert_close(head.double(), ref_head, atol=1e-5, rtol=0)
+    if rec:
+        torch.testing.assert_close(h_next.double(), ref_h, atol=1e-5, rtol=0)
+    else:
+        assert h_next is None
+
+
+@pytest.fixture
+def force_plan(monkeypatch):
+    """force_plan(M): lora-mode forwards use the mixed plan with M rows per chunk."""
+    def force(M: int):
+        def fake(slots, mixed=False):
+            if not mixed:
+                return plan_uncached(slots)
+            cands = {lay.M: lay for lay in mixed_candidates(slots)}
+            return cands.get(M) or plan_uncached(slots)
+        monkeypatch.setattr(engine_mod, "plan", fake)
+    return force
+
+
+# --- layouts ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,S", [(2, 2), (7, 3), (64, 4), (333, 100), (4096, 1000), (1000, 1000)])
+def test_mixed_plans_cover_every_row(B, S):
+    rng = np.random.default_rng(B)
+    slots = rng.integers(0, S, B).astype(np.int64)
+    for lay in mixed_candidates(slots) + [plan(slots, mixed=True)]:
+        pos = np.arange(B) if lay.pos is None else lay.pos
+        assert len(np.unique(pos)) == B and pos.max() < lay.C * lay.M
+        if lay.row_block is None:  # one agent per chunk
+            assert (lay.chunk_slots[pos // lay.M, 0] == slots).all()
+            continue
+        block = lay.row_block.reshape(-1)
+        assert (block[pos] >= 0).all()  # live rows have an adapter block
+        dead = np.setdiff1d(np.arange(lay.C * lay.M), pos)
+        assert (block[dead] == -1).all()
+        assert (lay.chunk_slots[pos // lay.M, block[pos]] == slots).all()  # its own agent's block
+        assert lay.C * lay.M - B < lay.M  # only the tail is padded
+
+
+@pytest.mark.parametrize("M", [2, 4, 8])
+def test_mixed_chunks_sorted_rows_with_dead_tail(tmp_path, force_plan, M):
+    """Rows already grouped by agent (no reordering) but not a multiple of M: dead tail rows."""
+    spec, backbone, ads = make_policy(tmp_path / "p")
+    force_plan(M)
+    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    ids, obs, h, reset = batch(spec, 0, counts=[3, 1, 3])
+    ids = sorted(ids)
+    check(eng, spec, backbone, ads, ids, obs, h, reset)
+
+
+def test_mixed_plan_chosen_for_many_small_agents():
+    rng = np.random.default_rng(0)
+    slots = np.concatenate([np.arange(100), rng.integers(0, 100, 1500)])
+    rng.shuffle(slots)
+    lay = plan(slots, mixed=True)
+    assert lay.P > 1 and lay.C * lay.M < 1.1 * len(slots)  # no per-agent padding
+    assert plan(slots, mixed=True) is lay
+    assert plan(slots).P == 1  # merged weights still get one agent per chunk
+
+
+# --- mixed chunks against the reference ---------------------------------------------------------------
+@pytest.mark.parametrize("M", [2, 4, 8, 32])
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_mixed_chunks_match_reference(tmp_path, force_plan, M, recurrent):
+    spec, backbone, ads = make_policy(tmp_path / "p", obs=(5, 7, 4, 7), act=(3, 5, 2, 5),
+                                      recurrent=recurrent, action="gaussian")
+    force_plan(M)
+    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    check(eng, spec, backbone, ads, *batch(spec, 0, counts=[1, 9, 3, 20]))
+    check(eng, spec, backbone, ads, *batch(spec, 77))
+
+
+def test_mixed_chunks_heterogeneous_humanoid_sizes(hetero_policy, force_plan):
+    d, spec, backbone, ads = hetero_policy
+    force_plan(8)
+    eng = Engine.from_dir(d, device="cpu", mode="lora")
+    check(eng, spec, backbone, ads, *batch(spec, 0, counts=[13, 6]))
+
+
+def test_mixed_chunks_categorical_masks(tmp_path, force_plan):
+    spec, backbone, ads = make_policy(tmp_path / "c", obs=(5, 5, 5), act=(4, 6, 6),
+                                      action="categorical")
+    force_plan(4)
+    eng = Engine.from_dir(tmp_path / "c", device="cpu", mode="lora")
+    ids, obs, h, reset = batch(spec, 0, counts=[5, 2, 9])
+    check(eng, spec, backbone, ads, ids, obs, h, reset)
+    avail = torch.ones(len(ids), 6, dtype=torch.bool)
+    avail[:, 0] = False
+    out = eng.act(ids, obs, h, reset, avail=avail, deterministic=False,
+                  generator=torch.Generator().manual_seed(0))
+    ref_head, _ = forward_loop(spec, backbone, ads, ids, obs, h, reset)
+    act_dims = torch.tensor([spec.agent(a).act_dim for a in ids])
+    valid = avail & (torch.arange(6) < act_dims[:, None])
+    assert valid[torch.arange(len(ids)), out.actions].all()
+    ref = torch.distributions.Categorical(logits=ref_head.float().masked_fill(~valid, -1e30))
+    torch.testing.assert_close(out.log_probs, ref.log_prob(out.actions), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("B", [1000, 4000])
+def test_thousand_agents_auto_matches_reference(tmp_path, B):
+    n = 1000
+    spec, backbone, ads = make_policy(tmp_path / "k", obs=(6,) * n, act=(2,) * n, rank=2,
+                                      b_std=0.05, layers=("mlp.0", "gru.h", "head"))
+    eng = Engine.from_dir(tmp_path / "k", device="cpu", mode="auto")
+    counts = [1] * n if B == n else None
+    ids, obs, h, reset = batch(spec, B, counts=counts)
+    rows = np.random.default_rng(0).choice(len(ids), 300, replace=False)  # the oracle is slow
+    head, h_next = eng.forward(ids, obs, h, reset)
+    sub = [ids[i] for i in rows]
+    ref_head, ref_h = forward_loop(spec, backbone, ads, sub, obs[rows], h[rows], reset[rows])
+    torch.testing.assert_close(head[rows].double(), ref_head, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h_next[rows].double(), ref_h, atol=1e-5, rtol=0)
+
+
+# --- traced small batches ---------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["lora", "merged", "auto"])
+@pytest.mark.parametrize("recurrent", [True, False])
+def test_traced_small_batches_match_reference(tmp_path, mode, recurrent):
+    spec, backbone, ads = make_policy(tmp_path / "t", obs=(5, 7, 4), act=(3, 5, 2),
+                                      recurrent=recurrent)
+    eng = Engine.from_dir(tmp_path / "t", device="cpu", mode=mode)
+    args = batch(spec, 0, counts=[2, 1, 3])
+    for _ in range(5):  # eager, eager + trace, then traced calls
+        check(eng, spec, backbone, ads, *args)
+    entries = list(eng._bank.traced._entries.values())
+    assert any(callable(e) for e in entries)  # the traced graph is in use
+
+
+def test_traced_plain_policy(tmp_path):
+    spec, backbone, _ = make_policy(tmp_path / "plain", adapters=False)
+    eng = Engine.from_dir(tmp_path / "plain", device="cpu")
+    args = batch(spec, 10)
+    for _ in range(4):
+        check(eng, spec, backbone, {}, *args)
+
+
+def test_trace_failure_falls_back_to_eager(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no tracing here")
+    monkeypatch.setattr(traced_mod.torch.jit, "trace", broken)
+    spec, backbone, ads = make_policy(tmp_path / "f")
+    eng = Engine.from_dir(tmp_path / "f", device="cpu", mode="lora")
+    args = batch(spec, 6)
+    for _ in range(4):
+        check(eng, spec, backbone, ads, *args)
+    assert traced_mod._EAGER in eng._bank.traced._entries.values()
+
+
+def test_tracing_disabled_and_hot_swap_retraces(tmp_path, monkeypatch):
+    spec, backbone, ads = make_policy(tmp_path / "s")
+    eng = Engine.from_dir(tmp_path / "s", device="cpu", mode="lora")
+    args = batch(spec, 6)
+    for _ in range(3):
+        check(eng, spec, backbone, ads, *args)
+    new = {k: v.flip(0) for k, v in ads["agent_1"].items()}
+    eng.set_adapter("agent_1", new)  # a new bank: traces of the old weights are not reused
+    ads2 = {**ads, "agent_1": new}
+    for _ in range(3):
+        check(eng, spec, backbone, ads2, *args)
+    monkeypatch.setattr(traced_mod, "TRACE_ENABLED", False)
+    check(eng, spec, backbone, ads2, *args)
+
+
+# --- LRU of auto-merged agents ------------------------------------------------------------------------
+def test_auto_merged_agents_are_bounded(tmp_path, monkeypatch):
+    n = 12
+    spec, backbone, ads = make_policy(tmp_path / "lru", obs=(6,) * n, act=(2,) * n)
+    eng = Engine.from_dir(tmp_path / "lru", device="cpu", mode="auto")
+    per_agent = eng._bank.merged_bytes_per_agent
+    monkeypatch.setattr(engine_mod, "AUTO_MERGED_MAX_BYTES", 4 * per_agent)
+    eng.merge(["agent_0"])  # pinned: never evicted
+    for start in range(1, n - 2):  # teams of 3 agents drift over the population
+        team = spec.agent_ids[start:start + 3]
+        ids, obs, h, reset = batch(spec, 0, counts=[3 if a in team else 0 for a in spec.agent_ids])
+        check(eng, spec, backbone, ads, ids, obs, h, reset, mode="merged")
+        merged = set(eng.merged_agents)
+        assert set(team) <= merged and "agent_0" in merged
+        assert len(merged - {"agent_0"}) <= 4
+    eng.unmerge(["agent_0"])
+    assert "agent_0" not in eng.merged_agents
+
+
+def test_single_thread_team_step_uses_lora_and_matches(tiny_policy, monkeypatch):
+    d, spec, backbone, ads = tiny_policy
+    eng = Engine.from_dir(d, device="cpu", mode="auto")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    check(eng, spec, backbone, ads, *batch(spec, 3, counts=[1, 1, 1]))
+    assert eng.merged_agents == []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    check(eng, spec, backbone, ads, *batch(spec, 3, counts=[1, 1, 1]))
+    assert len(eng.merged_agents) == 3
