@@ -222,12 +222,15 @@ def test_auto_merged_agents_are_bounded(tmp_path, monkeypatch):
     assert "agent_0" not in eng.merged_agents
 
 
-def test_single_thread_team_step_uses_lora_and_matches(tiny_policy, monkeypatch):
-    d, spec, backbone, ads = tiny_policy
-    eng = Engine.from_dir(d, device="cpu", mode="auto")
+def test_single_thread_team_step_uses_lora_and_matches(tmp_path, monkeypatch):
+    n = 8
+    spec, backbone, ads = make_policy(tmp_path / "team", obs=(6,) * n, act=(2,) * n)
+    eng = Engine.from_dir(tmp_path / "team", device="cpu", mode="auto")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    check(eng, spec, backbone, ads, *batch(spec, 3, counts=[1, 1, 1]))
-    assert eng.merged_agents == []
+    check(eng, spec, backbone, ads, *batch(spec, 0, counts=[1] * n))
+    assert eng.merged_agents == []  # one thread, 8 chunks: low-rank path
+    check(eng, spec, backbone, ads, *batch(spec, 0, counts=[1, 1] + [0] * (n - 2)))
+    assert len(eng.merged_agents) == 2  # few chunks: merged
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    check(eng, spec, backbone, ads, *batch(spec, 3, counts=[1, 1, 1]))
-    assert len(eng.merged_agents) == 3
+    check(eng, spec, backbone, ads, *batch(spec, 0, counts=[1] * n))
+    assert len(eng.merged_agents) == n
