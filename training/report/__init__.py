@@ -1,0 +1,52 @@
+"""`lorasa-report`: run a declared grid (training/grid.py) and write its report: a markdown README with
+final-performance tables (mean and 95% Student-t interval across seeds), learning curves, trainable
+parameters, training throughput, inference time per decision, the ablations, and a comparison with
+the LoRASA paper's qualitative claims computed from the numbers.
+
+    lorasa-report run reports/grid.toml --runs runs/report --out reports [--jobs 2] [--notes NOTES.md]
+    lorasa-report write reports/grid.toml --runs runs/report --out reports [--remeasure]
+
+`run` trains the missing runs first, then writes the report (listing failed runs; exit code 1 if any
+failed); `write` only writes the report. Inference timings are cached in OUT/assets/inference.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..grid import Grid, run_grid
+from .results import concat_rows, mean_curve
+from .stats import Stats, betainc, overlap, t_cdf, t_quantile
+from .writer import write_report
+
+__all__ = ["main", "write_report", "Stats", "betainc", "concat_rows", "mean_curve", "overlap", "t_cdf",
+           "t_quantile"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="lorasa-report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("run", "train the missing runs, then write the report"),
+                        ("write", "write the report from the finished runs")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("grid", type=Path, help="the grid TOML")
+        s.add_argument("--runs", type=Path, required=True, help="runs root (one directory per run)")
+        s.add_argument("--out", type=Path, required=True, help="report directory (README.md, assets/)")
+        s.add_argument("--notes", type=Path, help="markdown included verbatim under 'Reading'")
+        s.add_argument("--remeasure", action="store_true", help="redo the cached inference timings")
+        s.add_argument("--rounds", type=int, default=200, help="interleaved timing rounds")
+        if name == "run":
+            s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
+    args = p.parse_args(argv)
+    grid = Grid.load(args.grid)
+    failed: list[str] = []
+    if args.command == "run":
+        failed = run_grid(grid, args.runs.resolve(), args.jobs)
+    readme = write_report(grid, args.runs, args.out, args.notes, grid_path=args.grid, remeasure=args.remeasure,
+                          failed=set(failed), rounds=args.rounds)
+    print(readme)
+    if failed:
+        print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,78 @@
+"""Matplotlib figures of the report (Agg backend, PNG): learning curves per scenario and algorithm, and
+ablation panels (final return per setting and learning curves)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .results import ALGO_NAMES, MODE_NAMES, Cell, MeanCurve, cell_curve
+
+MODE_COLORS = {m: f"C{i}" for i, m in enumerate(MODE_NAMES)}
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def draw_curve(ax, curve: MeanCurve, label: str, color: str) -> None:
+    if not curve.steps:
+        return
+    means = [s.mean for s in curve.stats]
+    ax.plot(curve.steps, means, color=color, marker="o", ms=3, lw=1.8, label=label)
+    lo = [s.lo if s.n > 1 else s.mean for s in curve.stats]
+    hi = [s.hi if s.n > 1 else s.mean for s in curve.stats]
+    ax.fill_between(curve.steps, lo, hi, color=color, alpha=0.18, lw=0)
+    if curve.switch is not None:
+        ax.axvline(curve.switch, color=color, ls=":", lw=1)
+
+
+def _style(ax, title: str, ylabel: str = "evaluation return") -> None:
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_scenario(cells: list[Cell], title: str, path: Path) -> Path:
+    """One panel per algorithm: mean evaluation return across seeds, shaded 95% interval."""
+    plt = _pyplot()
+    algos = list(dict.fromkeys(c.algo for c in cells))
+    fig, axes = plt.subplots(1, len(algos), figsize=(7 * len(algos), 4.2), squeeze=False, sharey=True)
+    for ax, algo in zip(axes[0], algos):
+        for cell in (c for c in cells if c.algo == algo and c.done):
+            draw_curve(ax, cell_curve(cell), f"{cell.label} (n={len(cell.done)})", MODE_COLORS[cell.mode])
+        _style(ax, f"{title}: {ALGO_NAMES[algo]} (mean over seeds, 95% CI; dotted: LoRA switch)")
+    return _save(fig, path)
+
+
+def plot_ablation(cells: list[Cell], title: str, path: Path) -> Path:
+    """Left: final return vs setting with 95% CI error bars; right: learning curves per setting."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2))
+    done = [c for c in cells if c.done]
+    xs = list(range(len(done)))
+    for x, cell in zip(xs, done):
+        st = cell.returns
+        err = 0.0 if st.n < 2 else st.half_width
+        left.errorbar([x], [st.mean], yerr=[err], fmt="o", capsize=5, color=f"C{x}")
+        left.plot([x] * st.n, st.values, "x", color=f"C{x}", alpha=0.5)
+    left.set_xticks(xs, [c.label for c in done], rotation=15, fontsize=8)
+    left.set_ylabel("final evaluation return")
+    left.set_title(f"{title}: final return (mean, 95% CI; x: seeds)", fontsize=10)
+    left.grid(alpha=0.3)
+    for x, cell in zip(xs, done):
+        draw_curve(right, cell_curve(cell), cell.label, f"C{x}")
+    _style(right, f"{title}: learning curves")
+    return _save(fig, path)
