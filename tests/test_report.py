@@ -128,3 +128,12 @@ def test_tiny_grid_end_to_end(tmp_path):
     timings = json.loads((out / "assets" / "inference.json").read_text())["runs"]
     assert set(timings["halfcheetah_2x3/mappo-lorasa/seed1"]) == {"policy_act_us", "engine_act_us"}
     assert set(timings["halfcheetah_2x3/a2po-nps/seed1"]) == {"policy_act_us"}  # no servable policy
+
+
+def test_paired_differences_and_table_cells():
+    from training.report.writer import _paired_text, md_table
+    d = Stats((426.0, -370.0, 17.0))
+    assert _paired_text(d).startswith("+24.3 ± ") and "(seeds: +426, -370, +17)" in _paired_text(d)
+    assert " higher " in _paired_text(Stats((245.0, 205.0, 190.0)))  # the interval excludes 0
+    table = md_table(["Scenario", "x"], [["Humanoid 9|8", "1"]])
+    assert table.splitlines()[2] == "| Humanoid 9\\|8 | 1 |"  # one cell, not two

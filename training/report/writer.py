@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
-from ..grid import Grid
+from ..grid import BASE_OF, Grid
 from .inference import inference_times, utc_now
 from .plots import plot_ablation, plot_scenario
 from .results import ALGO_NAMES, MODE_NAMES, Cell, RunResult, cells_of, load_results
-from .stats import overlap
+from .stats import Stats, overlap
 
 ASSETS = "assets"
 INFERENCE_FILE = "inference.json"
@@ -22,8 +22,9 @@ ABLATION_TITLES = {"rank": "LoRA rank", "layers": "Adapted layers", "switch": "P
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    def cells(r: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |"  # "Humanoid 9|8" stays one cell
+    lines = [cells(header), "|" + "|".join("---" for _ in header) + "|"] + [cells(r) for r in rows]
     return "\n".join(lines)
 
 
@@ -257,6 +258,16 @@ class Comparison:
                 "no data": "no data (runs missing)"}[self.verdict]
 
     @property
+    def paired(self) -> Stats | None:
+        """Per-seed differences A - B when A is phase 2 of B's own runs (same seed, same phase 1):
+        the seed's luck in phase 1 cancels. None for unpaired comparisons."""
+        if BASE_OF.get(self.a.mode) != self.b.mode:
+            return None
+        b_by_seed = {r.run.seed: r.final_return for r in self.b.done}
+        return Stats(tuple(r.final_return - b_by_seed[r.run.seed] for r in self.a.done
+                           if r.run.seed in b_by_seed))
+
+    @property
     def ratio(self) -> str:
         a, b = self.a.returns.mean, self.b.returns.mean
         return f"{a / b:.2f}" if a > 0 and b > 0 else "n/a"
@@ -264,7 +275,19 @@ class Comparison:
     def row(self) -> list[str]:
         a, b = self.a.returns, self.b.returns
         return [self.scenario, ALGO_NAMES[self.algo], f"{MODE_NAMES[self.a.mode]} vs {MODE_NAMES[self.b.mode]}",
-                a.fmt(), b.fmt(), _num(self.diff) if a.n and b.n else "n/a", self.ratio, self.reading]
+                a.fmt(), b.fmt(), _num(self.diff) if a.n and b.n else "n/a", self.ratio, self.reading,
+                "n/a" if self.paired is None else _paired_text(self.paired)]
+
+
+def _paired_text(d: Stats) -> str:
+    """'+24.3 ± 80.1 (seeds: +426, -370, +17)'; the interval excludes 0 -> 'higher' / 'lower'."""
+    if d.n == 0:
+        return "n/a"
+    seeds = ", ".join(f"{v:+.0f}" for v in d.values)
+    if d.n < 2:
+        return f"{d.mean:+.1f} (seed: {seeds})"
+    sign = "" if d.lo <= 0 <= d.hi else (" higher" if d.lo > 0 else " lower")
+    return f"{d.mean:+.1f} ± {d.half_width:.1f}{sign} (seeds: {seeds})"
 
 
 PAIRS = (("lorasa", "ps"), ("lorasa", "nps"), ("seps_lorasa", "seps"), ("seps_lorasa", "nps"))
@@ -308,10 +331,13 @@ def comparison_section(grid: Grid, results: dict[str, RunResult]) -> str:
              "approaches non-shared policies (NPS) on heterogeneous tasks, with far fewer trainable parameters. "
              "Below, A vs B compares final returns; 'within noise' means the two 95% intervals overlap (a "
              "conservative criterion: no difference is claimed), 'higher' / 'lower' that they do not; "
-             "'(no interval)': a side has a single seed. A / B: ratio of mean returns (when both are positive).",
+             "'(no interval)': a side has a single seed. A / B: ratio of mean returns (when both are positive). "
+             "Paired: for a LoRA run against its own base method, the mean and 95% interval of the per-seed "
+             "differences (each LoRA run continues that seed's base run from the switch step, so phase-1 "
+             "luck cancels); 'higher' / 'lower' when the interval excludes 0.",
              ""]
     if comps:
-        header = ["Scenario", "Algo", "A vs B", "A", "B", "A − B", "A / B", "Reading"]
+        header = ["Scenario", "Algo", "A vs B", "A", "B", "A − B", "A / B", "Reading", "Paired A − B (same seeds)"]
         lines += [md_table(header, [c.row() for c in comps]), ""]
     lines += [f"- PS+LoRA vs PS (claim: higher): {_tally(comps, 'lorasa', 'ps')}.",
               f"- PS+LoRA vs NPS (claim: close to NPS): {_tally(comps, 'lorasa', 'nps')}.",
