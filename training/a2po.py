@@ -73,7 +73,7 @@ def _agent_step(policy: Policy, batch, k: int, idx: Tensor, adv: Tensor, prec: T
     (pl - cfg.entropy_coef * entropy).backward()
     nn.utils.clip_grad_norm_(list(policy.actor.trainable.values()), cfg.max_grad_norm)
     step_only_agent(opt, policy.actor, k)
-    return (float(pl), float(entropy), *ratio_stats(logp, old, cfg.clip))
+    return (float(pl.detach()), float(entropy.detach()), *ratio_stats(logp, old, cfg.clip))
 
 
 def step_only_agent(opt: torch.optim.Optimizer, actor: Actor, k: int) -> None:

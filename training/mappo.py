@@ -315,7 +315,8 @@ def ppo_update(policy: Policy, critic: Critic, vnorm: ValueNorm, ro: Rollout, cf
             nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             actor_opt.step()
             vl = critic_step(critic, critic_opt, mb, cfg)
-            stats.append((float(pl), vl, float(entropy), *ratio_stats(logp, mb["logp"], cfg.clip)))
+            stats.append((float(pl.detach()), vl, float(entropy.detach()),
+                          *ratio_stats(logp, mb["logp"], cfg.clip)))
     return UpdateStats(*np.mean(stats, axis=0).tolist())
 
 
