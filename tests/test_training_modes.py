@@ -201,3 +201,21 @@ def test_a2po_trains_each_mode(tmp_path, mode):
     assert s["env_steps"] == 40 and np.isfinite(s["final_eval"]["mean_return"])
     row = _rows(out)[0]
     assert float(row["approx_kl"]) > 0 and np.isfinite(float(row["policy_loss"]))
+
+
+def test_acting_params_are_reused_until_a_step_changes_the_weights():
+    g, obs, h = _inputs(9)
+    seps = Actor.new_seps(HETERO, g, -0.5, (0, 1, 0))
+    with torch.no_grad():
+        p1, p2 = seps.params(), seps.params()
+        assert p1 is p2  # no gather per environment step
+        before, _ = actor_forward(HETERO, p1, obs, h, None)
+    opt = torch.optim.Adam(list(seps.trainable.values()), lr=1e-2)
+    _forward(seps, obs, h)[0].pow(2).sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after, _ = actor_forward(HETERO, seps.params(), obs, h, None)
+        assert seps.params() is not p1 and not torch.equal(after, before)
+    fresh, _ = _forward(seps, obs, h)  # autograd: always built anew, equal values
+    torch.testing.assert_close(after, fresh.detach())
+    assert seps.log_std().requires_grad and not torch.no_grad()(seps.log_std)().requires_grad

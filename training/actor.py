@@ -40,6 +40,7 @@ class Actor:
         self.frozen = {k: v.detach().clone() for k, v in (frozen or {}).items()}
         self._index = torch.tensor(self.groups, dtype=torch.long)
         self._identity = self.groups == tuple(range(self.n))
+        self._acting: tuple[tuple[int, ...], ActorParams, Tensor | None] | None = None  # see params()
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
@@ -88,8 +89,7 @@ class Actor:
     @classmethod
     def lora_from_backbone(cls, spec: PolicySpec, backbone: dict[str, Tensor],
                            g: torch.Generator) -> "Actor":
-        adapters = {a: init_adapter(spec, g) for a in spec.agent_ids}
-        return cls.lora_from_adapters(spec, backbone, adapters)
+        return cls.lora_from_base(cls(spec, "ps", backbone, groups=(0,) * len(spec.agents)), g)
 
     @classmethod
     def lora_from_adapters(cls, spec: PolicySpec, base: dict[str, Tensor],
@@ -109,12 +109,30 @@ class Actor:
         t = self.trainable.get(name)
         if t is None:
             t = self.frozen[name]
-        if t.dim() == 3 and not name.endswith((".lora_a", ".lora_b")) and not self._identity:
+        if t.dim() == 3 and not self._identity:
             t = t.index_select(0, self._index)  # [G, ...] -> [N, ...] (differentiable)
         return t
 
     def params(self) -> ActorParams:
-        """ActorParams for a grouped batch `[N, M, D]` whose chunk i holds agent i's rows."""
+        """ActorParams for a grouped batch `[N, M, D]` whose chunk i holds agent i's rows.
+
+        Without autograd (acting in rollouts and evaluations) the result is built once and reused until
+        a trainable tensor changes in place (an optimiser step bumps its version): per-group weights
+        are then not gathered again at every environment step."""
+        return self._acting_params()[0] if not torch.is_grad_enabled() else self._params()
+
+    def log_std(self) -> Tensor:
+        """[A] shared or [N, 1, A] per agent (broadcasts against [N, M, A])."""
+        return self._acting_params()[1] if not torch.is_grad_enabled() else self._get("log_std")
+
+    def _acting_params(self) -> tuple[ActorParams, Tensor | None]:
+        key = tuple(v._version for v in self.trainable.values())
+        if self._acting is None or self._acting[0] != key:
+            log_std = self._get("log_std") if self.spec.action == "gaussian" else None
+            self._acting = (key, self._params(), log_std)
+        return self._acting[1], self._acting[2]
+
+    def _params(self) -> ActorParams:
         spec, scale = self.spec, self.spec.lora.scale
         linears = {}
         for n in spec.linear_names():
@@ -124,10 +142,6 @@ class Actor:
             linears[n] = LinearP(w, b, la, None if lb is None else lb * scale)
         norms = {n: NormP(self._get(f"{n}.weight"), self._get(f"{n}.bias")) for n in spec.norm_names()}
         return ActorParams(linears, norms)
-
-    def log_std(self) -> Tensor:
-        """[A] shared or [N, 1, A] per agent (broadcasts against [N, M, A])."""
-        return self._get("log_std")
 
     def group_rows(self) -> dict[str, Tensor]:
         """For each per-group / per-agent trainable tensor, which leading index belongs to which agent:

@@ -23,9 +23,9 @@ def probe_transitions(venv: VecEnv, steps: int, seed: int) -> tuple[np.ndarray, 
     obs, acts, nxt, rew = [], [], [], []
     for _ in range(steps):
         a, _ = act_fn(step.obs, step.avail, None, np.zeros(venv.n_envs, bool))
+        new = venv.step(a)
         if info.action == "categorical":
-            a = np.eye(info.act_max, dtype=np.float32)[a]  # one-hot [E, N, A]
-        new = venv.step(a if info.action == "gaussian" else a.argmax(-1))
+            a = np.eye(info.act_max, dtype=np.float32)[a]  # as features: one-hot [E, N, A]
         live = ~new.done
         obs.append(step.obs[live]), acts.append(a[live]), nxt.append(new.obs[live]), rew.append(new.reward[live])
         step = new
