@@ -79,9 +79,10 @@ class Actor:
         return cls(spec, kind, t, groups=tuple(groups))
 
     @classmethod
-    def lora_from_base(cls, base: "Actor", g: torch.Generator) -> "Actor":
-        """Freeze `base` (PS or SePS); fresh adapters (A random, B = 0), so the policy starts equal to it."""
-        spec = base.spec
+    def lora_from_base(cls, base: "Actor", g: torch.Generator, spec: PolicySpec | None = None) -> "Actor":
+        """Freeze `base` (PS or SePS); fresh adapters (A random, B = 0), so the policy starts equal to it.
+        `spec`: the base's spec with another LoRA configuration (rank, alpha, layers)."""
+        spec = spec or base.spec
         adapters = {a: init_adapter(spec, g) for a in spec.agent_ids}
         base_tensors = {k: v.detach().clone() for k, v in {**base.frozen, **base.trainable}.items()}
         return cls.lora_from_adapters(spec, base_tensors, adapters, base.groups)

@@ -152,7 +152,7 @@ class Trainer:
         lo = self.cfg.lora
         spec = replace(base.spec, lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers)))
         self.counters.phase_switch_step = self.counters.env_steps
-        return Actor.lora_from_base(Actor(spec, base.kind, base.trainable, base.frozen, base.groups), self.g)
+        return Actor.lora_from_base(base, self.g, spec)
 
     def _resume(self) -> Actor:
         meta = checkpoint.load_meta(self.out)
