@@ -207,14 +207,15 @@ class Engine:
         else:
             lay = plan(slots, mixed=True)  # chunks may hold several agents (if cheaper)
         p = bank.params(mode, lay)
-        pos = None if lay.pos is None else torch.as_tensor(lay.pos, device=obs.device)
-        x, hh, rr = _to_chunks(lay, obs, pos), _opt_chunks(lay, h, pos), _opt_chunks(lay, reset, pos)
+        dev = obs.device
+        pos = None if lay.pos is None else torch.as_tensor(lay.pos, device=dev)
+        src = None if lay.src is None else torch.as_tensor(lay.src, device=dev)
         k = max(1, BLOCK_ROWS // lay.M)  # chunks per block: big batches run in cache-sized blocks
         if lay.C * lay.M <= traced.TRACE_MAX_ROWS:
-            out, h_next = self._run(bank, p, (mode, lay.key), x, hh, rr)
-        else:
+            out, h_next = self._run(bank, p, (mode, lay.key), *_gather(lay, src, 0, lay.C, obs, h, reset))
+        else:  # each block gathers its own rows: the padded copy of the batch is never built whole
             blocks = [actor_forward(bank.spec, p if lay.C <= k else slice_chunks(p, slice(c, c + k)),
-                                    x[c:c + k], _opt_cut(hh, c, k), _opt_cut(rr, c, k))
+                                    *_gather(lay, src, c, k, obs, h, reset))
                       for c in range(0, lay.C, k)]
             out, h_next = _cat_blocks(blocks, dim=0)
         return (_from_chunks(lay, out, pos),
@@ -427,17 +428,22 @@ class Engine:
 
 
 # --- chunk layout <-> caller order ----------------------------------------------------------------
-def _to_chunks(lay: Layout, x: Tensor, pos: Tensor | None) -> Tensor:
-    """[B, D] caller order -> [C, M, D] (dead rows zero). `pos` [B]: padded position of each row."""
-    if pos is None:
-        return x.reshape(lay.C, lay.M, *x.shape[1:])
-    out = x.new_zeros((lay.C * lay.M, *x.shape[1:]))
-    out.index_copy_(0, pos, x)
-    return out.view(lay.C, lay.M, *x.shape[1:])
+def _gather(lay: Layout, src: Tensor | None, c: int, k: int, *xs: Tensor | None
+            ) -> list[Tensor | None]:
+    """Chunks c .. c+k of each caller-order input [B, ...] as [k', M, ...] (None stays None).
+    `src` [C*M]: the caller row of each padded position (None: rows are already in place)."""
+    n = min(k, lay.C - c)
+    if src is None and n == lay.C:  # the whole batch, rows in place (a team step): views only
+        return [None if x is None else x.reshape(n, lay.M, *x.shape[1:]) for x in xs]
+    rows = slice(c * lay.M, (c + n) * lay.M)
+    idx = None if src is None else src[rows]
 
-
-def _opt_chunks(lay: Layout, x: Tensor | None, pos: Tensor | None) -> Tensor | None:
-    return None if x is None else _to_chunks(lay, x, pos)
+    def cut(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        blk = x[rows] if idx is None else x.index_select(0, idx)  # [n*M, ...]
+        return blk.reshape(n, lay.M, *x.shape[1:])
+    return [cut(x) for x in xs]
 
 
 def _from_chunks(lay: Layout, y: Tensor, pos: Tensor | None) -> Tensor:

@@ -55,6 +55,16 @@ class Layout:
         return self.chunk_slots[:, 0]
 
     @cached_property
+    def src(self) -> np.ndarray | None:
+        """[C*M] int64: the caller row at each padded position, None = identity. Dead rows read
+        row 0 (any valid row: rows never mix, and their outputs are dropped)."""
+        if self.pos is None:
+            return None
+        out = np.zeros(self.C * self.M, dtype=np.int64)
+        out[self.pos] = np.arange(len(self.pos))
+        return out
+
+    @cached_property
     def slot_set(self) -> frozenset[int]:
         """The agent slots present."""
         return frozenset(self.chunk_slots.reshape(-1).tolist())
