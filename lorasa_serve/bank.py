@@ -22,7 +22,9 @@ from .network import ActorParams, LinearP, NormP
 from .traced import TraceCache
 from .spec import AgentSpec, PolicySpec
 
-PARAMS_CACHE_SIZE = 4  # assembled ActorParams per (mode, layout) kept per bank
+PARAMS_CACHE_SIZE = 4  # assembled ActorParams per (mode, layout) kept per bank ...
+PARAMS_CACHE_MAX_BYTES = 256 << 20  # ... holding at most this many bytes of per-layout copies
+# (gathered adapters, masks, stacked merged weights; the newest entry is always kept)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class AdapterBank:
     obs_dims: Tensor  # [S] int64
     act_dims: Tensor  # [S] int64
     _cache: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
+    _cache_bytes: dict = field(default_factory=dict, compare=False, repr=False)
     _seen: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
     _cache_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
     traced: TraceCache = field(default_factory=TraceCache, compare=False, repr=False)  # small batches
@@ -132,7 +135,7 @@ class AdapterBank:
             slot_of = self.slot_of
         merged = dict(self.merged)
         bank = replace(self, spec=spec, slot_of=slot_of, adapters=adapters, versions=versions,
-                       a_r=a_r, b_t=b_t, merged=merged, _cache=OrderedDict(),
+                       a_r=a_r, b_t=b_t, merged=merged, _cache=OrderedDict(), _cache_bytes={},
                        _seen=OrderedDict(), _cache_lock=threading.Lock(), traced=TraceCache())
         if slot in merged:  # keep a merged agent merged, with its new weights
             merged[slot] = bank.merged_weights(slot)
@@ -147,7 +150,7 @@ class AdapterBank:
                 merged[s] = merged.get(s) or self.merged_weights(s)
             else:
                 merged.pop(s, None)
-        return replace(self, merged=merged, _cache=OrderedDict(), _seen=OrderedDict(),
+        return replace(self, merged=merged, _cache=OrderedDict(), _cache_bytes={}, _seen=OrderedDict(),
                        _cache_lock=threading.Lock(), traced=TraceCache())
 
     def merged_weights(self, slot: int) -> dict[str, Tensor]:
@@ -175,9 +178,31 @@ class AdapterBank:
         p = self._assemble(mode, lay)
         with self._cache_lock:
             self._cache[ck] = p
-            while len(self._cache) > PARAMS_CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._cache_bytes[ck] = self._copied_bytes(p)
+            while len(self._cache) > 1 and (len(self._cache) > PARAMS_CACHE_SIZE or sum(
+                    self._cache_bytes.values()) > PARAMS_CACHE_MAX_BYTES):
+                old, _ = self._cache.popitem(last=False)
+                del self._cache_bytes[old]
         return p
+
+    def cached_params_bytes(self) -> int:
+        """Bytes of per-layout copies held by the params cache."""
+        with self._cache_lock:
+            return sum(self._cache_bytes.values())
+
+    def _copied_bytes(self, p: ActorParams) -> int:
+        """Bytes of the per-chunk tensors in `p` that are copies (not the bank's own stacks)."""
+        own = {t.untyped_storage().data_ptr() for t in (*self.a_r.values(), *self.b_t.values())}
+        seen, total = set(own), 0
+        for q in p.linears.values():
+            for t in (q.weight, q.lora_a, q.lora_b, q.lora_mask):
+                if t is None or t.dim() != 3:
+                    continue
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += t.untyped_storage().nbytes()
+        return total
 
     def _assemble(self, mode: str, lay: Layout | None) -> ActorParams:
         bb, spec = self.backbone, self.spec

@@ -257,3 +257,26 @@ def test_single_thread_team_step_uses_lora_and_matches(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     check(eng, spec, backbone, ads, *batch(spec, 0, counts=[1] * n))
     assert len(eng.merged_agents) == n
+
+
+def test_params_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
+    """Per-layout copies (gathered adapters, masks, stacked merged weights) stay under the byte
+    budget; evicted layouts are rebuilt on demand with the same results."""
+    import lorasa_serve.bank as bank_mod
+    spec, backbone, ads = make_policy(tmp_path / "p")
+    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    batches = [batch(spec, 0, seed=s, counts=c)
+               for s, c in enumerate([[5, 1, 2], [1, 6, 3], [2, 2, 7], [4, 0, 1]])]
+    sizes = []
+    for b in batches:
+        eng.forward(*b)
+        sizes.append(eng._bank.cached_params_bytes())
+    assert sizes[0] > 0 and sizes[-1] > sizes[0]  # each layout adds its copies
+    limit = max(sizes[i + 1] - sizes[i] for i in range(len(sizes) - 1)) + 1  # about one layout
+    monkeypatch.setattr(bank_mod, "PARAMS_CACHE_MAX_BYTES", limit)
+    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    for _ in range(2):
+        for ids, obs, h, reset in batches:
+            check(eng, spec, backbone, ads, ids, obs, h, reset)
+            assert len(eng._bank._cache) == 1 or eng._bank.cached_params_bytes() <= limit
+    assert len(eng._bank._cache) < len(batches)  # evicted by bytes, not by count
