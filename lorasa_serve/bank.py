@@ -183,6 +183,7 @@ class AdapterBank:
                     self._cache_bytes.values()) > PARAMS_CACHE_MAX_BYTES):
                 old, _ = self._cache.popitem(last=False)
                 del self._cache_bytes[old]
+                self.traced.drop(old)  # traced graphs hold the same tensors as constants
         return p
 
     def cached_params_bytes(self) -> int:

@@ -207,9 +207,7 @@ class Engine:
         else:
             lay = plan(slots, mixed=True)  # chunks may hold several agents (if cheaper)
         p = bank.params(mode, lay)
-        dev = obs.device
-        pos = None if lay.pos is None else torch.as_tensor(lay.pos, device=dev)
-        src = None if lay.src is None else torch.as_tensor(lay.src, device=dev)
+        pos, src = lay.index_tensors(obs.device)
         k = max(1, BLOCK_ROWS // lay.M)  # chunks per block: big batches run in cache-sized blocks
         if lay.C * lay.M <= traced.TRACE_MAX_ROWS:
             out, h_next = self._run(bank, p, (mode, lay.key), *_gather(lay, src, 0, lay.C, obs, h, reset))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import torch
+from torch import Tensor
 
 CHUNK_COST_ROWS = 8  # one extra chunk costs about as much as this many padded rows
 MAX_TILE = 4096  # rows per chunk at most, so big batches can run in cache-sized blocks of chunks
@@ -63,6 +65,19 @@ class Layout:
         out = np.zeros(self.C * self.M, dtype=np.int64)
         out[self.pos] = np.arange(len(self.pos))
         return out
+
+    def index_tensors(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """(pos, src) as int64 tensors on `device`, made once per device (no per-call copy to a GPU)."""
+        got = self._on_device.get(device)
+        if got is None:
+            got = tuple(None if a is None else torch.as_tensor(a, device=device)
+                        for a in (self.pos, self.src))
+            self._on_device[device] = got
+        return got
+
+    @cached_property
+    def _on_device(self) -> dict:
+        return {}
 
     @cached_property
     def slot_set(self) -> frozenset[int]:

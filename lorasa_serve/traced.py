@@ -53,6 +53,15 @@ class TraceCache:
         return out
 
 
+    def drop(self, prefix: tuple) -> None:
+        """Forget the traces whose key starts with `prefix` (their graphs hold the weights of a
+        layout the caller no longer caches)."""
+        n = len(prefix)
+        with self._lock:
+            for key in [k for k in self._entries if isinstance(k, tuple) and k[:n] == prefix]:
+                del self._entries[key]
+
+
 def _trace(forward: Forward, args: tuple[Tensor | None, ...],
            expected: tuple[Tensor, Tensor | None]) -> Forward | None:
     """A traced forward equal to `forward` on `args` (checked against `expected`), or None."""

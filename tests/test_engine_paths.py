@@ -91,14 +91,30 @@ def test_gather_index_inverts_positions(mixed):
     assert lay.src.min() >= 0 and lay.src.max() < len(slots)
 
 
+@pytest.mark.parametrize("block_rows", [16, 64])
 @pytest.mark.parametrize("mode", ["lora", "merged"])
-def test_block_by_block_gather_matches_reference(tmp_path, monkeypatch, mode):
-    """Batches bigger than BLOCK_ROWS gather each block's rows on their own (shrunk here so a
-    100-row batch runs as many blocks, with padded chunks and a ragged last block)."""
+def test_block_by_block_gather_matches_reference(tmp_path, monkeypatch, mode, block_rows):
+    """Batches bigger than BLOCK_ROWS gather each block's rows on their own (shrunk here: a 74-row
+    batch in 16-row chunks, padded, runs as 6 one-chunk blocks or as blocks of 4 and 2 chunks)."""
     spec, backbone, ads = make_policy(tmp_path / "p")
-    monkeypatch.setattr(engine_mod, "BLOCK_ROWS", 16)
+    monkeypatch.setattr(engine_mod, "BLOCK_ROWS", block_rows)
     eng = Engine.from_dir(tmp_path / "p", device="cpu", mode=mode)
     ids, obs, h, reset = batch(spec, 0, counts=[40, 3, 31])
+    lay = plan(eng.agent_index(ids), mixed=mode == "lora")
+    assert lay.pos is not None and lay.C * lay.M > 64 and lay.C > block_rows // lay.M
+    check(eng, spec, backbone, ads, ids, obs, h, reset)
+
+
+@pytest.mark.parametrize("mode", ["lora", "merged"])
+def test_block_by_block_rows_in_place(tmp_path, monkeypatch, mode):
+    """Rows already grouped in runs of M (no gather): each block is a slice at its own offset."""
+    spec, backbone, ads = make_policy(tmp_path / "p")
+    monkeypatch.setattr(engine_mod, "BLOCK_ROWS", 32)
+    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode=mode)
+    ids, obs, h, reset = batch(spec, 0, counts=[32, 32, 32])
+    ids = sorted(ids)
+    lay = plan(eng.agent_index(ids), mixed=mode == "lora")
+    assert lay.pos is None and lay.C == 3 and lay.M == 32  # three blocks of one chunk each
     check(eng, spec, backbone, ads, ids, obs, h, reset)
 
 
@@ -280,3 +296,12 @@ def test_params_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
             check(eng, spec, backbone, ads, ids, obs, h, reset)
             assert len(eng._bank._cache) == 1 or eng._bank.cached_params_bytes() <= limit
     assert len(eng._bank._cache) < len(batches)  # evicted by bytes, not by count
+    cached = eng._bank._cache.keys()
+    assert eng._bank.traced._entries and all(k[:2] in cached for k in eng._bank.traced._entries)
+
+
+def test_in_order_team_step_copies_nothing(tmp_path):
+    spec, backbone, ads = make_policy(tmp_path / "p")
+    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    eng.forward(spec.agent_ids, torch.zeros(3, spec.obs_max), torch.zeros(3, spec.hidden))
+    assert len(eng._bank._cache) == 1 and eng._bank.cached_params_bytes() == 0
