@@ -68,10 +68,6 @@ class AdapterBank:
     def has_adapters(self) -> bool:
         return any(a is not None for a in self.adapters)
 
-    @property
-    def heterogeneous(self) -> bool:
-        return self.spec.heterogeneous
-
     @cached_property
     def obs_uniform(self) -> bool:
         """Every agent sees the full obs_max columns (no per-row input mask needed)."""

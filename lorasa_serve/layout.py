@@ -142,7 +142,7 @@ def plan_uncached(slots: np.ndarray) -> Layout:
 def plan_mixed(slots: np.ndarray) -> Layout:
     """slots [B] int64 -> the cheapest (by `plan_cost`) of the one-agent-per-chunk plan and the mixed
     plans with M = 2, 4, ... MAX_MIXED_TILE rows per chunk."""
-    single = plan_uncached(slots)
+    single = plan(slots)  # the one-agent plan, usually cached already (the engine plans it first)
     if single.C == len(slots):  # one row per agent: 1-row chunks are cheapest (measured)
         return single
     best, best_cost = single, plan_cost(single)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from lorasa_serve.artifacts import atomic_write
+
 from .results import Cell
 
 
@@ -90,8 +92,7 @@ def inference_times(cells: list[Cell], cache: Path, remeasure: bool = False, rou
         return data
     data = {"rounds": rounds, "measured_at": utc_now(), "loadavg_1min": loadavg(),
             "torch_threads": 1, "runs": measure_inference(wanted, rounds)}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(data, indent=2))
+    atomic_write(cache, json.dumps(data, indent=2).encode())
     return data
 
 

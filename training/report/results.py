@@ -3,7 +3,6 @@ method across seeds (Cell) with its display label, and learning curves (mean acr
 evaluated step; phase-2 runs continue their base run's curve)."""
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
@@ -12,6 +11,7 @@ from pathlib import Path
 from typing import Collection
 
 from ..grid import Grid, Run
+from ..plots import read_metrics
 from .stats import Stats
 
 ALGO_NAMES = {"mappo": "MAPPO", "a2po": "A2PO"}
@@ -172,11 +172,6 @@ def cells_of(grid: Grid, results: dict[str, RunResult], preset: str, group: str)
 
 
 # --- learning curves ----------------------------------------------------------------------------
-def read_rows(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def concat_rows(base: list[dict], own: list[dict]) -> tuple[list[dict], int | None]:
     """A phase-2 run's metrics with its base run's rows before them -> (rows, switch step)."""
     if not base or not own:
@@ -188,9 +183,9 @@ def concat_rows(base: list[dict], own: list[dict]) -> tuple[list[dict], int | No
 
 def run_curve(res: RunResult) -> tuple[list[tuple[int, float]], int | None]:
     """Evaluation return vs env steps of a finished run (phase-2 runs: with their base run's part)."""
-    own = read_rows(res.dir / "metrics.csv")
+    own = read_metrics(res.dir / "metrics.csv")
     base_path = res.base_metrics()
-    base = read_rows(base_path) if base_path and base_path.is_file() else []
+    base = read_metrics(base_path) if base_path and base_path.is_file() else []
     rows, switch = concat_rows(base, own)
     return [(int(r["env_steps"]), float(r["eval_return"])) for r in rows if r.get("eval_return")], switch
 
