@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -29,6 +30,23 @@ from .oip_codec import HEADER, TensorError, decode_body, encode
 
 DEFAULT_MODEL = "lorasa_policy"
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+class _NoDelay:
+    """http.client sends the headers and the body in two writes: without TCP_NODELAY, Nagle's
+    algorithm holds the body back until the server acknowledges the headers (a delayed ACK)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class HTTPConnection(_NoDelay, http.client.HTTPConnection):
+    pass
+
+
+class HTTPSConnection(_NoDelay, http.client.HTTPSConnection):
+    pass
 
 
 class ClientError(Exception):
@@ -58,7 +76,7 @@ class PolicyClient:
         parts = urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
-        self._conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._conn_cls = HTTPSConnection if parts.scheme == "https" else HTTPConnection
         self._host, self._port = parts.hostname, parts.port
         self._base = parts.path.rstrip("/")
         self.model, self.timeout = model, timeout

@@ -81,11 +81,11 @@ def _v2_tensors(p: dict, binary: bool) -> list:
 def client_loop(url: str, protocol: str, spec_d: dict, rows: int, seed: int, start: float, stop: float
                 ) -> dict:
     """One client process: requests back to back from `start` to `stop` (wall clock); -> latencies."""
-    from lorasa_serve.client import PolicyClient
+    from lorasa_serve.client import HTTPConnection, PolicyClient  # TCP_NODELAY, like the client
     from lorasa_serve.oip_codec import decode_body, encode
     p = payload(spec_d, rows, seed)
     host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn = HTTPConnection(host, int(port), timeout=60)
     client = PolicyClient(url, timeout=60)
 
     def post(path: str, body: bytes, headers: dict) -> http.client.HTTPResponse:
