@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import rundir
-from .config import PRESETS, TrainConfig, check_config, preset, with_overrides
+from .config import PRESETS, TrainConfig, check_config, check_init_mode, preset, with_overrides
 from .errors import OneLineParser, UsageError, exit_on_usage_error
 
 
@@ -81,7 +81,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         ns["out"] = resume
     else:
         base = preset(base_name) if base_name else TrainConfig()
-        base = _env_from_init_source(base, ns.get("init_from", base.init_from))
+        init_from = ns.get("init_from", base.init_from)
+        check_init_mode(init_from, ns.get("mode", base.mode))
+        base = _env_from_init_source(base, init_from)
     cfg = with_overrides(base, ns)
     check_config(cfg)
     if show:

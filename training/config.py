@@ -190,6 +190,10 @@ def check_config(cfg: TrainConfig) -> None:
                          f"change one of them (e.g. --ppo.rollout {max(p.chunk, p.rollout // p.chunk * p.chunk)})")
     if not cfg.out:
         raise UsageError("--out is empty: pass the run directory to write")
-    if cfg.init_from and cfg.mode not in ("lorasa", "seps_lorasa"):
+    check_init_mode(cfg.init_from, cfg.mode)
+
+
+def check_init_mode(init_from: str, mode: str) -> None:
+    if init_from and mode not in ("lorasa", "seps_lorasa"):
         raise UsageError(f"--init-from starts LoRA phase 2 and needs --mode lorasa or seps_lorasa "
-                         f"(not {cfg.mode}): add --mode lorasa or drop --init-from")
+                         f"(not {mode}): add --mode lorasa or drop --init-from")

@@ -90,12 +90,13 @@ def actor_only_run(directory: Path) -> bool:
         (Path(directory) / STATE_DIR / "state.json").is_file()
 
 
-def run_act_fn(directory: Path, info: EnvInfo):
+def run_act_fn(directory: Path, info: EnvInfo, target: targets.Target):
     """-> (spec, ActFn, kind) acting with a run's training actor (the training forward)."""
     from . import checkpoint
     from .mappo import Policy
     from .trainer import actor_from_state, torch_act_fn
     actor = actor_from_state(Path(directory), checkpoint.load_meta(directory))
+    targets.check_policy_fits_env(actor.spec, info, target)
     return actor.spec, torch_act_fn(Policy.build(actor, info)), actor.kind
 
 
@@ -112,6 +113,7 @@ def resolve_actor(args, info: EnvInfo, target: targets.Target):
     from lorasa_serve import Engine
     if target.kind == "export":
         spec, engines = targets.load_merged_team(target.path)
+        targets.check_policy_fits_env(spec, info, target)
         if args.url:
             return spec, http_act_fn(args.url, info), f"HTTP {args.url}"
         return spec, targets.merged_team_act_fn(engines, info), \
@@ -120,10 +122,11 @@ def resolve_actor(args, info: EnvInfo, target: targets.Target):
         if args.url:
             raise UsageError("this run has no servable policy directory (no single shared backbone: NPS / "
                              "SePS / MTL), so --url cannot serve it: drop --url to evaluate it in-process")
-        spec, act, kind = run_act_fn(args.policy_dir, info)
+        spec, act, kind = run_act_fn(args.policy_dir, info, target)
         name = {"nps": "NPS", "seps": "SePS", "mtl": "MTL", "lora": "SePS+LoRA"}.get(kind, kind)
         return spec, act, f"the {name} training actor (no single backbone, so no policy directory)"
     engine = Engine.from_dir(args.policy_dir, device="cpu", mode=args.mode)
+    targets.check_policy_fits_env(engine.spec, info, target)
     kind = "PS+LoRA" if engine.adapter(engine.agent_ids[0]) is not None else "PS"
     if args.url:
         return engine.spec, http_act_fn(args.url, info), f"{kind}, HTTP {args.url}"
@@ -169,8 +172,7 @@ def main(argv: list[str] | None = None) -> None:
         venv = make_vec_env(env_cfg, n_envs=args.episodes, workers=0)
         try:
             info = venv.info
-            spec, act, via = resolve_actor(args, info, target)
-            targets.check_policy_fits_env(spec, info, target)
+            spec, act, via = resolve_actor(args, info, target)  # checks that the policy fits the env
         except BaseException:
             venv.close()
             raise
