@@ -136,6 +136,27 @@ def test_train_bad_flags(tmp_path, capsys, argv, needles):
     assert not out.exists()
 
 
+def test_train_init_from_a_policy_without_env_json(tmp_path, capsys):
+    """A PS policy directory that records no task, against the default HalfCheetah 2x3: its 3 agents
+    cannot fit, and the fix is to name the task."""
+    make_policy(tmp_path / "src", adapters=False)
+    out = tmp_path / "out"
+    usage_error(capsys, tmp_path, train_main, ["--init-from", str(tmp_path / "src"), "--out", str(out), *TINY],
+                "agent_2 obs 6 act 2", "pass the task it was trained on with --env.* flags")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags,needles", [
+    (["--env.scenario", "Cheetah"], ["MaMuJoCo cannot build Cheetah", "--env.scenario HalfCheetah"]),
+    (["--env.agent-conf", "7x9", "--env.workers", "1"], ["cannot build HalfCheetah '7x9'", "--env.agent-conf 2x3"]),
+])
+def test_train_unknown_task(tmp_path, capsys, flags, needles):
+    """Also from a worker process (--env.workers 1): the parent reports the worker's user error as is."""
+    out = tmp_path / "out"
+    usage_error(capsys, tmp_path, train_main, [*TINY, "--out", str(out), *flags], *needles)
+    assert not out.exists()
+
+
 def test_train_seps_assignment_of_wrong_length(tmp_path, capsys):
     out = tmp_path / "out"
     usage_error(capsys, tmp_path, train_main,
@@ -211,6 +232,12 @@ def test_eval_policy_that_does_not_fit_the_env(tmp_path, capsys):
     p = cheetah_policy(tmp_path / "p")
     usage_error(capsys, tmp_path, eval_main, [str(p), "--episodes", "1", "--env.agent-conf", "6x1"],
                 "do not match env HalfCheetah 6x1", "--env.* flags")
+
+
+def test_eval_unknown_task(tmp_path, capsys):
+    p = cheetah_policy(tmp_path / "p")
+    usage_error(capsys, tmp_path, eval_main, [str(p), "--episodes", "1", "--env.scenario", "Cheetah"],
+                "MaMuJoCo cannot build Cheetah", "--env.scenario HalfCheetah")
 
 
 def test_eval_bad_flag_values(tmp_path, capsys):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from lorasa_serve.errors import LorasaError
 
-from .envs import EnvUnavailableError
+from .envs import EnvUnavailableError, UnknownTaskError
 
 EXIT_USAGE = 2
 
@@ -45,7 +45,7 @@ def exit_on_usage_error(prog: str) -> Iterator[None]:
     user errors too: their messages already name the file / the install command."""
     try:
         yield
-    except (UsageError, LorasaError, EnvUnavailableError) as e:
+    except (UsageError, LorasaError, EnvUnavailableError, UnknownTaskError) as e:
         fail(prog, e)
 
 

@@ -153,10 +153,11 @@ class Trainer:
             raise UsageError(f"--init-from {src} holds a {base.kind} actor: pass a PS or SePS run "
                              "(lorasa-train --mode ps / seps) or its snapshots/<step>")
         if tuple(base.spec.agents) != self.info.agent_specs():
+            fix = ("drop the --env.* overrides (the env then comes from the source's env.json)"
+                   if rundir.source_env(src) else "pass the task it was trained on with --env.* flags")
             raise UsageError(f"--init-from {src} was trained for agents {_agents(base.spec.agents)}, but "
-                             f"env {self.info.name} has {_agents(self.info.agent_specs())}: drop the --env.* "
-                             "overrides (the env then comes from the source's env.json) or init from a "
-                             f"run of {self.info.name}")
+                             f"env {self.info.name} has {_agents(self.info.agent_specs())}: {fix}, or init "
+                             f"from a run of {self.info.name}")
         lo = self.cfg.lora
         spec = replace(base.spec, lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers)))
         self.counters.phase_switch_step = self.counters.env_steps
