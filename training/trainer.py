@@ -92,6 +92,17 @@ class Trainer:
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.venv = make_vec_env(cfg.env)
         self.info = self.venv.info
+        self._eval_env = None
+        self._tb = None
+        try:
+            self._build(resume)
+        except BaseException:  # e.g. --init-from a run of other agents: no worker processes left behind
+            self.venv.close()
+            raise
+        self.out.mkdir(parents=True, exist_ok=True)  # only once everything above checked out
+
+    def _build(self, resume: bool) -> None:
+        cfg = self.cfg
         self.critic = Critic(self.info.state_dim, cfg.ppo.critic_hidden)
         self.vnorm = ValueNorm()
         self.counters = checkpoint.Counters()
@@ -101,9 +112,6 @@ class Trainer:
         if resume:
             checkpoint.load_optimizers(self.out, self.actor_opt, self.critic_opt, self.g)
         self.policy = Policy.build(self.actor, self.info)
-        self._eval_env = None
-        self._tb = None
-        self.out.mkdir(parents=True, exist_ok=True)  # only once everything above checked out
 
     # --- set-up -------------------------------------------------------------------------------
     def _fresh_actor(self) -> Actor:
@@ -137,6 +145,7 @@ class Trainer:
     def _phase2_from(self, src: Path) -> Actor:
         """Phase 2 from a phase-1 run (PS or SePS: its train_state, critic included) or a PS policy dir:
         frozen base, fresh adapters."""
+        rundir.check_init_source(src)
         if (src / checkpoint.STATE_DIR / "state.json").is_file():
             meta = checkpoint.load_meta(src)
             base = actor_from_state(src, meta)
