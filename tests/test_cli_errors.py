@@ -288,6 +288,7 @@ def test_eval_merged_export_acts_like_its_source(tmp_path):
     eval_main([str(exp), "--episodes", "2", "--json", str(tmp_path / "r.json")])
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["via"].startswith("merged per-agent policies") and res["env"] == CHEETAH_ENV
+    assert res["env_from"] == f"the export's source {src.resolve()}/env.json"
     assert res["policy"]["episodes"] == 2 and res["policy"]["mean_length"] == 40
     assert np.isfinite(res["policy"]["mean_return"])
 
@@ -303,6 +304,22 @@ def test_eval_merged_export_acts_like_its_source(tmp_path):
         reset = step.done
     venv.close()
     assert worst < 1e-4
+
+
+def test_grid_restarts_unfinished_runs(tmp_path):
+    """lorasa-report run retries an unfinished run: from its checkpoint with --resume, else afresh with the
+    killed attempt's logs dropped (a fresh lorasa-train refuses an --out that holds a run)."""
+    from training.grid import _restart_args
+    from training.rundir import check_fresh_out
+    ckpt, partial = tmp_path / "ckpt", tmp_path / "partial"
+    (ckpt / "train_state").mkdir(parents=True)
+    (ckpt / "train_state" / "state.json").write_text("{}")
+    (partial / "tb").mkdir(parents=True)
+    (partial / "metrics.csv").write_text("env_steps\n40\n")
+    (partial / "train.log").write_text("killed\n")
+    assert _restart_args(ckpt) == ["--resume", str(ckpt)]
+    assert _restart_args(partial) == [] and sorted(p.name for p in partial.iterdir()) == ["train.log"]
+    check_fresh_out(partial)  # no error now
 
 
 # --- lorasa-report ----------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_usage_error("lorasa-eval"):
         target = targets.classify(args.policy_dir)
         overrides = {k: v for k, v in targets.env_overrides(vars(args)).items() if v is not None}
-        env_cfg, _ = targets.resolve_env(target, overrides)
+        env_cfg, env_from = targets.resolve_env(target, overrides)
         if args.json and not args.json.parent.is_dir():
             raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist; create it "
                              "or pass another path")
@@ -176,19 +176,19 @@ def main(argv: list[str] | None = None) -> None:
         except BaseException:
             venv.close()
             raise
-    _run(args, venv, info, spec, act, via, env_cfg)
+    _run(args, venv, info, spec, act, via, env_cfg, env_from)
 
 
-def _run(args, venv, info: EnvInfo, spec, act: ActFn, via: str, env_cfg: EnvConfig) -> None:
+def _run(args, venv, info: EnvInfo, spec, act: ActFn, via: str, env_cfg: EnvConfig, env_from: str) -> None:
     counts = param_counts(spec)
-    print(f"policy {args.policy_dir}  env {info.name}  agents {list(info.agent_ids)}")
+    print(f"policy {args.policy_dir}  env {info.name} (from {env_from})  agents {list(info.agent_ids)}")
     print("actor parameters: PS {ps_total} shared | NPS {nps_per_agent}/agent ({nps_total} total) | "
           "LoRASA {backbone} shared + {lorasa_adapter_per_agent}/agent ({lorasa_total} total)".format(**counts))
 
     t0 = time.perf_counter()
     stats = run_episodes(venv, act, args.seed)
     print(f"policy  ({via}, {args.episodes} episodes, {time.perf_counter() - t0:.1f}s): {summarise(stats)}")
-    result = {"policy_dir": str(args.policy_dir), "env": env_cfg.env_block(), "via": via,
+    result = {"policy_dir": str(args.policy_dir), "env": env_cfg.env_block(), "env_from": env_from, "via": via,
               "policy": stats.to_dict(), "param_counts": counts}
     if args.compare_random:
         rnd = run_episodes(venv, random_act(info, args.seed), args.seed)
