@@ -1,10 +1,11 @@
 """Multi-agent environments behind one interface (see `base.py`): MaMuJoCo, SMAX, real SMAC."""
 from __future__ import annotations
 
-from .base import EnvConfig, EnvInfo, EnvUnavailableError, SingleEnv, Step, Transition, VecEnv
+from .base import (EnvConfig, EnvInfo, EnvUnavailableError, SingleEnv, Step, Transition, UnknownTaskError,
+                   VecEnv)
 
-__all__ = ["EnvConfig", "EnvInfo", "EnvUnavailableError", "SingleEnv", "Step", "Transition", "VecEnv",
-           "make_single", "make_vec_env"]
+__all__ = ["EnvConfig", "EnvInfo", "EnvUnavailableError", "SingleEnv", "Step", "Transition", "UnknownTaskError",
+           "VecEnv", "make_single", "make_vec_env"]
 
 
 def make_single(cfg: EnvConfig, index: int = 0) -> SingleEnv:

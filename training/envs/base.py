@@ -25,6 +25,10 @@ class EnvUnavailableError(RuntimeError):
     """An environment's package (or game) is not installed on this machine."""
 
 
+class UnknownTaskError(ValueError):
+    """The environment package has no such scenario / map / agent partition (a user error)."""
+
+
 @dataclass(frozen=True)
 class EnvConfig:
     """Which environment to run. Written to `env.json` beside a policy so `lorasa-eval` can rebuild it."""
