@@ -70,8 +70,8 @@ class WorkerError:
     """An exception raised by an env worker (start, reset or step), sent to the parent, which re-raises
     it with its own type and message (or as a RuntimeError naming the type when it cannot be pickled)."""
 
-    def __init__(self, exc: BaseException, worker: int):
-        self.traceback = f"env worker {worker}:\n{traceback.format_exc()}"
+    def __init__(self, exc: BaseException, worker: int, during: str):
+        self.traceback = f"env worker {worker} failed to {during}:\n{traceback.format_exc()}"
         try:
             pickle.loads(pickle.dumps(exc))
             self.exc = exc
@@ -86,7 +86,7 @@ def _worker(conn, cfg: EnvConfig, factory: EnvFactory, n_envs: int, first_index:
     try:
         venv = SerialVecEnv(cfg, factory, n_envs, first_index)
     except Exception as e:  # report to the parent instead of dying silently
-        conn.send(WorkerError(e, worker))
+        conn.send(WorkerError(e, worker, "start"))
         return
     conn.send(venv.info)
     try:
@@ -97,7 +97,7 @@ def _worker(conn, cfg: EnvConfig, factory: EnvFactory, n_envs: int, first_index:
             try:
                 conn.send(venv.step(arg) if cmd == "step" else venv.reset(arg))
             except Exception as e:  # the parent re-raises it (and closes every worker)
-                conn.send(WorkerError(e, worker))
+                conn.send(WorkerError(e, worker, cmd))
     except (EOFError, OSError, KeyboardInterrupt):  # the parent is gone
         pass
     finally:
