@@ -301,11 +301,11 @@ class Trainer:
 
     def _finish(self) -> None:
         """Final policy directory + train_state, learning-curve PNG, close the envs."""
-        from .plots import plot_learning_curves
+        from .plots import save_learning_curve
         self.save_policy(self.out)
         self._close_tb()
-        plot_learning_curves({self.cfg.mode: self.out / "metrics.csv"}, self.out / "learning_curve.png",
-                             title=f"{self.info.name}: {self.cfg.mode}")
+        save_learning_curve(self.out / "metrics.csv", self.out / "learning_curve.png", self.cfg.mode,
+                            title=f"{self.info.name}: {self.cfg.mode}")
         self.close()
 
     def close(self) -> None:
