@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from .base import EnvConfig, EnvUnavailableError, SingleEnv, Step, Transition, UnknownTaskError
+from .base import EnvConfig, SingleEnv, Step, Transition
 
 EnvFactory = Callable[[EnvConfig, int], SingleEnv]  # (config, env index) -> env
 
@@ -85,9 +85,6 @@ class WorkerError:
 def _worker(conn, cfg: EnvConfig, factory: EnvFactory, n_envs: int, first_index: int, worker: int) -> None:
     try:
         venv = SerialVecEnv(cfg, factory, n_envs, first_index)
-    except (UnknownTaskError, EnvUnavailableError) as e:  # user errors: the parent raises them as they are
-        conn.send(type(e)(str(e)))
-        return
     except Exception as e:  # report to the parent instead of dying silently
         conn.send(WorkerError(e, worker, "start"))
         return
