@@ -28,6 +28,7 @@ import lorasa_serve
 from lorasa_serve.oip_codec import HEADER, Tensor, TensorError, decode, encode, split_body
 from lorasa_serve.spec import PolicySpec
 
+from . import metrics
 from .act_check import agent_table, check_act
 from .config import ServiceConfig
 from .http import NotReady, _body, _guard, _http_error
@@ -250,6 +251,7 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
             hlen is not None and hlen.isdigit() and int(hlen) <= PARSE_IN_THREAD_BYTES)
         call = await asyncio.to_thread(parse) if slow else parse()
         res = await asyncio.wrap_future(rt.submit(call.req))
+        metrics.act_requests.labels(outcome="ok").inc()
         out, header_len = encode_result(call, rt.spec, res)
         if header_len is None:
             return Response(out, media_type="application/json")
