@@ -299,8 +299,9 @@ class PolicyRuntime:
             return
         pub = self.state.published()
         if pub.lost or any(pub.version(a) < v for a, v in self.applied.items()):
-            log.warning("%s holds older versions than this worker serves: re-seeding it",
-                        self.state.description)
+            log.warning("%s %s: seeding it with the versions this worker serves %s", self.state.description,
+                        "has no published state (new, or restarted without its data)" if pub.lost
+                        else "holds older versions than this worker serves", self.applied)
             self.state.reseed(dict(self.applied), self._served_adapter, set(self._merged_pub))
             gen = self.state.generation()
             pub = self.state.published()

@@ -21,9 +21,10 @@ def redis_server_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, directory: str | Path | None = None, password: str = ""):
+    def __init__(self, directory: str | Path | None = None, password: str = "", port: int = 0):
         self.dir = Path(directory or tempfile.mkdtemp(prefix="lorasa-redis-"))
-        self.port = free_port()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
         self.password = password
         self.proc: subprocess.Popen | None = None
 
