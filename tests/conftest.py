@@ -46,6 +46,6 @@ def hetero_policy(tmp_path):
 def redis_server(tmp_path_factory):
     """A real redis-server on a free loopback port (module-scoped: tests use distinct key prefixes or
     flush it); `.restart()` brings it back empty, `.stop()`/`.start()` simulate an outage."""
-    from redis_server import RedisServer
+    from services.redis_server import RedisServer
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server

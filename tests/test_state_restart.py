@@ -12,11 +12,11 @@ import pytest
 import requests
 import torch
 from conftest import make_policy
-from redis_server import RedisServer
 
 from lorasa_serve import Engine, init_adapter
 from lorasa_serve.artifacts import adapter_bytes
 from services.launch import ServerProcess, free_port
+from services.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 TOKEN = "restart-token"

