@@ -58,7 +58,7 @@ def test_versions_are_unique_and_monotonic_across_processes(store):
     reader = seeded(store)
     gen0 = reader.generation()
     assert reader.published().version("a") == 1
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # fresh handles in the children; fork avoids re-importing torch
     q = ctx.Queue()
     procs = [ctx.Process(target=_publish_many, args=(store.kind, store.where, 10, q)) for _ in range(3)]
     [p.start() for p in procs]

@@ -119,8 +119,8 @@ class RedisState:
 
     def adapter_blob(self, agent_id: str, version: int) -> bytes:
         data = self._call(self._r.get, f"{self.p}ad:{agent_id}:{version}")
-        if data is None:
-            raise StateUnavailable(f"adapter {agent_id!r} v{version} is not in {self.description} (pruned)")
+        if data is None:  # pruned by newer uploads since `published()`: the next check reads again
+            raise KeyError(f"adapter {agent_id!r} v{version} is no longer in {self.description}")
         return data
 
     def publish_adapter(self, agent_id: str, data: bytes) -> int:
