@@ -75,12 +75,15 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         if agent_id not in rt.applied:
             raise BadRequest(f"unknown agent_id {agent_id!r}; serving {list(rt.applied)}", 404)
         data = await _body(request, cfg.max_upload_bytes)
-        # same validation as Engine.load_adapter(bytes); the batcher then loads the published
-        # file with Engine.load_adapter(path), exactly like a file on disk
+        # same validation as Engine.load_adapter(bytes), before anything is stored; every worker
+        # then loads the published bytes with Engine.load_adapter (services/state)
         await asyncio.to_thread(parse_adapter, data, rt.spec, "uploaded adapter", agent_id)
         version = await asyncio.to_thread(rt.state.publish_adapter, agent_id, data)
         await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
         served = rt.applied[agent_id]
+        if served < version and rt.state_error:  # published, then the backend went away
+            raise StateUnavailable(f"adapter v{version} of {agent_id!r} was published but not applied: "
+                                   f"{rt.state_error}")
         if served < version:  # published, but this worker could not load it back (see the log)
             raise RuntimeError(f"adapter v{version} of {agent_id!r} was published but not applied")
         return JSONResponse({"agent_id": agent_id, "version": version, "served_version": served})

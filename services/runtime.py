@@ -111,7 +111,7 @@ class PolicyRuntime:
             self._inflight.discard(session_id)
 
     def control(self, fn: Callable[[], object]) -> Future:
-        """Run `fn` on the batcher thread (serialised with forwards), after an overlay sync."""
+        """Run `fn` on the batcher thread (serialised with forwards), after a state sync."""
         return self._put(_Job(None, fn))
 
     def _put(self, job: _Job) -> Future:

@@ -16,6 +16,13 @@ def test_config_from_env_validates():
     assert ServiceConfig.from_env({}).policy == "policies/halfcheetah_2x3"
     with pytest.raises(ValueError, match="LORASA_WORKERS"):
         ServiceConfig.from_env({"LORASA_WORKERS": "two"})
+    cfg = ServiceConfig.from_env({"LORASA_SESSION_TTL_S": "60", "LORASA_MAX_SESSION_BYTES": "4096",
+                                  "LORASA_REDIS_URL": "redis://:pw@h:6379/1"})
+    assert (cfg.session_ttl_s, cfg.max_session_bytes, cfg.redis_url) == (60.0, 4096, "redis://:pw@h:6379/1")
+    with pytest.raises(ValueError, match="LORASA_SESSION_TTL_S"):
+        ServiceConfig.from_env({"LORASA_SESSION_TTL_S": "0"})
+    with pytest.raises(ValueError, match="LORASA_MAX_SESSION_BYTES"):
+        ServiceConfig.from_env({"LORASA_MAX_SESSION_BYTES": "0"})
     with pytest.raises(ValueError, match="LORASA_MAX_BATCH_ROWS"):
         ServiceConfig.from_env({"LORASA_MAX_BATCH_ROWS": "2", "LORASA_MAX_ROWS_PER_REQUEST": "8"})
 
