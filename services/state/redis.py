@@ -67,7 +67,7 @@ redis.call('INCRBY', KEYS[5], n - old)
 redis.call('ZADD', KEYS[3], now, ARGV[6])
 local function drop(sid)
   local b = tonumber(redis.call('HGET', KEYS[4], sid) or '0')
-  redis.call('INCRBY', KEYS[5], -b)
+  if b > 0 then redis.call('INCRBY', KEYS[5], -b) end  -- (never '-0')
   redis.call('HDEL', KEYS[4], sid)
   redis.call('ZREM', KEYS[3], sid)
   redis.call('DEL', ARGV[7] .. 's:' .. sid)
@@ -78,6 +78,16 @@ while redis.call('ZCARD', KEYS[3]) > 1 and (redis.call('ZCARD', KEYS[3]) > tonum
   drop(redis.call('ZRANGE', KEYS[3], 0, 0)[1])
 end
 return 1
+"""
+# KEYS: state, lease, sidx, sbytes, stotal; ARGV: sid. Forget a session (and any step's lease) -> existed.
+_RESET = """
+local existed = redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[2])
+local b = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+redis.call('HDEL', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if b > 0 then redis.call('INCRBY', KEYS[5], -b) end  -- (never '-0')
+return existed
 """
 
 
@@ -94,6 +104,7 @@ class RedisState:
         self._next = self._r.register_script(_NEXT)
         self._publish = self._r.register_script(_PUBLISH)
         self._close = self._r.register_script(_CLOSE)
+        self._reset = self._r.register_script(_RESET)
 
     def _call(self, fn, *args):
         try:
@@ -193,19 +204,9 @@ class RedisState:
         return [bool(r) for r in self._call(run, self._r.pipeline(transaction=False))] if steps else []
 
     def reset_session(self, session_id: str) -> bool:
-        def run(pipe):
-            pipe.delete(f"{self.p}s:{session_id}", f"{self.p}sl:{session_id}")
-            pipe.hget(self.p + "sbytes", session_id)
-            return pipe.execute()
-        existed, nbytes = self._call(run, self._r.pipeline(transaction=True))
-
-        def clean(pipe):
-            pipe.hdel(self.p + "sbytes", session_id).zrem(self.p + "sidx", session_id)
-            pipe.incrby(self.p + "stotal", -int(nbytes or 0))
-            return pipe.execute()
-        if nbytes is not None:
-            self._call(clean, self._r.pipeline(transaction=True))
-        return bool(existed)
+        p = self.p
+        return bool(self._call(self._reset, [f"{p}s:{session_id}", f"{p}sl:{session_id}", p + "sidx",
+                                             p + "sbytes", p + "stotal"], [session_id]))
 
     def session_stats(self) -> dict[str, int]:
         def run(pipe):
