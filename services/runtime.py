@@ -207,8 +207,8 @@ class PolicyRuntime:
         A step whose state could not be stored is answered with the error, not with its outputs."""
         closing = [(job, out) for job, out in outcomes if id(job) in steps]
         try:
-            stored = self.state.close_steps([
-                (steps[id(job)], None if isinstance(out, BaseException) else out.state) for job, out in closing])
+            stored = self.state.close_steps([(steps[id(job)], None if isinstance(out, BaseException) else out.state)
+                                             for job, out in closing])
         except StateUnavailable as e:
             metrics.state_unavailable.labels(op="session").inc()
             stored = [e] * len(closing)
@@ -320,7 +320,8 @@ class PolicyRuntime:
 
     def _served_adapter(self, agent_id: str) -> bytes:
         """The safetensors bytes of the adapter this worker serves for `agent_id` (for re-seeding)."""
-        return adapter_bytes(self.spec, agent_id, {n: t.cpu() for n, t in self.engine.adapter(agent_id).items()})
+        tensors = {n: t.cpu() for n, t in self.engine.adapter(agent_id).items()}
+        return adapter_bytes(self.spec, agent_id, tensors)
 
     # --- snapshots for the read-only endpoints (run as control jobs) ----------------------------
     def agents_info(self) -> list[dict]:

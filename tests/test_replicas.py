@@ -68,7 +68,8 @@ def upload(srv, agent, seed):
 
 
 def versions(srv):
-    return {a["agent_id"]: a["version"] for a in requests.get(srv.url + "/v1/agents", timeout=10).json()["agents"]}
+    agents = requests.get(srv.url + "/v1/agents", timeout=10).json()["agents"]
+    return {a["agent_id"]: a["version"] for a in agents}
 
 
 def test_upload_on_one_replica_is_served_by_the_other_next(pair):
@@ -220,7 +221,8 @@ def test_redis_outage_then_restart_empty_under_load(pair):
     r, new = upload(b, "agent_1", 22)
     assert r.status_code == 200 and r.json()["version"] == before["agent_1"] + 1
     a.engine.set_adapter("agent_1", new)
-    assert post(a, {"rows": rows(spec, ["agent_1"], obs_for(spec, 5)[1:2])})["versions"] == [before["agent_1"] + 1]
+    resp = post(a, {"rows": rows(spec, ["agent_1"], obs_for(spec, 5)[1:2])})
+    assert resp["versions"] == [before["agent_1"] + 1]
 
 
 def test_kill_one_replica_under_load_the_other_is_unaffected(pair):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lorasa_serve.sessions import SessionStore
-from services.state import SessionBusy, SessionLimits, SessionStep, StateConfigError, StateUnavailable, open_backend
+from services.state import (SessionBusy, SessionLimits, SessionStep, StateConfigError, StateUnavailable,
+                            open_backend)
 from services.state.base import redact
 
 H = 4  # hidden size of the stored states

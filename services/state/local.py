@@ -157,7 +157,8 @@ class LocalState:
                     db.execute("UPDATE sess SET nbytes = 0 WHERE session = ?", (sid,))
                 token = secrets.token_hex(8)
                 if row is None:
-                    db.execute("INSERT INTO sess VALUES (?, ?, 0, ?, ?)", (sid, now, token, now + self.limits.lease_s))
+                    db.execute("INSERT INTO sess VALUES (?, ?, 0, ?, ?)",
+                               (sid, now, token, now + self.limits.lease_s))
                 else:
                     db.execute("UPDATE sess SET lease = ?, lease_until = ? WHERE session = ?",
                                (token, now + self.limits.lease_s, sid))
@@ -169,7 +170,8 @@ class LocalState:
         now, ok = time.time(), []
         with self._tx() as db:
             for step, state in steps:
-                row = db.execute("SELECT lease, nbytes FROM sess WHERE session = ?", (step.session_id,)).fetchone()
+                row = db.execute("SELECT lease, nbytes FROM sess WHERE session = ?",
+                                 (step.session_id,)).fetchone()
                 if row is None or row[0] != step.token:
                     ok.append(False)
                     continue
@@ -205,7 +207,7 @@ class LocalState:
         gone = [r[0] for r in db.execute(f"SELECT session FROM sess WHERE touched < ? AND {free}",
                                          (now - self.limits.ttl_s, now))]
         n, total = db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess").fetchone()
-        n, total = n - len(gone), total - sum(db.execute(f"SELECT nbytes FROM sess WHERE session = ?",
+        n, total = n - len(gone), total - sum(db.execute("SELECT nbytes FROM sess WHERE session = ?",
                                                          (s,)).fetchone()[0] for s in gone)
         if n > self.limits.max_sessions or total > self.limits.max_bytes:
             for sid, nb in db.execute(f"SELECT session, nbytes FROM sess WHERE {free} ORDER BY touched",

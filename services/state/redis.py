@@ -162,7 +162,8 @@ class RedisState:
         for agent, v in versions.items():
             if v > pub.version(agent):
                 self._call(self._r.set, f"{self.p}ad:{agent}:{v}", blob(agent))
-                self._call(self._publish, [self.p + "pub", self.p + "epoch", f"{self.p}ver:{agent}"], [agent, v])
+                self._call(self._publish, [self.p + "pub", self.p + "epoch", f"{self.p}ver:{agent}"],
+                           [agent, v])
         if pub.lost:
             def run(pipe):
                 if merged:
@@ -194,7 +195,8 @@ class RedisState:
         def run(pipe):
             for step, state in steps:
                 sid = step.session_id
-                pairs = [x for ab in rows_to_blobs(step.agent_ids, state) for x in ab] if state is not None else []
+                blobs = rows_to_blobs(step.agent_ids, state) if state is not None else []
+                pairs = [x for agent_blob in blobs for x in agent_blob]
                 self._close(keys=[f"{self.p}sl:{sid}", f"{self.p}s:{sid}", self.p + "sidx", self.p + "sbytes",
                                   self.p + "stotal"],
                             args=[step.token, int(state is not None), int(self.limits.ttl_s * 1000),
