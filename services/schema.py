@@ -3,7 +3,9 @@ an exception inside the batched forward.
 
 Checks are per row and name the row: unknown agent, obs length != the agent's obs_dim, non-numbers,
 NaN/inf (also float32 overflow), action masks of the wrong length or with no available action, state
-of the wrong length, state together with a session, too many rows, unknown fields (typos).
+of the wrong length, state together with a session, too many rows, unknown fields (typos). The
+array-level checks (finite values, padding, avail, state, sessions, row limit) are the ones /v2 uses
+too: services/act_check.py.
 """
 from __future__ import annotations
 
