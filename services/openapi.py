@@ -186,8 +186,29 @@ def paths() -> dict[str, dict]:
     return p
 
 
+def _nullable_30(node):
+    """OpenAPI 3.0 has no `{"type": "null"}` (BentoML writes it in `anyOf` for optional fields):
+    `{"anyOf": [X, {"type": "null"}]}` -> X with `nullable: true`, recursively."""
+    if isinstance(node, list):
+        return [_nullable_30(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _nullable_30(v) for k, v in node.items()}
+    for key in ("anyOf", "oneOf"):
+        alts = node.get(key)
+        if isinstance(alts, list) and {"type": "null"} in alts:
+            rest = [a for a in alts if a != {"type": "null"}]
+            del node[key]
+            node.update(rest[0] if len(rest) == 1 else {key: rest})
+            node["nullable"] = True
+    return node
+
+
 def extend(doc: dict) -> dict:
-    """BentoML's document plus /v1 and /v2 (paths, schemas, the admin bearer token)."""
+    """BentoML's document (made valid OpenAPI 3.0) plus /v1 and /v2 (paths, schemas, the admin
+    bearer token)."""
+    if str(doc.get("openapi", "3.0")).startswith("3.0"):
+        doc = _nullable_30(doc)
     doc.setdefault("openapi", "3.0.2")
     doc.setdefault("info", {"title": "lorasa_policy", "version": "0.1.0"})
     doc.setdefault("paths", {}).update(paths())

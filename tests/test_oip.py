@@ -324,8 +324,10 @@ def test_docs_json_describes_every_v1_and_v2_route(srv):
     from services.config import ServiceConfig
     from services.http import build_app
     from services.oip import build_oip_app
+    from openapi_spec_validator import validate
     doc = requests.get(srv.url + "/docs.json").json()
     assert doc["openapi"].startswith("3.") and doc["info"]["title"]
+    validate(doc)  # the whole served document is valid OpenAPI 3
     for prefix, app in (("/v1", build_app(ServiceConfig(), None)), ("/v2", build_oip_app(ServiceConfig(), None))):
         for route in app.routes:
             path = (prefix + route.path).rstrip("/")
