@@ -23,6 +23,7 @@ class AgentTable:
         self.spec = spec
         self.names = np.asarray(spec.agent_ids, dtype=object)  # [n_agents]
         self.index = {a: i for i, a in enumerate(spec.agent_ids)}
+        self.byte_index = {a.encode("utf-8"): i for a, i in self.index.items()}  # /v2 BYTES ids
         self.obs_dims = np.asarray([a.obs_dim for a in spec.agents], dtype=np.int64)  # [n_agents]
         self.act_dims = np.asarray([a.act_dim for a in spec.agents], dtype=np.int64)  # [n_agents]
 

@@ -156,7 +156,7 @@ def _agent_index(tensors: dict[str, Tensor], spec: PolicySpec) -> np.ndarray:
     ids = tensors["agent_id"].array
     if ids.ndim != 1:
         raise BadRequest(f"input 'agent_id' must be 1-D [B], not {list(ids.shape)}")
-    lut = _byte_ids(spec)
+    lut = agent_table(spec).byte_index
     idx = np.fromiter((lut.get(b, -1) for b in ids), dtype=np.int64, count=len(ids))
     bad = np.flatnonzero(idx < 0)
     if len(bad):
@@ -167,10 +167,6 @@ def _agent_index(tensors: dict[str, Tensor], spec: PolicySpec) -> np.ndarray:
             raise BadRequest(f"row {int(bad[0])}: agent_id {raw[:64]!r} is not UTF-8") from None
         raise BadRequest(f"row {int(bad[0])}: unknown agent_id {name!r}; serving {spec.agent_ids}")
     return idx
-
-
-def _byte_ids(spec: PolicySpec) -> dict[bytes, int]:
-    return {a.encode("utf-8"): i for a, i in agent_table(spec).index.items()}
 
 
 def _requested(outputs: object, spec: PolicySpec, req: ActRequest, binary_default: bool

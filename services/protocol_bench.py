@@ -257,6 +257,8 @@ def plot(results: list[dict], path: Path) -> None:
                 axes[i][j].plot([r["rows"] for r in rs], [r[name]["rows_per_s"] for r in rs], "o-", label=name)
             axes[i][j].set(xscale="log", yscale="log", xlabel="rows per request", ylabel="rows/s",
                            title=f"{pol}, {c} client{'s' * (c > 1)}")
+            axes[i][j].set_xticks([r["rows"] for r in rs], [str(r["rows"]) for r in rs])
+            axes[i][j].minorticks_off()
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
