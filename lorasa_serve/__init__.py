@@ -6,6 +6,16 @@ bentoml.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static tools see; at run time these load on first use
+    from .artifacts import load_policy, save_policy
+    from .engine import ActOutput, Engine
+    from .errors import (ArtifactError, CorruptFileError, FingerprintMismatchError, FormatVersionError,
+                         InputError, KeyMismatchError, LorasaError, NonFiniteError, RankAlphaMismatchError,
+                         ShapeMismatchError, SpecError, UnknownAgentError)
+    from .network import init_adapter, init_backbone
+    from .spec import AgentSpec, LoraSpec, PolicySpec
 
 __version__ = "0.1.0"
 _WHERE = {
