@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 HEADER = "Inference-Header-Content-Length"
+MAX_DIMS = 16
 DTYPES: dict[str, np.dtype | None] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
     "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
@@ -125,9 +126,10 @@ def _tensor_header(t: object, i: int, key: str) -> tuple[str, str, list[int], di
     if datatype not in DTYPES:
         raise TensorError(f"tensor {name!r}: unknown datatype {datatype!r}; one of {sorted(DTYPES)}")
     shape = t.get("shape")
-    if not isinstance(shape, list) or not all(
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape):
-        raise TensorError(f"tensor {name!r}: shape must be a list of non-negative integers")
+        raise TensorError(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative "
+                          "integers")
     params = t.get("parameters", {})
     if not isinstance(params, dict):
         raise TensorError(f"tensor {name!r}: parameters must be an object")
@@ -151,6 +153,8 @@ def _from_binary(buf: memoryview, datatype: str, shape: list[int], name: str) ->
 def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
     """-> [count] object array of `bytes`. Elements of one length (agent ids) are split without a
     Python loop."""
+    if 4 * count > len(buf):  # each element takes at least its 4-byte length
+        raise TensorError(f"tensor {name!r}: {len(buf)} bytes cannot hold {count} BYTES elements")
     if count and len(buf) >= 4:
         (n,) = struct.unpack_from("<I", buf, 0)
         if len(buf) == count * (4 + n):

@@ -44,6 +44,15 @@ def test_round_trip_every_datatype(binary):
             assert got.dtype == arr.dtype or dt in ("INT32",)
 
 
+def test_huge_declared_bytes_shape_is_rejected_before_allocating():
+    raw = reference_bytes([b"agent_0"])
+    head = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1, 1 << 39],
+                        "parameters": {"binary_data_size": len(raw)}}]}
+    j = json.dumps(head).encode()
+    with pytest.raises(TensorError, match="cannot hold"):
+        decode_body(j + raw, len(j), "inputs")
+
+
 def test_bytes_split_fast_path_equals_loop():
     same = [f"agent_{i}".encode() for i in range(7)]  # one length: the vectorised split
     mixed = [b"", b"a", b"agent_10", b"\x00\x01", b"zz"]  # the loop
@@ -67,6 +76,7 @@ def test_bytes_split_fast_path_equals_loop():
     ({"datatype": "FP32", "shape": [1], "data": [1.0], "extra": 1}, "unknown fields"),
     ({"datatype": "BYTES", "shape": [1], "data": [3]}, "strings"),
     ({"datatype": "FP32", "shape": [1]}, "neither"),
+    ({"datatype": "FP32", "shape": [2] * 100_000, "data": []}, "at most 16"),
 ])
 def test_json_tensors_are_strict(bad, msg):
     body = json.dumps({"inputs": [{"name": "t", **bad}]}).encode()
