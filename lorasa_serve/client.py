@@ -26,7 +26,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
-from .oip_codec import HEADER, TensorError, decode_body, encode
+from .oip_codec import HEADER, TensorError, decode_body, encode_parts
 
 DEFAULT_MODEL = "lorasa_policy"
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
@@ -104,9 +104,11 @@ class PolicyClient:
             params["session_id"] = session_id
         if seed is not None:
             params["seed"] = int(seed)
-        body, hlen = encode({"parameters": params}, "inputs", tensors)
-        headers = {"Content-Type": "application/octet-stream", HEADER: str(hlen)}
-        status, resp_headers, data = self._call("POST", f"/v2/models/{quote(self.model)}/infer", body, headers)
+        parts, hlen = encode_parts({"parameters": params}, "inputs", tensors)  # arrays not copied
+        headers = {"Content-Type": "application/octet-stream", HEADER: str(hlen),
+                   "Content-Length": str(sum(len(p) for p in parts))}
+        status, resp_headers, data = self._call("POST", f"/v2/models/{quote(self.model)}/infer", parts,
+                                                headers)
         try:
             out = decode_body(data, resp_headers.get(HEADER), "outputs").tensors
         except TensorError as e:
@@ -155,7 +157,7 @@ class PolicyClient:
         _, _, data = self._call(method, path, None, {})
         return json.loads(data)
 
-    def _call(self, method: str, path: str, body: bytes | None, headers: dict
+    def _call(self, method: str, path: str, body: bytes | list | None, headers: dict
               ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One request with the bounded retries: 503 (honouring Retry-After) and refused connections."""
         for attempt in range(self.retries + 1):
@@ -178,7 +180,7 @@ class PolicyClient:
             time.sleep(_retry_after(resp_headers.get("Retry-After"), self.max_retry_wait_s))
         raise AssertionError("unreachable")
 
-    def _request(self, method: str, path: str, body: bytes | None, headers: dict
+    def _request(self, method: str, path: str, body: bytes | list | None, headers: dict
                  ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """Send on the kept-alive connection; a connection the server closed while idle is
         reopened once (nothing reached the server then)."""

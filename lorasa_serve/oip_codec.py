@@ -244,20 +244,29 @@ def tensor_json(arr: np.ndarray, datatype: str) -> list:
     return flat.tolist()
 
 
-def encode(head: dict, key: str, tensors: list[tuple[str, str, np.ndarray, bool]]
-           ) -> tuple[bytes, int | None]:
-    """-> (body, header length or None when all JSON). tensors: (name, datatype, array, binary)."""
+def encode_parts(head: dict, key: str, tensors: list[tuple[str, str, np.ndarray, bool]]
+                 ) -> tuple[list, int | None]:
+    """-> (the body as a list of bytes-like parts, header length or None when all JSON).
+    tensors: (name, datatype, array, binary). Binary tensors already little-endian, C-contiguous
+    and of the datatype's dtype are memoryviews of the arrays (no copy)."""
     specs, chunks = [], []
     for name, datatype, arr, binary in tensors:
         t: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary:
-            b = tensor_bytes(arr, datatype)
+            dt = DTYPES[datatype]
+            b = memoryview(arr).cast("B") if dt is not None and arr.dtype == dt and \
+                arr.flags.c_contiguous and arr.size else tensor_bytes(arr, datatype)
             t["parameters"] = {"binary_data_size": len(b)}
             chunks.append(b)
         else:
             t["data"] = tensor_json(arr, datatype)
         specs.append(t)
     header = json.dumps({**head, key: specs}, separators=(",", ":")).encode()
-    if not chunks:
-        return header, None
-    return b"".join([header, *chunks]), len(header)
+    return [header, *chunks], (len(header) if chunks else None)
+
+
+def encode(head: dict, key: str, tensors: list[tuple[str, str, np.ndarray, bool]]
+           ) -> tuple[bytes, int | None]:
+    """-> (body, header length or None when all JSON). tensors: (name, datatype, array, binary)."""
+    parts, header_length = encode_parts(head, key, tensors)
+    return b"".join(parts), header_length

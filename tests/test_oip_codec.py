@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_policy
 
-from lorasa_serve.oip_codec import TensorError, decode_body, encode
+from lorasa_serve.oip_codec import TensorError, decode_body, encode, encode_parts
 from services.act_check import check_act
 from services.oip import parse_infer
 from services.schema import BadRequest, parse_act
@@ -32,6 +32,9 @@ def test_round_trip_every_datatype(binary):
                ("empty", "FP32", np.zeros((0, 3), np.float32), binary)]
     body, hlen = encode({"id": "x"}, "inputs", tensors)
     assert (hlen is None) == (not binary)
+    parts, hlen2 = encode_parts({"id": "x"}, "inputs", tensors)  # zero-copy views where possible
+    assert b"".join(parts) == body and hlen2 == hlen
+    assert not binary or any(isinstance(p, memoryview) for p in parts)
     msg = decode_body(body, hlen, "inputs")
     assert msg.header["id"] == "x" and list(msg.tensors) == [t[0] for t in tensors]
     for name, dt, arr, _ in tensors:
