@@ -24,7 +24,8 @@ def _body(schema: dict, *, binary: bool = False, desc: str = "") -> dict:
 
 def _ok(schema: dict, desc: str = "OK", *, binary: bool = False) -> dict:
     return {"200": {"description": desc, "content": _body(schema, binary=binary)["content"]},
-            "4XX": {"description": "bad input (nothing changed)", "content": {_JSON: {"schema": _ref("Error")}}},
+            "4XX": {"description": "bad input (nothing changed)",
+                    "content": {_JSON: {"schema": _ref("Error")}}},
             "503": {"description": "not ready (Retry-After)", "content": {_JSON: {"schema": _ref("Error")}}}}
 
 
@@ -52,7 +53,8 @@ SCHEMAS: dict[str, dict] = {
                               "obs": {**_NUMS, "description": "exactly the agent's obs_dim numbers"},
                               "avail_actions": {"type": "array", "items": {"type": "integer", "enum": [0, 1]},
                                                 "description": "categorical only: act_dim values 0/1"},
-                              "state": {**_NUMS, "description": "recurrent state [hidden]; not with a session"},
+                              "state": {**_NUMS,
+                                        "description": "recurrent state [hidden]; not with a session"},
                               "reset": {"type": "boolean", "default": False}}},
     "ActRequest": {"type": "object", "required": ["rows"], "additionalProperties": False,
                    "properties": {"rows": {"type": "array", "minItems": 1, "items": _ref("ActRow")},
@@ -159,7 +161,8 @@ def paths() -> dict[str, dict]:
                 "schema": {"type": "string", "format": "binary"}}}},
             [_path_param("agent_id", "a served agent")], admin=True)},
         "/v1/admin/merge": {"post": _op(v1, "Merge agents' adapters into cached weights", _ok(_ref("Merged")),
-                                        {"required": False, "content": {_JSON: {"schema": _ref("MergeRequest")}}},
+                                        {"required": False,
+                                         "content": {_JSON: {"schema": _ref("MergeRequest")}}},
                                         admin=True)},
         "/v1/admin/unmerge": {"post": _op(v1, "Back to unmerged (low-rank) serving", _ok(_ref("Merged")),
                                           {"required": False,

@@ -47,8 +47,10 @@ def payload(spec_d: dict, rows: int, seed: int = 0) -> dict:
     obs_max = max(a["obs_dim"] for a in agents)
     act_max = max(a["act_dim"] for a in agents)
     p = {"ids": [agents[i]["agent_id"] for i in k], "index": k.astype(np.int64),
-         "obs": (g.standard_normal((rows, obs_max)) * (np.arange(obs_max) < dims[:, None])).astype(np.float32),
-         "state": g.standard_normal((rows, spec_d["hidden"])).astype(np.float32) if spec_d["recurrent"] else None,
+         "obs": (g.standard_normal((rows, obs_max)) * (np.arange(obs_max) < dims[:, None])
+                 ).astype(np.float32),
+         "state": (g.standard_normal((rows, spec_d["hidden"])).astype(np.float32)
+                   if spec_d["recurrent"] else None),
          "reset": np.zeros(rows, bool), "avail": None}
     if spec_d["action"] == "categorical":
         adims = np.array([agents[i]["act_dim"] for i in k])
@@ -163,9 +165,7 @@ def run_inproc(engine, spec_d: dict, rows: int, seconds: float) -> dict:
 
 def time_pieces(spec, spec_d: dict, rows: int, repeat: int) -> dict:
     """Per-request server steps in-process (ms, best of `repeat`): where a request's time goes."""
-    import torch
-    from lorasa_serve import Engine  # noqa: F401 (spec comes from an engine)
-    from lorasa_serve.oip_codec import HEADER, encode  # noqa: F401
+    from lorasa_serve.oip_codec import encode
     from .oip import InferCall, encode_result, parse_infer
     from .runtime import ActResult
     from .schema import act_response, parse_act, parse_json
@@ -174,9 +174,9 @@ def time_pieces(spec, spec_d: dict, rows: int, repeat: int) -> dict:
     v2j, _ = encode({}, "inputs", _v2_tensors(p, False))
     v2b, hl = encode({"parameters": {"binary_data_output": True}}, "inputs", _v2_tensors(p, True))
     n = rows
-    res = ActResult(np.zeros((n, spec.act_max), np.float32) if spec.action == "gaussian" else np.zeros(n, np.int64),
-                    np.zeros(n, np.float32), np.zeros((n, spec.hidden), np.float32) if spec.recurrent else None,
-                    [1] * n, {"requests": 1, "rows": n})
+    actions = np.zeros((n, spec.act_max), np.float32) if spec.action == "gaussian" else np.zeros(n, np.int64)
+    state = np.zeros((n, spec.hidden), np.float32) if spec.recurrent else None
+    res = ActResult(actions, np.zeros(n, np.float32), state, [1] * n, {"requests": 1, "rows": n})
     big = 1 << 20
 
     def best(fn) -> float:
@@ -190,7 +190,6 @@ def time_pieces(spec, spec_d: dict, rows: int, repeat: int) -> dict:
     req1 = parse_act(parse_json(v1), spec, big)
     call_j = parse_infer(v2j, None, spec, big)
     call_b = parse_infer(v2b, str(hl), spec, big)
-    del torch
     return {"rows": rows,
             "v1_parse_ms": best(lambda: parse_act(parse_json(v1), spec, big)),
             "v1_encode_ms": best(lambda: json.dumps(act_response(req1, spec, res.actions, res.log_probs,
@@ -216,7 +215,8 @@ def smax_policy(directory: Path) -> Path:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'policy':<10}{'rows':>6}{'clients':>8}  " + "".join(f"{c:>30}" for c in ("inproc", *PROTOCOLS)),
+    head = "".join(f"{c:>30}" for c in ("inproc", *PROTOCOLS))
+    lines = [f"{'policy':<10}{'rows':>6}{'clients':>8}  " + head,
              " " * 26 + "rows/s  p50 ms  p99 ms      " * 4]
     for r in results:
         cells = "".join(f"{c['rows_per_s']:>12.0f}{c['p50_ms']:>8.2f}{c['p99_ms']:>8.2f}  "
@@ -249,12 +249,15 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     pols = sorted({r["policy"] for r in results})
     clients = sorted({r["clients"] for r in results})
-    fig, axes = plt.subplots(len(pols), len(clients), figsize=(5 * len(clients), 3.6 * len(pols)), squeeze=False)
+    fig, axes = plt.subplots(len(pols), len(clients), figsize=(5 * len(clients), 3.6 * len(pols)),
+                             squeeze=False)
     for i, pol in enumerate(pols):
         for j, c in enumerate(clients):
-            rs = sorted((r for r in results if r["policy"] == pol and r["clients"] == c), key=lambda r: r["rows"])
+            rs = sorted((r for r in results if r["policy"] == pol and r["clients"] == c),
+                        key=lambda r: r["rows"])
             for name in ("inproc", *PROTOCOLS):
-                axes[i][j].plot([r["rows"] for r in rs], [r[name]["rows_per_s"] for r in rs], "o-", label=name)
+                axes[i][j].plot([r["rows"] for r in rs], [r[name]["rows_per_s"] for r in rs], "o-",
+                                label=name)
             axes[i][j].set(xscale="log", yscale="log", xlabel="rows per request", ylabel="rows/s",
                            title=f"{pol}, {c} client{'s' * (c > 1)}")
             axes[i][j].set_xticks([r["rows"] for r in rs], [str(r["rows"]) for r in rs])
@@ -295,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
             env = {"LORASA_POLICY": str(path), "LORASA_STATE_DIR": str(tmp / f"state_{pol}"),
                    "LORASA_MAX_ROWS_PER_REQUEST": str(max(rows_list)),
                    "LORASA_MAX_BATCH_ROWS": str(max(4096, max(rows_list))),
-                   "LORASA_MAX_BODY_BYTES": str(256 << 20), "LORASA_WORKERS": "1", "LORASA_TORCH_THREADS": "1"}
+                   "LORASA_MAX_BODY_BYTES": str(256 << 20), "LORASA_WORKERS": "1",
+                   "LORASA_TORCH_THREADS": "1"}
             with ServerProcess(env, out / f"protocol_bench_server_{pol}.log") as srv:
                 livez[pol] = run_clients(pool, srv.url, "livez", spec_d, 1, 1, args.seconds)
                 for rows in rows_list:
