@@ -4,7 +4,7 @@ Both mirror `lorasa_serve.network.actor_forward` op for op; the GRU cell is `net
 (explicit MatMul/Sigmoid/Tanh with PyTorch's reset-after-h_layer semantics), never `nn.GRU`, so no
 exporter can rewrite it with `linear_before_reset=0`. The export is checked against the Engine anyway.
 
-Graph inputs/outputs (B is dynamic):
+Graph inputs/outputs (names and order: `lorasa_serve.onnx_contract`; B is dynamic):
   per agent   obs [B, obs_dim], state [B, H], reset [B] bool, avail [B, act_dim] bool (Categorical)
   multi-agent agent_index [B] int64, obs [B, obs_max], state, reset, avail [B, act_max] bool
   Gaussian:    action [B, A] (the mean, zero past each row's act_dim), mean [B, A], log_std [B, A]
@@ -20,25 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorasa_serve.network import LN_EPS, gru_cell
+from lorasa_serve.onnx_contract import input_names, output_names  # noqa: F401 (the contract, re-exported)
 from lorasa_serve.spec import AgentSpec, PolicySpec
 
 LoraImpl = Literal["auto", "dense", "gather"]
 DENSE_MAX_COLS = 512  # "auto": dense one-hot LoRA while agents * rank stays this narrow
 NEG = torch.finfo(torch.float32).min  # masked logits, as lorasa_serve.distributions.masked_logits
-
-
-def input_names(spec: PolicySpec, multi_agent: bool) -> list[str]:
-    names = (["agent_index"] if multi_agent else []) + ["obs"]
-    if spec.recurrent:
-        names += ["state", "reset"]
-    if spec.action == "categorical":
-        names.append("avail")
-    return names
-
-
-def output_names(spec: PolicySpec) -> list[str]:
-    names = ["action", "mean", "log_std"] if spec.action == "gaussian" else ["action", "logits"]
-    return names + (["state_out"] if spec.recurrent else [])
 
 
 def _key(name: str) -> str:

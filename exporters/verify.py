@@ -20,6 +20,7 @@ import torch
 
 from lorasa_serve import Engine
 from lorasa_serve.distributions import masked_logits
+from lorasa_serve import onnx_contract as contract
 from lorasa_serve.onnx_backend import make_session
 
 from .errors import VerificationError
@@ -88,8 +89,9 @@ def onnx_step(model: bytes | Path, names: list[str], agent_index: np.ndarray | N
     inputs = [i.name for i in sess.get_inputs()]
 
     def step(obs, h, reset, avail):
-        feeds = {"obs": obs, "state": h, "reset": reset, "avail": avail, "agent_index": agent_index}
-        return dict(zip(names, sess.run(None, {k: feeds[k] for k in inputs})))
+        feeds = {contract.OBS: obs, contract.STATE: h, contract.RESET: reset, contract.AVAIL: avail,
+                 contract.AGENT_INDEX: agent_index}
+        return dict(zip(names, sess.run(names, {k: feeds[k] for k in inputs})))  # outputs by name
     return step
 
 

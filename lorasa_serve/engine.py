@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from . import artifacts
+from . import validation as check
+from .backend import ActOutput
 from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
 from .errors import InputError, UnknownAgentError
@@ -38,14 +40,6 @@ SMALL_LORA_MIN_CHUNKS = 8  # see _auto_mode
 # agents that `auto` merges on demand are kept in an LRU of at most this many bytes of merged
 # weights (explicit `merge()` calls are pinned and never evicted)
 AUTO_MERGED_MAX_BYTES = 64 << 20
-
-
-@dataclass
-class ActOutput:
-    actions: Tensor  # Gaussian [B, act_max] float (zero past each agent's act_dim); Categorical [B] int64
-    log_probs: Tensor  # [B]
-    state: Tensor | None  # [B, hidden] next recurrent state (None for a feed-forward policy)
-    versions: list[int] | None = None  # adapter version used for each row (act_session only)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -96,23 +90,19 @@ class Engine:
 
     def agent_index(self, agent_ids: Sequence[str]) -> np.ndarray:
         """Agent ids -> integer indices accepted by `act` in place of ids (skips the lookup)."""
-        slot_of = self._bank.slot_of
-        try:
-            return np.fromiter((slot_of[a] for a in agent_ids), dtype=np.int64, count=len(agent_ids))
-        except KeyError as e:
-            raise UnknownAgentError(f"unknown agent id {e.args[0]!r}; serving {list(slot_of)}") from None
-        except TypeError:
-            raise InputError("agent_ids must be a sequence of agent id strings") from None
+        if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
+            raise InputError("agent_index takes agent id strings, not indices")
+        return check.agent_slots(agent_ids, self._bank.slot_of)
 
     def adapter(self, agent_id: str) -> dict[str, Tensor] | None:
         """The agent's current adapter tensors (PEFT layout, on the engine's device)."""
         bank = self._bank
-        return bank.adapters[self._slot(bank, agent_id)]
+        return bank.adapters[check.agent_slot(agent_id, bank.slot_of)]
 
     def merged_weights(self, agent_id: str) -> dict[str, Tensor]:
         """Every Linear of the agent with its adapter merged: name -> W0 + (alpha/r) B A [out, in]."""
         bank = self._bank
-        merged = bank.merged_weights(self._slot(bank, agent_id))
+        merged = bank.merged_weights(check.agent_slot(agent_id, bank.slot_of))
         return {n: merged.get(n, bank.backbone[f"{n}.weight"]) for n in bank.spec.linear_names()}
 
     def backbone(self) -> dict[str, Tensor]:
@@ -137,10 +127,10 @@ class Engine:
     def _act(self, bank: AdapterBank, agent_ids, obs, state, reset, avail, deterministic: bool,
              generator: torch.Generator | None, mode: Mode | None
              ) -> tuple[ActOutput, AdapterBank, np.ndarray]:
-        slots = self._slots(bank, agent_ids)
+        slots = check.agent_slots(agent_ids, bank.slot_of)
         B, spec = len(slots), bank.spec
-        if avail is not None and spec.action == "gaussian":
-            raise InputError("avail (action masks) only apply to categorical policies")
+        check.check_avail_kind(spec.action, avail)
+        avail_t = check.bool_rows(avail, "avail", B, spec.act_max, self.device)
         obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
         head, h_next, bank = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
         dim_mask = bank.dim_mask(slots)  # [B, act_max] or [act_max] (all agents: every action)
@@ -148,13 +138,7 @@ class Engine:
             actions, logp = gaussian_act(head, bank.backbone["log_std"], dim_mask, deterministic,
                                          generator)
         else:
-            valid = dim_mask
-            if avail is not None:
-                valid = valid & self._bool_input(avail, "avail", B, spec.act_max)
-                empty = ~valid.any(-1)
-                if bool(empty.any()):
-                    rows = torch.nonzero(empty).flatten().tolist()[:10]
-                    raise InputError(f"rows {rows} have no available action (all-zero avail mask)")
+            valid = check.valid_actions(dim_mask, avail_t)
             actions, logp = categorical_act(head, valid, deterministic, generator)
         return ActOutput(actions, logp, h_next), bank, slots
 
@@ -162,9 +146,10 @@ class Engine:
         """Checked tensors on the engine's device: obs [B, obs_max] (padding columns zeroed),
         state [B, H] | None, reset [B] | None."""
         B, spec = len(slots), bank.spec
-        obs_t = self._float_input(obs, "obs", B, spec.obs_max)
-        h = self._float_input(state, "state", B, spec.hidden, exact=True) if spec.recurrent else None
-        reset_t = self._bool_input(reset, "reset", B, None)
+        obs_t = check.float_rows(obs, "obs", B, spec.obs_max, self.device)
+        h = check.float_rows(state, "state", B, spec.hidden, self.device, exact=True) \
+            if spec.recurrent else None
+        reset_t = check.bool_rows(reset, "reset", B, None, self.device)
         if not bank.obs_uniform:
             slots_t = torch.as_tensor(slots, device=self.device)
             col = torch.arange(spec.obs_max, device=self.device)
@@ -176,7 +161,7 @@ class Engine:
                 ) -> tuple[Tensor, Tensor | None]:
         """Raw head output [B, act_max] (Gaussian means or logits before masking) and next state."""
         bank = self._bank
-        slots = self._slots(bank, agent_ids)
+        slots = check.agent_slots(agent_ids, bank.slot_of)
         obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
         head, h_next, _ = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
         return head, h_next
@@ -250,10 +235,8 @@ class Engine:
                     deterministic: bool = True, generator: torch.Generator | None = None,
                     reset=None) -> ActOutput:
         """`act` with the recurrent state kept by the engine per (session, agent)."""
-        ids = list(agent_ids)
-        if len(set(ids)) != len(ids):
-            raise InputError("an agent may appear at most once per session call")
-        self._slots(self._bank, ids)  # unknown agents fail before any state is touched
+        ids = check.distinct_agents(agent_ids)
+        check.agent_slots(ids, self._bank.slot_of)  # unknown agents fail before any state is touched
         state, _ = self.sessions.get(session_id, ids) if self.spec.recurrent else (None, None)
         out, bank, slots = self._act(self._bank, ids, obs, state, reset, avail, deterministic,
                                      generator, None)
@@ -311,7 +294,7 @@ class Engine:
         with self._write_lock:
             bank = self._bank
             ids = bank.spec.agent_ids if agent_ids is None else list(agent_ids)
-            slots = [self._slot(bank, a) for a in ids]
+            slots = [check.agent_slot(a, bank.slot_of) for a in ids]
             for s in slots:
                 self._auto_lru.pop(s, None)
                 (self._pinned.add if merge else self._pinned.discard)(s)
@@ -366,64 +349,6 @@ class Engine:
         return artifacts.save_policy(directory, bank.spec, {k: v.cpu() for k, v in bank.backbone.items()},
                                      {a: {k: v.cpu() for k, v in t.items()} for a, t in adapters.items()})
 
-    # --- input checking -------------------------------------------------------------------------
-    def _slot(self, bank: AdapterBank, agent_id: str) -> int:
-        try:
-            return bank.slot_of[agent_id]
-        except KeyError:
-            raise UnknownAgentError(f"unknown agent id {agent_id!r}") from None
-
-    def _slots(self, bank: AdapterBank, agent_ids) -> np.ndarray:
-        if isinstance(agent_ids, Tensor):
-            agent_ids = agent_ids.cpu().numpy()
-        if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
-            slots = agent_ids.astype(np.int64, copy=False).reshape(-1)
-            small = slots.tolist() if len(slots) <= 64 else slots  # Python min/max: faster when tiny
-            if len(slots) and (min(small) < 0 or max(small) >= bank.n_slots):
-                raise UnknownAgentError(f"agent indices must be in [0, {bank.n_slots})")
-        else:
-            try:
-                slots = np.fromiter((bank.slot_of[a] for a in agent_ids), dtype=np.int64)
-            except KeyError as e:
-                raise UnknownAgentError(f"unknown agent id {e.args[0]!r}; serving "
-                                        f"{list(bank.slot_of)[:20]}") from None
-            except TypeError:
-                raise InputError("agent_ids must be a sequence of agent ids or an int array") from None
-        if len(slots) == 0:
-            raise InputError("empty batch: agent_ids has no rows")
-        return slots
-
-    def _float_input(self, x, name: str, B: int, width: int, exact: bool = False) -> Tensor:
-        if x is None:
-            return torch.zeros(B, width, device=self.device)
-        t = torch.as_tensor(x, dtype=torch.float32, device=self.device) if not (
-            isinstance(x, Tensor) and x.dtype == torch.float32 and x.device == self.device) else x
-        if t.dim() != 2 or t.shape[0] != B or t.shape[1] > width or (exact and t.shape[1] != width):
-            want = f"[{B}, {width}]" if exact else f"[{B}, <={width}]"
-            raise InputError(f"{name} has shape {list(t.shape)}, expected {want}")
-        if not _all_finite(t):
-            raise InputError(f"{name} contains NaN or inf")
-        if t.shape[1] < width:
-            t = torch.nn.functional.pad(t, (0, width - t.shape[1]))
-        return t
-
-    def _bool_input(self, x, name: str, B: int, width: int | None) -> Tensor | None:
-        if x is None:
-            return None
-        t = torch.as_tensor(x, device=self.device)
-        if t.dtype != torch.bool:
-            if t.is_floating_point() and not bool(((t == 0) | (t == 1)).all()):
-                raise InputError(f"{name} must hold 0/1 or booleans")
-            t = t != 0
-        shape_ok = t.shape == (B,) if width is None else (t.dim() == 2 and t.shape[0] == B
-                                                          and t.shape[1] <= width)
-        if not shape_ok:
-            raise InputError(f"{name} has shape {list(t.shape)}, expected "
-                             f"{[B] if width is None else [B, width]}")
-        if width is not None and t.shape[1] < width:
-            t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=False)
-        return t
-
 
 # --- chunk layout <-> caller order ----------------------------------------------------------------
 def _gather(lay: Layout, src: Tensor | None, c: int, k: int, *xs: Tensor | None
@@ -447,11 +372,6 @@ def _gather(lay: Layout, src: Tensor | None, c: int, k: int, *xs: Tensor | None
 def _from_chunks(lay: Layout, y: Tensor, pos: Tensor | None) -> Tensor:
     flat = y.reshape(lay.C * lay.M, *y.shape[2:])
     return flat if pos is None else flat.index_select(0, pos)
-
-
-def _all_finite(t: Tensor) -> bool:
-    """One reduction instead of isfinite's four passes; exact check only if the sum is not finite."""
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _opt_cut(x: Tensor | None, start: int, n: int) -> Tensor | None:

@@ -10,7 +10,7 @@ import torch
 from conftest import make_policy as _make_policy
 from reference import forward_loop, merged_linears
 
-from exporters import ExportConfig, export_policy
+from exporters import ExportConfig, export_policy, onnx_engine_from_policy
 from exporters.merged import merged_policy, write_merged
 from exporters.observations import env_rollout, real_env_config
 from lorasa_serve import ArtifactError, Engine, InputError, UnknownAgentError, save_policy
@@ -215,7 +215,7 @@ def test_onnx_engine_groups_rows_over_per_agent_graphs(merged_export):
 def test_onnx_engine_from_policy_plain_backbone(tmp_path):
     """The one-call constructor (for lorasa-bench), on a policy without adapters (PS checkpoint)."""
     _make_policy(tmp_path / "p", adapters=False, obs=(5, 7), act=(2, 3), hidden=16, recurrent=False)
-    oe = OnnxEngine.from_policy(tmp_path / "p")
+    oe = onnx_engine_from_policy(tmp_path / "p")
     assert oe.multi_agent and not oe.spec.recurrent
     _same_as_engine(oe, Engine.from_dir(tmp_path / "p", device="cpu"))
 

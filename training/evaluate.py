@@ -17,14 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasa_serve.backend import ActBackend
+
 from .actor import param_counts
 from .envs import EnvInfo, make_vec_env
 from .episodes import ActFn, EpisodeStats, random_act, run_episodes
 from .trainer import read_env_json
 
 
-def engine_act_fn(engine, info: EnvInfo, n_envs: int) -> ActFn:
-    """Every env's team in one mixed `engine.act` batch of E*N rows (env-major)."""
+def engine_act_fn(engine: ActBackend, info: EnvInfo, n_envs: int) -> ActFn:
+    """Every env's team in one mixed `engine.act` batch of E*N rows (env-major); any backend
+    (`Engine`, `OnnxEngine`) implementing `lorasa_serve.backend.ActBackend`."""
     import torch
     ids = np.tile(engine.agent_index(list(info.agent_ids)), n_envs)  # [E*N]
     N, categorical = info.n_agents, info.action == "categorical"
