@@ -113,6 +113,8 @@ def check_config(cfg: ExportConfig, engine: Engine) -> tuple[list[str], tuple[st
                           "holds every agent)")
     if Path(cfg.out).resolve() == Path(cfg.policy_dir).resolve():
         raise ExportError("--out must differ from the policy directory")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ExportError(f"--out {cfg.out} is a file: pass a directory (created if missing)")
     if cfg.steps < MIN_STEPS or cfg.envs < 1 or not (cfg.verify.tol >= 0 and cfg.verify.rtol >= 0):
         raise ExportError(f"verification needs steps >= {MIN_STEPS}, envs >= 1 and tolerances >= 0")
     if "onnx" in formats:
@@ -143,7 +145,10 @@ def export_policy(cfg: ExportConfig) -> ExportReport:
     agents, formats = check_config(cfg, engine)
     rollouts, notes = load_rollouts(cfg, engine)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create --out {out} ({e.strerror}): pass a writable directory") from None
     atomic_write(out / SPEC_FILE, engine.spec.to_json().encode())
     tasks = [(a, f) for a in agents for f in formats] if cfg.merge else [(MULTI_AGENT, "onnx")]
     results = []
