@@ -5,22 +5,19 @@ mask [T, E] (episode starts, plus random extra resets so the state reset path is
 from a real Categorical task, its available-action masks [T, E, act_dim]. Real rollouts step the
 project's own environment interface (`training.envs`: MaMuJoCo, SMAX, SMAC) with the Engine's
 deterministic actions, so the policy really drives the environment. Which task: the policy
-directory's `env.json` (written by `lorasa-train`: {"env": {"kind", "scenario", "agent_conf",
-"agent_obsk", "episode_limit"}, ...}); without one, HalfCheetah 2x3 when the agent sizes match it.
+directory's `env.json` (`lorasa_serve.env_file`); without one, HalfCheetah 2x3 when the agent
+sizes match it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from lorasa_serve import Engine
+from lorasa_serve.env_file import env_block_or_guess
 from lorasa_serve.spec import PolicySpec
-
-ENV_FILE = "env.json"
-DEFAULT_ENV = {"kind": "mamujoco", "scenario": "HalfCheetah", "agent_conf": "2x3", "agent_obsk": 1}
 
 
 @dataclass
@@ -49,21 +46,9 @@ def _resets(rng: np.random.Generator, starts: np.ndarray, prob: float) -> np.nda
 
 
 def real_env_config(policy_dir: Path, spec: PolicySpec) -> tuple[dict | None, str]:
-    """-> (env config dict or None, a note saying why). Never raises for a missing/odd env.json."""
-    f = Path(policy_dir) / ENV_FILE
-    if f.is_file():
-        try:
-            cfg = json.loads(f.read_text())
-            cfg = cfg.get("env", cfg) if isinstance(cfg, dict) else None
-        except (OSError, json.JSONDecodeError) as e:
-            return None, f"{ENV_FILE} unreadable ({e}); random observations only"
-        if not isinstance(cfg, dict) or cfg.get("kind") not in ("mamujoco", "smax", "smac"):
-            return None, f"{ENV_FILE} names no known environment kind; random observations only"
-        return ({**DEFAULT_ENV, **cfg} if cfg["kind"] == "mamujoco" else cfg), f"environment from {ENV_FILE}"
-    dims = [(a.obs_dim, a.act_dim) for a in spec.agents]
-    if spec.action == "gaussian" and dims == [(12, 3), (12, 3)]:
-        return dict(DEFAULT_ENV), f"no {ENV_FILE}; the agent sizes match HalfCheetah 2x3"
-    return None, f"no {ENV_FILE} and sizes match no default environment: random observations only"
+    """-> (env config dict or None, a note saying why). Never raises for a missing/odd env.json
+    (`lorasa_serve.env_file`: the file's env block, or the HalfCheetah 2x3 guess from the sizes)."""
+    return env_block_or_guess(policy_dir, spec)
 
 
 def env_rollout(cfg: dict, engine: Engine, steps: int, envs: int, reset_prob: float,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lorasa_serve import LoraSpec, PolicySpec, load_policy, save_policy
+from lorasa_serve import LoraSpec, PolicySpec, env_file, load_policy, save_policy
 from lorasa_serve.artifacts import atomic_write
 
 from . import checkpoint
@@ -35,7 +35,6 @@ from .episodes import EpisodeStats, run_episodes
 from .a2po import a2po_update
 from .mappo import Critic, Cursor, Policy, ValueNorm, collect, env_actions, grouped, ppo_update
 
-ENV_FILE = "env.json"
 SUMMARY_FILE = "summary.json"
 LORA_MODES = ("lorasa", "seps_lorasa")
 CSV_FIELDS = ["env_steps", "phase", "updates", "wall_s", "sps", "rollout_s", "update_s",
@@ -67,18 +66,13 @@ def torch_act_fn(policy: Policy, deterministic: bool = True, g: torch.Generator 
 
 
 def write_env_json(directory: Path, cfg: TrainConfig, kind: str, counters: checkpoint.Counters) -> None:
-    meta = {"env": cfg.env.env_block(), "trained_by": "lorasa-train", "actor": kind, "mode": cfg.mode,
-            "env_steps": counters.env_steps, "seed": cfg.seed}
-    atomic_write(Path(directory) / ENV_FILE, json.dumps(meta, indent=2).encode())
+    env_file.write_env_file(directory, cfg.env.env_block(), trained_by="lorasa-train", actor=kind,
+                            mode=cfg.mode, env_steps=counters.env_steps, seed=cfg.seed)
 
 
 def read_env_json(directory: Path) -> EnvConfig:
-    path = Path(directory) / ENV_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: lorasa-eval needs to know the policy's environment "
-                                "(policies written by lorasa-train have it)")
-    block = json.loads(path.read_text())["env"]
-    return EnvConfig(**block)
+    """The task of a policy dir (env_file.EnvFileMissingError, a FileNotFoundError, without one)."""
+    return EnvConfig(**env_file.read_env_block(directory))
 
 
 class Trainer:
