@@ -22,6 +22,7 @@ from lorasa_serve import Engine
 from lorasa_serve.distributions import masked_logits
 from lorasa_serve import onnx_contract as contract
 from lorasa_serve.onnx_backend import make_session
+from lorasa_serve.stacking import dim_mask
 
 from .errors import VerificationError
 from .observations import Rollout
@@ -62,8 +63,8 @@ def mixed_rows(engine: Engine, envs: int, seed: int) -> Rows:
 def engine_step(engine: Engine, rows: Rows, act_width: int, mode: str) -> StepFn:
     """The reference: Engine.forward (head, state) and Engine.act (deterministic actions)."""
     spec = engine.spec
-    dims = torch.tensor([spec.agent(a).act_dim for a in rows.agent_ids])
-    dim_mask = torch.arange(spec.act_max) < dims.unsqueeze(1)
+    act_dims = torch.tensor([a.act_dim for a in spec.agents])
+    dims = dim_mask(act_dims, torch.as_tensor(engine.agent_index(rows.agent_ids)), spec.act_max)  # [R, A]
 
     def step(obs, h, reset, avail):
         head, h_next = engine.forward(rows.agent_ids, obs, h, reset, mode=mode)
@@ -71,10 +72,10 @@ def engine_step(engine: Engine, rows: Rows, act_width: int, mode: str) -> StepFn
         res = {}
         if spec.action == "gaussian":
             res["action"] = out.actions[:, :act_width].numpy()
-            res["mean"] = (head * dim_mask)[:, :act_width].numpy()
-            res["log_std"] = (engine.backbone()["log_std"] * dim_mask)[:, :act_width].numpy()
+            res["mean"] = (head * dims)[:, :act_width].numpy()
+            res["log_std"] = (engine.backbone()["log_std"] * dims)[:, :act_width].numpy()
         else:
-            valid = dim_mask & torch.as_tensor(np.pad(avail, ((0, 0), (0, spec.act_max - avail.shape[1]))))
+            valid = dims & torch.as_tensor(np.pad(avail, ((0, 0), (0, spec.act_max - avail.shape[1]))))
             res["action"] = out.actions.numpy()
             res["logits"] = masked_logits(head, valid)[:, :act_width].numpy()
         if h_next is not None:

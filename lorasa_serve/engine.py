@@ -5,10 +5,7 @@
 """
 from __future__ import annotations
 
-import math
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -23,6 +20,7 @@ from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
 from .errors import InputError, UnknownAgentError
 from .layout import Layout, plan
+from .merge_policy import MergedSet, auto_mode
 from . import traced
 from .network import ActorParams, actor_forward, slice_chunks
 from .sessions import SessionStore
@@ -30,16 +28,7 @@ from .spec import AgentSpec, PolicySpec, check_agent_id
 
 Mode = Literal["auto", "lora", "merged"]
 MODES = ("auto", "lora", "merged")
-# auto mode: merged weights (one bmm per layer, no low-rank delta) when the stacked per-chunk weights
-# are cheap to read per row and either small enough to rebuild or reused from the per-layout cache
 BLOCK_ROWS = 8192  # rows per forward block: larger batches run block by block (faster: cache-sized)
-MERGED_SMALL_BYTES = 2 << 20  # stacks up to this size: always merged (they stay in cache)
-MERGED_MAX_BYTES = 64 << 20  # never stack more than this per forward
-MERGED_MAX_BYTES_PER_ROW = 1 << 10  # weight bytes read per row; beyond it the low-rank path wins
-SMALL_LORA_MIN_CHUNKS = 8  # see _auto_mode
-# agents that `auto` merges on demand are kept in an LRU of at most this many bytes of merged
-# weights (explicit `merge()` calls are pinned and never evicted)
-AUTO_MERGED_MAX_BYTES = 64 << 20
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,9 +47,7 @@ class Engine:
         self.device = resolve_device(device)
         self.mode = mode
         self._write_lock = threading.Lock()
-        self._pinned: set[int] = set()  # slots merged by `merge()`: never evicted
-        self._auto_lru: OrderedDict[int, None] = OrderedDict()  # slots merged by auto, oldest first
-        self._lru_key: bytes | None = None  # layout whose slots were touched last
+        self._merges = MergedSet()  # pinned and auto-merged agents (guarded by the write lock)
         self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device)
         self.sessions = SessionStore(spec.hidden, max_sessions, self.device)
 
@@ -186,7 +173,7 @@ class Engine:
             return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
         lay = plan(slots)  # one agent per chunk
         if mode == "auto":
-            mode = self._auto_mode(bank, lay, B)
+            mode = auto_mode(bank, lay, B, self.device)
         if mode == "merged":
             bank = self._ensure_merged(bank, lay)
         else:
@@ -212,23 +199,8 @@ class Engine:
             return actor_forward(bank.spec, p, x, h, reset)
         if not traced.TRACE_ENABLED:
             return forward(x, h, reset)
-        return bank.traced.run((*key, tuple(x.shape), h is None, reset is None), forward,
+        return bank.cache.traced.run((*key, tuple(x.shape), h is None, reset is None), forward,
                                (x, h, reset))
-
-    def _auto_mode(self, bank: AdapterBank, lay: Layout, B: int) -> str:
-        stack = lay.C * bank.merged_bytes_per_agent
-        if stack <= MERGED_SMALL_BYTES:
-            # tiny batches of >= 8 chunks on one CPU thread: the per-chunk merged GEMVs cannot
-            # run in parallel and the (traced) shared GEMM + low-rank term is faster (measured:
-            # 8 agents x 1 row 1.35x PS vs 1.54x merged; with <= 6 chunks merged wins)
-            if (B <= traced.TRACE_MAX_ROWS and lay.C >= SMALL_LORA_MIN_CHUNKS
-                    and self.device.type == "cpu" and torch.get_num_threads() == 1):
-                return "lora"
-            return "merged"
-        if stack <= MERGED_MAX_BYTES and stack / B <= MERGED_MAX_BYTES_PER_ROW \
-                and bank.seen(lay.key) >= 2:
-            return "merged"
-        return "lora"
 
     # --- sessions -----------------------------------------------------------------------------
     def act_session(self, session_id: str, agent_ids: Sequence[str], obs, avail=None, *,
@@ -295,52 +267,27 @@ class Engine:
             bank = self._bank
             ids = bank.spec.agent_ids if agent_ids is None else list(agent_ids)
             slots = [check.agent_slot(a, bank.slot_of) for a in ids]
-            for s in slots:
-                self._auto_lru.pop(s, None)
-                (self._pinned.add if merge else self._pinned.discard)(s)
+            self._merges.pin(slots, merge)
             self._bank = bank.with_merged(slots, merge)
 
     def _ensure_merged(self, bank: AdapterBank, lay: Layout) -> AdapterBank:
         """A bank in which every chunk's agent is merged; published if nothing changed meanwhile.
-
-        Agents merged here (not pinned by `merge()`) live in an LRU bounded by
-        AUTO_MERGED_MAX_BYTES: the least recently used ones not needed now are unmerged."""
+        Agents merged here (not pinned by `merge()`) live in the bounded LRU of `MergedSet`."""
         need = lay.slot_set
-        if lay.key is not self._lru_key:  # an env loop repeats its layout: touch once
+        if lay.key is not self._merges.last_key:
             with self._write_lock:
-                self._lru_key = lay.key
-                for s in need & self._auto_lru.keys():
-                    self._auto_lru.move_to_end(s)
+                self._merges.touch(lay)
         missing = sorted(need - bank.merged.keys())
         if not missing:
             return bank
         with self._write_lock:
             if self._bank is not bank:  # a writer got in first: merge for this forward only
                 return bank.with_merged(missing, True)
-            for s in missing:
-                if s not in self._pinned:
-                    self._auto_lru[s] = None
+            self._merges.admit(missing)
             merged = bank.with_merged(missing, True)
-            evict = self._evictions(bank, need)
+            evict = self._merges.evictions(bank, need)
             self._bank = merged.with_merged(evict, False) if evict else merged
             return self._bank
-
-    def _evictions(self, bank: AdapterBank, need: set[int]) -> list[int]:
-        """Least recently used auto-merged slots beyond the byte budget (never those in `need`).
-        Caller holds the write lock."""
-        limit = max(len(need), AUTO_MERGED_MAX_BYTES // max(1, bank.merged_bytes_per_agent))
-        lru = self._auto_lru
-        for s in [s for s in bank.merged if s not in self._pinned and s not in lru]:
-            lru[s] = None  # merged but untracked (e.g. after a concurrent writer): track it
-            lru.move_to_end(s, last=False)
-        out = []
-        for s in list(lru):
-            if len(lru) <= limit:
-                break
-            if s not in need:
-                del lru[s]
-                out.append(s)
-        return out
 
     def save(self, directory: str | Path) -> PolicySpec:
         """Write the current policy (backbone + current adapters) as a policy directory."""

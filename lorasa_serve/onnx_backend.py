@@ -29,6 +29,7 @@ from .distributions import categorical_act, gaussian_act
 from .errors import ArtifactError, CorruptFileError, InputError, LorasaError
 from .onnx_contract import MANIFEST, SPEC_FILE
 from .spec import PolicySpec
+from .stacking import dim_mask
 
 log = logging.getLogger("lorasa_serve.onnx")
 CPU = torch.device("cpu")
@@ -154,11 +155,11 @@ class OnnxEngine:
         slots, obs_n, h, reset_n, avail_n = self._inputs(agent_ids, obs, state, reset, avail)
         head_n, h_next = self._run(slots, obs_n, h, reset_n, avail_n)
         head = torch.from_numpy(head_n)
-        dim_mask = torch.arange(self.spec.act_max) < self._act_dims[torch.from_numpy(slots)].unsqueeze(1)
+        dims = dim_mask(self._act_dims, torch.from_numpy(slots), self.spec.act_max)  # [B, act_max]
         if self.spec.action == "gaussian":
-            actions, logp = gaussian_act(head, self._log_std, dim_mask, deterministic, generator)
+            actions, logp = gaussian_act(head, self._log_std, dims, deterministic, generator)
         else:
-            valid = dim_mask & torch.from_numpy(avail_n)
+            valid = dims & torch.from_numpy(avail_n)
             actions, logp = categorical_act(head, valid, deterministic, generator)
         return ActOutput(actions, logp, None if h_next is None else torch.from_numpy(h_next))
 
@@ -212,8 +213,7 @@ class OnnxEngine:
         if spec.recurrent:
             reset_n = np.zeros(B, bool) if reset_t is None else reset_t.numpy()
         if spec.action == "categorical":
-            dim_mask = torch.arange(spec.act_max) < self._act_dims[torch.from_numpy(slots)].unsqueeze(1)
-            check.valid_actions(dim_mask, avail_t)
+            check.valid_actions(dim_mask(self._act_dims, torch.from_numpy(slots), spec.act_max), avail_t)
             avail_n = np.ones((B, spec.act_max), bool) if avail_t is None else avail_t.numpy()
         return slots, obs_n, h, reset_n, avail_n
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lorasa_serve.network import ActorParams, LinearP, NormP, init_adapter, init_backbone
 from lorasa_serve.spec import PolicySpec
+from lorasa_serve.stacking import stack_adapters
 
 Kind = Literal["ps", "nps", "seps", "mtl", "lora"]
 MTL_HEAD = ("post", "post.ln", "head")  # MTL: the per-agent layers (plus log-std)
@@ -98,10 +99,9 @@ class Actor:
                            groups: tuple[int, ...] | None = None) -> "Actor":
         t = {}
         for name in spec.adapted_layers:
-            t[f"{name}.lora_a"] = torch.stack([adapters[a][f"{name}.lora_A.weight"].T
-                                               for a in spec.agent_ids])  # [N, in, r]
-            t[f"{name}.lora_b"] = torch.stack([adapters[a][f"{name}.lora_B.weight"].T
-                                               for a in spec.agent_ids])  # [N, r, out]
+            a_r, b_t = stack_adapters(spec, name, [adapters[x] for x in spec.agent_ids], scaled=False)
+            t[f"{name}.lora_a"] = a_r.transpose(1, 2).contiguous()  # [N, in, r]
+            t[f"{name}.lora_b"] = b_t  # [N, r, out]
         return cls(spec, "lora", t, base, groups or (0,) * len(spec.agents))
 
     # --- forward parameters ---------------------------------------------------------------------
