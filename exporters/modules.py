@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorasa_serve.network import LN_EPS, gru_cell
-from lorasa_serve.onnx_contract import input_names, output_names  # noqa: F401 (the contract, re-exported)
 from lorasa_serve.spec import AgentSpec, PolicySpec
 from lorasa_serve.stacking import dim_mask, stack_adapters
 
@@ -133,7 +132,8 @@ class MultiAgentActor(_Actor):
         any_adapter = any(adapters.get(a) is not None for a in spec.agent_ids)
         self.adapted = spec.adapted_layers if any_adapter else []  # a plain policy: backbone only
         for n in self.adapted:
-            a, b = stack_adapters(spec, n, [adapters.get(x) for x in spec.agent_ids], "cpu")  # [S,r,in], [S,r,out]
+            a, b = stack_adapters(spec, n, [adapters.get(x) for x in spec.agent_ids], "cpu")
+            # a [S, r, in], b [S, r, out] (scaled by alpha/r)
             a = a.transpose(1, 2)  # [S, in, r]
             if self.impl == "dense":
                 a = a.permute(1, 0, 2).reshape(a.shape[1], S * r)  # [in, S*r]

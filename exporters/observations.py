@@ -1,7 +1,7 @@
 """Observation rollouts that exports are verified on: random, and real ones when the task is known.
 
-A `Rollout` is per-agent observations [T, E, obs_dim] for E environments over T steps, the reset
-mask [T, E] (episode starts, plus random extra resets so the state reset path is exercised) and,
+An `ObsRollout` (observations only; not training.mappo.Rollout) is per-agent observations
+[T, E, obs_dim] for E environments over T steps, the reset mask [T, E] (episode starts, plus random extra resets so the state reset path is exercised) and,
 from a real Categorical task, its available-action masks [T, E, act_dim]. Real rollouts step the
 project's own environment interface (`training.envs`: MaMuJoCo, SMAX, SMAC) with the Engine's
 deterministic actions, so the policy really drives the environment. Which task: the policy
@@ -21,7 +21,7 @@ from lorasa_serve.spec import PolicySpec
 
 
 @dataclass
-class Rollout:
+class ObsRollout:
     source: str  # "random" or e.g. "HalfCheetah 2x3"
     obs: dict[str, np.ndarray]  # agent id -> [T, E, obs_dim] float32
     reset: np.ndarray  # [T, E] bool; step 0 is all True
@@ -32,11 +32,11 @@ class Rollout:
         return self.reset.shape[0]
 
 
-def random_rollout(spec: PolicySpec, steps: int, envs: int, reset_prob: float, seed: int) -> Rollout:
+def random_rollout(spec: PolicySpec, steps: int, envs: int, reset_prob: float, seed: int) -> ObsRollout:
     rng = np.random.default_rng(seed)
     obs = {a.agent_id: rng.standard_normal((steps, envs, a.obs_dim)).astype(np.float32)
            for a in spec.agents}
-    return Rollout("random", obs, _resets(rng, np.zeros((steps, envs), bool), reset_prob))
+    return ObsRollout("random", obs, _resets(rng, np.zeros((steps, envs), bool), reset_prob))
 
 
 def _resets(rng: np.random.Generator, starts: np.ndarray, prob: float) -> np.ndarray:
@@ -52,7 +52,7 @@ def real_env_config(policy_dir: Path, spec: PolicySpec) -> tuple[dict | None, st
 
 
 def env_rollout(cfg: dict, engine: Engine, steps: int, envs: int, reset_prob: float,
-                seed: int) -> Rollout:
+                seed: int) -> ObsRollout:
     """Step `envs` environments of the task for `steps` with the engine's deterministic actions."""
     from training.envs import EnvConfig, make_vec_env  # lazy: only exports with a known task need it
 
@@ -82,7 +82,7 @@ def env_rollout(cfg: dict, engine: Engine, steps: int, envs: int, reset_prob: fl
                 starts[t + 1] = step.done  # auto-reset: the next obs starts a new episode
     finally:
         venv.close()
-    return Rollout(venv.info.name, obs, _resets(np.random.default_rng(seed), starts, reset_prob),
+    return ObsRollout(venv.info.name, obs, _resets(np.random.default_rng(seed), starts, reset_prob),
                    avail if spec.action == "categorical" else None)
 
 

@@ -29,13 +29,13 @@ from lorasa_serve import Engine
 from lorasa_serve import onnx_contract as contract
 from lorasa_serve.artifacts import SPEC_FILE, atomic_write
 from lorasa_serve.errors import LorasaError
-from lorasa_serve.onnx_contract import MULTI_AGENT
+from lorasa_serve.onnx_contract import MULTI_AGENT, input_names, output_names
 
 from . import merged as merged_mod
 from .errors import ExportError, VerificationError
-from .modules import LoraImpl, MergedAgentActor, MultiAgentActor, input_names, output_names
-from .observations import Rollout, env_rollout, random_rollout, real_env_config
-from .onnx_export import MIN_OPSET, export_bytes, require_onnx
+from .modules import LoraImpl, MergedAgentActor, MultiAgentActor
+from .observations import ObsRollout, env_rollout, random_rollout, real_env_config
+from .onnx_export import EXAMPLE_BATCH, MIN_OPSET, export_bytes, require_onnx
 from .verify import VerifyConfig, agent_rows, engine_step, mixed_rows, onnx_step, rollout_parity
 
 log = logging.getLogger("lorasa_serve.export")
@@ -124,7 +124,7 @@ def check_config(cfg: ExportConfig, engine: Engine) -> tuple[list[str], tuple[st
     return agents, tuple(formats)
 
 
-def load_rollouts(cfg: ExportConfig, engine: Engine) -> tuple[list[Rollout], list[str]]:
+def load_rollouts(cfg: ExportConfig, engine: Engine) -> tuple[list[ObsRollout], list[str]]:
     """Random observations always; real ones (and action masks) when the environment is known."""
     rolls = [random_rollout(engine.spec, cfg.steps, cfg.envs, cfg.reset_prob, cfg.seed)]
     env_cfg, note = real_env_config(Path(cfg.policy_dir), engine.spec)
@@ -161,7 +161,7 @@ def export_policy(cfg: ExportConfig) -> ExportReport:
     return report
 
 
-def _one(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout], agent: str, kind: str,
+def _one(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: str, kind: str,
          out: Path) -> ArtifactResult:
     t0 = time.perf_counter()
     final = out / (contract.MERGED_DIR / Path(agent) if kind == "safetensors" else contract.graph_file(agent))
@@ -184,7 +184,7 @@ def _one(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout], agent: str,
         _remove(tmp)
 
 
-def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout], agent: str,
+def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: str,
                       kind: str, tmp: Path) -> float:
     """Write the artifact under `tmp`, then verify it over every rollout -> max abs diff."""
     spec, worst = engine.spec, 0.0
@@ -211,7 +211,7 @@ def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout]
 
 def _onnx(cfg: ExportConfig, engine: Engine, agent: str):
     """-> (model bytes, rows, act width, agent_index feed or None, engine mode to compare with)."""
-    spec, B = engine.spec, 3
+    spec, B = engine.spec, EXAMPLE_BATCH
     g = torch.Generator().manual_seed(cfg.seed)
     rec = [torch.zeros(B, spec.hidden), torch.tensor([True, False, False])] if spec.recurrent else []
     multi = agent == MULTI_AGENT

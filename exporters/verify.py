@@ -25,7 +25,7 @@ from lorasa_serve.onnx_backend import make_session
 from lorasa_serve.stacking import dim_mask
 
 from .errors import VerificationError
-from .observations import Rollout
+from .observations import ObsRollout
 
 # one step: (obs [R, w], state [R, H] | None, reset [R] | None, avail [R, A] | None) -> outputs
 StepFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None],
@@ -97,7 +97,7 @@ def onnx_step(model: bytes | Path, names: list[str], agent_index: np.ndarray | N
 
 
 def rollout_parity(name: str, candidate: StepFn, reference: StepFn, engine: Engine, rows: Rows,
-                   act_width: int, rollout: Rollout, cfg: VerifyConfig, seed: int) -> float:
+                   act_width: int, rollout: ObsRollout, cfg: VerifyConfig, seed: int) -> float:
     """Run both over the rollout -> max abs diff; raises VerificationError past `cfg.tol`."""
     spec = engine.spec
     rng = np.random.default_rng(seed)
@@ -142,7 +142,7 @@ def _diff(key: str, got: np.ndarray, ref: np.ndarray, logits: np.ndarray | None,
     return float(err.max(initial=0.0)), bool((err <= cfg.tol + cfg.rtol * scale).all())
 
 
-def _rollout_avail(rollout: Rollout, rows: Rows, t: int, width: int) -> np.ndarray:
+def _rollout_avail(rollout: ObsRollout, rows: Rows, t: int, width: int) -> np.ndarray:
     """The environment's own masks for step t as [R, width] bool."""
     avail = np.zeros((len(rows.agent_ids), width), bool)
     for i, (a, e) in enumerate(zip(rows.agent_ids, rows.envs)):

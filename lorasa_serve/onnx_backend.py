@@ -208,7 +208,8 @@ class OnnxEngine:
         obs_n = np.where(cols < self._obs_dims[slots][:, None], obs_n, 0.0).astype(np.float32)
         h = reset_n = avail_n = None
         if spec.recurrent:  # checked in Engine's order: obs, state, reset
-            h = np.ascontiguousarray(check.float_rows(state, "state", B, spec.hidden, CPU, exact=True).numpy())
+            h_t = check.float_rows(state, "state", B, spec.hidden, CPU, exact=True)
+            h = np.ascontiguousarray(h_t.numpy())
         reset_t = check.bool_rows(reset, "reset", B, None, CPU)
         if spec.recurrent:
             reset_n = np.zeros(B, bool) if reset_t is None else reset_t.numpy()

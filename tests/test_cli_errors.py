@@ -3,12 +3,12 @@ nothing written. One case per message."""
 from __future__ import annotations
 
 import pytest
-from conftest import make_policy
+from conftest import make_policy, require_extra
 
 from benchmarks import engine as bench_cli
 from exporters import cli as export_cli
 
-pytest.importorskip("onnx")
+require_extra("onnx", "onnx", "onnxruntime", "onnxscript")
 
 
 @pytest.fixture

@@ -6,14 +6,17 @@ import multiprocessing as mp
 
 import pytest
 import torch
-from starlette.requests import Request
+from conftest import require_extra
 
-from lorasa_serve.sessions import SessionStore
-from services.config import ServiceConfig
-from services.http import _authorize
-from services.overlay import Overlay, OverlayError
-from services.schema import BadRequest
-from services.shared_sessions import SharedSessionStore
+require_extra("serve", "starlette", "bentoml")
+from starlette.requests import Request  # noqa: E402
+
+from lorasa_serve.sessions import SessionStore  # noqa: E402
+from services.config import ServiceConfig  # noqa: E402
+from services.http import _authorize  # noqa: E402
+from services.overlay import Overlay, OverlayError  # noqa: E402
+from services.schema import BadRequest  # noqa: E402
+from services.shared_sessions import SharedSessionStore  # noqa: E402
 
 
 def _publish_many(root: str, agent: str, n: int, q) -> None:

@@ -8,13 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_policy
+from conftest import make_policy, require_extra
 
 from lorasa_serve import Engine, InputError, UnknownAgentError
 from lorasa_serve.backend import ActBackend
 
-ort = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnx")
+require_extra("onnx", "onnx", "onnxruntime", "onnxscript")
 OBS, ACT, H = (7, 5), (4, 3), 16
 IDS = ["agent_0", "agent_1"]
 

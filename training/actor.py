@@ -14,7 +14,6 @@ PS / PS+LoRA parameters convert losslessly to a policy directory (PEFT layout A 
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -216,8 +215,3 @@ def param_counts(spec: PolicySpec) -> dict[str, int]:
     return {"agents": n, "backbone": backbone, "ps_total": backbone, "nps_per_agent": backbone,
             "nps_total": n * backbone, "lorasa_adapter_per_agent": adapter,
             "lorasa_total": backbone + n * adapter}
-
-
-def with_lora(spec: PolicySpec, rank: int, alpha: float, layers) -> PolicySpec:
-    from lorasa_serve.spec import LoraSpec
-    return replace(spec, lora=LoraSpec(rank, alpha, None if layers is None else tuple(layers)))
