@@ -24,7 +24,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a parsing error raises UsageError (one line) instead of printing the usage."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
+        raise UsageError(f"{message}; see {self.prog} --help")  # as training.errors.OneLineParser
 
 
 def run_cli(prog: str, run: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:

@@ -41,8 +41,14 @@ def write_env_file(directory: str | Path, env_block: dict, **provenance) -> Path
 
 
 def read_env_block(directory: str | Path) -> dict:
-    """The env block of `directory/env.json` (mamujoco blocks completed with MAMUJOCO_DEFAULTS).
-    EnvFileMissingError without the file; ArtifactError if it is unreadable or names no known kind."""
+    """The env block of `directory/env.json`, mamujoco blocks completed with MAMUJOCO_DEFAULTS."""
+    block = read_env_block_as_written(directory)
+    return {**MAMUJOCO_DEFAULTS, **block} if block["kind"] == "mamujoco" else block
+
+
+def read_env_block_as_written(directory: str | Path) -> dict:
+    """The env block exactly as the file has it. EnvFileMissingError without the file;
+    ArtifactError if it is unreadable or names no known kind."""
     path = Path(directory) / ENV_FILE
     if not path.is_file():
         raise EnvFileMissingError(path, "is missing: lorasa-eval needs to know the policy's environment "
@@ -54,7 +60,7 @@ def read_env_block(directory: str | Path) -> dict:
     block = data.get("env", data) if isinstance(data, dict) else None
     if not isinstance(block, dict) or block.get("kind") not in KINDS:
         raise ArtifactError(path, f"names no known environment kind (one of {list(KINDS)})")
-    return {**MAMUJOCO_DEFAULTS, **block} if block["kind"] == "mamujoco" else dict(block)
+    return dict(block)
 
 
 def env_block_or_guess(directory: str | Path, spec: PolicySpec) -> tuple[dict | None, str]:
