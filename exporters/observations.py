@@ -1,7 +1,8 @@
 """Observation rollouts that exports are verified on: random, and real ones when the task is known.
 
 An `ObsRollout` (observations only; not training.mappo.Rollout) is per-agent observations
-[T, E, obs_dim] for E environments over T steps, the reset mask [T, E] (episode starts, plus random extra resets so the state reset path is exercised) and,
+[T, E, obs_dim] for E environments over T steps, the reset mask [T, E] (episode starts, plus
+random extra resets so the recurrent-state reset path is exercised) and,
 from a real Categorical task, its available-action masks [T, E, act_dim]. Real rollouts step the
 project's own environment interface (`training.envs`: MaMuJoCo, SMAX, SMAC) with the Engine's
 deterministic actions, so the policy really drives the environment. Which task: the policy
@@ -68,15 +69,15 @@ def env_rollout(cfg: dict, engine: Engine, steps: int, envs: int, reset_prob: fl
         avail = {a: np.zeros((steps, envs, spec.agent(a).act_dim), bool) for a in ids}
         starts = np.zeros((steps, envs), bool)
         starts[0] = True
-        state = None
+        h = None  # the policy's GRU state [E*N, H] (step.state would be the env's global state)
         for t in range(steps):
             for i, a in enumerate(ids):
                 obs[a][t] = step.obs[:, i, :spec.agent(a).obs_dim]
                 avail[a][t] = step.avail[:, i, :spec.agent(a).act_dim]
             av = step.avail.reshape(envs * N, -1) if spec.action == "categorical" else None
-            out = engine.act(ids * envs, step.obs.reshape(envs * N, -1), state,  # env-major rows
+            out = engine.act(ids * envs, step.obs.reshape(envs * N, -1), h,  # env-major rows
                              np.repeat(starts[t], N), av)
-            state = out.state
+            h = out.state
             step = venv.step(out.actions.numpy().reshape(envs, N, *out.actions.shape[1:]))
             if t + 1 < steps:
                 starts[t + 1] = step.done  # auto-reset: the next obs starts a new episode
