@@ -10,11 +10,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import make_policy
+from conftest import make_policy, require_extra
 
-from lorasa_serve import Engine
-from lorasa_serve.client import ClientError, PolicyClient, ServerUnavailable
-from services.launch import REPO, ServerProcess
+require_extra("serve", "starlette", "bentoml")
+require_extra("dev", "requests")
+from lorasa_serve import Engine  # noqa: E402
+from lorasa_serve.client import ClientError, PolicyClient, ServerUnavailable  # noqa: E402
+from services.launch import REPO, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -9,15 +9,18 @@ import threading
 
 import numpy as np
 import pytest
-import requests
-import torch
-import tritonclient.http as th
-from conftest import make_policy
+from conftest import make_policy, require_extra
 
-from lorasa_serve import Engine, init_adapter
-from lorasa_serve.artifacts import adapter_bytes
-from lorasa_serve.oip_codec import HEADER, encode
-from services.launch import ServerProcess
+require_extra("serve", "starlette", "bentoml")
+require_extra("dev", "requests", "tritonclient", "openapi_spec_validator")
+import requests  # noqa: E402
+import torch  # noqa: E402
+import tritonclient.http as th  # noqa: E402
+
+from lorasa_serve import Engine, init_adapter  # noqa: E402
+from lorasa_serve.artifacts import adapter_bytes  # noqa: E402
+from lorasa_serve.oip_codec import HEADER, encode  # noqa: E402
+from services.launch import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "oip-token-0123456789"

@@ -8,12 +8,13 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import make_policy
+from conftest import make_policy, require_extra
 
-from lorasa_serve.oip_codec import TensorError, decode_body, encode, encode_parts
-from services.act_check import check_act
-from services.oip import parse_infer
-from services.schema import BadRequest, parse_act
+require_extra("serve", "starlette")
+from lorasa_serve.oip_codec import TensorError, decode_body, encode, encode_parts  # noqa: E402
+from services.act_check import check_act  # noqa: E402
+from services.oip import parse_infer  # noqa: E402
+from services.schema import BadRequest, parse_act  # noqa: E402
 
 
 def reference_bytes(elems: list[bytes]) -> bytes:
