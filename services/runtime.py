@@ -26,7 +26,7 @@ from lorasa_serve.artifacts import fingerprint
 from . import metrics
 from .config import ServiceConfig
 from .overlay import Overlay
-from .schema import ActRequest
+from .schema import ActRequest, BadRequest
 from .shared_sessions import SharedSessionStore
 
 log = logging.getLogger("lorasa.service")
@@ -124,25 +124,30 @@ class PolicyRuntime:
             return jobs
 
     def _serve(self, jobs: list[_Job]) -> None:
+        """Answer every job. A failure before the forward's side effects (reading states, the
+        engine) is isolated by serving each request of the batch alone; a failure of one request's
+        own result (non-finite output, storing its session) is that request's answer only."""
         try:
             results = self._forward([j.req for j in jobs])
-        except LorasaError:  # should not happen after parsing; isolate the bad request
-            if len(jobs) == 1:
-                _run_into(jobs[0].future, lambda: self._forward([jobs[0].req])[0])
-                return
-            for job in jobs:
-                self._serve([job])
-            return
         except Exception as e:
-            log.exception("forward failed")
-            for job in jobs:
-                job.future.set_exception(e)
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._serve([job])
+                return
+            if not isinstance(e, (LorasaError, BadRequest)):
+                log.exception("forward failed")
+            jobs[0].future.set_exception(e)
             return
         for job, res in zip(jobs, results):
-            job.future.set_result(res)
+            if isinstance(res, BaseException):
+                job.future.set_exception(res)
+            else:
+                job.future.set_result(res)
 
-    def _forward(self, reqs: list[ActRequest]) -> list[ActResult]:
-        """One Engine.act over the rows of every request (same `deterministic` flag)."""
+    def _forward(self, reqs: list[ActRequest]) -> list[ActResult | Exception]:
+        """One Engine.act over the rows of every request (same `deterministic` flag). Per request:
+        its ActResult, or the exception that request alone gets (non-finite output: 422, its session
+        keeps the previous state)."""
         ids = [a for r in reqs for a in r.agent_ids]
         obs = torch.from_numpy(np.concatenate([r.obs for r in reqs]))  # [B, obs_max]
         reset = torch.from_numpy(np.concatenate([r.reset for r in reqs]))  # [B]
@@ -161,13 +166,22 @@ class PolicyRuntime:
             metrics.agent_rows.labels(agent_id=str(a)).inc(int(c))
         actions, logp = out.actions.cpu().numpy(), out.log_probs.cpu().numpy()
         h = None if out.state is None else out.state.cpu()
-        results, lo = [], 0
+        bad = _nonfinite_rows(actions, logp, h)  # [B] bool
+        results: list[ActResult | Exception] = []
+        lo = 0
         for r in reqs:
             hi = lo + r.n
-            if r.session_id is not None and h is not None:
-                self.sessions.put(r.session_id, r.agent_ids, h[lo:hi])
-            results.append(ActResult(actions[lo:hi], logp[lo:hi],
-                                     None if h is None else h[lo:hi].numpy(), versions[lo:hi], batch))
+            try:
+                if bad[lo:hi].any():
+                    raise _nonfinite_error(np.flatnonzero(bad[lo:hi]))
+                if r.session_id is not None and h is not None:
+                    self.sessions.put(r.session_id, r.agent_ids, h[lo:hi])
+                results.append(ActResult(actions[lo:hi], logp[lo:hi],
+                                         None if h is None else h[lo:hi].numpy(), versions[lo:hi], batch))
+            except Exception as e:  # this request's answer only; the others are served normally
+                if not isinstance(e, BadRequest):
+                    log.exception("storing the result of one request failed")
+                results.append(e)
             lo = hi
         return results
 
@@ -221,6 +235,23 @@ class PolicyRuntime:
                         "version": v, "adapter_fingerprint": self._fp_cache[key],
                         "merged": a.agent_id in merged})
         return out
+
+
+def _nonfinite_rows(actions: np.ndarray, logp: np.ndarray, h: torch.Tensor | None) -> np.ndarray:
+    """[B] bool: rows whose action, log-prob or next state is NaN or inf."""
+    bad = ~np.isfinite(logp)
+    if actions.dtype.kind == "f":
+        bad |= ~np.isfinite(actions.reshape(len(actions), -1)).all(axis=1)
+    if h is not None:
+        bad |= ~torch.isfinite(h).all(dim=1).numpy()
+    return bad
+
+
+def _nonfinite_error(rows: np.ndarray) -> BadRequest:
+    shown = rows[:10].tolist()
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    return BadRequest(f"rows {shown}{more}: the policy's output is NaN or inf for these inputs (extreme "
+                      "obs or state values?); nothing was stored", 422)
 
 
 def _run_into(future: Future, fn: Callable[[], object]) -> None:

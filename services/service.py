@@ -22,6 +22,7 @@ import torch
 
 from .config import ServiceConfig
 from .http import NotReady, build_app
+from .json_errors import JsonErrorsMiddleware
 from .model_store import policy_dir_from_tag
 from .runtime import PolicyRuntime
 
@@ -62,7 +63,8 @@ app = build_app(CONFIG, _runtime)
 
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.service(name="lorasa_policy", workers=CONFIG.workers,
-                 traffic={"timeout": CONFIG.timeout_s})
+                 traffic={"timeout": CONFIG.timeout_s},
+                 logging={"access": {"enabled": bool(CONFIG.access_log)}})  # LORASA_ACCESS_LOG=1
 class LorasaPolicy:
     def __init__(self) -> None:
         self.cfg = CONFIG
@@ -86,3 +88,6 @@ class LorasaPolicy:
 
     def __is_ready__(self) -> bool:
         return self.runtime is not None
+
+
+LorasaPolicy.add_asgi_middleware(JsonErrorsMiddleware)  # JSON errors on BentoML's own paths too
