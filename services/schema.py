@@ -165,7 +165,8 @@ def _floats(x: object, n: int, where: str) -> np.ndarray:
         raise BadRequest(f"{where} must be a flat list of {n} finite numbers") from None
     if a.shape != (n,):
         raise BadRequest(f"{where} has shape {list(a.shape)}, expected [{n}]")
-    a32 = a.astype(np.float32)
+    with np.errstate(over="ignore"):  # values past float32 become inf, rejected just below
+        a32 = a.astype(np.float32)
     if not np.isfinite(a32).all():
         raise BadRequest(f"{where} contains NaN, inf or a value outside float32 range")
     return a32
