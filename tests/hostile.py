@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from lorasa_serve.artifacts import ALL_DTYPES
 
+BIG_DEPTH = 100_000  # '[' * BIG_DEPTH: nesting deeper than Python's recursion limit
 ANY_CHAR = st.characters(exclude_categories=())  # includes lone surrogates and control characters
 EXTREME = [3.4e38, -3.4e38, 3.5e38, 1e39, -1e308, 1e-45, 5e-324, 0.0, -0.0, float("nan"), float("inf"),
            -float("inf"), 2 ** 63, -(2 ** 64), 10 ** 30]
