@@ -175,7 +175,7 @@ async def _body(request: Request, limit: int) -> bytes:
     """Read the body, refusing (413) past `limit` bytes without buffering more than that."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("invalid Content-Length")
         if int(declared) > limit:
             raise BadRequest(f"body of {declared} bytes is over the {limit}-byte limit", 413)
