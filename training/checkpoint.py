@@ -24,6 +24,7 @@ class Counters:
     env_steps: int = 0
     updates: int = 0
     phase_switch_step: int = -1  # env step at which LoRA training started (-1: not in this run)
+    wall_s: float = 0.0  # training wall time so far (a resumed run continues from it)
 
 
 def _opt_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:

@@ -15,9 +15,12 @@ import dataclasses
 import json
 import sys
 import typing
+from dataclasses import replace
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig, preset, with_overrides
+from . import rundir
+from .config import PRESETS, TrainConfig, check_config, check_init_mode, preset, with_overrides
+from .errors import OneLineParser, UsageError, exit_on_usage_error
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
@@ -61,8 +64,10 @@ def _tuple_parser(item):
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
-    p = argparse.ArgumentParser(prog="lorasa-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Flags -> (config, resume?). UsageError / a one-line parse error for anything that cannot run;
+    nothing is written here."""
+    p = OneLineParser(prog="lorasa-train", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a scenario preset")
     p.add_argument("--resume", metavar="OUT", help="continue the run saved in OUT (flags override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -70,22 +75,40 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     ns = vars(p.parse_args(argv))
     base_name, resume, show = ns.pop("preset"), ns.pop("resume"), ns.pop("print_config")
     if resume:
-        from .checkpoint import load_meta
-        base = TrainConfig.from_dict(load_meta(Path(resume))["config"])
-        ns.setdefault("out", resume)
+        if "out" in ns and Path(ns["out"]).resolve() != Path(resume).resolve():
+            raise UsageError(f"--resume continues in {resume} itself: drop --out {ns['out']}")
+        base = TrainConfig.from_dict(rundir.check_resume(Path(resume))["config"])
+        ns["out"] = resume
     else:
         base = preset(base_name) if base_name else TrainConfig()
+        init_from = ns.get("init_from", base.init_from)
+        check_init_mode(init_from, ns.get("mode", base.mode))
+        base = _env_from_init_source(base, init_from)
     cfg = with_overrides(base, ns)
+    check_config(cfg)
     if show:
         print(json.dumps(cfg.to_dict(), indent=2))
         sys.exit(0)
+    if not resume:
+        rundir.check_fresh_out(Path(cfg.out))
     return cfg, bool(resume)
 
 
+def _env_from_init_source(base: TrainConfig, init_from: str) -> TrainConfig:
+    """Phase 2 runs on the task its phase-1 source was trained on (explicit --env.* flags still win;
+    the trainer then checks that the agents match)."""
+    if not init_from:
+        return base
+    rundir.check_init_source(Path(init_from))
+    task = rundir.source_env(Path(init_from))
+    return base if task is None else replace(base, env=replace(base.env, **task))
+
+
 def main(argv: list[str] | None = None) -> None:
-    cfg, resume = parse_config(argv)
-    from .trainer import Trainer
-    trainer = Trainer(cfg, resume=resume)
+    with exit_on_usage_error("lorasa-train"):
+        cfg, resume = parse_config(argv)
+        from .trainer import Trainer
+        trainer = Trainer(cfg, resume=resume)
     summary = trainer.train()
     print(json.dumps({"out": cfg.out, **summary}, indent=2))
 

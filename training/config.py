@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .envs import EnvConfig
+from .errors import UsageError
 
 Mode = Literal["ps", "nps", "seps", "mtl", "lorasa", "seps_lorasa"]
 Algo = Literal["mappo", "a2po"]
@@ -149,7 +150,7 @@ def preset(name: str) -> TrainConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+        raise UsageError(f"unknown preset {name!r}: pass --preset one of {', '.join(sorted(PRESETS))}") from None
 
 
 def with_overrides(cfg, overrides: dict):
@@ -165,3 +166,34 @@ def with_overrides(cfg, overrides: dict):
     for head, sub in nested.items():
         flat[head] = with_overrides(getattr(cfg, head), sub)
     return replace(cfg, **flat)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """UsageError (one line naming the flag to fix) for values training cannot run with; called before
+    anything is written."""
+    p, e = cfg.ppo, cfg.env
+    positive = {"--total-steps": cfg.total_steps, "--ppo.rollout": p.rollout, "--ppo.chunk": p.chunk,
+                "--ppo.epochs": p.epochs, "--ppo.minibatches": p.minibatches, "--env.n-envs": e.n_envs,
+                "--model.hidden": cfg.model.hidden, "--lora.rank": cfg.lora.rank,
+                "--torch-threads": cfg.torch_threads}
+    for flag, v in positive.items():
+        if v < 1:
+            raise UsageError(f"{flag} {v} must be >= 1")
+    non_negative = {"--eval-every": cfg.eval_every, "--eval-episodes": cfg.eval_episodes,
+                    "--final-eval-episodes": cfg.final_eval_episodes, "--save-every": cfg.save_every,
+                    "--switch-step": cfg.switch_step, "--env.workers": e.workers}
+    for flag, v in non_negative.items():
+        if v < 0:
+            raise UsageError(f"{flag} {v} must be >= 0")
+    if p.rollout % p.chunk:
+        raise UsageError(f"--ppo.rollout {p.rollout} must be a multiple of --ppo.chunk {p.chunk}: "
+                         f"change one of them (e.g. --ppo.rollout {max(p.chunk, p.rollout // p.chunk * p.chunk)})")
+    if not cfg.out:
+        raise UsageError("--out is empty: pass the run directory to write")
+    check_init_mode(cfg.init_from, cfg.mode)
+
+
+def check_init_mode(init_from: str, mode: str) -> None:
+    if init_from and mode not in ("lorasa", "seps_lorasa"):
+        raise UsageError(f"--init-from starts LoRA phase 2 and needs --mode lorasa or seps_lorasa "
+                         f"(not {mode}): add --mode lorasa or drop --init-from")

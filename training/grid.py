@@ -17,6 +17,7 @@ at a time, resumable (a run whose summary.json exists is done).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import PRESETS
+from .errors import UsageError
 
 METHODS = ("ps", "nps", "seps", "mtl", "lorasa", "seps_lorasa")
 BASE_OF = {"lorasa": "ps", "seps_lorasa": "seps"}  # phase-2 methods and the run they start from
@@ -57,13 +59,28 @@ class Grid:
 
     @classmethod
     def load(cls, path: Path) -> "Grid":
-        d = tomllib.loads(Path(path).read_text())
+        """The grid in TOML file `path`; UsageError (one line naming the fix) for a missing file,
+        malformed TOML or a grid that does not describe runs."""
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"grid file {path} does not exist; pass the path of a grid TOML "
+                             "(e.g. reports/grid.toml)")
+        try:
+            d = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path} is not valid TOML ({e}); fix the file") from None
         known = {"seeds", "total_steps", "switch_step", "scenarios", "ablations", "eval_every",
                  "eval_episodes", "final_eval_episodes"}
         if set(d) - known:
-            raise ValueError(f"{path}: unknown keys {sorted(set(d) - known)}; known: {sorted(known)}")
+            raise UsageError(f"{path}: unknown keys {sorted(set(d) - known)}; use only {sorted(known)}")
+        missing = sorted({"seeds", "total_steps", "switch_step", "scenarios"} - set(d))
+        if missing:
+            raise UsageError(f"{path}: missing keys {missing}; add them (see training/grid.py for an example)")
         g = cls(**d)
-        g.runs = g.expand()
+        try:
+            g.runs = g.expand()
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}") from None
         return g
 
     def switch_steps(self) -> list[int]:
@@ -73,15 +90,19 @@ class Grid:
     def expand(self) -> list[Run]:
         runs: list[Run] = []
         for sc in self.scenarios:
+            if not isinstance(sc, dict) or "preset" not in sc or not isinstance(sc.get("methods"), list):
+                raise UsageError("every [[scenarios]] entry needs preset = \"...\" and methods = [...]")
             preset = sc["preset"]
             if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+                raise UsageError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}")
             extra = [f"--{k}={v}" for k, v in sc.get("overrides", {}).items()]
             for seed in self.seeds:
                 for m in sc["methods"]:
                     runs.append(self._run(preset, "main", m, seed, extra))
         ab = self.ablations
         if ab:
+            if ab.get("preset") not in PRESETS:
+                raise UsageError(f"[ablations] preset {ab.get('preset')!r}: use one of {sorted(PRESETS)}")
             preset, algo = ab["preset"], ab.get("algo", "mappo")
             extra = [f"--{k}={v}" for k, v in ab.get("overrides", {}).items()]
             method = f"{algo}:lorasa"
@@ -96,17 +117,18 @@ class Grid:
                     runs.append(self._run(preset, f"switch={s}", method, seed, extra, switch=s))
         keys = [r.key for r in runs]
         if len(set(keys)) != len(keys):
-            raise ValueError("the grid declares the same run twice")
+            raise UsageError("the grid declares the same run twice: remove the duplicate method or seed")
         missing = {r.needs for r in runs if r.needs} - set(keys)
         if missing:
-            raise ValueError(f"LoRA runs need their base runs in the grid: add {sorted(missing)}")
+            raise UsageError(f"LoRA runs need their base runs in the grid: add {sorted(missing)}")
         return runs
 
     def _run(self, preset: str, group: str, method: str, seed: int, extra: list[str],
              switch: int | None = None) -> Run:
         algo, _, mode = method.partition(":")
         if algo not in ("mappo", "a2po") or mode not in METHODS:
-            raise ValueError(f"method {method!r}: want <mappo|a2po>:<{'|'.join(METHODS)}>")
+            raise UsageError(f"unknown method {method!r}: write <mappo|a2po>:<{'|'.join(METHODS)}>, "
+                             "e.g. \"mappo:lorasa\"")
         name = f"{algo}-{mode}" if group == "main" else f"ablation-{group}"
         key = f"{preset}/{name}/seed{seed}"
         args = ["--preset", preset, "--algo", algo, "--mode", mode, "--seed", str(seed),
@@ -155,7 +177,7 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
             todo.remove(run)
             out = runs_root / run.key
             out.mkdir(parents=True, exist_ok=True)
-            args = [a.replace("{runs}", str(runs_root)) for a in run.args]
+            args = [a.replace("{runs}", str(runs_root)) for a in run.args] + _restart_args(out)
             log = open(out / "train.log", "w")
             cmd = [python, "-m", "training.cli", *args, "--out", str(out)]
             log.write(" ".join(cmd) + "\n")
@@ -165,3 +187,13 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
         time.sleep(0.5)
     bar.close()
     return failed
+
+
+def _restart_args(out: Path) -> list[str]:
+    """An unfinished run (killed, or failed earlier) continues from its checkpoint; without one, the
+    partial metrics it logged are dropped so lorasa-train starts it afresh."""
+    if (out / "train_state" / "state.json").is_file():
+        return ["--resume", str(out)]
+    (out / "metrics.csv").unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
+    return []

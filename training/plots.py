@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 
@@ -45,6 +46,18 @@ def plot_learning_curves(runs: dict[str, Path], out: Path, title: str = "",
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def save_learning_curve(metrics: Path, out: Path, label: str, title: str = "") -> Path | None:
+    """The trainer's learning-curve PNG, or (matplotlib absent, e.g. only the `dev` extra installed) one
+    note on stderr and None: the run's other outputs are already saved and stay valid."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"note: matplotlib is not installed (pip install 'lorasa-serve[train]'), {Path(out).name} "
+              "not drawn", file=sys.stderr)
+        return None
+    return plot_learning_curves({label: Path(metrics)}, out, title)
 
 
 def main(argv: list[str] | None = None) -> None:

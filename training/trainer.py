@@ -27,11 +27,12 @@ from tqdm import tqdm
 from lorasa_serve import LoraSpec, PolicySpec, load_policy, save_policy
 from lorasa_serve.artifacts import atomic_write
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .actor import Actor
-from .config import TrainConfig
+from .config import TrainConfig, check_config
 from .envs import EnvConfig, EnvInfo, make_vec_env
 from .episodes import EpisodeStats, run_episodes
+from .errors import UsageError
 from .a2po import a2po_update
 from .mappo import Critic, Cursor, Policy, ValueNorm, collect, env_actions, grouped, ppo_update
 
@@ -75,8 +76,8 @@ def write_env_json(directory: Path, cfg: TrainConfig, kind: str, counters: check
 def read_env_json(directory: Path) -> EnvConfig:
     path = Path(directory) / ENV_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: lorasa-eval needs to know the policy's environment "
-                                "(policies written by lorasa-train have it)")
+        raise UsageError(f"{path} is missing: pass the task it was trained on with --env.kind, "
+                         "--env.scenario, --env.agent-conf (policies written by lorasa-train have it)")
     block = json.loads(path.read_text())["env"]
     return EnvConfig(**block)
 
@@ -85,11 +86,23 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False):
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
-        self.cfg, self.out = cfg, Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.out, self.resumed = cfg, Path(cfg.out), resume
+        if not resume:
+            rundir.check_fresh_out(self.out)
         self.g = torch.Generator().manual_seed(cfg.seed)
         self.venv = make_vec_env(cfg.env)
         self.info = self.venv.info
+        self._eval_env = None
+        self._tb = None
+        try:
+            self._build(resume)
+        except BaseException:  # e.g. --init-from a run of other agents: no worker processes left behind
+            self.venv.close()
+            raise
+        self.out.mkdir(parents=True, exist_ok=True)  # only once everything above checked out
+
+    def _build(self, resume: bool) -> None:
+        cfg = self.cfg
         self.critic = Critic(self.info.state_dim, cfg.ppo.critic_hidden)
         self.vnorm = ValueNorm()
         self.counters = checkpoint.Counters()
@@ -99,8 +112,6 @@ class Trainer:
         if resume:
             checkpoint.load_optimizers(self.out, self.actor_opt, self.critic_opt, self.g)
         self.policy = Policy.build(self.actor, self.info)
-        self._eval_env = None
-        self._tb = None
 
     # --- set-up -------------------------------------------------------------------------------
     def _fresh_actor(self) -> Actor:
@@ -120,7 +131,8 @@ class Trainer:
         sc, n = self.cfg.seps, self.info.n_agents
         if sc.assignment is not None:
             if len(sc.assignment) != n:
-                raise ValueError(f"seps.assignment {sc.assignment} must give a group for each of {n} agents")
+                raise UsageError(f"--seps.assignment {','.join(map(str, sc.assignment))} must give a group for "
+                                 f"each of the {n} agents of {self.info.name} (or drop it to cluster them)")
             from .seps import renumber
             return tuple(int(v) for v in renumber(sc.assignment))
         from .seps import cluster_agents
@@ -133,6 +145,7 @@ class Trainer:
     def _phase2_from(self, src: Path) -> Actor:
         """Phase 2 from a phase-1 run (PS or SePS: its train_state, critic included) or a PS policy dir:
         frozen base, fresh adapters."""
+        rundir.check_init_source(src)
         if (src / checkpoint.STATE_DIR / "state.json").is_file():
             meta = checkpoint.load_meta(src)
             base = actor_from_state(src, meta)
@@ -142,20 +155,25 @@ class Trainer:
         else:
             spec0, backbone, adapters = load_policy(src)
             if adapters:
-                raise ValueError(f"{src} already has adapters: init_from needs a phase-1 (PS) policy directory")
+                raise UsageError(f"--init-from {src} already has adapters: pass its phase-1 (PS) policy "
+                                 "directory (a lorasa run keeps it in phase1/)")
             base = Actor(spec0, "ps", backbone, groups=(0,) * len(spec0.agents))
         if base.kind not in ("ps", "seps"):
-            raise ValueError(f"{src} holds a {base.kind} actor: phase 2 starts from a PS or SePS run")
+            raise UsageError(f"--init-from {src} holds a {base.kind} actor: pass a PS or SePS run "
+                             "(lorasa-train --mode ps / seps) or its snapshots/<step>")
         if tuple(base.spec.agents) != self.info.agent_specs():
-            raise ValueError(f"{src} was trained for agents {base.spec.agents}, this env has "
-                             f"{self.info.agent_specs()}")
+            fix = ("drop the --env.* overrides (the env then comes from the source's env.json)"
+                   if rundir.source_env(src) else "pass the task it was trained on with --env.* flags")
+            raise UsageError(f"--init-from {src} was trained for agents {_agents(base.spec.agents)}, but "
+                             f"env {self.info.name} has {_agents(self.info.agent_specs())}: {fix}, or init "
+                             f"from a run of {self.info.name}")
         lo = self.cfg.lora
         spec = replace(base.spec, lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers)))
         self.counters.phase_switch_step = self.counters.env_steps
         return Actor.lora_from_base(base, self.g, spec)
 
     def _resume(self) -> Actor:
-        meta = checkpoint.load_meta(self.out)
+        meta = rundir.check_resume(self.out)
         self.counters = checkpoint.Counters(**meta["counters"])
         self.vnorm.load(meta["value_norm"])
         checkpoint.load_critic(self.out, self.critic)
@@ -200,8 +218,9 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def train(self, progress: bool = True) -> dict:
         cfg, c = self.cfg, self.counters
-        if cfg.ppo.rollout % cfg.ppo.chunk:
-            raise ValueError(f"ppo.rollout ({cfg.ppo.rollout}) must be a multiple of ppo.chunk ({cfg.ppo.chunk})")
+        check_config(cfg)
+        if self.resumed:  # a killed run logged past its checkpoint: those steps are trained again
+            rundir.truncate_metrics(self.out / "metrics.csv", c.env_steps)
         writer = _CsvLog(self.out / "metrics.csv")
         self._open_tb()
         cur, recent, last = self._start_cursor(), [], None
@@ -209,12 +228,13 @@ class Trainer:
         next_save = _next_multiple(c.env_steps, cfg.save_every)
         bar = tqdm(total=cfg.total_steps, initial=c.env_steps, unit="step", disable=not progress,
                    desc=f"{cfg.mode} {self.info.name}", dynamic_ncols=True)
-        t_start, prev_steps = time.perf_counter(), c.env_steps
+        t_start, prev_steps = time.perf_counter() - c.wall_s, c.env_steps  # wall_s continues on resume
         while c.env_steps < cfg.total_steps:
             if cfg.mode in LORA_MODES and self.actor.kind != "lora" and c.env_steps >= cfg.switch_step:
                 self._switch_to_lora()
             row, cur, recent = self._iteration(cur, recent)
-            row["wall_s"] = round(time.perf_counter() - t_start, 2)
+            c.wall_s = time.perf_counter() - t_start
+            row["wall_s"] = round(c.wall_s, 2)
             due = cfg.eval_every and c.env_steps >= next_eval or c.env_steps >= cfg.total_steps
             if due and cfg.eval_episodes > 0:
                 last = self.evaluate()
@@ -281,11 +301,11 @@ class Trainer:
 
     def _finish(self) -> None:
         """Final policy directory + train_state, learning-curve PNG, close the envs."""
-        from .plots import plot_learning_curves
+        from .plots import save_learning_curve
         self.save_policy(self.out)
         self._close_tb()
-        plot_learning_curves({self.cfg.mode: self.out / "metrics.csv"}, self.out / "learning_curve.png",
-                             title=f"{self.info.name}: {self.cfg.mode}")
+        save_learning_curve(self.out / "metrics.csv", self.out / "learning_curve.png", self.cfg.mode,
+                            title=f"{self.info.name}: {self.cfg.mode}")
         self.close()
 
     def close(self) -> None:
@@ -300,7 +320,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return
-        self._tb = SummaryWriter(str(self.out / "tb"))
+        # resumed: TensorBoard drops the events a killed run wrote after the checkpoint's step
+        purge = self.counters.env_steps + 1 if self.resumed else None
+        self._tb = SummaryWriter(str(self.out / "tb"), purge_step=purge)
 
     def _tb_write(self, row: dict) -> None:
         if self._tb is None:
@@ -347,6 +369,10 @@ class _CsvLog:
 
     def close(self) -> None:
         self.f.close()
+
+
+def _agents(agents) -> str:
+    return "(" + ", ".join(f"{a.agent_id} obs {a.obs_dim} act {a.act_dim}" for a in agents) + ")"
 
 
 def _mean(xs: list[float]) -> float:

@@ -1,10 +1,11 @@
 """Multi-agent environments behind one interface (see `base.py`): MaMuJoCo, SMAX, real SMAC."""
 from __future__ import annotations
 
-from .base import EnvConfig, EnvInfo, EnvUnavailableError, SingleEnv, Step, Transition, VecEnv
+from .base import (EnvConfig, EnvInfo, EnvUnavailableError, SingleEnv, Step, Transition, UnknownTaskError,
+                   VecEnv)
 
-__all__ = ["EnvConfig", "EnvInfo", "EnvUnavailableError", "SingleEnv", "Step", "Transition", "VecEnv",
-           "make_single", "make_vec_env"]
+__all__ = ["EnvConfig", "EnvInfo", "EnvUnavailableError", "SingleEnv", "Step", "Transition", "UnknownTaskError",
+           "VecEnv", "make_single", "make_vec_env"]
 
 
 def make_single(cfg: EnvConfig, index: int = 0) -> SingleEnv:
@@ -30,8 +31,9 @@ def make_vec_env(cfg: EnvConfig, n_envs: int | None = None, workers: int | None 
     if cfg.kind not in ("mamujoco", "smac"):
         raise ValueError(f"unknown env kind {cfg.kind!r}: mamujoco, smax or smac")
     if cfg.kind == "smac":
-        from .smac import import_starcraft2env
-        import_starcraft2env()  # fail here with the install hint, not inside a worker
+        from .smac import check_map, check_sc2_installed
+        check_map(cfg.scenario)  # fail here (install hint, map list, missing game), not inside a worker
+        check_sc2_installed(cfg.scenario)
     from .vector import SerialVecEnv, SubprocVecEnv
     if w <= 0:
         return SerialVecEnv(cfg, make_single, n)

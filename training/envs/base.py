@@ -25,6 +25,10 @@ class EnvUnavailableError(RuntimeError):
     """An environment's package (or game) is not installed on this machine."""
 
 
+class UnknownTaskError(ValueError):
+    """The environment package has no such scenario / map / agent partition (a user error)."""
+
+
 @dataclass(frozen=True)
 class EnvConfig:
     """Which environment to run. Written to `env.json` beside a policy so `lorasa-eval` can rebuild it."""
@@ -33,7 +37,7 @@ class EnvConfig:
     scenario: str = "HalfCheetah"  # MaMuJoCo scenario, or SMAX / SMAC map name (e.g. 3s5z)
     agent_conf: str = "2x3"  # MaMuJoCo only
     agent_obsk: int = 1  # MaMuJoCo only
-    episode_limit: int = 1000  # MaMuJoCo: max_episode_steps; SMAX: max_steps; SMAC: map default if 0
+    episode_limit: int = 1000  # MaMuJoCo: max_episode_steps; SMAX: max_steps; SMAC: only lowers the map's
     n_envs: int = 8  # environments stepped together
     workers: int = 2  # subprocesses for MaMuJoCo/SMAC (0: step in this process); SMAX uses JAX vmap
 

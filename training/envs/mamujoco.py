@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, pad_obs
+from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, UnknownTaskError, pad_obs
 
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,9 @@ class MaMuJoCoEnv:
             self.env = mamujoco_v1.parallel_env(cfg.scenario, cfg.agent_conf,
                                                 agent_obsk=cfg.agent_obsk, **kw)
         except Exception as e:  # gymnasium-robotics raises bare Exception for unknown configs
-            raise ValueError(f"MaMuJoCo cannot build {cfg.scenario} {cfg.agent_conf!r}: {e}") from None
+            raise UnknownTaskError(f"MaMuJoCo cannot build {cfg.scenario} {cfg.agent_conf!r}: {e}; pass a "
+                                   "scenario and agent_conf that gymnasium_robotics.mamujoco_v1 knows "
+                                   "(--env.scenario HalfCheetah --env.agent-conf 2x3)") from None
         self.agents = list(self.env.possible_agents)
         spaces = [self.env.action_space(a) for a in self.agents]
         self.low = [s.low.astype(np.float32) for s in spaces]

@@ -11,7 +11,7 @@ from functools import partial
 
 import numpy as np
 
-from .base import EnvConfig, EnvInfo, EnvUnavailableError, Step
+from .base import EnvConfig, EnvInfo, EnvUnavailableError, Step, UnknownTaskError
 
 
 def _import_smax():
@@ -40,7 +40,8 @@ def _compiled(cfg: EnvConfig, n_envs: int):
         try:
             scenario = map_name_to_scenario(cfg.scenario)
         except (KeyError, ValueError):
-            raise ValueError(f"SMAX has no map {cfg.scenario!r}") from None
+            raise UnknownTaskError(f"SMAX has no map {cfg.scenario!r}; pass one jaxmarl ships "
+                                   "(e.g. --env.scenario 3s5z)") from None
         kw = {"max_steps": cfg.episode_limit} if cfg.episode_limit > 0 else {}
         env = make("HeuristicEnemySMAX", scenario=scenario, **kw)
         _COMPILED[key] = (env, jax.jit(partial(_step_all, jax, jnp, env)), {})

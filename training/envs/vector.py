@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
+import traceback
 from typing import Callable
 
 import numpy as np
@@ -60,23 +62,43 @@ class SerialVecEnv:
             env.close()
 
 
-def _worker(conn, cfg: EnvConfig, factory: EnvFactory, n_envs: int, first_index: int) -> None:
+class WorkerTraceback(Exception):
+    """The traceback of an error raised inside an env worker (the `__cause__` of the re-raised error)."""
+
+
+class WorkerError:
+    """An exception raised by an env worker (start, reset or step), sent to the parent, which re-raises
+    it with its own type and message (or as a RuntimeError naming the type when it cannot be pickled)."""
+
+    def __init__(self, exc: BaseException, worker: int, during: str):
+        self.traceback = f"env worker {worker} failed to {during}:\n{traceback.format_exc()}"
+        try:
+            pickle.loads(pickle.dumps(exc))
+            self.exc = exc
+        except Exception:
+            self.exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+
+    def raise_(self):
+        raise self.exc from WorkerTraceback(self.traceback)
+
+
+def _worker(conn, cfg: EnvConfig, factory: EnvFactory, n_envs: int, first_index: int, worker: int) -> None:
     try:
         venv = SerialVecEnv(cfg, factory, n_envs, first_index)
     except Exception as e:  # report to the parent instead of dying silently
-        conn.send(RuntimeError(f"env worker failed to start: {type(e).__name__}: {e}"))
+        conn.send(WorkerError(e, worker, "start"))
         return
     conn.send(venv.info)
     try:
         while True:
             cmd, arg = conn.recv()
-            if cmd == "step":
-                conn.send(venv.step(arg))
-            elif cmd == "reset":
-                conn.send(venv.reset(arg))
-            else:
+            if cmd not in ("step", "reset"):
                 break
-    except (EOFError, KeyboardInterrupt):
+            try:
+                conn.send(venv.step(arg) if cmd == "step" else venv.reset(arg))
+            except Exception as e:  # the parent re-raises it (and closes every worker)
+                conn.send(WorkerError(e, worker, cmd))
+    except (EOFError, OSError, KeyboardInterrupt):  # the parent is gone
         pass
     finally:
         venv.close()
@@ -93,7 +115,7 @@ class SubprocVecEnv:
         self.conns, self.procs = [], []
         for w in range(workers):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(child, cfg, factory, sizes[w], int(self.bounds[w])),
+            p = ctx.Process(target=_worker, args=(child, cfg, factory, sizes[w], int(self.bounds[w]), w),
                             daemon=True)
             p.start()
             child.close()
@@ -119,9 +141,9 @@ class SubprocVecEnv:
         except EOFError:
             self.close()
             raise RuntimeError("an env worker process died (see its traceback above)") from None
-        if isinstance(msg, Exception):
+        if isinstance(msg, WorkerError):
             self.close()
-            raise msg
+            msg.raise_()
         return msg
 
     def close(self) -> None:

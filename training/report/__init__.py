@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..errors import OneLineParser, UsageError, exit_on_usage_error
 from ..grid import Grid, run_grid
 from .results import concat_rows, mean_curve
 from .stats import Stats, betainc, overlap, t_cdf, t_quantile
@@ -25,7 +26,7 @@ __all__ = ["main", "write_report", "Stats", "betainc", "concat_rows", "mean_curv
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="lorasa-report", description=__doc__,
+    p = OneLineParser(prog="lorasa-report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("run", "train the missing runs, then write the report"),
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         if name == "run":
             s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     args = p.parse_args(argv)
-    grid = Grid.load(args.grid)
+    with exit_on_usage_error("lorasa-report"):
+        grid = _check(args)
     failed: list[str] = []
     if args.command == "run":
         failed = run_grid(grid, args.runs.resolve(), args.jobs)
@@ -50,3 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _check(args) -> Grid:
+    """The grid, once every argument is usable (before anything is trained or written)."""
+    if args.notes and not args.notes.is_file():
+        raise UsageError(f"--notes {args.notes} does not exist; pass an existing markdown file or drop --notes")
+    if args.rounds < 1 or getattr(args, "jobs", 1) < 1:
+        raise UsageError("--rounds and --jobs must be >= 1")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; pass a directory for the report")
+    if args.command == "write" and not args.runs.is_dir():
+        raise UsageError(f"--runs {args.runs} does not exist; pass the runs root that lorasa-report run "
+                         "trained into (or use lorasa-report run to train them)")
+    return Grid.load(args.grid)
