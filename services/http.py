@@ -26,8 +26,8 @@ from lorasa_serve.errors import ArtifactError
 from . import metrics
 from .config import ServiceConfig
 from .runtime import PolicyRuntime
-from .schema import (BadRequest, act_response, check_session_id, parse_act, parse_admin, parse_json,
-                     short)
+from .schema import (BadRequest, act_response, check_session_id, clip, parse_act, parse_admin,
+                     parse_json, short)
 
 log = logging.getLogger("lorasa.service")
 
@@ -116,7 +116,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Unknown paths (404) and wrong methods (405) answer JSON like every other error."""
-    return JSONResponse({"error": f"{exc.detail}: {request.method} {short(request.url.path)[1:-1]}"},
+    return JSONResponse({"error": f"{exc.detail}: {clip(request.method)} {clip(request.url.path)}"},
                         status_code=exc.status_code, headers=exc.headers)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .schema import short
+from .schema import clip
 
 MAX_TEXT = 200  # characters of the original body kept in the message
 
@@ -45,8 +45,8 @@ class JsonErrorsMiddleware:
 
 async def _send_json(send, scope, start: dict, body: bytes) -> None:
     text = body.decode("utf-8", "replace").strip()[:MAX_TEXT] or "error"
-    path = short(scope.get("path", ""))[1:-1]
-    data = json.dumps({"error": f"{text}: {scope.get('method', '')} {path}"}).encode()
+    where = f"{clip(scope.get('method', ''))} {clip(scope.get('path', ''))}"
+    data = json.dumps({"error": f"{text}: {where}"}).encode()
     keep = [(k, v) for k, v in start.get("headers") or []
             if k.lower() not in (b"content-type", b"content-length")]
     await send({"type": "http.response.start", "status": start["status"],

@@ -53,6 +53,11 @@ class ActRequest:
         return len(self.agent_ids)
 
 
+def clip(text: str) -> str:
+    """Client text (a path, a header) for an error message, cut to ECHO_CHARS characters."""
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
 def short(x: object) -> str:
     """repr of client input for an error message, cut to ECHO_CHARS characters (naming its length)."""
     r = repr(x)
