@@ -108,7 +108,8 @@ def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
         _no_unknown(row, ROW_FIELDS, f"row {i}")
         agent = agents.get(row.get("agent_id")) if isinstance(row.get("agent_id"), str) else None
         if agent is None:
-            raise BadRequest(f"row {i}: unknown agent_id {short(row.get('agent_id'))}; serving {list(agents)}")
+            raise BadRequest(f"row {i}: unknown agent_id {short(row.get('agent_id'))}; "
+                             f"serving {list(agents)}")
         ids.append(agent.agent_id)
         obs[i, :agent.obs_dim] = _floats(row.get("obs"), agent.obs_dim, f"row {i}: obs")
         r = row.get("reset", False)
@@ -147,7 +148,9 @@ def parse_admin(body: bytes, served: list[str]) -> list[str]:
 def _no_unknown(d: dict, allowed: set[str], where: str) -> None:
     extra = sorted(set(d) - allowed)
     if extra:
-        shown = ", ".join(short(k) for k in extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        shown = ", ".join(short(k) for k in extra[:3])
+        if len(extra) > 3:
+            shown += f" and {len(extra) - 3} more"
         raise BadRequest(f"{where}: unknown fields [{shown}]; allowed {sorted(allowed)}")
 
 
