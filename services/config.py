@@ -15,7 +15,12 @@ ENV_PREFIX = "LORASA_"
 class ServiceConfig:
     policy: str = DEFAULT_POLICY  # LORASA_POLICY: a policy directory
     model_tag: str = ""  # LORASA_MODEL_TAG: a BentoML model tag; wins over `policy` when set
-    state_dir: str = ""  # LORASA_STATE_DIR: shared adapter overlay + sessions ("" = per-server temp dir)
+    state_dir: str = ""  # LORASA_STATE_DIR: local state backend: adapters + sessions ("" = per-server temp dir)
+    redis_url: str = ""  # LORASA_REDIS_URL: redis://[:password@]host:port/db or rediss://; "" = local backend
+    session_ttl_s: float = 3600.0  # LORASA_SESSION_TTL_S: a session unused this long is forgotten
+    max_session_bytes: int = 256 << 20  # LORASA_MAX_SESSION_BYTES: bytes of session state kept (LRU past it)
+    metrics_dir: str = ""  # LORASA_METRICS_DIR: this server's prometheus multiprocess dir ("" = temp dir)
+    arbiter_check_s: float = 1.0  # LORASA_ARBITER_CHECK_S: how often BentoML's arbiter replaces dead workers
     admin_token: str = ""  # LORASA_ADMIN_TOKEN: bearer token for /v1/admin/*; "" = admin disabled
     workers: int = 1  # LORASA_WORKERS: BentoML worker processes
     device: str = "cpu"  # LORASA_DEVICE: "cpu", "cuda", "auto"
@@ -31,7 +36,7 @@ class ServiceConfig:
 
     def __post_init__(self) -> None:
         for name in ("workers", "torch_threads", "max_rows_per_request", "max_batch_rows", "max_body_bytes",
-                     "max_upload_bytes", "max_sessions"):
+                     "max_upload_bytes", "max_sessions", "max_session_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 1")
         if self.max_batch_rows < self.max_rows_per_request:
@@ -43,6 +48,8 @@ class ServiceConfig:
             raise ValueError("LORASA_ADMIN_TOKEN must be printable ASCII without spaces (it is compared "
                              "exactly with the 'Authorization: Bearer <token>' header); remove the "
                              "whitespace around or in it")
+        if self.session_ttl_s <= 0 or self.arbiter_check_s <= 0:
+            raise ValueError("LORASA_SESSION_TTL_S and LORASA_ARBITER_CHECK_S must be > 0")
         if self.mode not in ("auto", "lora", "merged"):
             raise ValueError(f"LORASA_MODE must be auto, lora or merged, not {self.mode!r}")
 
@@ -60,7 +67,8 @@ class ServiceConfig:
                 raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {f.type}") from None
         return cls(**kwargs)
 
-    @property
-    def shared_sessions(self) -> bool:
-        """Sessions must live in the shared state dir when requests can land on several workers."""
-        return self.workers > 1
+    def __repr__(self) -> str:  # secrets never reach a log line
+        from .state.base import redact
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown.update(admin_token="***" if self.admin_token else "", redis_url=redact(self.redis_url))
+        return f"ServiceConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"

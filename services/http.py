@@ -28,6 +28,7 @@ from .config import ServiceConfig
 from .runtime import PolicyRuntime
 from .schema import (BadRequest, act_response, check_session_id, clip, parse_act, parse_admin,
                      parse_json, short)
+from .state import SessionBusy, StateUnavailable
 
 log = logging.getLogger("lorasa.service")
 
@@ -59,7 +60,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
     async def reset_session(request: Request) -> JSONResponse:
         rt = await get_runtime()
         sid = check_session_id(request.path_params["session_id"])
-        existed = await asyncio.wrap_future(rt.control(lambda: rt.sessions.reset(sid)))
+        existed = await asyncio.wrap_future(rt.control(lambda: rt.state.reset_session(sid)))
         return JSONResponse({"session_id": sid, "existed": existed})
 
     async def agents(request: Request) -> JSONResponse:
@@ -77,12 +78,15 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         if agent_id not in rt.applied:
             raise BadRequest(f"unknown agent_id {short(agent_id)}; serving {list(rt.applied)}", 404)
         data = await _body(request, cfg.max_upload_bytes)
-        # same validation as Engine.load_adapter(bytes); the batcher then loads the published
-        # file with Engine.load_adapter(path), exactly like a file on disk
+        # same validation as Engine.load_adapter(bytes), before anything is stored; every worker
+        # then loads the published bytes with Engine.load_adapter (services/state)
         await asyncio.to_thread(parse_adapter, data, rt.spec, "uploaded adapter", agent_id)
-        version = await asyncio.to_thread(rt.overlay.publish_adapter, agent_id, data)
+        version = await asyncio.to_thread(rt.state.publish_adapter, agent_id, data)
         await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
         served = rt.applied[agent_id]
+        if served < version and rt.state_error:  # published, then the backend went away
+            raise StateUnavailable(f"adapter v{version} of {agent_id!r} was published but not applied: "
+                                   f"{rt.state_error}")
         if served < version:  # published, but this worker could not load it back (see the log)
             raise RuntimeError(f"adapter v{version} of {agent_id!r} was published but not applied")
         return JSONResponse({"agent_id": agent_id, "version": version, "served_version": served})
@@ -100,7 +104,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         if raw.strip():
             _require_json(request)
         ids = parse_admin(raw, list(rt.applied))
-        merged = await asyncio.to_thread(rt.overlay.publish_merged, ids, flag)
+        merged = await asyncio.to_thread(rt.state.publish_merged, ids, flag)
         await asyncio.wrap_future(rt.control(lambda: None))
         return JSONResponse({"merged": list(merged)})
 
@@ -133,6 +137,12 @@ def _guard(handler):
         except NotReady as e:
             return JSONResponse({"error": f"not ready: {e}"}, status_code=503,
                                 headers={"Retry-After": "1"})
+        except StateUnavailable as e:  # sessions and admin need the state backend; retry shortly
+            return JSONResponse({"error": f"state backend unavailable: {e}"}, status_code=503,
+                                headers={"Retry-After": "1"})
+        except SessionBusy as e:  # concurrent steps of one session are refused, never last-writer-wins
+            return _client_error(request, 409, f"{e}: send a session's next step after the previous "
+                                               "one was answered")
         except (ArtifactError, LorasaError) as e:  # bad upload or bad input caught by the engine
             return _client_error(request, 400 if isinstance(e, ArtifactError) else 422,
                                  f"{type(e).__name__}: {e}")

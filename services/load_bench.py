@@ -15,6 +15,15 @@ side by side in interleaved rounds (so background load on a shared machine hits 
            `@bentoml.api(batchable=True)` (services/bentoml_batching_probe.py)
 Reports requests/s, p50/p99 latency, batch sizes seen (from the responses), errors, version
 regressions, and the ratios swap/merged p99 and merged/single throughput; writes JSON and a PNG.
+
+    python -m services.load_bench --replicas          # scale-out: 2 replicas on Redis vs 1 local server
+
+With --replicas, two conditions in interleaved rounds, both with an adapter hot-swapped every
+--swap-interval s: `local_1` (one server, local state dir) and `redis_2` (two `bentoml serve` replicas
+with their own state dirs sharing a real redis-server; each client sends its session's steps to the
+replicas in turn, as a round-robin load balancer would, so every step's state crosses replicas).
+It also reports the per-request cost of the version check: the servers time the once-per-batch
+generation read (`lorasa_state_check_seconds` on /metrics); total check time / requests served.
 """
 from __future__ import annotations
 
@@ -84,11 +93,12 @@ def random_team_policy(directory: Path, team: str, seed: int = 0) -> Path:
     return directory
 
 
-def client(url: str, spec: PolicySpec, k: int, n_req: int, deadline: float, swap_agent: str,
+def client(url: str | list[str], spec: PolicySpec, k: int, n_req: int, deadline: float, swap_agent: str,
            res: RunResult, lock: threading.Lock, bar: tqdm, mode: str = "session") -> None:
     """Step one team: mode "session" (server keeps the state, sampled actions), "stateless" (the
     client passes the state back, deterministic) or "probe" (stateless, BentoML-batching probe)."""
     g = np.random.default_rng(k)
+    urls = [url] if isinstance(url, str) else url  # several: a round-robin load balancer per step
     last_version, state = 0, [None] * len(spec.agents)
     path = "/act" if mode == "probe" else "/v1/act"
     with requests.Session() as s:
@@ -104,7 +114,7 @@ def client(url: str, spec: PolicySpec, k: int, n_req: int, deadline: float, swap
                 body = {"rows": rows}
             t0 = time.perf_counter()
             try:
-                r = s.post(url + path, json=body, timeout=30)
+                r = s.post(urls[t % len(urls)] + path, json=body, timeout=30)
                 ok, out = r.status_code == 200, (r.json() if r.status_code == 200 else None)
             except requests.RequestException:
                 ok, out = False, None
@@ -137,28 +147,32 @@ def bentoml_batch_sizes(url: str) -> float:
     return vals.get("_sum", 0.0) / max(vals.get("_count", 0.0), 1.0)
 
 
-def swapper(url: str, token: str, spec: PolicySpec, agent: str, interval: float,
+def swapper(url: str | list[str], token: str, spec: PolicySpec, agent: str, interval: float,
             stop: threading.Event, res: RunResult) -> None:
     g = torch.Generator().manual_seed(123)
+    urls, k = ([url] if isinstance(url, str) else url), 0
     while not stop.wait(interval):
         data = adapter_bytes(spec, agent, init_adapter(spec, g, b_std=0.1))
-        r = requests.put(f"{url}/v1/admin/adapters/{agent}", data=data,
+        k += 1
+        r = requests.put(f"{urls[k % len(urls)]}/v1/admin/adapters/{agent}", data=data,
                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
         res.swaps += int(r.status_code == 200)
         res.errors += int(r.status_code != 200)
 
 
-def run_load(srv: ServerProcess, spec: PolicySpec, name: str, args, token: str,
+def run_load(srv: ServerProcess | list[ServerProcess], spec: PolicySpec, name: str, args, token: str,
              swap: bool, mode: str = "session") -> RunResult:
+    """srv: one server, or replicas that clients (and the swapper) use in turn."""
+    urls = [s.url for s in srv] if isinstance(srv, list) else srv.url
     res, lock, stop = RunResult(name), threading.Lock(), threading.Event()
     agent = spec.agent_ids[-1]
     deadline = time.monotonic() + args.seconds
     with tqdm(total=args.clients * args.requests, desc=name, unit="req", leave=False,
               mininterval=1.0) as bar:
-        threads = [threading.Thread(target=client, args=(srv.url, spec, k, args.requests, deadline,
+        threads = [threading.Thread(target=client, args=(urls, spec, k, args.requests, deadline,
                                                          agent, res, lock, bar, mode))
                    for k in range(args.clients)]
-        sw = threading.Thread(target=swapper, args=(srv.url, token, spec, agent, args.swap_interval,
+        sw = threading.Thread(target=swapper, args=(urls, token, spec, agent, args.swap_interval,
                                                     stop, res)) if swap else None
         t0 = time.monotonic()
         [t.start() for t in threads]
@@ -214,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare-bentoml-batching", action="store_true",
                     help="also run stateless clients against the service and against BentoML's own "
                          "adaptive batching (services/bentoml_batching_probe.py)")
+    ap.add_argument("--replicas", action="store_true",
+                    help="scale-out mode: 2 replicas sharing Redis vs 1 server on the local backend")
     ap.add_argument("--out", default="runs/load_bench")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -225,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"{policy} is not a policy directory; pass --policy or --random-team 12x3,12x3")
     spec = load_policy(policy)[0]
     token = secrets.token_hex(16)
+    if args.replicas:
+        return replicas_main(args, policy, spec, token, out)
     servers = {"shipped": serve(policy, token, args.workers, {}, out / "server_shipped.log"),
                "single": serve(policy, token, args.workers,
                                {"LORASA_MAX_BATCH_ROWS": str(len(spec.agents)),
@@ -283,6 +301,71 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r))
     print(json.dumps(ratios))
     print(f"wrote {out / 'load_bench.json'} and {out / 'load_bench.png'}")
+
+
+def check_cost(servers: list[ServerProcess]) -> tuple[float, float]:
+    """(seconds, count) of the per-batch version check, summed over the servers' /metrics."""
+    total = {"_sum": 0.0, "_count": 0.0}
+    for srv in servers:
+        for line in requests.get(srv.url + "/metrics", timeout=10).text.splitlines():
+            for suffix in total:
+                if line.startswith("lorasa_state_check_seconds" + suffix):
+                    total[suffix] += float(line.rsplit(" ", 1)[1])
+    return total["_sum"], total["_count"]
+
+
+def replicas_main(args, policy: Path, spec: PolicySpec, token: str, out: Path) -> None:
+    """2 replicas on Redis vs 1 server on the local backend, both with a hot swap every interval."""
+    from .redis_server import RedisServer
+    redis_srv = RedisServer(out / "redis").start()
+    env = {"LORASA_REDIS_URL": redis_srv.url}
+    servers = {"local_1": [serve(policy, token, args.workers, {}, out / "server_local.log")],
+               "redis_2": [serve(policy, token, args.workers, env, out / f"server_redis_{k}.log") for k in "ab"]}
+    totals = {name: RunResult(name) for name in servers}
+    checks = {}
+    try:
+        for name, group in servers.items():
+            for srv in group:
+                srv.__enter__()
+            run_load(group, spec, "warmup", argparse.Namespace(**{**vars(args), "requests": 10}), token, False)
+            checks[name] = check_cost(group)
+        for rnd in range(args.rounds):
+            for name, group in servers.items():
+                r = run_load(group, spec, f"{name} {rnd + 1}/{args.rounds}", args, token, True)
+                merge_into(totals[name], r)
+                print(json.dumps({"round": rnd + 1, **r.summary()}), flush=True)
+        for name, group in servers.items():
+            s0, n0 = checks[name]
+            s1, n1 = check_cost(group)
+            checks[name] = (s1 - s0, n1 - n0)
+    finally:
+        for group in servers.values():
+            for srv in group:
+                srv.stop()
+        redis_srv.stop()
+    runs = []
+    for name, res in totals.items():
+        row = res.summary()
+        secs, n = checks[name]
+        row["version_check_us_per_batch"] = round(1e6 * secs / max(n, 1), 1)
+        row["version_check_us_per_request"] = round(1e6 * secs / max(res.requests, 1), 1)
+        runs.append(row)
+    local, rep2 = runs
+    ratios = {"throughput_redis_2_over_local_1": round(rep2["req_per_s"] / local["req_per_s"], 2),
+              "p50_redis_2_over_local_1": round(rep2["p50_ms"] / local["p50_ms"], 2),
+              "p99_redis_2_over_local_1": round(rep2["p99_ms"] / local["p99_ms"], 2)}
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "policy": str(policy),
+              "agents": len(spec.agents), "clients": args.clients, "workers_per_server": args.workers,
+              "rounds": args.rounds, "swap_interval_s": args.swap_interval, "runs": runs, "ratios": ratios,
+              "command": " ".join(sys.argv)}
+    (out / "load_bench_replicas.json").write_text(json.dumps(report, indent=1))
+    cols = ["name", "req_per_s", "p50_ms", "p99_ms", "errors", "version_regressions", "swaps",
+            "version_check_us_per_batch", "version_check_us_per_request"]
+    print("\n" + " | ".join(cols))
+    for r in runs:
+        print(" | ".join(str(r[c]) for c in cols))
+    print(json.dumps(ratios))
+    print(f"wrote {out / 'load_bench_replicas.json'}")
 
 
 if __name__ == "__main__":

@@ -28,3 +28,10 @@ adapter_version = Gauge(
 adapter_swaps = Counter(
     name="lorasa_adapter_swaps", documentation="Adapter versions applied by a worker, per agent",
     labelnames=["agent_id"])
+state_check_seconds = Histogram(
+    name="lorasa_state_check_seconds",
+    documentation="Time of the once-per-batch read of the state generation (the version check)",
+    buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0))
+state_unavailable = Counter(
+    name="lorasa_state_unavailable", documentation="Calls that found the state backend unreachable, by use",
+    labelnames=["op"])

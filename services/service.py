@@ -19,11 +19,13 @@ from pathlib import Path
 
 import bentoml
 import torch
+from starlette.exceptions import HTTPException
 
 from .config import ServiceConfig
 from .http import NotReady, build_app
 from .json_errors import JsonErrorsMiddleware
 from .model_store import policy_dir_from_tag
+from .process import configure_server
 from .runtime import PolicyRuntime
 
 log = logging.getLogger("lorasa.service")
@@ -42,6 +44,7 @@ def _shared_state_dir() -> str:
 
 
 CONFIG = replace(ServiceConfig.from_env(), state_dir=_shared_state_dir())
+configure_server(CONFIG.metrics_dir, CONFIG.arbiter_check_s)  # in the `bentoml serve` parent only
 
 
 async def _runtime() -> PolicyRuntime:
@@ -55,6 +58,8 @@ async def _runtime() -> PolicyRuntime:
         await asyncio.to_thread(svc.loaded.wait, CONFIG.timeout_s / 2)
     if svc.runtime is None:
         raise NotReady(svc.load_error or "policy is still loading")
+    if not svc.runtime.ready:  # loaded, but the state backend was never reached
+        raise NotReady(f"state backend unavailable: {svc.runtime.state_error}")
     return svc.runtime
 
 
@@ -78,8 +83,9 @@ class LorasaPolicy:
         try:
             cfg = self.cfg
             path = policy_dir_from_tag(cfg.model_tag) if cfg.model_tag else Path(cfg.policy)
-            self.runtime = PolicyRuntime(cfg, path, Path(cfg.state_dir))
-            log.info("lorasa policy %s loaded: agents %s", path, self.runtime.spec.agent_ids)
+            self.runtime = PolicyRuntime(cfg, path)
+            log.info("lorasa policy %s loaded: agents %s; state: %s", path, self.runtime.spec.agent_ids,
+                     self.runtime.state.description)
         except Exception as e:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("lorasa policy failed to load: %s", self.load_error)
@@ -87,7 +93,14 @@ class LorasaPolicy:
             self.loaded.set()
 
     def __is_ready__(self) -> bool:
-        return self.runtime is not None
+        """503 with the reason (BentoML answers /readyz with this HTTPException's detail)."""
+        if self.runtime is None:
+            if self.load_error:
+                raise HTTPException(503, f"not ready: {self.load_error}")
+            return False
+        if not self.runtime.ready:
+            raise HTTPException(503, f"not ready: state backend unavailable: {self.runtime.state_error}")
+        return True
 
 
 LorasaPolicy.add_asgi_middleware(JsonErrorsMiddleware)  # JSON errors on BentoML's own paths too

@@ -40,3 +40,12 @@ def hetero_policy(tmp_path):
     d = tmp_path / "hetero"
     spec, backbone, ads = make_policy(d, obs=(242, 170), act=(9, 8), hidden=32)
     return d, spec, backbone, ads
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free loopback port (module-scoped: tests use distinct key prefixes or
+    flush it); `.restart()` brings it back empty, `.stop()`/`.start()` simulate an outage."""
+    from services.redis_server import RedisServer
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server

@@ -22,9 +22,9 @@ BIG = 3.4e38  # finite in float32, so it passes validation, but overflows inside
 def rt(tmp_path_factory):
     root = tmp_path_factory.mktemp("rt")
     spec, _, _ = make_policy(root / "policy", obs=(6, 5, 6), act=(2, 3, 2))
-    # two workers' configuration: sessions in the shared SQLite store, as in the reported bug
-    cfg = ServiceConfig(policy=str(root / "policy"), workers=2)
-    runtime = PolicyRuntime(cfg, root / "policy", root / "state")
+    # sessions in the local backend's SQLite store (shared by workers), as in the reported bug
+    cfg = ServiceConfig(policy=str(root / "policy"), state_dir=str(root / "state"), workers=2)
+    runtime = PolicyRuntime(cfg, root / "policy")
     runtime.ref = Engine.from_dir(root / "policy", device="cpu", mode="lora")
     return runtime
 
