@@ -65,7 +65,8 @@ def act_bodies(draw, spec, max_rows: int = 8):
         elif edit == "agent_id":
             row["agent_id"] = draw(st.sampled_from(spec.agent_ids) | st.text(ANY_CHAR, max_size=10) | json_scalars)
         elif edit in ("obs", "state"):
-            n = spec.hidden if edit == "state" else len(row["obs"])
+            obs = row.get("obs")
+            n = spec.hidden if edit == "state" else len(obs) if isinstance(obs, list) and obs else spec.obs_max
             row[edit] = draw(numbers(n - 1, n + 1))
         elif edit == "reset":
             row["reset"] = draw(st.booleans() | json_scalars)
