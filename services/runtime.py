@@ -131,7 +131,17 @@ class PolicyRuntime:
             for det in (True, False):
                 group = [j for j in acts if j.req.deterministic == det]
                 if group:
-                    self._serve(group)
+                    self._serve_safely(group)
+
+    def _serve_safely(self, jobs: list[_Job]) -> None:
+        """_serve, and a bug in it answers its jobs with the error instead of stopping the thread."""
+        try:
+            self._serve(jobs)
+        except Exception as e:
+            log.exception("serving a batch failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
 
     def _take(self, timeout: float | None) -> list[_Job]:
         """Block for work (at most `timeout` s); then take queued jobs up to max_batch_rows, deferring a
@@ -167,6 +177,8 @@ class PolicyRuntime:
 
     def _run(self, jobs: list[_Job], steps: dict[int, SessionStep]) -> list[tuple[_Job, object]]:
         """-> (job, ActResult | exception) per job."""
+        if not jobs:  # every request of the batch was refused when its session was opened
+            return []
         try:
             results = self._forward([j.req for j in jobs], [steps.get(id(j)) for j in jobs])
         except Exception as e:  # should not happen after parsing: isolate the request that caused it

@@ -14,6 +14,7 @@ from lorasa_serve import Engine
 from services.config import ServiceConfig
 from services.runtime import PolicyRuntime
 from services.schema import BadRequest, parse_act
+from services.state import SessionBusy
 
 BIG = 3.4e38  # finite in float32, so it passes validation, but overflows inside the network
 
@@ -98,3 +99,15 @@ def test_nonfinite_outputs_are_422_and_never_stored(rt):
     nxt = _team(rt, 34)
     res = rt.submit(_req(rt, nxt, session_id="nf")).result(timeout=30)
     np.testing.assert_allclose(res.actions, _expected(rt, nxt, carried).actions.numpy(), atol=1e-5)
+
+
+def test_a_batch_whose_every_session_is_busy_keeps_the_batcher_alive(rt):
+    """Every request of a batch refused when its session is opened (a step in flight elsewhere):
+    each gets SessionBusy, and the batcher goes on serving."""
+    (held,) = rt.state.open_steps([("busy-x", rt.spec.agent_ids)])  # another worker's step
+    with pytest.raises(SessionBusy, match="in flight"):
+        rt.submit(_req(rt, _team(rt, 40), session_id="busy-x")).result(timeout=30)
+    assert rt.state.close_steps([(held, None)]) == [True]
+    good = _team(rt, 41)
+    res = rt.submit(_req(rt, good, session_id="busy-x")).result(timeout=30)
+    np.testing.assert_allclose(res.actions, _expected(rt, good).actions.numpy(), atol=1e-5)
