@@ -10,11 +10,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import make_policy
-from hostile import (HOSTILE_IDS, act_bodies, admin_bodies, encode, safetensors_files, session_ids,
-                     with_duplicate_key)
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import make_policy, require_extra
 from safetensors.torch import save as st_save
 
 from lorasa_serve import init_adapter
@@ -22,6 +18,12 @@ from lorasa_serve.artifacts import adapter_bytes, parse_adapter
 from lorasa_serve.errors import ArtifactError, CorruptFileError
 from services.schema import (ECHO_CHARS, BadRequest, check_session_id, parse_act, parse_admin,
                              parse_json)
+
+require_extra("dev", "hypothesis")
+from hostile import (HOSTILE_IDS, act_bodies, admin_bodies, encode, safetensors_files,  # noqa: E402
+                     session_ids, with_duplicate_key)
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 SETTINGS = settings(max_examples=400, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

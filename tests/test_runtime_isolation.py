@@ -8,13 +8,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import make_policy
+from conftest import make_policy, require_extra
 
 from lorasa_serve import Engine
-from services.config import ServiceConfig
-from services.runtime import PolicyRuntime
-from services.schema import BadRequest, parse_act
-from services.state import SessionBusy
+
+require_extra("serve", "starlette", "bentoml", "prometheus_client")
+from services.config import ServiceConfig  # noqa: E402
+from services.runtime import PolicyRuntime  # noqa: E402
+from services.schema import BadRequest, parse_act  # noqa: E402
+from services.state import SessionBusy  # noqa: E402
 
 BIG = 3.4e38  # finite in float32, so it passes validation, but overflows inside the network
 

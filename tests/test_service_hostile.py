@@ -12,15 +12,18 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import make_policy
-from hostile import (BIG_DEPTH, act_bodies, admin_bodies, encode, safetensors_files, session_ids,
-                     with_duplicate_key)
-from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
+from conftest import make_policy, require_extra
 
-from lorasa_serve import Engine
-from services.launch import ServerProcess
-from services.schema import SESSION_ID_RE
+require_extra("serve", "starlette", "bentoml", "prometheus_client")
+require_extra("dev", "hypothesis")
+from hostile import (BIG_DEPTH, act_bodies, admin_bodies, encode, safetensors_files,  # noqa: E402
+                     session_ids, with_duplicate_key)
+from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from lorasa_serve import Engine  # noqa: E402
+from services.launch import ServerProcess  # noqa: E402
+from services.schema import SESSION_ID_RE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "hostile-token"
