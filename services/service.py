@@ -25,6 +25,8 @@ from .config import ServiceConfig
 from .http import NotReady, build_app
 from .json_errors import JsonErrorsMiddleware
 from .model_store import policy_dir_from_tag
+from .oip import V2RootMiddleware, build_oip_app
+from .openapi import OpenAPIMiddleware
 from .process import configure_server
 from .runtime import PolicyRuntime
 
@@ -64,8 +66,10 @@ async def _runtime() -> PolicyRuntime:
 
 
 app = build_app(CONFIG, _runtime)
+oip_app = build_oip_app(CONFIG, _runtime)  # the Open Inference Protocol (KServe v2), services/oip.py
 
 
+@bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.service(name="lorasa_policy", workers=CONFIG.workers,
                  traffic={"timeout": CONFIG.timeout_s},
@@ -104,3 +108,5 @@ class LorasaPolicy:
 
 
 LorasaPolicy.add_asgi_middleware(JsonErrorsMiddleware)  # JSON errors on BentoML's own paths too
+LorasaPolicy.add_asgi_middleware(OpenAPIMiddleware)  # /docs.json also describes /v1 and /v2
+LorasaPolicy.add_asgi_middleware(V2RootMiddleware)  # GET /v2: OIP server metadata, no redirect
