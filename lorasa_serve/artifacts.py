@@ -47,16 +47,37 @@ def fingerprint(tensors: dict[str, Tensor]) -> str:
 
 # --- raw safetensors with a header check before any allocation ----------------------------------
 def read_safetensors(data: bytes, source: str) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """Parse and check a safetensors buffer -> (metadata, float32-or-native tensors)."""
+    """Parse and check a safetensors buffer -> (metadata, float32-or-native tensors).
+    Raises only CorruptFileError for anything malformed, whatever the bytes."""
     header = _check_header(data, source)
     try:
         tensors = st_load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CorruptFileError(source, f"not a valid safetensors file: {e}") from None
+    except Exception as e:  # SafetensorError, or a dtype torch cannot hold (TypeError, ...)
+        raise CorruptFileError(source, f"not a valid safetensors file: {type(e).__name__}: "
+                                       f"{str(e)[:200]}") from None
     return dict(header.get("__metadata__") or {}), tensors
 
 
+def _short(x: object) -> str:
+    """repr of file content for an error message, cut to 64 characters."""
+    r = repr(x)
+    return r if len(r) <= 64 else f"{r[:64]}... ({len(r)} characters)"
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return d
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _check_header(data: bytes, source: str) -> dict:
+    """The JSON header: an object of {name: {dtype, shape, data_offsets}} (+ __metadata__ of strings)
+    whose tensors fit the byte buffer exactly, in order, without overlaps or gaps."""
     if len(data) < 8:
         raise CorruptFileError(source, f"not a safetensors file ({len(data)} bytes, truncated?)")
     (n,) = struct.unpack("<Q", data[:8])
@@ -64,26 +85,45 @@ def _check_header(data: bytes, source: str) -> dict:
         raise CorruptFileError(source, f"header length {n} does not fit the file "
                                        f"({len(data)} bytes): truncated or not safetensors")
     try:
-        header = json.loads(data[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CorruptFileError(source, "header is not JSON: not a safetensors file") from None
+        header = json.loads(data[8:8 + n], object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # not UTF-8/JSON, duplicate keys, too deep, huge ints
+        raise CorruptFileError(source, f"header is not valid JSON ({type(e).__name__}): "
+                                       "not a safetensors file") from None
     if not isinstance(header, dict):
         raise CorruptFileError(source, "header is not a JSON object")
     body = len(data) - 8 - n
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
                 raise CorruptFileError(source, "__metadata__ must map strings to strings")
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            size = ALL_DTYPES[dtype] * math.prod(int(s) for s in shape)
-        except (KeyError, TypeError, ValueError):
-            raise CorruptFileError(source, f"tensor {key!r}: malformed header entry") from None
-        if any(int(s) < 0 for s in shape) or not (0 <= begin <= end <= body) or end - begin != size:
-            raise CorruptFileError(source, f"tensor {key!r}: declared {dtype}{list(shape)} does not "
-                                           f"match its {end - begin} bytes / file size (truncated?)")
+        spans.append(_check_entry(key, info, body, source))
+    spans.sort()
+    for (b0, e0, k0), (b1, _, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CorruptFileError(source, f"tensors {_short(k0)} and {_short(k1)} overlap")
     return header
+
+
+def _check_entry(key: str, info: object, body: int, source: str) -> tuple[int, int, str]:
+    """One tensor entry -> (begin, end, key), or CorruptFileError."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptFileError(source, f"tensor {_short(key)}: header entry must be exactly "
+                                       "{dtype, shape, data_offsets}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ALL_DTYPES:
+        raise CorruptFileError(source, f"tensor {_short(key)}: unknown dtype {_short(dtype)}")
+    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+        raise CorruptFileError(source, f"tensor {_short(key)}: shape must be a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise CorruptFileError(source, f"tensor {_short(key)}: data_offsets must be [begin, end] integers")
+    begin, end = offsets
+    size = ALL_DTYPES[dtype] * math.prod(shape)
+    if not (0 <= begin <= end <= body) or end - begin != size:
+        raise CorruptFileError(source, f"tensor {_short(key)}: declared {dtype}{_short(shape)} does not "
+                                       f"match its {end - begin} bytes / file size (truncated?)")
+    return begin, end, key
 
 
 def _read_file(path: Path, max_bytes: int | None = None) -> bytes:
@@ -102,7 +142,8 @@ def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ..
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise KeyMismatchError(source, f"missing tensors {missing}, unexpected tensors {extra}")
+        raise KeyMismatchError(source, f"missing tensors {missing}, unexpected tensors "
+                                       f"{_short(extra[:5])}{' ...' if len(extra) > 5 else ''}")
     out = {}
     for name, shape in expected.items():
         t = tensors[name]
@@ -121,7 +162,7 @@ def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ..
 def _check_version(meta: dict[str, str], source: str) -> None:
     v = meta.get("format_version")
     if v != str(FORMAT_VERSION):
-        raise FormatVersionError(source, f"format_version {v!r} is not supported "
+        raise FormatVersionError(source, f"format_version {_short(v)} is not supported "
                                          f"(this runtime reads {FORMAT_VERSION})")
 
 
@@ -172,7 +213,7 @@ def parse_adapter(data: bytes, spec: PolicySpec, source: str,
     _check_version(meta, source)
     file_agent = meta.get("agent_id")
     if agent_id is not None and file_agent is not None and file_agent != agent_id:
-        raise KeyMismatchError(source, f"adapter is for agent {file_agent!r}, not {agent_id!r}")
+        raise KeyMismatchError(source, f"adapter is for agent {_short(file_agent)}, not {_short(agent_id)}")
     agent_id = agent_id or file_agent
     if not agent_id:
         raise KeyMismatchError(source, "adapter metadata names no agent_id")
@@ -180,6 +221,8 @@ def parse_adapter(data: bytes, spec: PolicySpec, source: str,
         rank, alpha = int(meta["rank"]), float(meta["alpha"])
     except (KeyError, ValueError):
         raise CorruptFileError(source, "adapter metadata needs numeric 'rank' and 'alpha'") from None
+    if not math.isfinite(alpha):
+        raise CorruptFileError(source, f"adapter alpha {_short(meta['alpha'])} is not a finite number")
     if rank != spec.lora.rank or not math.isclose(alpha, spec.lora.alpha, rel_tol=1e-9):
         raise RankAlphaMismatchError(source, f"adapter rank={rank} alpha={alpha}, policy expects "
                                              f"rank={spec.lora.rank} alpha={spec.lora.alpha}")

@@ -32,6 +32,7 @@ class ServiceConfig:
     max_sessions: int = 10_000  # LORASA_MAX_SESSIONS: live sessions before LRU eviction
     timeout_s: float = 30.0  # LORASA_TIMEOUT_S: BentoML request timeout
     torch_threads: int = 1  # LORASA_TORCH_THREADS: intra-op threads per worker (see README)
+    access_log: int = 0  # LORASA_ACCESS_LOG: 1 = BentoML logs one INFO line per request
 
     def __post_init__(self) -> None:
         for name in ("workers", "torch_threads", "max_rows_per_request", "max_batch_rows", "max_body_bytes",
@@ -40,6 +41,13 @@ class ServiceConfig:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 1")
         if self.max_batch_rows < self.max_rows_per_request:
             raise ValueError("LORASA_MAX_BATCH_ROWS must be >= LORASA_MAX_ROWS_PER_REQUEST")
+        if self.access_log not in (0, 1):
+            raise ValueError(f"LORASA_ACCESS_LOG must be 0 or 1, not {self.access_log}")
+        tok = self.admin_token
+        if tok and not (tok.isascii() and tok.isprintable() and not any(c.isspace() for c in tok)):
+            raise ValueError("LORASA_ADMIN_TOKEN must be printable ASCII without spaces (it is compared "
+                             "exactly with the 'Authorization: Bearer <token>' header); remove the "
+                             "whitespace around or in it")
         if self.session_ttl_s <= 0 or self.arbiter_check_s <= 0:
             raise ValueError("LORASA_SESSION_TTL_S and LORASA_ARBITER_CHECK_S must be > 0")
         if self.mode not in ("auto", "lora", "merged"):

@@ -1,8 +1,9 @@
 """The v1 HTTP API: a Starlette app mounted by the BentoML service at /v1.
 
 Every handler turns bad input into a JSON `{"error": ...}` with a 4xx status before anything
-reaches the engine; admin routes check `Authorization: Bearer <LORASA_ADMIN_TOKEN>` with
-`hmac.compare_digest` before reading the body.
+reaches the engine; admin routes check `Authorization: Bearer <LORASA_ADMIN_TOKEN>` (exactly: one
+space, no trimming) with `hmac.compare_digest` before reading the body. Routes that read JSON need
+`Content-Type: application/json` (415 otherwise: a cross-site form or `text/plain` POST is refused).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from lorasa_serve.errors import ArtifactError
 from . import metrics
 from .config import ServiceConfig
 from .runtime import PolicyRuntime
-from .schema import BadRequest, act_response, check_session_id, parse_act, parse_json
+from .schema import (BadRequest, act_response, check_session_id, clip, parse_act, parse_admin,
+                     parse_json, short)
 from .state import SessionBusy, StateUnavailable
 
 log = logging.getLogger("lorasa.service")
@@ -44,6 +46,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
     authorised (from `cfg`) before readiness is checked or the body is read."""
 
     async def act(request: Request) -> JSONResponse:
+        _require_json(request)
         rt = await get_runtime()
         body = await _body(request, cfg.max_body_bytes)
         parse = lambda: parse_act(parse_json(body), rt.spec, cfg.max_rows_per_request)  # noqa: E731
@@ -73,7 +76,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         rt = await get_runtime()
         agent_id = request.path_params["agent_id"]
         if agent_id not in rt.applied:
-            raise BadRequest(f"unknown agent_id {agent_id!r}; serving {list(rt.applied)}", 404)
+            raise BadRequest(f"unknown agent_id {short(agent_id)}; serving {list(rt.applied)}", 404)
         data = await _body(request, cfg.max_upload_bytes)
         # same validation as Engine.load_adapter(bytes), before anything is stored; every worker
         # then loads the published bytes with Engine.load_adapter (services/state)
@@ -98,12 +101,9 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         _authorize(request, cfg.admin_token)
         rt = await get_runtime()
         raw = await _body(request, cfg.max_body_bytes)
-        d = parse_json(raw) if raw.strip() else {}
-        ids = d.get("agent_ids") if isinstance(d, dict) else None
-        if ids is None:
-            ids = list(rt.applied)
-        if not isinstance(ids, list) or not all(isinstance(a, str) and a in rt.applied for a in ids):
-            raise BadRequest(f"'agent_ids' must be a list of served agents {list(rt.applied)}")
+        if raw.strip():
+            _require_json(request)
+        ids = parse_admin(raw, list(rt.applied))
         merged = await asyncio.to_thread(rt.state.publish_merged, ids, flag)
         await asyncio.wrap_future(rt.control(lambda: None))
         return JSONResponse({"merged": list(merged)})
@@ -120,7 +120,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Unknown paths (404) and wrong methods (405) answer JSON like every other error."""
-    return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
+    return JSONResponse({"error": f"{exc.detail}: {clip(request.method)} {clip(request.url.path)}"},
                         status_code=exc.status_code, headers=exc.headers)
 
 
@@ -168,15 +168,24 @@ def _authorize(request: Request, token: str) -> None:
     scheme, _, value = got.partition(" ")
     if scheme.lower() != "bearer" or not value:
         raise BadRequest("admin API needs 'Authorization: Bearer <token>'", 401)
-    if not hmac.compare_digest(value.strip().encode(), token.encode()):
+    # exact bytes (headers arrive latin-1 decoded): no trimming of spaces, tabs, \xa0 or \x1f
+    if not hmac.compare_digest(value.encode("latin-1"), token.encode()):
         raise BadRequest("invalid admin token", 403)
+
+
+def _require_json(request: Request) -> None:
+    """415 unless the Content-Type is application/json (parameters such as charset allowed)."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        raise BadRequest(f"Content-Type must be application/json, not {short(ctype) if ctype else 'missing'}",
+                         415)
 
 
 async def _body(request: Request, limit: int) -> bytes:
     """Read the body, refusing (413) past `limit` bytes without buffering more than that."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise BadRequest("invalid Content-Length")
         if int(declared) > limit:
             raise BadRequest(f"body of {declared} bytes is over the {limit}-byte limit", 413)

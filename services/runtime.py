@@ -31,7 +31,7 @@ from lorasa_serve.artifacts import adapter_bytes, fingerprint
 
 from . import metrics
 from .config import ServiceConfig
-from .schema import ActRequest
+from .schema import ActRequest, BadRequest
 from .state import SessionBusy, SessionLimits, SessionStep, StateBackend, StateUnavailable, open_backend
 
 log = logging.getLogger("lorasa.service")
@@ -132,9 +132,19 @@ class PolicyRuntime:
                 group = [j for j in acts if j.req.deterministic == det
                          and (det or j.req.seed is None)]
                 if group:
-                    self._serve(group)
+                    self._serve_safely(group)
             for job in [j for j in acts if not j.req.deterministic and j.req.seed is not None]:
-                self._serve([job])  # seeded sampling: alone, with its own generator
+                self._serve_safely([job])  # seeded sampling: alone, with its own generator
+
+    def _serve_safely(self, jobs: list[_Job]) -> None:
+        """_serve, and a bug in it answers its jobs with the error instead of stopping the thread."""
+        try:
+            self._serve(jobs)
+        except Exception as e:
+            log.exception("serving a batch failed")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
 
     def _take(self, timeout: float | None) -> list[_Job]:
         """Block for work (at most `timeout` s); then take queued jobs up to max_batch_rows, deferring a
@@ -170,15 +180,16 @@ class PolicyRuntime:
 
     def _run(self, jobs: list[_Job], steps: dict[int, SessionStep]) -> list[tuple[_Job, object]]:
         """-> (job, ActResult | exception) per job."""
+        if not jobs:  # every request of the batch was refused when its session was opened
+            return []
         try:
             results = self._forward([j.req for j in jobs], [steps.get(id(j)) for j in jobs])
-        except LorasaError as e:  # should not happen after parsing; isolate the bad request
-            if len(jobs) == 1:
-                return [(jobs[0], e)]
-            return [out for job in jobs for out in self._run([job], steps)]
-        except Exception as e:
-            log.exception("forward failed")
-            return [(job, e) for job in jobs]
+        except Exception as e:  # should not happen after parsing: isolate the request that caused it
+            if len(jobs) > 1:  # _forward has no side effects, so each request can run again alone
+                return [out for job in jobs for out in self._run([job], steps)]
+            if not isinstance(e, LorasaError):
+                log.exception("forward failed")
+            return [(jobs[0], e)]
         return list(zip(jobs, results))
 
     def _open_sessions(self, jobs: list[_Job]) -> tuple[list[_Job], dict[int, SessionStep]]:
@@ -196,6 +207,10 @@ class PolicyRuntime:
         except StateUnavailable as e:
             metrics.state_unavailable.labels(op="session").inc()
             opened = [e] * len(sess)
+        except Exception as e:  # unexpected (one bad item fails the whole transaction): isolate it
+            log.exception("opening the sessions of a batch failed")
+            opened = [self._one(self.state.open_steps, (j.req.session_id, j.req.agent_ids)) for j in sess] \
+                if len(sess) > 1 else [e]
         steps, failed = {}, set()
         for job, step in zip(sess, opened):
             if isinstance(step, SessionStep):
@@ -210,11 +225,15 @@ class PolicyRuntime:
         A step whose state could not be stored is answered with the error, not with its outputs."""
         closing = [(job, out) for job, out in outcomes if id(job) in steps]
         try:
-            stored = self.state.close_steps([(steps[id(job)], None if isinstance(out, BaseException) else out.state)
-                                             for job, out in closing])
+            items = [(steps[id(job)], None if isinstance(out, BaseException) else out.state)
+                     for job, out in closing]
+            stored = self.state.close_steps(items)
         except StateUnavailable as e:
             metrics.state_unavailable.labels(op="session").inc()
             stored = [e] * len(closing)
+        except Exception as e:  # unexpected: store each step alone, so only the bad one fails
+            log.exception("storing the sessions of a batch failed")
+            stored = [self._one(self.state.close_steps, item) for item in items] if len(items) > 1 else [e]
         errors = {}
         for (job, out), ok in zip(closing, stored):
             if isinstance(ok, BaseException):
@@ -230,8 +249,18 @@ class PolicyRuntime:
             else:
                 job.future.set_result(out)
 
-    def _forward(self, reqs: list[ActRequest], steps: list[SessionStep | None]) -> list[ActResult]:
-        """One Engine.act over the rows of every request (same `deterministic` flag)."""
+    @staticmethod
+    def _one(batch_fn: Callable[[list], list], item: object) -> object:
+        """batch_fn([item])[0], or the exception it raised."""
+        try:
+            return batch_fn([item])[0]
+        except Exception as e:
+            return e
+
+    def _forward(self, reqs: list[ActRequest], steps: list[SessionStep | None]) -> list[ActResult | BadRequest]:
+        """One Engine.act over the rows of every request (same `deterministic` flag). No side effects.
+        Per request its ActResult, or a 422 BadRequest naming its rows whose output is NaN/inf (never
+        stored: _close_sessions only releases the lease of a failed step)."""
         ids = [a for r in reqs for a in r.agent_ids]
         obs = torch.from_numpy(np.concatenate([r.obs for r in reqs]))  # [B, obs_max]
         reset = torch.from_numpy(np.concatenate([r.reset for r in reqs]))  # [B]
@@ -253,11 +282,16 @@ class PolicyRuntime:
             metrics.agent_rows.labels(agent_id=str(a)).inc(int(c))
         actions, logp = out.actions.cpu().numpy(), out.log_probs.cpu().numpy()
         h = None if out.state is None else out.state.cpu().numpy()  # [B, H]
-        results, lo = [], 0
+        bad = _nonfinite_rows(actions, logp, h)  # [B] bool
+        results: list[ActResult | BadRequest] = []
+        lo = 0
         for r in reqs:
             hi = lo + r.n
-            results.append(ActResult(actions[lo:hi], logp[lo:hi],
-                                     None if h is None else h[lo:hi], versions[lo:hi], batch))
+            if bad[lo:hi].any():
+                results.append(_nonfinite_error(np.flatnonzero(bad[lo:hi])))
+            else:
+                results.append(ActResult(actions[lo:hi], logp[lo:hi],
+                                         None if h is None else h[lo:hi], versions[lo:hi], batch))
             lo = hi
         return results
 
@@ -343,6 +377,23 @@ class PolicyRuntime:
                         "version": v, "adapter_fingerprint": self._fp_cache[key],
                         "merged": a.agent_id in merged})
         return out
+
+
+def _nonfinite_rows(actions: np.ndarray, logp: np.ndarray, h: np.ndarray | None) -> np.ndarray:
+    """[B] bool: rows whose action, log-prob or next state is NaN or inf."""
+    bad = ~np.isfinite(logp)
+    if actions.dtype.kind == "f":
+        bad |= ~np.isfinite(actions.reshape(len(actions), -1)).all(axis=1)
+    if h is not None:
+        bad |= ~np.isfinite(h).all(axis=1)
+    return bad
+
+
+def _nonfinite_error(rows: np.ndarray) -> BadRequest:
+    shown = rows[:10].tolist()
+    more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+    return BadRequest(f"rows {shown}{more}: the policy's output is NaN or inf for these inputs (extreme "
+                      "obs or state values?); nothing was stored", 422)
 
 
 def _run_into(future: Future, fn: Callable[[], object]) -> None:

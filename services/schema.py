@@ -3,13 +3,16 @@ an exception inside the batched forward.
 
 Checks are per row and name the row: unknown agent, obs length != the agent's obs_dim, non-numbers,
 NaN/inf (also float32 overflow), action masks of the wrong length or with no available action, state
-of the wrong length, state together with a session, too many rows, unknown fields (typos). The
-array-level checks (finite values, padding, avail, state, sessions, row limit) are the ones /v2 uses
-too: services/act_check.py.
+of the wrong length, state together with a session, too many rows, unknown fields (typos), duplicate
+JSON keys, session ids outside `SESSION_ID_RULE`. Client input echoed in a message is cut to
+`ECHO_CHARS` characters (with its length), so an error is always one short line. The array-level
+checks (finite values, padding, avail, state, sessions, row limit) are the ones /v2 uses too:
+services/act_check.py.
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +21,14 @@ from lorasa_serve.spec import PolicySpec
 
 ROW_FIELDS = {"agent_id", "obs", "avail_actions", "state", "reset"}
 ACT_FIELDS = {"rows", "session_id", "deterministic"}
+ADMIN_FIELDS = {"agent_ids"}
 MAX_SESSION_ID = 128
+# session ids: 1-128 ASCII letters, digits and . _ : @ -, starting with a letter or digit (so an id
+# is always one URL path segment: no '/', no '.'/'..', no spaces, control characters or surrogates)
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,%d}" % (MAX_SESSION_ID - 1), re.ASCII)
+SESSION_ID_RULE = (f"1-{MAX_SESSION_ID} characters from A-Z a-z 0-9 . _ : @ -, "
+                   "starting with a letter or digit")
+ECHO_CHARS = 64
 
 
 class BadRequest(Exception):
@@ -46,9 +56,32 @@ class ActRequest:
         return len(self.agent_ids)
 
 
+def clip(text: str) -> str:
+    """Client text (a path, a header) for an error message, cut to ECHO_CHARS characters."""
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def short(x: object) -> str:
+    """repr of client input for an error message, cut to ECHO_CHARS characters (naming its length)."""
+    r = repr(x)
+    if len(r) <= ECHO_CHARS:
+        return r
+    return f"{r[:ECHO_CHARS]}... ({len(x) if isinstance(x, str) else len(r)} characters)"
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise BadRequest(f"duplicate key {short(dup)} in a JSON object")
+    return d
+
+
 def parse_json(body: bytes) -> object:
+    """JSON (UTF-8) -> Python; duplicate keys in any object are rejected (400)."""
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=_no_duplicates)
     except (ValueError, RecursionError) as e:  # bad JSON/UTF-8, too-deep nesting, huge int literals
         raise BadRequest(f"malformed JSON body: {type(e).__name__}: {str(e)[:200]}") from None
 
@@ -78,7 +111,8 @@ def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
         _no_unknown(row, ROW_FIELDS, f"row {i}")
         agent = agents.get(row.get("agent_id")) if isinstance(row.get("agent_id"), str) else None
         if agent is None:
-            raise BadRequest(f"row {i}: unknown agent_id {row.get('agent_id')!r}; serving {list(agents)}")
+            raise BadRequest(f"row {i}: unknown agent_id {short(row.get('agent_id'))}; "
+                             f"serving {list(agents)}")
         ids.append(agent.agent_id)
         obs[i, :agent.obs_dim] = _floats(row.get("obs"), agent.obs_dim, f"row {i}: obs")
         r = row.get("reset", False)
@@ -94,18 +128,41 @@ def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
     return check_act(spec, max_rows, idx, obs, state, reset, avail, sid, det, ids=ids)
 
 
+def parse_admin(body: bytes, served: list[str]) -> list[str]:
+    """Body of /v1/admin/merge and /unmerge -> agent ids. Empty body, `{}` or no 'agent_ids': every
+    served agent; else a JSON object whose only field 'agent_ids' lists served agents."""
+    if not body.strip():
+        return list(served)
+    d = parse_json(body)
+    if not isinstance(d, dict):
+        raise BadRequest("body must be a JSON object {\"agent_ids\": [...]} (or empty: every agent)")
+    _no_unknown(d, ADMIN_FIELDS, "request")
+    if "agent_ids" not in d:
+        return list(served)
+    ids = d["agent_ids"]
+    if not isinstance(ids, list) or not all(isinstance(a, str) for a in ids):
+        raise BadRequest(f"'agent_ids' must be a list of agent id strings, served: {served}")
+    unknown = [a for a in ids if a not in served]
+    if unknown:
+        raise BadRequest(f"'agent_ids': unknown agent_id {short(unknown[0])}; serving {served}")
+    return list(dict.fromkeys(ids))
+
+
 def _no_unknown(d: dict, allowed: set[str], where: str) -> None:
     extra = sorted(set(d) - allowed)
     if extra:
-        raise BadRequest(f"{where}: unknown fields {extra}; allowed {sorted(allowed)}")
+        shown = ", ".join(short(k) for k in extra[:3])
+        if len(extra) > 3:
+            shown += f" and {len(extra) - 3} more"
+        raise BadRequest(f"{where}: unknown fields [{shown}]; allowed {sorted(allowed)}")
 
 
 def check_session_id(sid: object) -> str | None:
-    """None, or a string of 1-128 characters."""
+    """None, or a valid session id (SESSION_ID_RULE). The one session-id check of every route."""
     if sid is None:
         return None
-    if not isinstance(sid, str) or not 0 < len(sid) <= MAX_SESSION_ID:
-        raise BadRequest(f"'session_id' must be a string of 1-{MAX_SESSION_ID} characters")
+    if not isinstance(sid, str) or SESSION_ID_RE.fullmatch(sid) is None:
+        raise BadRequest(f"'session_id' {short(sid)} is invalid: use {SESSION_ID_RULE}")
     return sid
 
 

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from .config import ServiceConfig
 from .http import NotReady, build_app
+from .json_errors import JsonErrorsMiddleware
 from .model_store import policy_dir_from_tag
 from .oip import V2RootMiddleware, build_oip_app
 from .openapi import OpenAPIMiddleware
@@ -71,7 +72,8 @@ oip_app = build_oip_app(CONFIG, _runtime)  # the Open Inference Protocol (KServe
 @bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.service(name="lorasa_policy", workers=CONFIG.workers,
-                 traffic={"timeout": CONFIG.timeout_s})
+                 traffic={"timeout": CONFIG.timeout_s},
+                 logging={"access": {"enabled": bool(CONFIG.access_log)}})  # LORASA_ACCESS_LOG=1
 class LorasaPolicy:
     def __init__(self) -> None:
         self.cfg = CONFIG
@@ -105,5 +107,6 @@ class LorasaPolicy:
         return True
 
 
+LorasaPolicy.add_asgi_middleware(JsonErrorsMiddleware)  # JSON errors on BentoML's own paths too
 LorasaPolicy.add_asgi_middleware(OpenAPIMiddleware)  # /docs.json also describes /v1 and /v2
 LorasaPolicy.add_asgi_middleware(V2RootMiddleware)  # GET /v2: OIP server metadata, no redirect

@@ -22,6 +22,7 @@ from services.launch import REPO, ServerProcess
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"Content-Type": "application/json"}
 MAX_ROWS, MAX_UPLOAD = 64, 64 * 1024
 
 
@@ -31,9 +32,10 @@ def srv(tmp_path_factory):
     spec, backbone, ads = make_policy(root / "policy", obs=(6, 5, 6), act=(2, 3, 2))
     env = {"LORASA_POLICY": str(root / "policy"), "LORASA_ADMIN_TOKEN": TOKEN,
            "LORASA_STATE_DIR": str(root / "state"), "LORASA_MAX_ROWS_PER_REQUEST": str(MAX_ROWS),
-           "LORASA_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LORASA_MAX_BODY_BYTES": str(256 * 1024)}
+           "LORASA_MAX_UPLOAD_BYTES": str(MAX_UPLOAD), "LORASA_MAX_BODY_BYTES": str(256 * 1024),
+           "LORASA_ACCESS_LOG": "1"}
     with ServerProcess(env, root / "server.log") as server:
-        server.policy, server.spec = root / "policy", spec
+        server.policy, server.spec, server.log = root / "policy", spec, root / "server.log"
         server.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
         yield server
 
@@ -95,7 +97,7 @@ def test_act_matches_in_process_engine(srv):
     assert resp["versions"] == [srv.engine.versions()[a] for a in ids]
     # a large body (parsed off the event loop) gives the same answer
     padded = json.dumps({"rows": rows_for(spec, ids, obs, state, reset)}) + " " * 100_000
-    big = requests.post(srv.url + "/v1/act", data=padded, timeout=30)
+    big = requests.post(srv.url + "/v1/act", data=padded, headers=JSON, timeout=30)
     assert big.status_code == 200 and big.json()["actions"] == resp["actions"]
     # sampled actions differ from the deterministic mean but have the right shapes
     samp = act(srv, {"rows": rows_for(spec, ids, obs), "deterministic": False})
@@ -207,6 +209,10 @@ def test_health_metrics_and_spec(srv):
     text = requests.get(srv.url + "/metrics").text
     assert 'lorasa_agent_rows_total{agent_id="agent_2"}' in text
     assert "lorasa_batch_rows_bucket" in text and "bentoml_service_request_total" in text
+    # LORASA_ACCESS_LOG=1 turns BentoML's per-request access lines on (off by default:
+    # test_service_hostile.py::test_access_log_is_quiet_by_default)
+    time.sleep(0.5)
+    assert "path=/v1/policy" in srv.log.read_text(errors="replace")
 
 
 def _hostile_uploads(spec, good: dict) -> list[tuple[str, bytes, int, str]]:
@@ -276,7 +282,7 @@ def test_bad_input_is_rejected_and_changes_nothing(srv):
     assert r.status_code == 405 and "GET /v1/act" in r.json()["error"]
     assert requests.get(srv.url + "/v1/nothing").status_code == 404
     for body, status, msg in bad_json:
-        r = requests.post(srv.url + "/v1/act", data=body, timeout=30)
+        r = requests.post(srv.url + "/v1/act", data=body, headers=JSON, timeout=30)
         assert r.status_code == status and msg in r.json()["error"], (body[:80], r.status_code, r.text)
     good_ad = init_adapter(spec, torch.Generator().manual_seed(2), b_std=0.3)
     url = srv.url + "/v1/admin/adapters/agent_0"

@@ -37,11 +37,27 @@ def _request(auth: str | None) -> Request:
 
 @pytest.mark.parametrize("token,auth,status", [
     ("", "Bearer anything", 403), ("s3cret", None, 401), ("s3cret", "Basic s3cret", 401),
-    ("s3cret", "Bearer s3cre", 403), ("s3cret", "Bearer s3cret!", 403)])
+    ("s3cret", "Bearer s3cre", 403), ("s3cret", "Bearer s3cret!", 403),
+    # compared exactly: no trimming of any kind of whitespace
+    ("s3cret", "Bearer s3cret\x1f", 403), ("s3cret", "Bearer s3cret\xa0", 403), ("s3cret", "Bearer s3cret\t", 403),
+    ("s3cret", "Bearer  s3cret", 403), ("s3cret", "Bearer s3cret ", 403), ("s3cret", "Bearer\ts3cret", 401)])
 def test_admin_token_check(token, auth, status):
     with pytest.raises(BadRequest) as e:
         _authorize(_request(auth), token)
     assert e.value.status == status
+
+
+@pytest.mark.parametrize("token", [" s3cret", "s3cret\n", "s3 cret", "s3cret\x1f", "s3cr\xe9t"])
+def test_admin_token_with_whitespace_is_refused_at_config_load(token):
+    with pytest.raises(ValueError, match="LORASA_ADMIN_TOKEN must be printable ASCII without spaces"):
+        ServiceConfig.from_env({"LORASA_ADMIN_TOKEN": token})
+
+
+def test_access_log_setting():
+    assert ServiceConfig.from_env({}).access_log == 0
+    assert ServiceConfig.from_env({"LORASA_ACCESS_LOG": "1"}).access_log == 1
+    with pytest.raises(ValueError, match="LORASA_ACCESS_LOG"):
+        ServiceConfig.from_env({"LORASA_ACCESS_LOG": "2"})
 
 
 def test_admin_token_accepts_the_right_token():
