@@ -61,7 +61,7 @@ def split_body(body: bytes, header_length: str | int | None) -> tuple[dict, memo
         n = len(body)
     else:
         s = str(header_length)
-        if not s.isdigit():
+        if not (s.isascii() and s.isdigit()):
             raise TensorError(f"{HEADER} must be a non-negative integer, not {s[:40]!r}")
         n = int(s)
         if n > len(body):

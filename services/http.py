@@ -148,15 +148,20 @@ def _guard(handler):
                                  f"{type(e).__name__}: {e}")
         except Exception:
             log.exception("internal error on %s", request.url.path)
-            if request.url.path.endswith("/act"):
+            if _is_act(request):
                 metrics.act_requests.labels(outcome="error").inc()
             return JSONResponse({"error": "internal server error"}, status_code=500)
 
     return wrapped
 
 
+def _is_act(request: Request) -> bool:
+    """An inference request (/v1/act or /v2 .../infer): counted in lorasa_act_requests."""
+    return request.url.path.endswith(("/act", "/infer"))
+
+
 def _client_error(request: Request, status: int, message: str) -> JSONResponse:
-    if request.url.path.endswith("/act"):
+    if _is_act(request):
         metrics.act_requests.labels(outcome="client_error").inc()
     return JSONResponse({"error": message}, status_code=status)
 

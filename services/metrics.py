@@ -14,7 +14,7 @@ agent_rows = Counter(
     name="lorasa_agent_rows", documentation="Rows acted on, per agent",
     labelnames=["agent_id"])
 act_requests = Counter(
-    name="lorasa_act_requests", documentation="/v1/act requests by outcome (ok, client_error, error)",
+    name="lorasa_act_requests", documentation="Act requests (/v1/act, /v2 infer) by outcome (ok, client_error, error)",
     labelnames=["outcome"])
 batch_rows = Histogram(
     name="lorasa_batch_rows", documentation="Rows per engine forward (requests merged by the batcher)",

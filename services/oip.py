@@ -33,7 +33,7 @@ from .act_check import agent_table, check_act
 from .config import ServiceConfig
 from .http import NotReady, _body, _guard, _http_error
 from .runtime import ActResult, PolicyRuntime
-from .schema import ActRequest, BadRequest, check_session_id
+from .schema import ActRequest, BadRequest, check_session_id, short
 
 MODEL_NAME = os.environ.get("LORASA_MODEL_NAME", "lorasa_policy")
 MODEL_VERSION = "1"
@@ -238,13 +238,14 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
 
     async def infer(request: Request) -> Response:
         model(request)
+        _check_body_headers(request)
         rt = await get_runtime()
         body = await _body(request, cfg.max_body_bytes)
         hlen = request.headers.get(HEADER)
         parse = lambda: parse_infer(body, hlen, rt.spec, cfg.max_rows_per_request)  # noqa: E731
         # JSON tensors are slow to parse: big ones go off the event loop; binary ones stay on it
         slow = len(body) > PARSE_IN_THREAD_BYTES and not (
-            hlen is not None and hlen.isdigit() and int(hlen) <= PARSE_IN_THREAD_BYTES)
+            hlen is not None and hlen.isascii() and hlen.isdigit() and int(hlen) <= PARSE_IN_THREAD_BYTES)
         call = await asyncio.to_thread(parse) if slow else parse()
         res = await asyncio.wrap_future(rt.submit(call.req))
         metrics.act_requests.labels(outcome="ok").inc()
@@ -262,6 +263,21 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
                    Route(p + "/ready", _guard(model_ready), methods=["GET"]),
                    Route(p + "/infer", _guard(infer), methods=["POST"])]
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+BODY_TYPES = ("application/json", "application/octet-stream")  # or none: tritonclient sends none
+
+
+def _check_body_headers(request: Request) -> None:
+    """415 for a body we would misread: a compressed one (tritonclient's request_compression_algorithm)
+    or a form / text/plain type (what a cross-site page can POST without a CORS preflight)."""
+    enc = request.headers.get("content-encoding", "identity").strip().lower()
+    if enc != "identity":
+        raise BadRequest(f"Content-Encoding {short(enc)} is not supported: send the body uncompressed", 415)
+    ctype = request.headers.get("content-type")
+    if ctype is not None and ctype.split(";", 1)[0].strip().lower() not in BODY_TYPES:
+        raise BadRequest(f"Content-Type must be one of {list(BODY_TYPES)} (or absent), not {short(ctype)}",
+                         415)
 
 
 class V2RootMiddleware:

@@ -204,6 +204,13 @@ def _bad_requests(spec):
         ("bytes after last tensor", _binary_request([a0, obs], tail=b"xx"), 400, "after the last"),
         ("non-numeric header length", (_binary_request([a0, obs])[0], {HEADER: "12a"}), 400,
          "non-negative integer"),
+        ("non-ASCII digit header length", (_binary_request([a0, obs])[0], {HEADER: "\u00b2"}), 400,
+         "non-negative integer"),
+        ("text/plain body (cross-site POST)", (_binary_request([a0, obs])[0],
+                                               {**_binary_request([a0, obs])[1], "Content-Type": "text/plain"}),
+         415, "Content-Type"),
+        ("compressed body", (_binary_request([a0, obs])[0],
+                             {**_binary_request([a0, obs])[1], "Content-Encoding": "gzip"}), 415, "uncompressed"),
         ("unknown input", _binary_request([a0, obs, ("mask", "BOOL", [1], b"\x01")]), 400, "unknown inputs"),
         ("obs as FP64", _binary_request([a0, ("obs", "FP64", [1, 6], np.zeros(6).tobytes())]), 400,
          "must be FP32"),
@@ -274,12 +281,13 @@ def test_bad_input_is_rejected_and_changes_nothing(srv):
         r = requests.post(srv.url + INFER, data=body, headers=headers, timeout=30)
         assert r.status_code == status and msg in r.json()["error"], (name, r.status_code, r.text)
         # a bad request naming the session never advances it
-        head = json.loads(body[:int(headers[HEADER])]) if HEADER in headers and headers[HEADER].isdigit() \
-            and int(headers[HEADER]) <= len(body) else None
+        hl = headers.get(HEADER, "")
+        ok_hl = hl.isascii() and hl.isdigit() and int(hl) <= len(body)
+        head = json.loads(body[:int(hl)]) if ok_hl else None
         if head is not None and "parameters" not in head:
             head["parameters"] = {"session_id": "bad-ep"}
             j = json.dumps(head).encode()
-            r = requests.post(srv.url + INFER, data=j + body[int(headers[HEADER]):], headers={HEADER: str(len(j))})
+            r = requests.post(srv.url + INFER, data=j + body[int(hl):], headers={**headers, HEADER: str(len(j))})
             assert 400 <= r.status_code < 500, (name, r.text)
     assert requests.post(srv.url + f"/v2/models/{MODEL}/versions/2/infer", data=b"{}").status_code == 404
     assert requests.get(srv.url + INFER).status_code == 405
