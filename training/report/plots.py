@@ -28,6 +28,14 @@ def draw_curve(ax, curve: MeanCurve, label: str, color: str) -> None:
         ax.axvline(curve.switch, color=color, ls=":", lw=1)
 
 
+def shade_lora_phase(ax, curves: list[MeanCurve]) -> None:
+    """Grey band from the (first) LoRA switch to the last evaluated step: phase 2 (backbone frozen)."""
+    switches = [c.switch for c in curves if c.switch is not None]
+    end = max((c.steps[-1] for c in curves if c.steps), default=None)
+    if switches and end is not None and min(switches) < end:
+        ax.axvspan(min(switches), end, color="0.5", alpha=0.12, lw=0, label="LoRA phase (backbone frozen)")
+
+
 def _style(ax, title: str, ylabel: str = "evaluation return") -> None:
     ax.set_xlabel("environment steps")
     ax.set_ylabel(ylabel)
@@ -51,8 +59,10 @@ def plot_scenario(cells: list[Cell], title: str, path: Path) -> Path:
     algos = list(dict.fromkeys(c.algo for c in cells))
     fig, axes = plt.subplots(1, len(algos), figsize=(7 * len(algos), 4.2), squeeze=False, sharey=True)
     for ax, algo in zip(axes[0], algos):
-        for cell in (c for c in cells if c.algo == algo and c.done):
-            draw_curve(ax, cell_curve(cell), f"{cell.label} (n={len(cell.done)})", MODE_COLORS[cell.mode])
+        curves = [(cell, cell_curve(cell)) for cell in cells if cell.algo == algo and cell.done]
+        shade_lora_phase(ax, [c for _, c in curves])
+        for cell, curve in curves:
+            draw_curve(ax, curve, f"{cell.label} (n={len(cell.done)})", MODE_COLORS[cell.mode])
         _style(ax, f"{title}: {ALGO_NAMES[algo]} (mean over seeds, 95% CI; dotted: LoRA switch)")
     return _save(fig, path)
 
