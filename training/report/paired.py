@@ -43,7 +43,7 @@ def interval_text(d: Stats) -> str:
     """'+24.3 ± 80.1 (seeds +426, -370, +17)'; 'higher' / 'lower' when the 95% interval excludes 0."""
     if d.n == 0 or any(math.isnan(v) for v in d.values):
         return "n/a"
-    seeds = ", ".join(f"{v:+.0f}" for v in d.values)
+    seeds = ", ".join(f"{v:+.0f}" if abs(v) >= 10 else f"{v:+.1f}" for v in d.values)
     if d.n < 2:
         return f"{d.mean:+.1f} (1 seed: no interval)"
     verdict = "within noise" if d.lo <= 0 <= d.hi else ("**higher**" if d.lo > 0 else "**lower**")
