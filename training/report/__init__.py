@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     s = sub.add_parser("plan", help="print the expected wall time of the runs not yet done")
     s.add_argument("grid", type=Path, help="the grid TOML")
-    s.add_argument("--runs", type=Path, default=Path("runs/none"), help="runs root (finished runs there count)")
+    s.add_argument("--runs", type=Path, required=True, help="runs root (finished runs there count too)")
     s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     args = p.parse_args(argv)
     if args.command == "plan":
