@@ -11,14 +11,14 @@ import logging
 import sys
 from pathlib import Path
 
-from lorasa_serve.errors import LorasaError
+from lorasa_serve.cli import ArgumentParser, run_cli
 
 from .pipeline import MIN_STEPS, ExportConfig, export_policy
 from .verify import VerifyConfig
 
 
 def parse_args(argv: list[str] | None) -> ExportConfig:
-    p = argparse.ArgumentParser(prog="lorasa-export", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="lorasa-export", description=__doc__.split("\n\n")[0])
     p.add_argument("policy_dir", type=Path)
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
     p.add_argument("--merge", action="store_true",
@@ -49,14 +49,9 @@ def _csv(text: str) -> tuple[str, ...]:
     return items
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def run(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        report = export_policy(cfg)
-    except LorasaError as e:
-        print(f"lorasa-export: error: {e}", file=sys.stderr)
-        return 2
+    report = export_policy(cfg)  # ExportError/ArtifactError: before anything is written
     print(report.table())
     for note in report.notes:
         print(f"note: {note}")
@@ -65,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lorasa-export: FAILED {r.agent} {r.kind}: {r.error}", file=sys.stderr)
     print(f"wrote {report.out}" + ("" if report.ok else " (with failures)"))
     return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_cli("lorasa-export", run, argv)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Both mirror `lorasa_serve.network.actor_forward` op for op; the GRU cell is `net
 (explicit MatMul/Sigmoid/Tanh with PyTorch's reset-after-h_layer semantics), never `nn.GRU`, so no
 exporter can rewrite it with `linear_before_reset=0`. The export is checked against the Engine anyway.
 
-Graph inputs/outputs (B is dynamic):
+Graph inputs/outputs (names and order: `lorasa_serve.onnx_contract`; B is dynamic):
   per agent   obs [B, obs_dim], state [B, H], reset [B] bool, avail [B, act_dim] bool (Categorical)
   multi-agent agent_index [B] int64, obs [B, obs_max], state, reset, avail [B, act_max] bool
   Gaussian:    action [B, A] (the mean, zero past each row's act_dim), mean [B, A], log_std [B, A]
@@ -21,24 +21,11 @@ from torch import Tensor, nn
 
 from lorasa_serve.network import LN_EPS, gru_cell
 from lorasa_serve.spec import AgentSpec, PolicySpec
+from lorasa_serve.stacking import dim_mask, stack_adapters
 
 LoraImpl = Literal["auto", "dense", "gather"]
 DENSE_MAX_COLS = 512  # "auto": dense one-hot LoRA while agents * rank stays this narrow
 NEG = torch.finfo(torch.float32).min  # masked logits, as lorasa_serve.distributions.masked_logits
-
-
-def input_names(spec: PolicySpec, multi_agent: bool) -> list[str]:
-    names = (["agent_index"] if multi_agent else []) + ["obs"]
-    if spec.recurrent:
-        names += ["state", "reset"]
-    if spec.action == "categorical":
-        names.append("avail")
-    return names
-
-
-def output_names(spec: PolicySpec) -> list[str]:
-    names = ["action", "mean", "log_std"] if spec.action == "gaussian" else ["action", "logits"]
-    return names + (["state_out"] if spec.recurrent else [])
 
 
 def _key(name: str) -> str:
@@ -75,14 +62,14 @@ class _Actor(nn.Module):
         x = self._norm(act(linear(x, "post")), "post.ln")
         return linear(x, "head"), h_next
 
-    def _outputs(self, head: Tensor, h_next: Tensor | None, dim_mask: Tensor,
+    def _outputs(self, head: Tensor, h_next: Tensor | None, dims: Tensor,
                  avail: Tensor | None) -> tuple[Tensor, ...]:
-        """head [B, A], dim_mask [B, A] bool (or [A]) -> the graph outputs (see module doc)."""
+        """head [B, A], dims [B, A] bool (or [A]: the agent's action columns) -> the graph outputs."""
         if self.spec.action == "gaussian":
-            mean = torch.where(dim_mask, head, torch.zeros_like(head))
-            outs = (mean, mean, (self.p_log_std * dim_mask).expand_as(mean))
+            mean = torch.where(dims, head, torch.zeros_like(head))
+            outs = (mean, mean, (self.p_log_std * dims).expand_as(mean))
         else:
-            valid = dim_mask & avail
+            valid = dims & avail
             logits = torch.where(valid, head, torch.full_like(head, NEG))
             outs = (logits.argmax(-1), logits)
         return outs + ((h_next,) if h_next is not None else ())
@@ -145,7 +132,9 @@ class MultiAgentActor(_Actor):
         any_adapter = any(adapters.get(a) is not None for a in spec.agent_ids)
         self.adapted = spec.adapted_layers if any_adapter else []  # a plain policy: backbone only
         for n in self.adapted:
-            a, b = _stack(spec, n, [adapters.get(x) for x in spec.agent_ids])  # [S,in,r], [S,r,out]
+            a, b = stack_adapters(spec, n, [adapters.get(x) for x in spec.agent_ids], "cpu")
+            # a [S, r, in], b [S, r, out] (scaled by alpha/r)
+            a = a.transpose(1, 2)  # [S, in, r]
             if self.impl == "dense":
                 a = a.permute(1, 0, 2).reshape(a.shape[1], S * r)  # [in, S*r]
                 b = b.reshape(S * r, b.shape[2])  # [S*r, out]
@@ -155,7 +144,6 @@ class MultiAgentActor(_Actor):
         self.register_buffer("obs_dims", torch.tensor([a.obs_dim for a in spec.agents]))
         self.register_buffer("act_dims", torch.tensor([a.act_dim for a in spec.agents]))
         self.register_buffer("obs_cols", torch.arange(spec.obs_max))
-        self.register_buffer("act_cols", torch.arange(spec.act_max))
         if spec.action == "gaussian":
             self.register_buffer("p_log_std", backbone["log_std"].detach().clone())
 
@@ -178,16 +166,4 @@ class MultiAgentActor(_Actor):
 
         obs = torch.where(self.obs_cols < self.obs_dims[rows].unsqueeze(1), obs, torch.zeros_like(obs))
         head, h_next = self._trunk(linear, obs, h, reset)
-        dim_mask = self.act_cols < self.act_dims[rows].unsqueeze(1)  # [B, act_max]
-        return self._outputs(head, h_next, dim_mask, avail)
-
-
-def _stack(spec: PolicySpec, layer: str, adapters: list[dict[str, Tensor] | None]
-           ) -> tuple[Tensor, Tensor]:
-    """Per-agent A^T [in, r] and (alpha/r) B^T [r, out], stacked; a missing adapter is zeros."""
-    i, o = spec.linear_shapes()[layer]
-    r = spec.lora.rank
-    a_t = [torch.zeros(i, r) if ad is None else ad[f"{layer}.lora_A.weight"].T.float() for ad in adapters]
-    b_t = [torch.zeros(r, o) if ad is None else ad[f"{layer}.lora_B.weight"].T.float() * spec.lora.scale
-           for ad in adapters]
-    return torch.stack(a_t), torch.stack(b_t)
+        return self._outputs(head, h_next, dim_mask(self.act_dims, rows, self.spec.act_max), avail)

@@ -1,6 +1,6 @@
 """The export run: check arguments, build each artifact, verify it, publish it by rename, report.
 
-Layout of OUT:
+Layout of OUT (the runtime's contract, `lorasa_serve.onnx_contract`):
     policy.json                 the source spec (all agents), read by OnnxEngine
     manifest.json               what was exported: files, sizes, max diffs, I/O names, log_std, notes
     merged/<agent>/             --merge: plain single-agent policy dir (policy.json, backbone.safetensors)
@@ -26,20 +26,20 @@ import torch
 from tqdm import tqdm
 
 from lorasa_serve import Engine
+from lorasa_serve import onnx_contract as contract
 from lorasa_serve.artifacts import SPEC_FILE, atomic_write
 from lorasa_serve.errors import LorasaError
+from lorasa_serve.onnx_contract import MULTI_AGENT, input_names, output_names
 
 from . import merged as merged_mod
 from .errors import ExportError, VerificationError
-from .modules import LoraImpl, MergedAgentActor, MultiAgentActor, input_names, output_names
-from .observations import Rollout, env_rollout, random_rollout, real_env_config
-from .onnx_export import MIN_OPSET, export_bytes, require_onnx
+from .modules import LoraImpl, MergedAgentActor, MultiAgentActor
+from .observations import ObsRollout, env_rollout, random_rollout, real_env_config
+from .onnx_export import EXAMPLE_BATCH, MIN_OPSET, export_bytes, require_onnx
 from .verify import VerifyConfig, agent_rows, engine_step, mixed_rows, onnx_step, rollout_parity
 
 log = logging.getLogger("lorasa_serve.export")
 FORMATS = ("safetensors", "onnx")
-MANIFEST = "manifest.json"
-MULTI = "multi_agent"
 MIN_STEPS = 20  # recurrent steps every artifact is verified over
 
 
@@ -113,6 +113,8 @@ def check_config(cfg: ExportConfig, engine: Engine) -> tuple[list[str], tuple[st
                           "holds every agent)")
     if Path(cfg.out).resolve() == Path(cfg.policy_dir).resolve():
         raise ExportError("--out must differ from the policy directory")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ExportError(f"--out {cfg.out} is a file: pass a directory (created if missing)")
     if cfg.steps < MIN_STEPS or cfg.envs < 1 or not (cfg.verify.tol >= 0 and cfg.verify.rtol >= 0):
         raise ExportError(f"verification needs steps >= {MIN_STEPS}, envs >= 1 and tolerances >= 0")
     if "onnx" in formats:
@@ -122,7 +124,7 @@ def check_config(cfg: ExportConfig, engine: Engine) -> tuple[list[str], tuple[st
     return agents, tuple(formats)
 
 
-def load_rollouts(cfg: ExportConfig, engine: Engine) -> tuple[list[Rollout], list[str]]:
+def load_rollouts(cfg: ExportConfig, engine: Engine) -> tuple[list[ObsRollout], list[str]]:
     """Random observations always; real ones (and action masks) when the environment is known."""
     rolls = [random_rollout(engine.spec, cfg.steps, cfg.envs, cfg.reset_prob, cfg.seed)]
     env_cfg, note = real_env_config(Path(cfg.policy_dir), engine.spec)
@@ -143,9 +145,12 @@ def export_policy(cfg: ExportConfig) -> ExportReport:
     agents, formats = check_config(cfg, engine)
     rollouts, notes = load_rollouts(cfg, engine)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create --out {out} ({e.strerror}): pass a writable directory") from None
     atomic_write(out / SPEC_FILE, engine.spec.to_json().encode())
-    tasks = [(a, f) for a in agents for f in formats] if cfg.merge else [("*", "onnx")]
+    tasks = [(a, f) for a in agents for f in formats] if cfg.merge else [(MULTI_AGENT, "onnx")]
     results = []
     with tqdm(tasks, desc="export", unit="artifact", disable=not cfg.progress) as bar:
         for agent, kind in bar:
@@ -156,10 +161,10 @@ def export_policy(cfg: ExportConfig) -> ExportReport:
     return report
 
 
-def _one(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout], agent: str, kind: str,
+def _one(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: str, kind: str,
          out: Path) -> ArtifactResult:
     t0 = time.perf_counter()
-    final = out / ("merged" / Path(agent) if kind == "safetensors" else Path("onnx") / f"{_stem(agent)}.onnx")
+    final = out / (contract.MERGED_DIR / Path(agent) if kind == "safetensors" else contract.graph_file(agent))
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
@@ -179,7 +184,7 @@ def _one(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout], agent: str,
         _remove(tmp)
 
 
-def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout], agent: str,
+def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: str,
                       kind: str, tmp: Path) -> float:
     """Write the artifact under `tmp`, then verify it over every rollout -> max abs diff."""
     spec, worst = engine.spec, 0.0
@@ -192,11 +197,12 @@ def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout]
         name = f"merged/{agent}"
     else:
         data, rows, width, index, ref_mode = _onnx(cfg, engine, agent)
-        written = tmp / f"{_stem(agent)}.onnx"
+        name = contract.graph_file(agent)
+        written = tmp / name.name
         written.write_bytes(data)
         cand = onnx_step(written, output_names(spec), index)  # the file as written, reloaded
         ref = engine_step(engine, rows, width, ref_mode)
-        name = f"onnx/{_stem(agent)}.onnx"
+        name = str(name)
     for k, roll in enumerate(rollouts):
         worst = max(worst, rollout_parity(name, cand, ref, engine, rows, width, roll, cfg.verify,
                                           cfg.seed + k))
@@ -205,33 +211,30 @@ def _build_and_verify(cfg: ExportConfig, engine: Engine, rollouts: list[Rollout]
 
 def _onnx(cfg: ExportConfig, engine: Engine, agent: str):
     """-> (model bytes, rows, act width, agent_index feed or None, engine mode to compare with)."""
-    spec, B = engine.spec, 3
+    spec, B = engine.spec, EXAMPLE_BATCH
     g = torch.Generator().manual_seed(cfg.seed)
     rec = [torch.zeros(B, spec.hidden), torch.tensor([True, False, False])] if spec.recurrent else []
-    meta = {"lorasa.spec": spec.to_json(), "lorasa.inputs": json.dumps(input_names(spec, agent == "*")),
-            "lorasa.outputs": json.dumps(output_names(spec))}
-    if agent == "*":
+    multi = agent == MULTI_AGENT
+    meta = {contract.META_SPEC: spec.to_json(), contract.META_INPUTS: json.dumps(input_names(spec, multi)),
+            contract.META_OUTPUTS: json.dumps(output_names(spec))}
+    if multi:
         module = MultiAgentActor(spec, engine.backbone(), {a: engine.adapter(a) for a in spec.agent_ids},
                                  cfg.lora_impl)
         example = [torch.arange(B) % len(spec.agents), torch.randn(B, spec.obs_max, generator=g)] + rec
         width, rows, mode = spec.act_max, mixed_rows(engine, cfg.envs, cfg.seed), "lora"
-        meta["lorasa.lora_impl"] = module.impl
+        meta[contract.META_LORA_IMPL] = module.impl
     else:
         ag = spec.agent(agent)
         module = MergedAgentActor(spec, ag, engine.backbone(), engine.merged_weights(agent))
         example = [torch.randn(B, ag.obs_dim, generator=g)] + rec
         width, rows, mode = ag.act_dim, agent_rows(engine, agent, cfg.envs), "merged"
-        meta["lorasa.agent"] = json.dumps(asdict(ag))
+        meta[contract.META_AGENT] = json.dumps(asdict(ag))
     if spec.action == "categorical":
         example.append(torch.ones(B, width, dtype=torch.bool))
-    data = export_bytes(module, tuple(example), input_names(spec, agent == "*"), output_names(spec),
+    data = export_bytes(module, tuple(example), input_names(spec, multi), output_names(spec),
                         cfg.opset, meta)
-    index = engine.agent_index(rows.agent_ids) if agent == "*" else None
+    index = engine.agent_index(rows.agent_ids) if multi else None
     return data, rows, width, index, mode
-
-
-def _stem(agent: str) -> str:
-    return MULTI if agent == "*" else agent
 
 
 def _publish(staged: Path, final: Path) -> None:
@@ -269,4 +272,4 @@ def _write_manifest(cfg: ExportConfig, engine: Engine, report: ExportReport) -> 
                          "observations": sorted({n for n in report.notes})},
         "artifacts": [asdict(r) for r in report.results],
     }
-    atomic_write(report.out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    contract.write_manifest(report.out, manifest)

@@ -20,10 +20,12 @@ import torch
 
 from lorasa_serve import Engine
 from lorasa_serve.distributions import masked_logits
+from lorasa_serve import onnx_contract as contract
 from lorasa_serve.onnx_backend import make_session
+from lorasa_serve.stacking import dim_mask
 
 from .errors import VerificationError
-from .observations import Rollout
+from .observations import ObsRollout
 
 # one step: (obs [R, w], state [R, H] | None, reset [R] | None, avail [R, A] | None) -> outputs
 StepFn = Callable[[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None],
@@ -61,8 +63,8 @@ def mixed_rows(engine: Engine, envs: int, seed: int) -> Rows:
 def engine_step(engine: Engine, rows: Rows, act_width: int, mode: str) -> StepFn:
     """The reference: Engine.forward (head, state) and Engine.act (deterministic actions)."""
     spec = engine.spec
-    dims = torch.tensor([spec.agent(a).act_dim for a in rows.agent_ids])
-    dim_mask = torch.arange(spec.act_max) < dims.unsqueeze(1)
+    act_dims = torch.tensor([a.act_dim for a in spec.agents])
+    dims = dim_mask(act_dims, torch.as_tensor(engine.agent_index(rows.agent_ids)), spec.act_max)  # [R, A]
 
     def step(obs, h, reset, avail):
         head, h_next = engine.forward(rows.agent_ids, obs, h, reset, mode=mode)
@@ -70,10 +72,10 @@ def engine_step(engine: Engine, rows: Rows, act_width: int, mode: str) -> StepFn
         res = {}
         if spec.action == "gaussian":
             res["action"] = out.actions[:, :act_width].numpy()
-            res["mean"] = (head * dim_mask)[:, :act_width].numpy()
-            res["log_std"] = (engine.backbone()["log_std"] * dim_mask)[:, :act_width].numpy()
+            res["mean"] = (head * dims)[:, :act_width].numpy()
+            res["log_std"] = (engine.backbone()["log_std"] * dims)[:, :act_width].numpy()
         else:
-            valid = dim_mask & torch.as_tensor(np.pad(avail, ((0, 0), (0, spec.act_max - avail.shape[1]))))
+            valid = dims & torch.as_tensor(np.pad(avail, ((0, 0), (0, spec.act_max - avail.shape[1]))))
             res["action"] = out.actions.numpy()
             res["logits"] = masked_logits(head, valid)[:, :act_width].numpy()
         if h_next is not None:
@@ -88,13 +90,14 @@ def onnx_step(model: bytes | Path, names: list[str], agent_index: np.ndarray | N
     inputs = [i.name for i in sess.get_inputs()]
 
     def step(obs, h, reset, avail):
-        feeds = {"obs": obs, "state": h, "reset": reset, "avail": avail, "agent_index": agent_index}
-        return dict(zip(names, sess.run(None, {k: feeds[k] for k in inputs})))
+        feeds = {contract.OBS: obs, contract.STATE: h, contract.RESET: reset, contract.AVAIL: avail,
+                 contract.AGENT_INDEX: agent_index}
+        return dict(zip(names, sess.run(names, {k: feeds[k] for k in inputs})))  # outputs by name
     return step
 
 
 def rollout_parity(name: str, candidate: StepFn, reference: StepFn, engine: Engine, rows: Rows,
-                   act_width: int, rollout: Rollout, cfg: VerifyConfig, seed: int) -> float:
+                   act_width: int, rollout: ObsRollout, cfg: VerifyConfig, seed: int) -> float:
     """Run both over the rollout -> max abs diff; raises VerificationError past `cfg.tol`."""
     spec = engine.spec
     rng = np.random.default_rng(seed)
@@ -139,7 +142,7 @@ def _diff(key: str, got: np.ndarray, ref: np.ndarray, logits: np.ndarray | None,
     return float(err.max(initial=0.0)), bool((err <= cfg.tol + cfg.rtol * scale).all())
 
 
-def _rollout_avail(rollout: Rollout, rows: Rows, t: int, width: int) -> np.ndarray:
+def _rollout_avail(rollout: ObsRollout, rows: Rows, t: int, width: int) -> np.ndarray:
     """The environment's own masks for step t as [R, width] bool."""
     avail = np.zeros((len(rows.agent_ids), width), bool)
     for i, (a, e) in enumerate(zip(rows.agent_ids, rows.envs)):

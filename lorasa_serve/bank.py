@@ -5,6 +5,9 @@ the PEFT lora_A layout, and `b_t[layer] [S, r, out]` with alpha/r folded into B)
 merged agents, versions.
 Writers (hot-swap, add agent, merge) build a new bank and publish it with one reference
 assignment, so a forward that started on the old bank finishes on it: nobody sees half an adapter.
+A bank is never modified after construction (its dicts included); what forwards derive from it
+(assembled parameters per layout, traced graphs) lives in its own `BankCache`, which every new
+bank gets empty (`init=False`: `dataclasses.replace` never carries it over).
 """
 from __future__ import annotations
 
@@ -21,10 +24,56 @@ from .layout import Layout
 from .network import ActorParams, LinearP, NormP
 from .traced import TraceCache
 from .spec import AgentSpec, PolicySpec
+from .stacking import dim_mask, stack_adapters
 
 PARAMS_CACHE_SIZE = 4  # assembled ActorParams per (mode, layout) kept per bank ...
 PARAMS_CACHE_MAX_BYTES = 256 << 20  # ... holding at most this many bytes of per-layout copies
 # (gathered adapters, masks, stacked merged weights; the newest entry is always kept)
+
+
+class BankCache:
+    """What forwards derive from one bank: assembled ActorParams per (mode, layout), bounded by
+    PARAMS_CACHE_SIZE entries and PARAMS_CACHE_MAX_BYTES of copies (LRU), how often each layout
+    was planned, and traced graphs of small batches. Thread-safe; owned by exactly one bank."""
+
+    SEEN_LAYOUTS = 64  # layouts whose plan counts are kept (LRU)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.params: OrderedDict[tuple, ActorParams] = OrderedDict()
+        self.bytes: dict[tuple, int] = {}  # copied bytes of each params entry
+        self.seen: OrderedDict[bytes, int] = OrderedDict()
+        self.traced = TraceCache()
+
+    def count_seen(self, key: bytes) -> int:
+        """Count one more plan of layout `key` -> how often it was planned on this bank."""
+        with self.lock:
+            n = self.seen.pop(key, 0) + 1
+            self.seen[key] = n
+            while len(self.seen) > self.SEEN_LAYOUTS:
+                self.seen.popitem(last=False)
+        return n
+
+    def get(self, key: tuple) -> ActorParams | None:
+        with self.lock:
+            hit = self.params.get(key)
+            if hit is not None:
+                self.params.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, p: ActorParams, copied_bytes: int) -> None:
+        with self.lock:
+            self.params[key] = p
+            self.bytes[key] = copied_bytes
+            while len(self.params) > 1 and (len(self.params) > PARAMS_CACHE_SIZE
+                                            or sum(self.bytes.values()) > PARAMS_CACHE_MAX_BYTES):
+                old, _ = self.params.popitem(last=False)
+                del self.bytes[old]
+                self.traced.drop(old)  # traced graphs hold the same tensors as constants
+
+    def copied_bytes(self) -> int:
+        with self.lock:
+            return sum(self.bytes.values())
 
 
 @dataclass(frozen=True)
@@ -40,29 +89,20 @@ class AdapterBank:
     merged: dict[int, dict[str, Tensor]]  # slot -> adapted layer -> merged W [out, in]
     obs_dims: Tensor  # [S] int64
     act_dims: Tensor  # [S] int64
-    _cache: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
-    _cache_bytes: dict = field(default_factory=dict, compare=False, repr=False)
-    _seen: OrderedDict = field(default_factory=OrderedDict, compare=False, repr=False)
-    _cache_lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
-    traced: TraceCache = field(default_factory=TraceCache, compare=False, repr=False)  # small batches
+    cache: BankCache = field(default_factory=BankCache, init=False, compare=False, repr=False)
 
     @property
     def n_slots(self) -> int:
         return len(self.versions)
 
+    @property
+    def traced(self) -> TraceCache:
+        return self.cache.traced
+
     @cached_property
     def merged_bytes_per_agent(self) -> int:
         shapes = self.spec.linear_shapes()
         return 4 * sum(shapes[n][0] * shapes[n][1] for n in self.spec.adapted_layers)
-
-    def seen(self, key: bytes) -> int:
-        """How often a layout was planned on this bank (bounded LRU of 64 layouts)."""
-        with self._cache_lock:
-            n = self._seen.pop(key, 0) + 1
-            self._seen[key] = n
-            while len(self._seen) > 64:
-                self._seen.popitem(last=False)
-        return n
 
     @cached_property
     def has_adapters(self) -> bool:
@@ -85,9 +125,8 @@ class AdapterBank:
         ([act_max] all True, broadcastable, when every agent has them all)."""
         if self._all_actions is not None:
             return self._all_actions
-        dev = self.obs_dims.device
-        slots_t = torch.as_tensor(slots, device=dev)
-        return torch.arange(self.spec.act_max, device=dev) < self.act_dims[slots_t].unsqueeze(1)
+        slots_t = torch.as_tensor(slots, device=self.act_dims.device)
+        return dim_mask(self.act_dims, slots_t, self.spec.act_max)
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -98,8 +137,7 @@ class AdapterBank:
         per_slot = tuple(_to(adapters.get(a), device) for a in ids)
         a_r, b_t = {}, {}
         for layer in spec.adapted_layers:
-            a_r[layer] = torch.stack([_lora_a_r(spec, layer, ad, device) for ad in per_slot])
-            b_t[layer] = torch.stack([_lora_b_t(spec, layer, ad, device) for ad in per_slot])
+            a_r[layer], b_t[layer] = stack_adapters(spec, layer, per_slot, device)
         return cls(spec, backbone, {a: i for i, a in enumerate(ids)}, per_slot,
                    tuple(1 for _ in ids), a_r, b_t, {}, *_dims(spec, device))
 
@@ -115,29 +153,28 @@ class AdapterBank:
             spec = spec.with_agents(spec.agents + (agent,))
             slot = self.n_slots
             for layer in spec.adapted_layers:
-                a_r[layer] = torch.cat([a_r[layer], _lora_a_r(spec, layer, adapter, dev)[None]])
-                b_t[layer] = torch.cat([b_t[layer], _lora_b_t(spec, layer, adapter, dev)[None]])
+                a_new, b_new = stack_adapters(spec, layer, [adapter], dev)  # [1, r, in], [1, r, out]
+                a_r[layer] = torch.cat([a_r[layer], a_new])
+                b_t[layer] = torch.cat([b_t[layer], b_new])
             adapters = self.adapters + (adapter,)
             versions = self.versions + (1,)
             slot_of = {**self.slot_of, agent_id: slot}
         else:
             for layer in spec.adapted_layers:
+                a_new, b_new = stack_adapters(spec, layer, [adapter], dev)
                 a_r[layer] = a_r[layer].clone()
-                a_r[layer][slot] = _lora_a_r(spec, layer, adapter, dev)
+                a_r[layer][slot] = a_new[0]
                 b_t[layer] = b_t[layer].clone()
-                b_t[layer][slot] = _lora_b_t(spec, layer, adapter, dev)
+                b_t[layer][slot] = b_new[0]
             adapters = self.adapters[:slot] + (adapter,) + self.adapters[slot + 1:]
             versions = self.versions[:slot] + (self.versions[slot] + 1,) + self.versions[slot + 1:]
             slot_of = self.slot_of
         merged = dict(self.merged)
-        bank = replace(self, spec=spec, slot_of=slot_of, adapters=adapters, versions=versions,
-                       a_r=a_r, b_t=b_t, merged=merged, _cache=OrderedDict(), _cache_bytes={},
-                       _seen=OrderedDict(), _cache_lock=threading.Lock(), traced=TraceCache())
         if slot in merged:  # keep a merged agent merged, with its new weights
-            merged[slot] = bank.merged_weights(slot)
-        if agent is not None:
-            return replace(bank, **dict(zip(("obs_dims", "act_dims"), _dims(spec, dev))))
-        return bank
+            merged[slot] = merge_adapter(spec, self.backbone, adapter)
+        dims = dict(zip(("obs_dims", "act_dims"), _dims(spec, dev))) if agent is not None else {}
+        return replace(self, spec=spec, slot_of=slot_of, adapters=adapters, versions=versions,
+                       a_r=a_r, b_t=b_t, merged=merged, **dims)
 
     def with_merged(self, slots: list[int], merge: bool) -> "AdapterBank":
         merged = dict(self.merged)
@@ -146,46 +183,26 @@ class AdapterBank:
                 merged[s] = merged.get(s) or self.merged_weights(s)
             else:
                 merged.pop(s, None)
-        return replace(self, merged=merged, _cache=OrderedDict(), _cache_bytes={}, _seen=OrderedDict(),
-                       _cache_lock=threading.Lock(), traced=TraceCache())
+        return replace(self, merged=merged)
 
     def merged_weights(self, slot: int) -> dict[str, Tensor]:
         """Adapted layer -> W0 + (alpha/r) B A, [out, in]. The backbone is never modified."""
-        ad, spec = self.adapters[slot], self.spec
-        out = {}
-        for layer in spec.adapted_layers:
-            w0 = self.backbone[f"{layer}.weight"]
-            if ad is None:
-                out[layer] = w0.clone()
-            else:
-                delta = ad[f"{layer}.lora_B.weight"] @ ad[f"{layer}.lora_A.weight"]
-                out[layer] = w0 + spec.lora.scale * delta
-        return out
+        return merge_adapter(self.spec, self.backbone, self.adapters[slot])
 
     # --- per-forward parameters -------------------------------------------------------------
     def params(self, mode: str, lay: Layout | None = None) -> ActorParams:
         """ActorParams for the chunks of `lay`; mode 'lora', 'merged' or 'shared' (no layout)."""
         ck = (mode, b"" if lay is None else lay.key)
-        with self._cache_lock:
-            hit = self._cache.get(ck)
-            if hit is not None:
-                self._cache.move_to_end(ck)
-                return hit
+        hit = self.cache.get(ck)
+        if hit is not None:
+            return hit
         p = self._assemble(mode, lay)
-        with self._cache_lock:
-            self._cache[ck] = p
-            self._cache_bytes[ck] = self._copied_bytes(p)
-            while len(self._cache) > 1 and (len(self._cache) > PARAMS_CACHE_SIZE or sum(
-                    self._cache_bytes.values()) > PARAMS_CACHE_MAX_BYTES):
-                old, _ = self._cache.popitem(last=False)
-                del self._cache_bytes[old]
-                self.traced.drop(old)  # traced graphs hold the same tensors as constants
+        self.cache.put(ck, p, self._copied_bytes(p))
         return p
 
     def cached_params_bytes(self) -> int:
         """Bytes of per-layout copies held by the params cache."""
-        with self._cache_lock:
-            return sum(self._cache_bytes.values())
+        return self.cache.copied_bytes()
 
     def _copied_bytes(self, p: ActorParams) -> int:
         """Bytes of the per-chunk tensors in `p` that are copies (not the bank's own stacks)."""
@@ -256,20 +273,18 @@ def _to(adapter: dict[str, Tensor] | None, device: torch.device) -> dict[str, Te
     return None if adapter is None else {k: v.to(device, torch.float32) for k, v in adapter.items()}
 
 
-def _lora_a_r(spec: PolicySpec, layer: str, ad: dict[str, Tensor] | None,
-              device: torch.device) -> Tensor:
-    i, _ = spec.linear_shapes()[layer]
-    if ad is None:
-        return torch.zeros(spec.lora.rank, i, device=device)
-    return ad[f"{layer}.lora_A.weight"].contiguous()  # [r, in]
-
-
-def _lora_b_t(spec: PolicySpec, layer: str, ad: dict[str, Tensor] | None,
-              device: torch.device) -> Tensor:
-    _, o = spec.linear_shapes()[layer]
-    if ad is None:
-        return torch.zeros(spec.lora.rank, o, device=device)
-    return (ad[f"{layer}.lora_B.weight"].T * spec.lora.scale).contiguous()  # [r, out]
+def merge_adapter(spec: PolicySpec, backbone: dict[str, Tensor], adapter: dict[str, Tensor] | None
+                  ) -> dict[str, Tensor]:
+    """Adapted layer -> W0 + (alpha/r) B A [out, in] (W0 itself, copied, without an adapter)."""
+    out = {}
+    for layer in spec.adapted_layers:
+        w0 = backbone[f"{layer}.weight"]
+        if adapter is None:
+            out[layer] = w0.clone()
+        else:
+            delta = adapter[f"{layer}.lora_B.weight"] @ adapter[f"{layer}.lora_A.weight"]  # [out, in]
+            out[layer] = w0 + spec.lora.scale * delta
+    return out
 
 
 def _dims(spec: PolicySpec, device: torch.device) -> tuple[Tensor, Tensor]:

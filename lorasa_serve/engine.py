@@ -5,10 +5,7 @@
 """
 from __future__ import annotations
 
-import math
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -17,10 +14,13 @@ import torch
 from torch import Tensor
 
 from . import artifacts
+from . import validation as check
+from .backend import ActOutput
 from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
 from .errors import InputError, UnknownAgentError
 from .layout import Layout, plan
+from .merge_policy import MergedSet, auto_mode
 from . import traced
 from .network import ActorParams, actor_forward, slice_chunks
 from .sessions import SessionStore
@@ -28,24 +28,7 @@ from .spec import AgentSpec, PolicySpec, check_agent_id
 
 Mode = Literal["auto", "lora", "merged"]
 MODES = ("auto", "lora", "merged")
-# auto mode: merged weights (one bmm per layer, no low-rank delta) when the stacked per-chunk weights
-# are cheap to read per row and either small enough to rebuild or reused from the per-layout cache
 BLOCK_ROWS = 8192  # rows per forward block: larger batches run block by block (faster: cache-sized)
-MERGED_SMALL_BYTES = 2 << 20  # stacks up to this size: always merged (they stay in cache)
-MERGED_MAX_BYTES = 64 << 20  # never stack more than this per forward
-MERGED_MAX_BYTES_PER_ROW = 1 << 10  # weight bytes read per row; beyond it the low-rank path wins
-SMALL_LORA_MIN_CHUNKS = 8  # see _auto_mode
-# agents that `auto` merges on demand are kept in an LRU of at most this many bytes of merged
-# weights (explicit `merge()` calls are pinned and never evicted)
-AUTO_MERGED_MAX_BYTES = 64 << 20
-
-
-@dataclass
-class ActOutput:
-    actions: Tensor  # Gaussian [B, act_max] float (zero past each agent's act_dim); Categorical [B] int64
-    log_probs: Tensor  # [B]
-    state: Tensor | None  # [B, hidden] next recurrent state (None for a feed-forward policy)
-    versions: list[int] | None = None  # adapter version used for each row (act_session only)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -64,9 +47,7 @@ class Engine:
         self.device = resolve_device(device)
         self.mode = mode
         self._write_lock = threading.Lock()
-        self._pinned: set[int] = set()  # slots merged by `merge()`: never evicted
-        self._auto_lru: OrderedDict[int, None] = OrderedDict()  # slots merged by auto, oldest first
-        self._lru_key: bytes | None = None  # layout whose slots were touched last
+        self._merges = MergedSet()  # pinned and auto-merged agents (guarded by the write lock)
         self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device)
         self.sessions = SessionStore(spec.hidden, max_sessions, self.device)
 
@@ -96,23 +77,19 @@ class Engine:
 
     def agent_index(self, agent_ids: Sequence[str]) -> np.ndarray:
         """Agent ids -> integer indices accepted by `act` in place of ids (skips the lookup)."""
-        slot_of = self._bank.slot_of
-        try:
-            return np.fromiter((slot_of[a] for a in agent_ids), dtype=np.int64, count=len(agent_ids))
-        except KeyError as e:
-            raise UnknownAgentError(f"unknown agent id {e.args[0]!r}; serving {list(slot_of)}") from None
-        except TypeError:
-            raise InputError("agent_ids must be a sequence of agent id strings") from None
+        if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
+            raise InputError("agent_index takes agent id strings, not indices")
+        return check.agent_slots(agent_ids, self._bank.slot_of)
 
     def adapter(self, agent_id: str) -> dict[str, Tensor] | None:
         """The agent's current adapter tensors (PEFT layout, on the engine's device)."""
         bank = self._bank
-        return bank.adapters[self._slot(bank, agent_id)]
+        return bank.adapters[check.agent_slot(agent_id, bank.slot_of)]
 
     def merged_weights(self, agent_id: str) -> dict[str, Tensor]:
         """Every Linear of the agent with its adapter merged: name -> W0 + (alpha/r) B A [out, in]."""
         bank = self._bank
-        merged = bank.merged_weights(self._slot(bank, agent_id))
+        merged = bank.merged_weights(check.agent_slot(agent_id, bank.slot_of))
         return {n: merged.get(n, bank.backbone[f"{n}.weight"]) for n in bank.spec.linear_names()}
 
     def backbone(self) -> dict[str, Tensor]:
@@ -137,10 +114,10 @@ class Engine:
     def _act(self, bank: AdapterBank, agent_ids, obs, state, reset, avail, deterministic: bool,
              generator: torch.Generator | None, mode: Mode | None
              ) -> tuple[ActOutput, AdapterBank, np.ndarray]:
-        slots = self._slots(bank, agent_ids)
+        slots = check.agent_slots(agent_ids, bank.slot_of)
         B, spec = len(slots), bank.spec
-        if avail is not None and spec.action == "gaussian":
-            raise InputError("avail (action masks) only apply to categorical policies")
+        check.check_avail_kind(spec.action, avail)
+        avail_t = check.bool_rows(avail, "avail", B, spec.act_max, self.device)
         obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
         head, h_next, bank = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
         dim_mask = bank.dim_mask(slots)  # [B, act_max] or [act_max] (all agents: every action)
@@ -148,13 +125,7 @@ class Engine:
             actions, logp = gaussian_act(head, bank.backbone["log_std"], dim_mask, deterministic,
                                          generator)
         else:
-            valid = dim_mask
-            if avail is not None:
-                valid = valid & self._bool_input(avail, "avail", B, spec.act_max)
-                empty = ~valid.any(-1)
-                if bool(empty.any()):
-                    rows = torch.nonzero(empty).flatten().tolist()[:10]
-                    raise InputError(f"rows {rows} have no available action (all-zero avail mask)")
+            valid = check.valid_actions(dim_mask, avail_t)
             actions, logp = categorical_act(head, valid, deterministic, generator)
         return ActOutput(actions, logp, h_next), bank, slots
 
@@ -162,9 +133,10 @@ class Engine:
         """Checked tensors on the engine's device: obs [B, obs_max] (padding columns zeroed),
         state [B, H] | None, reset [B] | None."""
         B, spec = len(slots), bank.spec
-        obs_t = self._float_input(obs, "obs", B, spec.obs_max)
-        h = self._float_input(state, "state", B, spec.hidden, exact=True) if spec.recurrent else None
-        reset_t = self._bool_input(reset, "reset", B, None)
+        obs_t = check.float_rows(obs, "obs", B, spec.obs_max, self.device)
+        h = check.float_rows(state, "state", B, spec.hidden, self.device, exact=True) \
+            if spec.recurrent else None
+        reset_t = check.bool_rows(reset, "reset", B, None, self.device)
         if not bank.obs_uniform:
             slots_t = torch.as_tensor(slots, device=self.device)
             col = torch.arange(spec.obs_max, device=self.device)
@@ -176,7 +148,7 @@ class Engine:
                 ) -> tuple[Tensor, Tensor | None]:
         """Raw head output [B, act_max] (Gaussian means or logits before masking) and next state."""
         bank = self._bank
-        slots = self._slots(bank, agent_ids)
+        slots = check.agent_slots(agent_ids, bank.slot_of)
         obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
         head, h_next, _ = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
         return head, h_next
@@ -201,7 +173,7 @@ class Engine:
             return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
         lay = plan(slots)  # one agent per chunk
         if mode == "auto":
-            mode = self._auto_mode(bank, lay, B)
+            mode = auto_mode(bank, lay, B, self.device)
         if mode == "merged":
             bank = self._ensure_merged(bank, lay)
         else:
@@ -227,33 +199,16 @@ class Engine:
             return actor_forward(bank.spec, p, x, h, reset)
         if not traced.TRACE_ENABLED:
             return forward(x, h, reset)
-        return bank.traced.run((*key, tuple(x.shape), h is None, reset is None), forward,
+        return bank.cache.traced.run((*key, tuple(x.shape), h is None, reset is None), forward,
                                (x, h, reset))
-
-    def _auto_mode(self, bank: AdapterBank, lay: Layout, B: int) -> str:
-        stack = lay.C * bank.merged_bytes_per_agent
-        if stack <= MERGED_SMALL_BYTES:
-            # tiny batches of >= 8 chunks on one CPU thread: the per-chunk merged GEMVs cannot
-            # run in parallel and the (traced) shared GEMM + low-rank term is faster (measured:
-            # 8 agents x 1 row 1.35x PS vs 1.54x merged; with <= 6 chunks merged wins)
-            if (B <= traced.TRACE_MAX_ROWS and lay.C >= SMALL_LORA_MIN_CHUNKS
-                    and self.device.type == "cpu" and torch.get_num_threads() == 1):
-                return "lora"
-            return "merged"
-        if stack <= MERGED_MAX_BYTES and stack / B <= MERGED_MAX_BYTES_PER_ROW \
-                and bank.seen(lay.key) >= 2:
-            return "merged"
-        return "lora"
 
     # --- sessions -----------------------------------------------------------------------------
     def act_session(self, session_id: str, agent_ids: Sequence[str], obs, avail=None, *,
                     deterministic: bool = True, generator: torch.Generator | None = None,
                     reset=None) -> ActOutput:
         """`act` with the recurrent state kept by the engine per (session, agent)."""
-        ids = list(agent_ids)
-        if len(set(ids)) != len(ids):
-            raise InputError("an agent may appear at most once per session call")
-        self._slots(self._bank, ids)  # unknown agents fail before any state is touched
+        ids = check.distinct_agents(agent_ids)
+        check.agent_slots(ids, self._bank.slot_of)  # unknown agents fail before any state is touched
         state, _ = self.sessions.get(session_id, ids) if self.spec.recurrent else (None, None)
         out, bank, slots = self._act(self._bank, ids, obs, state, reset, avail, deterministic,
                                      generator, None)
@@ -311,53 +266,28 @@ class Engine:
         with self._write_lock:
             bank = self._bank
             ids = bank.spec.agent_ids if agent_ids is None else list(agent_ids)
-            slots = [self._slot(bank, a) for a in ids]
-            for s in slots:
-                self._auto_lru.pop(s, None)
-                (self._pinned.add if merge else self._pinned.discard)(s)
+            slots = [check.agent_slot(a, bank.slot_of) for a in ids]
+            self._merges.pin(slots, merge)
             self._bank = bank.with_merged(slots, merge)
 
     def _ensure_merged(self, bank: AdapterBank, lay: Layout) -> AdapterBank:
         """A bank in which every chunk's agent is merged; published if nothing changed meanwhile.
-
-        Agents merged here (not pinned by `merge()`) live in an LRU bounded by
-        AUTO_MERGED_MAX_BYTES: the least recently used ones not needed now are unmerged."""
+        Agents merged here (not pinned by `merge()`) live in the bounded LRU of `MergedSet`."""
         need = lay.slot_set
-        if lay.key is not self._lru_key:  # an env loop repeats its layout: touch once
+        if lay.key is not self._merges.last_key:
             with self._write_lock:
-                self._lru_key = lay.key
-                for s in need & self._auto_lru.keys():
-                    self._auto_lru.move_to_end(s)
+                self._merges.touch(lay)
         missing = sorted(need - bank.merged.keys())
         if not missing:
             return bank
         with self._write_lock:
             if self._bank is not bank:  # a writer got in first: merge for this forward only
                 return bank.with_merged(missing, True)
-            for s in missing:
-                if s not in self._pinned:
-                    self._auto_lru[s] = None
+            self._merges.admit(missing)
             merged = bank.with_merged(missing, True)
-            evict = self._evictions(bank, need)
+            evict = self._merges.evictions(bank, need)
             self._bank = merged.with_merged(evict, False) if evict else merged
             return self._bank
-
-    def _evictions(self, bank: AdapterBank, need: set[int]) -> list[int]:
-        """Least recently used auto-merged slots beyond the byte budget (never those in `need`).
-        Caller holds the write lock."""
-        limit = max(len(need), AUTO_MERGED_MAX_BYTES // max(1, bank.merged_bytes_per_agent))
-        lru = self._auto_lru
-        for s in [s for s in bank.merged if s not in self._pinned and s not in lru]:
-            lru[s] = None  # merged but untracked (e.g. after a concurrent writer): track it
-            lru.move_to_end(s, last=False)
-        out = []
-        for s in list(lru):
-            if len(lru) <= limit:
-                break
-            if s not in need:
-                del lru[s]
-                out.append(s)
-        return out
 
     def save(self, directory: str | Path) -> PolicySpec:
         """Write the current policy (backbone + current adapters) as a policy directory."""
@@ -365,64 +295,6 @@ class Engine:
         adapters = {a: bank.adapters[s] for a, s in bank.slot_of.items() if bank.adapters[s] is not None}
         return artifacts.save_policy(directory, bank.spec, {k: v.cpu() for k, v in bank.backbone.items()},
                                      {a: {k: v.cpu() for k, v in t.items()} for a, t in adapters.items()})
-
-    # --- input checking -------------------------------------------------------------------------
-    def _slot(self, bank: AdapterBank, agent_id: str) -> int:
-        try:
-            return bank.slot_of[agent_id]
-        except KeyError:
-            raise UnknownAgentError(f"unknown agent id {agent_id!r}") from None
-
-    def _slots(self, bank: AdapterBank, agent_ids) -> np.ndarray:
-        if isinstance(agent_ids, Tensor):
-            agent_ids = agent_ids.cpu().numpy()
-        if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
-            slots = agent_ids.astype(np.int64, copy=False).reshape(-1)
-            small = slots.tolist() if len(slots) <= 64 else slots  # Python min/max: faster when tiny
-            if len(slots) and (min(small) < 0 or max(small) >= bank.n_slots):
-                raise UnknownAgentError(f"agent indices must be in [0, {bank.n_slots})")
-        else:
-            try:
-                slots = np.fromiter((bank.slot_of[a] for a in agent_ids), dtype=np.int64)
-            except KeyError as e:
-                raise UnknownAgentError(f"unknown agent id {e.args[0]!r}; serving "
-                                        f"{list(bank.slot_of)[:20]}") from None
-            except TypeError:
-                raise InputError("agent_ids must be a sequence of agent ids or an int array") from None
-        if len(slots) == 0:
-            raise InputError("empty batch: agent_ids has no rows")
-        return slots
-
-    def _float_input(self, x, name: str, B: int, width: int, exact: bool = False) -> Tensor:
-        if x is None:
-            return torch.zeros(B, width, device=self.device)
-        t = torch.as_tensor(x, dtype=torch.float32, device=self.device) if not (
-            isinstance(x, Tensor) and x.dtype == torch.float32 and x.device == self.device) else x
-        if t.dim() != 2 or t.shape[0] != B or t.shape[1] > width or (exact and t.shape[1] != width):
-            want = f"[{B}, {width}]" if exact else f"[{B}, <={width}]"
-            raise InputError(f"{name} has shape {list(t.shape)}, expected {want}")
-        if not _all_finite(t):
-            raise InputError(f"{name} contains NaN or inf")
-        if t.shape[1] < width:
-            t = torch.nn.functional.pad(t, (0, width - t.shape[1]))
-        return t
-
-    def _bool_input(self, x, name: str, B: int, width: int | None) -> Tensor | None:
-        if x is None:
-            return None
-        t = torch.as_tensor(x, device=self.device)
-        if t.dtype != torch.bool:
-            if t.is_floating_point() and not bool(((t == 0) | (t == 1)).all()):
-                raise InputError(f"{name} must hold 0/1 or booleans")
-            t = t != 0
-        shape_ok = t.shape == (B,) if width is None else (t.dim() == 2 and t.shape[0] == B
-                                                          and t.shape[1] <= width)
-        if not shape_ok:
-            raise InputError(f"{name} has shape {list(t.shape)}, expected "
-                             f"{[B] if width is None else [B, width]}")
-        if width is not None and t.shape[1] < width:
-            t = torch.nn.functional.pad(t, (0, width - t.shape[1]), value=False)
-        return t
 
 
 # --- chunk layout <-> caller order ----------------------------------------------------------------
@@ -447,11 +319,6 @@ def _gather(lay: Layout, src: Tensor | None, c: int, k: int, *xs: Tensor | None
 def _from_chunks(lay: Layout, y: Tensor, pos: Tensor | None) -> Tensor:
     flat = y.reshape(lay.C * lay.M, *y.shape[2:])
     return flat if pos is None else flat.index_select(0, pos)
-
-
-def _all_finite(t: Tensor) -> bool:
-    """One reduction instead of isfinite's four passes; exact check only if the sum is not finite."""
-    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _opt_cut(x: Tensor | None, start: int, n: int) -> Tensor | None:

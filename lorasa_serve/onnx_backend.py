@@ -22,15 +22,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import onnx_contract as contract
+from . import validation as check
+from .backend import ActOutput
 from .distributions import categorical_act, gaussian_act
-from .engine import ActOutput
-from .errors import ArtifactError, CorruptFileError, InputError, LorasaError, UnknownAgentError
+from .errors import ArtifactError, CorruptFileError, InputError, LorasaError
+from .onnx_contract import MANIFEST, SPEC_FILE
 from .spec import PolicySpec
+from .stacking import dim_mask
 
 log = logging.getLogger("lorasa_serve.onnx")
-MANIFEST = "manifest.json"
-SPEC_FILE = "policy.json"
-MULTI_GRAPH = "multi_agent.onnx"
+CPU = torch.device("cpu")
 GPU_PROVIDERS = ("CUDAExecutionProvider",)
 
 
@@ -98,12 +100,13 @@ class OnnxEngine:
                  log_std: np.ndarray | None):
         self.spec = spec
         self.multi_agent = multi_agent
-        self._sessions = sessions  # "multi_agent" or agent id -> InferenceSession
+        self._sessions = sessions  # contract.MULTI_AGENT or agent id -> InferenceSession
         self._slot_of = {a: i for i, a in enumerate(spec.agent_ids)}
         self._obs_dims = np.array([a.obs_dim for a in spec.agents])
         self._act_dims = torch.tensor([a.act_dim for a in spec.agents])
         self._log_std = None if log_std is None else torch.from_numpy(log_std)
-        self.device = torch.device("cpu")
+        self.device = CPU
+        self._head = contract.head_output(spec)  # the graph output read as the raw head
 
     @classmethod
     def from_dir(cls, export_dir: str | Path, providers: str | Sequence[str] = "cpu",
@@ -112,51 +115,32 @@ class OnnxEngine:
         (files left by older exports into the same directory are ignored)."""
         d = Path(export_dir)
         spec = PolicySpec.load(d / SPEC_FILE)
-        manifest = _manifest(d)
-        verified = {a.get("agent") for a in manifest.get("artifacts", [])
-                    if a.get("kind") == "onnx" and a.get("error") is None}
-        multi = "*" in verified
+        manifest = contract.read_manifest(d)
+        verified = contract.verified_graphs(manifest)
+        multi = contract.MULTI_AGENT in verified
         if multi:
-            files = {"multi_agent": d / "onnx" / MULTI_GRAPH}
+            files = {contract.MULTI_AGENT: d / contract.graph_file(contract.MULTI_AGENT)}
         else:
             missing = [a for a in spec.agent_ids if a not in verified]
             if missing:
                 raise ArtifactError(d / MANIFEST, f"no verified ONNX graph for agents {missing} "
                                                   f"(export with --format onnx, all agents)")
-            files = {a: d / "onnx" / f"{a}.onnx" for a in spec.agent_ids}
+            files = {a: d / contract.graph_file(a) for a in spec.agent_ids}
         sessions = {k: make_session(f, providers, threads) for k, f in files.items()}
         for f, sess in zip(files.values(), sessions.values()):
             _check_graph_spec(f, sess, spec)
-        log_std = _log_std(d, manifest, spec) if spec.action == "gaussian" else None
+        log_std = contract.manifest_log_std(d, manifest, spec) if spec.action == "gaussian" else None
         return cls(spec, sessions, multi, log_std)
-
-    @classmethod
-    def from_policy(cls, policy_dir: str | Path, merge: bool = False, providers: str | Sequence[str] = "cpu",
-                    threads: int | None = None, lora_impl: str = "auto") -> "OnnxEngine":
-        """Export `policy_dir` (verified, as `lorasa-export`) to a temporary directory and serve it:
-        one multi-agent graph, or per-agent merged graphs with `merge=True` (for benchmarks)."""
-        import tempfile
-
-        from exporters import ExportConfig, ExportError, export_policy
-
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = ExportConfig(Path(policy_dir), Path(tmp), merge=merge, formats=("onnx",),
-                               lora_impl=lora_impl, progress=False)
-            report = export_policy(cfg)
-            failed = [r.error for r in report.results if r.error]
-            if failed:
-                raise ExportError(f"export of {policy_dir} failed verification: {failed[0]}")
-            return cls.from_dir(tmp, providers, threads)  # sessions hold the models in memory
 
     @property
     def agent_ids(self) -> list[str]:
         return self.spec.agent_ids
 
     def agent_index(self, agent_ids: Sequence[str]) -> np.ndarray:
-        try:
-            return np.fromiter((self._slot_of[a] for a in agent_ids), np.int64, count=len(agent_ids))
-        except KeyError as e:
-            raise UnknownAgentError(f"unknown agent id {e.args[0]!r}; serving {self.agent_ids}") from None
+        """Agent ids -> integer indices accepted by `act` in place of ids (skips the lookup)."""
+        if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
+            raise InputError("agent_index takes agent id strings, not indices")
+        return check.agent_slots(agent_ids, self._slot_of)
 
     # --- acting -------------------------------------------------------------------------------
     def forward(self, agent_ids, obs, state=None, reset=None, avail=None
@@ -171,11 +155,11 @@ class OnnxEngine:
         slots, obs_n, h, reset_n, avail_n = self._inputs(agent_ids, obs, state, reset, avail)
         head_n, h_next = self._run(slots, obs_n, h, reset_n, avail_n)
         head = torch.from_numpy(head_n)
-        dim_mask = torch.arange(self.spec.act_max) < self._act_dims[torch.from_numpy(slots)].unsqueeze(1)
+        dims = dim_mask(self._act_dims, torch.from_numpy(slots), self.spec.act_max)  # [B, act_max]
         if self.spec.action == "gaussian":
-            actions, logp = gaussian_act(head, self._log_std, dim_mask, deterministic, generator)
+            actions, logp = gaussian_act(head, self._log_std, dims, deterministic, generator)
         else:
-            valid = dim_mask & torch.from_numpy(avail_n)
+            valid = dims & torch.from_numpy(avail_n)
             actions, logp = categorical_act(head, valid, deterministic, generator)
         return ActOutput(actions, logp, None if h_next is None else torch.from_numpy(h_next))
 
@@ -184,8 +168,8 @@ class OnnxEngine:
         """Checked numpy inputs -> head [B, act_max] float32 (see `forward`), h' [B, H] or None."""
         spec = self.spec
         if self.multi_agent:
-            feeds = {"agent_index": slots, "obs": obs}
-            return self._call(self._sessions["multi_agent"], feeds, h, reset, avail)
+            feeds = {contract.AGENT_INDEX: slots, contract.OBS: obs}
+            return self._call(self._sessions[contract.MULTI_AGENT], feeds, h, reset, avail)
         head = np.zeros((len(slots), spec.act_max), np.float32)
         h_next = None if h is None else np.empty_like(h)
         for s in np.unique(slots):  # one graph call per agent present, rows grouped
@@ -193,7 +177,7 @@ class OnnxEngine:
             ag = spec.agents[s]
             sub = [None if x is None else x[rows] for x in (h, reset)]
             av = None if avail is None else avail[rows, :ag.act_dim]
-            out, hn = self._call(self._sessions[ag.agent_id], {"obs": obs[rows, :ag.obs_dim]},
+            out, hn = self._call(self._sessions[ag.agent_id], {contract.OBS: obs[rows, :ag.obs_dim]},
                                  sub[0], sub[1], av)
             head[rows, :ag.act_dim] = out
             if hn is not None:
@@ -202,96 +186,42 @@ class OnnxEngine:
 
     def _call(self, sess, feeds: dict, h, reset, avail) -> tuple[np.ndarray, np.ndarray | None]:
         if self.spec.recurrent:
-            feeds["state"], feeds["reset"] = h, reset
+            feeds[contract.STATE], feeds[contract.RESET] = h, reset
         if self.spec.action == "categorical":
-            feeds["avail"] = avail
-        outs = sess.run(None, feeds)
-        head = outs[1]  # "mean" or "logits"
-        return head, (outs[-1] if self.spec.recurrent else None)
+            feeds[contract.AVAIL] = avail
+        if not self.spec.recurrent:
+            return sess.run([self._head], feeds)[0], None
+        head, h_next = sess.run([self._head, contract.STATE_OUT], feeds)
+        return head, h_next
 
-    # --- input checking (the same rules and errors as Engine) ------------------------------------
+    # --- input checking: lorasa_serve.validation, the same rules and errors as Engine -------------
     def _inputs(self, agent_ids, obs, state, reset, avail):
+        """-> numpy slots [B], obs [B, obs_max] (padding zeroed), h [B, H] | None, reset [B] | None,
+        avail [B, act_max] bool | None (Categorical: every row has an action)."""
         spec = self.spec
-        if isinstance(agent_ids, Tensor):
-            agent_ids = agent_ids.cpu().numpy()
-        if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
-            slots = agent_ids.astype(np.int64).reshape(-1)
-            if len(slots) and (slots.min() < 0 or slots.max() >= len(spec.agents)):
-                raise UnknownAgentError(f"agent indices must be in [0, {len(spec.agents)})")
-        else:
-            if isinstance(agent_ids, (str, bytes)):
-                raise InputError("agent_ids must be a sequence of agent ids or an int array")
-            slots = self.agent_index(list(agent_ids))
+        slots = check.agent_slots(agent_ids, self._slot_of)
         B = len(slots)
-        if B == 0:
-            raise InputError("empty batch: agent_ids has no rows")
-        obs_n = _float(obs, "obs", B, spec.obs_max, exact=False)
+        check.check_avail_kind(spec.action, avail)
+        avail_t = check.bool_rows(avail, "avail", B, spec.act_max, CPU)
+        obs_n = check.float_rows(obs, "obs", B, spec.obs_max, CPU).numpy()
         cols = np.arange(spec.obs_max)
         obs_n = np.where(cols < self._obs_dims[slots][:, None], obs_n, 0.0).astype(np.float32)
         h = reset_n = avail_n = None
+        if spec.recurrent:  # checked in Engine's order: obs, state, reset
+            h_t = check.float_rows(state, "state", B, spec.hidden, CPU, exact=True)
+            h = np.ascontiguousarray(h_t.numpy())
+        reset_t = check.bool_rows(reset, "reset", B, None, CPU)
         if spec.recurrent:
-            h = np.zeros((B, spec.hidden), np.float32) if state is None else \
-                _float(state, "state", B, spec.hidden, exact=True)
-            reset_n = np.zeros(B, bool) if reset is None else _bool(reset, "reset", (B,))
+            reset_n = np.zeros(B, bool) if reset_t is None else reset_t.numpy()
         if spec.action == "categorical":
-            avail_n = np.ones((B, spec.act_max), bool) if avail is None else _bool_padded(avail, B, spec.act_max)
-            dim_ok = cols[:spec.act_max] < self._act_dims.numpy()[slots][:, None]
-            empty = ~(avail_n & dim_ok).any(1)
-            if empty.any():
-                raise InputError(f"rows {np.flatnonzero(empty)[:10].tolist()} have no available action "
-                                 "(all-zero avail mask)")
-        elif avail is not None:
-            raise InputError("avail (action masks) only apply to categorical policies")
+            check.valid_actions(dim_mask(self._act_dims, torch.from_numpy(slots), spec.act_max), avail_t)
+            avail_n = np.ones((B, spec.act_max), bool) if avail_t is None else avail_t.numpy()
         return slots, obs_n, h, reset_n, avail_n
-
-
-def _float(x, name: str, B: int, width: int, exact: bool) -> np.ndarray:
-    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    if a.dtype.kind not in "fiub":
-        raise InputError(f"{name} must be numeric, got dtype {a.dtype}")
-    a = a.astype(np.float32, copy=False)
-    if a.ndim != 2 or a.shape[0] != B or a.shape[1] > width or (exact and a.shape[1] != width):
-        want = f"[{B}, {width}]" if exact else f"[{B}, <={width}]"
-        raise InputError(f"{name} has shape {list(a.shape)}, expected {want}")
-    if not np.isfinite(a).all():
-        raise InputError(f"{name} contains NaN or inf")
-    if a.shape[1] < width:
-        a = np.pad(a, ((0, 0), (0, width - a.shape[1])))
-    return np.ascontiguousarray(a)
-
-
-def _bool(x, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    if a.dtype != bool:
-        if a.dtype.kind not in "fiu" or not np.isin(a, (0, 1)).all():
-            raise InputError(f"{name} must hold 0/1 or booleans")
-        a = a != 0
-    if a.shape != shape:
-        raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}")
-    return a
-
-
-def _bool_padded(x, B: int, width: int) -> np.ndarray:
-    a = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
-    if a.ndim != 2 or a.shape[0] != B or a.shape[1] > width:
-        raise InputError(f"avail has shape {list(a.shape)}, expected [{B}, <={width}]")
-    a = _bool(a, "avail", a.shape)
-    return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=False)
-
-
-def _manifest(d: Path) -> dict:
-    try:
-        manifest = json.loads((d / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        raise CorruptFileError(d / MANIFEST, f"missing or not JSON ({e}): not an export directory") from None
-    if not isinstance(manifest, dict):
-        raise CorruptFileError(d / MANIFEST, "must be a JSON object")
-    return manifest
 
 
 def _check_graph_spec(path: Path, sess, spec: PolicySpec) -> None:
     """The graph must have been exported from this policy's backbone."""
-    meta = sess.get_modelmeta().custom_metadata_map.get("lorasa.spec")
+    meta = sess.get_modelmeta().custom_metadata_map.get(contract.META_SPEC)
     try:
         fp = json.loads(meta)["backbone_fingerprint"] if meta else None
     except (ValueError, KeyError, TypeError):
@@ -299,14 +229,3 @@ def _check_graph_spec(path: Path, sess, spec: PolicySpec) -> None:
     if fp != spec.backbone_fingerprint:
         raise ArtifactError(path, f"graph was exported from backbone {str(fp)[:12]!r}, policy.json "
                                   f"names {spec.backbone_fingerprint[:12]!r}")
-
-
-def _log_std(d: Path, manifest: dict, spec: PolicySpec) -> np.ndarray:
-    """The Gaussian log-std [act_max], recorded by the exporter in manifest.json."""
-    try:
-        log_std = np.asarray(manifest["log_std"], dtype=np.float32)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(d / MANIFEST, f"missing or invalid log_std: {e}") from None
-    if log_std.shape != (spec.act_max,) or not np.isfinite(log_std).all():
-        raise CorruptFileError(d / MANIFEST, f"log_std must be {spec.act_max} finite floats")
-    return log_std

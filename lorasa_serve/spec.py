@@ -67,11 +67,6 @@ class PolicySpec:
     def act_max(self) -> int:
         return max(a.act_dim for a in self.agents)
 
-    @cached_property
-    def heterogeneous(self) -> bool:
-        """Do agents differ from the padded maxima (so inputs/outputs need per-agent masks)?"""
-        return any(a.obs_dim != self.obs_max or a.act_dim != self.act_max for a in self.agents)
-
     @property
     def agent_ids(self) -> list[str]:
         return [a.agent_id for a in self.agents]

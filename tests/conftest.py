@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny policies built in Python (no downloads, a few KB each)."""
+"""Shared fixtures: tiny policies built in Python (no downloads, a few KB each), and
+`require_extra`: tests that need an optional extra skip naming it; under CI (env var CI set, as
+`.ci/run` does; CI installs every extra) such a skip fails the run instead."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +14,51 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from lorasa_serve import AgentSpec, LoraSpec, PolicySpec, init_adapter, init_backbone, save_policy  # noqa: E402
+
+MISSING_EXTRA = "missing extra"  # in every skip reason require_extra gives
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Skip the calling test (or, at module level, the whole module) unless every module of the
+    extra imports; the reason names the extra and the pip command."""
+    missing = [m for m in modules if _missing(m)]
+    if missing:
+        pytest.skip(f"{MISSING_EXTRA} '{extra}': {', '.join(missing)} not installed "
+                    f"(pip install 'lorasa-serve[{extra}]')", allow_module_level=True)
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):  # a parent package is missing, or a broken install
+        return True
+
+
+def _skipped_for_missing_extra(report) -> str | None:
+    """The reason, if `report` is a skip because an extra (or an importorskip module) is missing."""
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return None
+    reason = str(report.longrepr[2])
+    return reason if MISSING_EXTRA in reason or "could not import" in reason else None
+
+
+def _fail_under_ci(report) -> None:
+    reason = _skipped_for_missing_extra(report) if os.environ.get("CI") else None
+    if reason:
+        report.outcome = "failed"
+        report.longrepr = f"CI installs every extra, but this was skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _fail_under_ci(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _fail_under_ci(outcome.get_result())
 
 
 def make_policy(directory, *, obs=(6, 6, 6), act=(2, 2, 2), recurrent=True, action="gaussian",

@@ -248,7 +248,7 @@ def test_auto_merged_agents_are_bounded(tmp_path, monkeypatch):
     spec, backbone, ads = make_policy(tmp_path / "lru", obs=(6,) * n, act=(2,) * n)
     eng = Engine.from_dir(tmp_path / "lru", device="cpu", mode="auto")
     per_agent = eng._bank.merged_bytes_per_agent
-    monkeypatch.setattr(engine_mod, "AUTO_MERGED_MAX_BYTES", 4 * per_agent)
+    eng._merges.max_bytes = 4 * per_agent
     eng.merge(["agent_0"])  # pinned: never evicted
     for start in range(1, n - 2):  # teams of 3 agents drift over the population
         team = spec.agent_ids[start:start + 3]
@@ -294,9 +294,9 @@ def test_params_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
     for _ in range(2):
         for ids, obs, h, reset in batches:
             check(eng, spec, backbone, ads, ids, obs, h, reset)
-            assert len(eng._bank._cache) == 1 or eng._bank.cached_params_bytes() <= limit
-    assert len(eng._bank._cache) < len(batches)  # evicted by bytes, not by count
-    cached = eng._bank._cache.keys()
+            assert len(eng._bank.cache.params) == 1 or eng._bank.cached_params_bytes() <= limit
+    assert len(eng._bank.cache.params) < len(batches)  # evicted by bytes, not by count
+    cached = eng._bank.cache.params.keys()
     assert eng._bank.traced._entries and all(k[:2] in cached for k in eng._bank.traced._entries)
 
 
@@ -304,4 +304,4 @@ def test_in_order_team_step_copies_nothing(tmp_path):
     spec, backbone, ads = make_policy(tmp_path / "p")
     eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
     eng.forward(spec.agent_ids, torch.zeros(3, spec.obs_max), torch.zeros(3, spec.hidden))
-    assert len(eng._bank._cache) == 1 and eng._bank.cached_params_bytes() == 0
+    assert len(eng._bank.cache.params) == 1 and eng._bank.cached_params_bytes() == 0

@@ -8,16 +8,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_policy as _make_policy
+from conftest import require_extra
 from reference import forward_loop, merged_linears
 
-from exporters import ExportConfig, export_policy
+from exporters import ExportConfig, export_policy, onnx_engine_from_policy
 from exporters.merged import merged_policy, write_merged
 from exporters.observations import env_rollout, real_env_config
 from lorasa_serve import ArtifactError, Engine, InputError, UnknownAgentError, save_policy
 from lorasa_serve.onnx_backend import OnnxEngine, OnnxRuntimeMissingError, select_providers
 
-ort = pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
+require_extra("onnx", "onnx", "onnxruntime", "onnxscript")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
 HETERO = dict(obs=(242, 170), act=(9, 8), hidden=16)  # MaMuJoCo Humanoid 9|8 sizes
 TOL = 1e-5
 STEPS = 20
@@ -215,7 +218,7 @@ def test_onnx_engine_groups_rows_over_per_agent_graphs(merged_export):
 def test_onnx_engine_from_policy_plain_backbone(tmp_path):
     """The one-call constructor (for lorasa-bench), on a policy without adapters (PS checkpoint)."""
     _make_policy(tmp_path / "p", adapters=False, obs=(5, 7), act=(2, 3), hidden=16, recurrent=False)
-    oe = OnnxEngine.from_policy(tmp_path / "p")
+    oe = onnx_engine_from_policy(tmp_path / "p")
     assert oe.multi_agent and not oe.spec.recurrent
     _same_as_engine(oe, Engine.from_dir(tmp_path / "p", device="cpu"))
 
@@ -295,7 +298,7 @@ def test_env_json_chooses_real_observations(tmp_path):
 def test_real_smax_observations_and_action_masks(tmp_path):
     """A Categorical policy with SMAX 2s3z sizes is verified on real observations and the game's own
     available-action masks, through episode ends (auto-reset) inside the rollout."""
-    pytest.importorskip("jaxmarl")
+    require_extra("smax", "jaxmarl", "jax")
     env = {"kind": "smax", "scenario": "2s3z", "episode_limit": 8}
     spec, _, _ = make_policy(tmp_path / "p", action="categorical", obs=(127,) * 5, act=(10,) * 5,
                              hidden=16, recurrent=True)

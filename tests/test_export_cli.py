@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_extra
 from test_export import _same_as_engine, make_policy
 
 from exporters import cli
 from lorasa_serve import Engine
 from lorasa_serve.onnx_backend import OnnxEngine
 
-pytest.importorskip("onnxruntime")
+require_extra("onnx", "onnx", "onnxruntime", "onnxscript")
 EXE = Path(sys.executable).with_name("lorasa-export")
 
 
@@ -27,6 +28,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_round_trip_merge(tmp_path):
     """HalfCheetah 2x3 sizes: verified on random and on real MaMuJoCo observations."""
+    require_extra("mujoco", "gymnasium_robotics", "mujoco")
     spec, _, _ = make_policy(tmp_path / "p", obs=(12, 12), act=(3, 3), hidden=16)
     out = tmp_path / "out"
     r = run_cli(str(tmp_path / "p"), "--merge", "--out", str(out), "--no-progress", "--steps", "20")

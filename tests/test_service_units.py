@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from starlette.requests import Request
+from conftest import require_extra
 
-from services.config import ServiceConfig
-from services.http import _authorize
-from services.schema import BadRequest
+require_extra("serve", "starlette", "bentoml")
+from starlette.requests import Request  # noqa: E402
+
+from services.config import ServiceConfig  # noqa: E402
+from services.http import _authorize  # noqa: E402
+from services.schema import BadRequest  # noqa: E402
 
 
 def test_config_from_env_validates():

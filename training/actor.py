@@ -14,7 +14,6 @@ PS / PS+LoRA parameters convert losslessly to a policy directory (PEFT layout A 
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from lorasa_serve.network import ActorParams, LinearP, NormP, init_adapter, init_backbone
 from lorasa_serve.spec import PolicySpec
+from lorasa_serve.stacking import stack_adapters
 
 Kind = Literal["ps", "nps", "seps", "mtl", "lora"]
 MTL_HEAD = ("post", "post.ln", "head")  # MTL: the per-agent layers (plus log-std)
@@ -98,10 +98,9 @@ class Actor:
                            groups: tuple[int, ...] | None = None) -> "Actor":
         t = {}
         for name in spec.adapted_layers:
-            t[f"{name}.lora_a"] = torch.stack([adapters[a][f"{name}.lora_A.weight"].T
-                                               for a in spec.agent_ids])  # [N, in, r]
-            t[f"{name}.lora_b"] = torch.stack([adapters[a][f"{name}.lora_B.weight"].T
-                                               for a in spec.agent_ids])  # [N, r, out]
+            a_r, b_t = stack_adapters(spec, name, [adapters[x] for x in spec.agent_ids], scaled=False)
+            t[f"{name}.lora_a"] = a_r.transpose(1, 2).contiguous()  # [N, in, r]
+            t[f"{name}.lora_b"] = b_t  # [N, r, out]
         return cls(spec, "lora", t, base, groups or (0,) * len(spec.agents))
 
     # --- forward parameters ---------------------------------------------------------------------
@@ -216,8 +215,3 @@ def param_counts(spec: PolicySpec) -> dict[str, int]:
     return {"agents": n, "backbone": backbone, "ps_total": backbone, "nps_per_agent": backbone,
             "nps_total": n * backbone, "lorasa_adapter_per_agent": adapter,
             "lorasa_total": backbone + n * adapter}
-
-
-def with_lora(spec: PolicySpec, rank: int, alpha: float, layers) -> PolicySpec:
-    from lorasa_serve.spec import LoraSpec
-    return replace(spec, lora=LoraSpec(rank, alpha, None if layers is None else tuple(layers)))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasa_serve.backend import ActBackend
+
 from .actor import param_counts
 from . import eval_targets as targets
 from .envs import EnvConfig, EnvInfo, make_vec_env
@@ -29,8 +31,9 @@ from .episodes import ActFn, EpisodeStats, random_act, run_episodes
 from .errors import OneLineParser, UsageError, exit_on_usage_error
 
 
-def engine_act_fn(engine, info: EnvInfo, n_envs: int) -> ActFn:
-    """Every env's team in one mixed `engine.act` batch of E*N rows (env-major)."""
+def engine_act_fn(engine: ActBackend, info: EnvInfo, n_envs: int) -> ActFn:
+    """Every env's team in one mixed `engine.act` batch of E*N rows (env-major); any backend
+    (`Engine`, `OnnxEngine`) implementing `lorasa_serve.backend.ActBackend`."""
     import torch
     ids = np.tile(engine.agent_index(list(info.agent_ids)), n_envs)  # [E*N]
     N, categorical = info.n_agents, info.action == "categorical"

@@ -13,12 +13,13 @@ import io
 import json
 from pathlib import Path
 
+from lorasa_serve import env_file
 from lorasa_serve.artifacts import atomic_write
+from lorasa_serve.errors import ArtifactError
 
 from .checkpoint import STATE_DIR
 from .errors import UsageError
 
-ENV_FILE = "env.json"
 RUN_FILES = ("metrics.csv", "summary.json", "policy.json", f"{STATE_DIR}/state.json")
 TASK_KEYS = ("kind", "scenario", "agent_conf", "agent_obsk", "episode_limit")
 
@@ -58,16 +59,18 @@ def source_env(src: Path) -> dict | None:
     """The task block {kind, scenario, agent_conf, agent_obsk, episode_limit} `src` was trained on, from
     its env.json, else from its train_state config; None when neither records it."""
     src = Path(src)
-    for path, pick in ((src / ENV_FILE, lambda d: d.get("env")),
-                       (src / STATE_DIR / "state.json", lambda d: d.get("config", {}).get("env"))):
-        if not path.is_file():
-            continue
+    try:
+        block = env_file.read_env_block_as_written(src)  # the one env.json reader
+    except ArtifactError:  # missing or unusable: fall back to the checkpoint's config
+        block = None
+    path = src / STATE_DIR / "state.json"
+    if block is None and path.is_file():
         try:
-            block = pick(json.loads(path.read_text()))
+            block = json.loads(path.read_text()).get("config", {}).get("env")
         except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(block, dict) and block.get("kind"):
-            return {k: block[k] for k in TASK_KEYS if k in block}
+            block = None
+    if isinstance(block, dict) and block.get("kind"):
+        return {k: block[k] for k in TASK_KEYS if k in block}
     return None
 
 

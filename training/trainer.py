@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lorasa_serve import LoraSpec, PolicySpec, load_policy, save_policy
+from lorasa_serve import LoraSpec, PolicySpec, env_file, load_policy, save_policy
 from lorasa_serve.artifacts import atomic_write
 
 from . import checkpoint, rundir
@@ -36,7 +36,6 @@ from .errors import UsageError
 from .a2po import a2po_update
 from .mappo import Critic, Cursor, Policy, ValueNorm, collect, env_actions, grouped, ppo_update
 
-ENV_FILE = "env.json"
 SUMMARY_FILE = "summary.json"
 LORA_MODES = ("lorasa", "seps_lorasa")
 CSV_FIELDS = ["env_steps", "phase", "updates", "wall_s", "sps", "rollout_s", "update_s",
@@ -68,18 +67,17 @@ def torch_act_fn(policy: Policy, deterministic: bool = True, g: torch.Generator 
 
 
 def write_env_json(directory: Path, cfg: TrainConfig, kind: str, counters: checkpoint.Counters) -> None:
-    meta = {"env": cfg.env.env_block(), "trained_by": "lorasa-train", "actor": kind, "mode": cfg.mode,
-            "env_steps": counters.env_steps, "seed": cfg.seed}
-    atomic_write(Path(directory) / ENV_FILE, json.dumps(meta, indent=2).encode())
+    env_file.write_env_file(directory, cfg.env.env_block(), trained_by="lorasa-train", actor=kind,
+                            mode=cfg.mode, env_steps=counters.env_steps, seed=cfg.seed)
 
 
 def read_env_json(directory: Path) -> EnvConfig:
-    path = Path(directory) / ENV_FILE
-    if not path.is_file():
-        raise UsageError(f"{path} is missing: pass the task it was trained on with --env.kind, "
-                         "--env.scenario, --env.agent-conf (policies written by lorasa-train have it)")
-    block = json.loads(path.read_text())["env"]
-    return EnvConfig(**block)
+    """The task of a policy dir, from its env.json (lorasa_serve.env_file); UsageError without one."""
+    try:
+        return EnvConfig(**env_file.read_env_block(directory))
+    except env_file.EnvFileMissingError as e:
+        raise UsageError(f"{e.path} is missing: pass the task it was trained on with --env.kind, "
+                         "--env.scenario, --env.agent-conf (policies written by lorasa-train have it)") from None
 
 
 class Trainer:

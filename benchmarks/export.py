@@ -1,6 +1,6 @@
 """Export benchmark: export timings, sizes and max diffs, then Engine vs onnxruntime side by side.
 
-    python -m exporters.bench [--agents 8] [--hidden 64] [--threads 1] [--json out.json] [--png out.png]
+    python -m benchmarks.export [--agents 8] [--hidden 64] [--threads 1] [--json out.json] [--png out.png]
 
 Builds a Humanoid 9|8-like policy (obs 242/170, act 9/8 alternating, MAPPO init, rank-8 adapters on
 all 7 Linears), exports it both ways (`--merge`: safetensors + one ONNX per agent; multi-agent ONNX
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from exporters.pipeline import ExportConfig, ExportReport, export_policy
 from lorasa_serve import AgentSpec, Engine, LoraSpec, PolicySpec, init_adapter, init_backbone, save_policy
+from lorasa_serve.backend import ActBackend
 from lorasa_serve.onnx_backend import OnnxEngine
 
-from .pipeline import ExportConfig, ExportReport, export_policy
+from .timing import time_round_robin
 
 
 def build_policy(directory: Path, agents: int, hidden: int, rank: int, seed: int = 0) -> PolicySpec:
@@ -49,7 +50,7 @@ def run_exports(policy: Path, root: Path, merged: bool) -> dict[str, tuple[Path,
     return out
 
 
-def time_act(backends: dict[str, object], spec: PolicySpec, rows: list[int], repeats: int,
+def time_act(backends: dict[str, ActBackend], spec: PolicySpec, rows: list[int], repeats: int,
              seed: int = 0) -> dict[int, dict[str, float]]:
     """Median seconds per `act` call, backends interleaved within every repeat."""
     g = torch.Generator().manual_seed(seed)
@@ -58,13 +59,8 @@ def time_act(backends: dict[str, object], spec: PolicySpec, rows: list[int], rep
         ids = np.asarray(torch.randint(len(spec.agents), (B,), generator=g))  # agent indices, mixed
         obs = torch.randn(B, spec.obs_max, generator=g)
         h, reset = torch.randn(B, spec.hidden, generator=g), torch.zeros(B, dtype=torch.bool)
-        times = {k: [] for k in backends}
-        for _ in range(repeats + 3):  # 3 warm-up rounds dropped
-            for name, be in backends.items():
-                t0 = time.perf_counter()
-                be.act(ids, obs, h, reset)
-                times[name].append(time.perf_counter() - t0)
-        result[B] = {k: statistics.median(v[3:]) for k, v in times.items()}
+        calls = {name: (lambda be=be: be.act(ids, obs, h, reset)) for name, be in backends.items()}
+        result[B] = {k: t.seconds for k, t in time_round_robin(calls, repeats, warmup=3).items()}
     return result
 
 
@@ -96,7 +92,7 @@ def plot(timing: dict[int, dict[str, float]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m exporters.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--agents", type=int, default=8)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--rank", type=int, default=8)

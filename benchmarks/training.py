@@ -1,7 +1,7 @@
 """Training throughput vs. stepping the same vector env with random actions, measured side by side.
 
-    python -m training.bench --preset humanoid_9_8 --steps 32000
-    python -m training.bench --preset halfcheetah_2x3 --steps 64000 --workers 0,2
+    python -m benchmarks.training --preset humanoid_9_8 --steps 32000
+    python -m benchmarks.training --preset halfcheetah_2x3 --steps 64000 --workers 0,2
 
 Prints env-steps/s of (a) random actions in the preset's vector env for each worker count (subprocess
 vs in-process stepping), (b) MAPPO training (PS actor) in the preset's env, and the ratio random/train
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import preset, with_overrides
-from .envs import make_vec_env
-from .episodes import random_act
-from .plots import read_metrics
+from training.config import preset, with_overrides
+from training.envs import make_vec_env
+from training.episodes import random_act
+from training.plots import read_metrics
 
 
 def random_sps(env_cfg, workers: int, steps: int, seed: int = 0) -> float:
@@ -41,7 +41,7 @@ def random_sps(env_cfg, workers: int, steps: int, seed: int = 0) -> float:
 
 def train_sps(cfg, steps: int) -> tuple[float, float]:
     """-> (env steps/s of training, fraction of time in the PPO update)."""
-    from .trainer import Trainer
+    from training.trainer import Trainer
     with tempfile.TemporaryDirectory() as d:
         cfg = replace(cfg, mode="ps", out=d, total_steps=steps, eval_every=0, eval_episodes=0,
                       save_every=0, tensorboard=False)
@@ -53,7 +53,7 @@ def train_sps(cfg, steps: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="halfcheetah_2x3")
     p.add_argument("--steps", type=int, default=32_000, help="env steps per measurement")

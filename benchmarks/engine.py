@@ -15,21 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .engine import Engine, resolve_device
-from .artifacts import save_policy
-from .network import init_adapter, init_backbone
-from .spec import AgentSpec, LoraSpec, PolicySpec
+from lorasa_serve.artifacts import atomic_write, save_policy
+from lorasa_serve.backend import ActBackend
+from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
+from lorasa_serve.engine import Engine, resolve_device
+from lorasa_serve.network import init_adapter, init_backbone
+from lorasa_serve.spec import AgentSpec, LoraSpec, PolicySpec
+
+from .timing import latencies_alternating, percentile, time_interleaved
+
+METHODS = ("ps", "engine-lora", "engine-merged", "engine-auto", "per-agent", "nps", "onnx")
 
 
 @dataclass
@@ -45,8 +51,7 @@ class BenchConfig:
     min_time: float = 0.3  # seconds of repeats per measurement
     max_rows: int = 65536
     max_loop_agents: int = 1000  # per-agent loops above this many agents are skipped
-    methods: tuple[str, ...] = ("ps", "engine-lora", "engine-merged", "engine-auto", "per-agent",
-                                "nps", "onnx")
+    methods: tuple[str, ...] = METHODS
     team_step_calls: int = 2000
     max_onnx_agents: int = 100  # exporting a 1000-agent graph (and verifying it) takes minutes
     seed: int = 0
@@ -141,37 +146,6 @@ def per_agent_loop(actors: list[nn.Module], slots: np.ndarray) -> Callable:
     return run
 
 
-# --- timing ----------------------------------------------------------------------------------------
-def time_interleaved(calls: dict[str, Callable[[], object]], min_time: float, device: str,
-                     rounds: int = 7) -> dict[str, tuple[float, float, int]]:
-    """Time every method in `rounds` interleaved blocks (so load changes hit all of them alike).
-
-    Returns name -> (median seconds per call, median over rounds of time / PS time in that round,
-    calls timed). The first method must be "ps".
-    """
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    per_block: dict[str, int] = {}
-    for name, fn in calls.items():  # warm up, then size each block to min_time / rounds
-        for _ in range(2):
-            fn()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        per_block[name] = max(1, int(min_time / rounds / max(time.perf_counter() - t0, 1e-7)))
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            for _ in range(per_block[name]):
-                fn()
-            sync()
-            samples[name].append((time.perf_counter() - t0) / per_block[name])
-    ps = samples[next(iter(calls))]
-    return {name: (statistics.median(s), statistics.median(a / b for a, b in zip(s, ps)),
-                   rounds * per_block[name]) for name, s in samples.items()}
-
-
 def rows_for(spec: str, n: int, max_rows: int) -> int | None:
     r = int(spec[:-1]) * n if spec.endswith("N") and spec != "N" else n if spec == "N" else int(spec)
     return r if r <= max_rows and r >= n else None
@@ -220,10 +194,12 @@ def bench_grid(cfg: BenchConfig, report: Report, onnx_factory: Callable | None) 
                 calls["onnx"] = (lambda: onnx_eng.forward(slots, o_np, h_np))
                 _check_same(onnx_eng.forward(slots, o_np, h_np)[0], engines["engine-lora"].forward(
                     slots, obs, h)[0], "onnx")
-            timed = time_interleaved({m: calls[m] for m in cfg.methods if m in calls},
-                                     cfg.min_time, dev)
-            for name, (t, ratio, reps) in timed.items():
-                report.results.append(Result(n, B, name, t, B / t, ratio, reps))
+            sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+            order = ["ps"] + [m for m in cfg.methods if m != "ps" and m in calls]  # ps: the baseline
+            timed = time_interleaved({m: calls[m] for m in order}, cfg.min_time, sync=sync)
+            for name, tm in timed.items():
+                t, ratio = tm.seconds, tm.ratio
+                report.results.append(Result(n, B, name, t, B / t, ratio, tm.calls))
                 print(f"N={n:5d} rows={B:6d} {name:14s} {t * 1e3:9.3f} ms  {B / t:12.0f} rows/s  "
                       f"x{ratio:5.2f} PS", flush=True)
         report.memory[str(n)] = memory_per_agent(spec)
@@ -256,19 +232,15 @@ def bench_team_step(cfg: BenchConfig, report: Report, n_agents: int = 8) -> None
     idx = eng.agent_index(spec.agent_ids)
     obs = torch.randn(n_agents, cfg.obs, device=cfg.device)
     state = torch.zeros(n_agents, cfg.hidden, device=cfg.device)
-    pair = {"ps": engines["ps"], "engine-auto": eng}
-    times: dict[str, list[float]] = {name: [] for name in pair}
+    pair: dict[str, ActBackend] = {"ps": engines["ps"], "engine-auto": eng}
     states = {name: state for name in pair}
-    for i in range(cfg.team_step_calls + 50):  # alternate the two so load changes hit both alike
-        for name, e in pair.items():
-            t0 = time.perf_counter()
-            states[name] = e.act(idx, obs, states[name]).state
-            if i >= 50:
-                times[name].append(time.perf_counter() - t0)
-    out: dict = {}
-    for name, ts in times.items():
-        ts.sort()
-        out[name] = {"p50_us": ts[len(ts) // 2] * 1e6, "p99_us": ts[int(len(ts) * 0.99)] * 1e6}
+
+    def step(name: str) -> None:
+        states[name] = pair[name].act(idx, obs, states[name]).state
+    # alternate the two call by call so load changes hit both alike
+    times = latencies_alternating({name: (lambda n=name: step(n)) for name in pair}, cfg.team_step_calls)
+    out: dict = {name: {"p50_us": percentile(ts, 50) * 1e6, "p99_us": percentile(ts, 99) * 1e6}
+                 for name, ts in times.items()}
     out["agents"] = n_agents
     out["ratio_p50"] = out["engine-auto"]["p50_us"] / out["ps"]["p50_us"]
     report.team_step = out
@@ -282,7 +254,7 @@ def onnx_factory_or_none(max_agents: int) -> Callable | None:
     try:
         import onnxruntime  # noqa: F401
 
-        from .onnx_backend import OnnxEngine
+        from exporters import onnx_engine_from_policy
     except ImportError:
         return None
 
@@ -291,7 +263,7 @@ def onnx_factory_or_none(max_agents: int) -> Callable | None:
             return None
         with tempfile.TemporaryDirectory() as tmp:
             save_policy(tmp, spec, {k: v.cpu() for k, v in backbone.items()}, adapters)
-            return OnnxEngine.from_policy(tmp, threads=torch.get_num_threads())
+            return onnx_engine_from_policy(tmp, threads=torch.get_num_threads())
     return build
 
 
@@ -310,32 +282,77 @@ def print_table(report: Report) -> None:
         print(f"| {n} | {b} | " + " | ".join(cells) + " |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lorasa-bench", description=__doc__,
+def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
+    """-> (config, JSON out path, torch threads); UsageError (one line naming the fix) before any work."""
+    ap = ArgumentParser(prog="lorasa-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small grid, finishes in under a minute")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 or auto")
     ap.add_argument("--agents", type=str, default=None, help="comma list, e.g. 2,8,100,1000")
     ap.add_argument("--rows", type=str, default=None, help="comma list of N, 16N, 4096, 65536")
-    ap.add_argument("--methods", type=str, default=None, help="comma list of methods")
+    ap.add_argument("--methods", type=str, default=None, help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per cell")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default="bench.json", help="JSON results file")
     args = ap.parse_args(argv)
-    cfg = BenchConfig(device=str(resolve_device(args.device)))
+    cfg = BenchConfig(device=_device(args.device))
     if args.quick:
         cfg = BenchConfig(device=cfg.device, agents=(2, 8, 100), rows=("N", "16N", "4096"),
                           min_time=0.1, team_step_calls=500, max_loop_agents=100)
     if args.agents:
-        cfg.agents = tuple(int(x) for x in args.agents.split(","))
+        cfg.agents = _ints(args.agents, "--agents")
     if args.rows:
-        cfg.rows = tuple(args.rows.split(","))
+        cfg.rows = tuple(x.strip() for x in args.rows.split(","))
+        bad = [r for r in cfg.rows if not _row_spec_ok(r)]
+        if bad:
+            raise UsageError(f"--rows {','.join(bad)}: use N, a multiple like 16N, or a row count like 4096")
     if args.methods:
-        cfg.methods = tuple(args.methods.split(","))
+        cfg.methods = tuple(x.strip() for x in args.methods.split(","))
+        bad = [m for m in cfg.methods if m not in METHODS]
+        if bad or "ps" not in cfg.methods:
+            raise UsageError(f"--methods must include ps and choose from {','.join(METHODS)}"
+                             + (f" (unknown: {','.join(bad)})" if bad else ""))
     if args.min_time is not None:
+        if not args.min_time > 0:
+            raise UsageError(f"--min-time {args.min_time}: pass a positive number of seconds, e.g. 0.3")
         cfg.min_time = args.min_time
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: pass 1 or more")
+    out = Path(args.out)
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        raise UsageError(f"--out {out}: pass a file path in an existing directory")
+    return cfg, out, args.threads
+
+
+def _device(name: str) -> str:
+    try:
+        dev = resolve_device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
+    return str(dev)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} {text!r}: pass a comma list of positive integers, e.g. 2,8,100")
+    return values
+
+
+def _row_spec_ok(spec: str) -> bool:
+    body = spec[:-1] if spec.endswith("N") else spec
+    return spec == "N" or (body.isdigit() and int(body) > 0)
+
+
+def run(argv: list[str] | None = None) -> int:
+    cfg, out, threads = parse_args(argv)
+    if threads:
+        torch.set_num_threads(threads)
     report = Report(config=asdict(cfg), machine={
         "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
         "threads": torch.get_num_threads(), "device": cfg.device,
@@ -347,10 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     for n, m in report.memory.items():
         print(f"memory per extra agent (N={n}): LoRASA {m['lorasa_bytes_per_agent']} B, "
               f"NPS {m['nps_bytes_per_agent']} B (x{m['nps_over_lorasa']:.1f})")
-    with open(args.out, "w") as f:
-        json.dump(asdict(report), f, indent=1)
-    print(f"\nwrote {args.out} ({time.perf_counter() - t0:.0f} s)")
+    atomic_write(out, json.dumps(asdict(report), indent=1).encode())
+    print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("lorasa-bench", run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""The ONNX export contract, owned by the runtime: graph input/output names, file layout, manifest.
+
+The exporters (`exporters/`) write exactly this; `OnnxEngine` reads it, by name. Layout of an
+export directory:
+
+    policy.json              the source spec (all agents)
+    manifest.json            what was exported (see `write_manifest`); `artifacts` lists each file with
+                             its verification result; `log_std` the Gaussian log-std [act_max]
+    onnx/<agent_id>.onnx     per-agent graph, merged weights, inputs/outputs at the agent's true sizes
+    onnx/multi_agent.onnx    one graph for every agent: input `agent_index`, stacked adapters
+    merged/<agent_id>/       per-agent merged policy directory (safetensors)
+
+Graph inputs (B is dynamic): [agent_index [B] int64,] obs [B, obs], state [B, H] and reset [B] bool
+(recurrent), avail [B, act] bool (Categorical). Outputs: Gaussian action, mean, log_std [B, act];
+Categorical action [B] int64, logits [B, act] (unavailable at float32 min); recurrent state_out [B, H].
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .artifacts import SPEC_FILE, atomic_write
+from .errors import CorruptFileError
+from .spec import PolicySpec
+
+MANIFEST = "manifest.json"
+ONNX_DIR = "onnx"
+MERGED_DIR = "merged"
+MULTI_AGENT = "*"  # the manifest's agent for the multi-agent graph
+MULTI_STEM = "multi_agent"
+
+# graph input names
+AGENT_INDEX, OBS, STATE, RESET, AVAIL = "agent_index", "obs", "state", "reset", "avail"
+# graph output names
+ACTION, MEAN, LOG_STD, LOGITS, STATE_OUT = "action", "mean", "log_std", "logits", "state_out"
+# ModelProto metadata_props keys
+META_SPEC, META_INPUTS, META_OUTPUTS = "lorasa.spec", "lorasa.inputs", "lorasa.outputs"
+META_AGENT, META_LORA_IMPL = "lorasa.agent", "lorasa.lora_impl"
+
+__all__ = ["SPEC_FILE", "MANIFEST", "input_names", "output_names", "head_output", "graph_file",
+           "read_manifest", "write_manifest", "verified_graphs", "manifest_log_std"]
+
+
+def input_names(spec: PolicySpec, multi_agent: bool) -> list[str]:
+    names = ([AGENT_INDEX] if multi_agent else []) + [OBS]
+    if spec.recurrent:
+        names += [STATE, RESET]
+    if spec.action == "categorical":
+        names.append(AVAIL)
+    return names
+
+
+def output_names(spec: PolicySpec) -> list[str]:
+    names = [ACTION, MEAN, LOG_STD] if spec.action == "gaussian" else [ACTION, LOGITS]
+    return names + ([STATE_OUT] if spec.recurrent else [])
+
+
+def head_output(spec: PolicySpec) -> str:
+    """The output holding the raw head: Gaussian means or masked logits."""
+    return MEAN if spec.action == "gaussian" else LOGITS
+
+
+def graph_file(agent: str) -> Path:
+    """Relative path of an agent's graph, or of the multi-agent graph for `MULTI_AGENT`."""
+    return Path(ONNX_DIR) / f"{MULTI_STEM if agent == MULTI_AGENT else agent}.onnx"
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Atomically write `out/manifest.json`. Keys the runtime reads: `artifacts` (a list of
+    {"agent", "kind", "files", "error", ...}) and `log_std` (Gaussian: act_max floats, else None)."""
+    atomic_write(Path(out) / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
+def read_manifest(d: Path) -> dict:
+    path = Path(d) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptFileError(path, f"missing or not JSON ({e}): not an export directory") from None
+    if not isinstance(manifest, dict):
+        raise CorruptFileError(path, "must be a JSON object")
+    return manifest
+
+
+def verified_graphs(manifest: dict) -> set[str]:
+    """Agents (or `MULTI_AGENT`) whose ONNX graph the last export verified."""
+    arts = manifest.get("artifacts", [])
+    return {a.get("agent") for a in arts if isinstance(a, dict)
+            and a.get("kind") == "onnx" and a.get("error") is None}
+
+
+def manifest_log_std(d: Path, manifest: dict, spec: PolicySpec) -> np.ndarray:
+    """The Gaussian log-std [act_max] recorded in the manifest."""
+    path = Path(d) / MANIFEST
+    try:
+        log_std = np.asarray(manifest["log_std"], dtype=np.float32)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(path, f"missing or invalid log_std: {e}") from None
+    if log_std.shape != (spec.act_max,) or not np.isfinite(log_std).all():
+        raise CorruptFileError(path, f"log_std must be {spec.act_max} finite floats")
+    return log_std
