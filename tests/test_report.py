@@ -269,3 +269,21 @@ def test_grid_resumes_from_compact_results_without_the_runs_root(tmp_path):
     def evals(text):
         return [r["eval_return"] for r in csv.DictReader(io.StringIO(text))]
     assert evals((compact / "mappo-ps" / "seed1" / "metrics.csv").read_text()) == evals(ps_metrics)
+
+
+def test_scenario_budgets_and_their_errors(tmp_path):
+    from training.errors import UsageError
+    head = 'seeds = [1]\ntotal_steps = 400\nswitch_step = 200\n'
+    sc = '[[scenarios]]\npreset = "halfcheetah_2x3"\nmethods = ["mappo:ps", "mappo:lorasa"]\n'
+    (tmp_path / "g.toml").write_text(head + sc + "total_steps = 900\nswitch_step = 300\n")
+    ps, lora = Grid.load(tmp_path / "g.toml").runs
+    assert "900" in ps.args and ps.args[ps.args.index("--snapshot-steps") + 1] == "300"
+    assert lora.args[lora.args.index("--init-from") + 1].endswith("/snapshots/300")
+    assert (ps.trained_steps, lora.trained_steps) == (900, 600)
+    (tmp_path / "bad.toml").write_text(head + sc + "switch_step = 900\n")
+    with pytest.raises(UsageError, match="switch_step 900 must be between 0 and total_steps 400"):
+        Grid.load(tmp_path / "bad.toml")
+    (tmp_path / "ab.toml").write_text(head + sc + 'total_steps = 900\n[ablations]\npreset = "halfcheetah_2x3"\n'
+                                      'ranks = [4]\n')
+    with pytest.raises(UsageError, match="ablations"):
+        Grid.load(tmp_path / "ab.toml")

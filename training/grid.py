@@ -134,6 +134,10 @@ class Grid:
             if ab.get("preset") not in PRESETS:
                 raise UsageError(f"[ablations] preset {ab.get('preset')!r}: use one of {sorted(PRESETS)}")
             preset, algo = ab["preset"], ab.get("algo", "mappo")
+            if any(sc.get("preset") == preset and self.budget(sc) != (self.total_steps, self.switch_step)
+                   for sc in self.scenarios):
+                raise UsageError(f"[ablations] on {preset} use the grid's total_steps / switch_step: drop that "
+                                 "scenario's own total_steps / switch_step (or ablate another preset)")
             extra = [f"--{k}={v}" for k, v in ab.get("overrides", {}).items()]
             method = f"{algo}:lorasa"
             for seed in self.seeds:
