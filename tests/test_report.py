@@ -242,7 +242,8 @@ def test_paired_section_from_synthetic_compact_results(tmp_path):
     assert "| HalfCheetah 2x3 | MAPPO PS | 3 | 2 | 1.00 |" in readme
     assert "| HalfCheetah 2x3 | MAPPO PS+LoRA | 3 | 2 | 0.50 |" in readme
     assert "| MAPPO PS+LoRA | 40.0" not in readme and "| MAPPO PS+LoRA | 54.0 ± " in readme
-    assert (tmp_path / "out" / "assets" / "curves_halfcheetah_2x3.png").is_file()
+    for png in ("curves_halfcheetah_2x3.png", "paired_differences.png"):
+        assert _png_ok(tmp_path / "out" / "assets" / png) and f"](assets/{png})" in readme
 
 
 def test_grid_resumes_from_compact_results_without_the_runs_root(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..grid import Grid
 from .results import ALGO_NAMES, MODE_NAMES, Cell, RunResult, cells_of, run_curve
@@ -80,10 +81,16 @@ def noise_rows(grid: Grid, results: dict[str, RunResult]) -> list[list[str]]:
     return out
 
 
-def paired_section(grid: Grid, results: dict[str, RunResult], md_table) -> str:
+def paired_section(grid: Grid, results: dict[str, RunResult], md_table, assets: Path | None = None) -> str:
+    """The section's markdown; with `assets`, also the figure paired_differences.png there."""
     rows = paired_rows(grid, results)
     if not rows:
         return ""
+    figure = []
+    if assets is not None and any(r.diffs["final"].n for r in rows):
+        from .plots import plot_paired
+        png = plot_paired(rows, assets / "paired_differences.png")
+        figure = [f"![Paired differences]({assets.name}/{png.name})", ""]
     lines = ["## Paired differences (same seeds)", "",
              "A − B per seed, then the mean and its 95% Student-t interval (n − 1 dof) across seeds; "
              "**higher** / **lower** when the interval excludes 0. Same seed = same training env seeds and "
@@ -93,7 +100,7 @@ def paired_section(grid: Grid, results: dict[str, RunResult], md_table) -> str:
              "PS+LoRA's curve continues its PS run's); 'LoRA phase' = the same from the switch step to the "
              "end.", "",
              md_table(["Scenario", "Algo", "A − B", "Seeds", "Final return", "AUC (all steps)",
-                       "AUC (LoRA phase)"], [r.cells() for r in rows]), "",
+                       "AUC (LoRA phase)"], [r.cells() for r in rows]), "", *figure,
              "Final-evaluation noise: standard error of a run's final mean from its own episodes, divided "
              "by the standard deviation of the final means across seeds (below ~0.3 the episode noise "
              "adds under 5% to the seed spread).", "",

@@ -86,3 +86,26 @@ def plot_ablation(cells: list[Cell], title: str, path: Path) -> Path:
         draw_curve(right, cell_curve(cell), cell.label, f"C{x}")
     _style(right, f"{title}: learning curves")
     return _save(fig, path)
+
+
+def plot_paired(rows, path: Path) -> Path:
+    """One panel per measure (final return, AUC, AUC of the LoRA phase): each paired comparison's per-seed
+    differences A - B (x) and their mean with its 95% interval; the dashed line is 0 (no difference)."""
+    plt = _pyplot()
+    measures = (("final", "final return"), ("auc", "AUC (all steps)"), ("auc_phase2", "AUC (LoRA phase)"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.9 + 0.45 * len(rows)), sharey=True, squeeze=False)
+    labels = [f"{r.scenario} {r.algo.upper()}: {MODE_NAMES[r.a.mode]} − {MODE_NAMES[r.b.mode]}" for r in rows]
+    for ax, (key, title) in zip(axes[0], measures):
+        for y, row in enumerate(rows):
+            d = row.diffs[key]
+            if d.n == 0 or any(v != v for v in d.values):  # no data / nan
+                continue
+            ax.plot(d.values, [y] * d.n, "x", color="0.4", alpha=0.7)
+            err = 0.0 if d.n < 2 else d.half_width
+            ax.errorbar([d.mean], [y], xerr=[err], fmt="o", color=f"C{y % 10}", capsize=4)
+        ax.axvline(0.0, color="k", ls="--", lw=0.8)
+        ax.set_title(f"A − B per seed (x), mean ± 95% CI: {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    return _save(fig, path)

@@ -386,7 +386,7 @@ def write_report(grid: Grid, runs_root: Path, out: Path, notes: Path | None = No
                   f"1-minute load average {timings['loadavg_1min']}); cached in `{ASSETS}/{INFERENCE_FILE}`.", ""]
     parts += [scenario_section(grid, results, sc, out, timings) for sc in grid.scenarios]
     parts += [ablation_section(grid, results, out), comparison_section(grid, results),
-              paired_section(grid, results, md_table)]
+              paired_section(grid, results, md_table, out / ASSETS)]
     if notes:
         parts += ["## Reading", "", Path(notes).read_text().rstrip(), ""]
     parts.append(missing_section(results))
