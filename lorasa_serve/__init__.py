@@ -1,16 +1,43 @@
-"""lorasa-serve: train, serve and export LoRASA multi-agent policies (one backbone, one LoRA per agent)."""
-from .artifacts import load_policy, save_policy
-from .engine import ActOutput, Engine
-from .errors import (ArtifactError, CorruptFileError, FingerprintMismatchError, FormatVersionError,
-                     InputError, KeyMismatchError, LorasaError, NonFiniteError, RankAlphaMismatchError,
-                     ShapeMismatchError, SpecError, UnknownAgentError)
-from .network import init_adapter, init_backbone
-from .spec import AgentSpec, LoraSpec, PolicySpec
+"""lorasa-serve: train, serve and export LoRASA multi-agent policies (one backbone, one LoRA per agent).
+
+Names are imported on first use (PEP 562), so `import lorasa_serve.client` needs neither torch nor
+bentoml.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static tools see; at run time these load on first use
+    from .artifacts import load_policy, save_policy
+    from .engine import ActOutput, Engine
+    from .errors import (ArtifactError, CorruptFileError, FingerprintMismatchError, FormatVersionError,
+                         InputError, KeyMismatchError, LorasaError, NonFiniteError, RankAlphaMismatchError,
+                         ShapeMismatchError, SpecError, UnknownAgentError)
+    from .network import init_adapter, init_backbone
+    from .spec import AgentSpec, LoraSpec, PolicySpec
 
 __version__ = "0.1.0"
-__all__ = [
-    "ActOutput", "AgentSpec", "ArtifactError", "CorruptFileError", "Engine",
-    "FingerprintMismatchError", "FormatVersionError", "InputError", "KeyMismatchError", "LoraSpec",
-    "LorasaError", "NonFiniteError", "PolicySpec", "RankAlphaMismatchError", "ShapeMismatchError",
-    "SpecError", "UnknownAgentError", "init_adapter", "init_backbone", "load_policy", "save_policy",
-]
+_WHERE = {
+    "load_policy": "artifacts", "save_policy": "artifacts", "ActOutput": "engine", "Engine": "engine",
+    "init_adapter": "network", "init_backbone": "network", "AgentSpec": "spec", "LoraSpec": "spec",
+    "PolicySpec": "spec",
+    **{name: "errors" for name in (
+        "ArtifactError", "CorruptFileError", "FingerprintMismatchError", "FormatVersionError",
+        "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError", "RankAlphaMismatchError",
+        "ShapeMismatchError", "SpecError", "UnknownAgentError")},
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorasa_serve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

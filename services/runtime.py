@@ -129,9 +129,12 @@ class PolicyRuntime:
                 _run_into(job.future, job.fn)
             acts = [j for j in jobs if j.req is not None]
             for det in (True, False):
-                group = [j for j in acts if j.req.deterministic == det]
+                group = [j for j in acts if j.req.deterministic == det
+                         and (det or j.req.seed is None)]
                 if group:
                     self._serve(group)
+            for job in [j for j in acts if not j.req.deterministic and j.req.seed is not None]:
+                self._serve([job])  # seeded sampling: alone, with its own generator
 
     def _take(self, timeout: float | None) -> list[_Job]:
         """Block for work (at most `timeout` s); then take queued jobs up to max_batch_rows, deferring a
@@ -238,7 +241,10 @@ class PolicyRuntime:
             avail = torch.from_numpy(np.concatenate([
                 r.avail if r.avail is not None else np.ones((r.n, self.spec.act_max), dtype=bool)
                 for r in reqs]))  # [B, act_max]
-        out = self.engine.act(ids, obs, state, reset, avail, deterministic=reqs[0].deterministic)
+        seed = reqs[0].seed if len(reqs) == 1 and not reqs[0].deterministic else None
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        out = self.engine.act(ids, obs, state, reset, avail, deterministic=reqs[0].deterministic,
+                              generator=gen)
         versions = [self.applied[a] for a in ids]
         batch = {"requests": len(reqs), "rows": len(ids)}
         metrics.batch_rows.observe(len(ids))

@@ -3,7 +3,9 @@ an exception inside the batched forward.
 
 Checks are per row and name the row: unknown agent, obs length != the agent's obs_dim, non-numbers,
 NaN/inf (also float32 overflow), action masks of the wrong length or with no available action, state
-of the wrong length, state together with a session, too many rows, unknown fields (typos).
+of the wrong length, state together with a session, too many rows, unknown fields (typos). The
+array-level checks (finite values, padding, avail, state, sessions, row limit) are the ones /v2 uses
+too: services/act_check.py.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class ActRequest:
     avail: np.ndarray | None  # [n, act_max] bool (categorical only; None: all actions available)
     session_id: str | None
     deterministic: bool
+    seed: int | None = None  # sampling seed: the request is served alone with its own generator
 
     @property
     def n(self) -> int:
@@ -86,9 +89,9 @@ def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
             avail = _avail(avail, n, spec, agent.act_dim, row["avail_actions"], i)
         if row.get("state") is not None:
             state = _state(state, n, spec, row["state"], i, sid)
-    if sid is not None and len(set(ids)) != n:
-        raise BadRequest("with a session_id each agent may appear at most once per request")
-    return ActRequest(ids, obs, state, reset, avail, sid, det)
+    from .act_check import agent_table, check_act  # the array checks shared with /v2
+    idx = np.fromiter((agent_table(spec).index[a] for a in ids), dtype=np.int64, count=n)
+    return check_act(spec, max_rows, idx, obs, state, reset, avail, sid, det, ids=ids)
 
 
 def _no_unknown(d: dict, allowed: set[str], where: str) -> None:
@@ -107,7 +110,7 @@ def check_session_id(sid: object) -> str | None:
 
 
 def _floats(x: object, n: int, where: str) -> np.ndarray:
-    """A JSON list of exactly n finite numbers -> float32 [n]."""
+    """A JSON list of exactly n numbers -> float32 [n]."""
     if not isinstance(x, list) or any(isinstance(v, (bool, str)) or v is None for v in x):
         raise BadRequest(f"{where} must be a list of {n} numbers")
     try:
@@ -116,10 +119,8 @@ def _floats(x: object, n: int, where: str) -> np.ndarray:
         raise BadRequest(f"{where} must be a flat list of {n} finite numbers") from None
     if a.shape != (n,):
         raise BadRequest(f"{where} has shape {list(a.shape)}, expected [{n}]")
-    a32 = a.astype(np.float32)
-    if not np.isfinite(a32).all():
-        raise BadRequest(f"{where} contains NaN, inf or a value outside float32 range")
-    return a32
+    with np.errstate(over="ignore"):
+        return a.astype(np.float32)  # NaN/inf/overflow rejected by act_check.check_act
 
 
 def _avail(avail: np.ndarray | None, n: int, spec: PolicySpec, act_dim: int, x: object,

@@ -24,6 +24,8 @@ from starlette.exceptions import HTTPException
 from .config import ServiceConfig
 from .http import NotReady, build_app
 from .model_store import policy_dir_from_tag
+from .oip import V2RootMiddleware, build_oip_app
+from .openapi import OpenAPIMiddleware
 from .process import configure_server
 from .runtime import PolicyRuntime
 
@@ -63,8 +65,10 @@ async def _runtime() -> PolicyRuntime:
 
 
 app = build_app(CONFIG, _runtime)
+oip_app = build_oip_app(CONFIG, _runtime)  # the Open Inference Protocol (KServe v2), services/oip.py
 
 
+@bentoml.asgi_app(oip_app, path="/v2")
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.service(name="lorasa_policy", workers=CONFIG.workers,
                  traffic={"timeout": CONFIG.timeout_s})
@@ -99,3 +103,7 @@ class LorasaPolicy:
         if not self.runtime.ready:
             raise HTTPException(503, f"not ready: state backend unavailable: {self.runtime.state_error}")
         return True
+
+
+LorasaPolicy.add_asgi_middleware(OpenAPIMiddleware)  # /docs.json also describes /v1 and /v2
+LorasaPolicy.add_asgi_middleware(V2RootMiddleware)  # GET /v2: OIP server metadata, no redirect

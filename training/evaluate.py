@@ -50,37 +50,24 @@ def engine_act_fn(engine: ActBackend, info: EnvInfo, n_envs: int) -> ActFn:
 
 
 def http_act_fn(url: str, info: EnvInfo, timeout: float = 30.0) -> ActFn:
-    """Act through the HTTP service (services/, README "HTTP service"): one POST {url}/v1/act per step
-    with every env's agents as rows, each row carrying its recurrent state and reset flag (the
-    stateless form of the contract; the response returns the next state per row)."""
-    import requests
-    session = requests.Session()
+    """Act through the HTTP service (services/, README "HTTP service") with `lorasa_serve.client`:
+    one binary Open Inference Protocol request per step with every env's agents as rows, each row
+    carrying its recurrent state and reset flag (the stateless form; the next state comes back)."""
+    from lorasa_serve.client import PolicyClient
+    client = PolicyClient(url, timeout=timeout)
     N, categorical = info.n_agents, info.action == "categorical"
+    obs_max, act_max = max(info.obs_dims), max(info.act_dims)
+    own_obs = np.arange(obs_max) < np.asarray(info.obs_dims)[:, None]  # [N, obs_max]
+    own_act = np.arange(act_max) < np.asarray(info.act_dims)[:, None]  # [N, act_max]
 
     def act(obs, avail, state, reset):
         E = obs.shape[0]
-        rows = []
-        for e in range(E):
-            for i, (agent, od, ad) in enumerate(zip(info.agent_ids, info.obs_dims, info.act_dims)):
-                row = {"agent_id": agent, "obs": obs[e, i, :od].tolist(), "reset": bool(reset[e])}
-                if state is not None:
-                    row["state"] = state[e * N + i]
-                if categorical:
-                    row["avail_actions"] = avail[e, i, :ad].astype(int).tolist()
-                rows.append(row)
-        r = session.post(f"{url.rstrip('/')}/v1/act", json={"rows": rows, "deterministic": True},
-                         timeout=timeout)
-        if r.status_code != 200:
-            raise RuntimeError(f"{url}/v1/act returned HTTP {r.status_code}: {r.text[:300]}")
-        out = r.json()
-        if categorical:
-            actions = np.asarray(out["actions"], np.int64).reshape(E, N)
-        else:
-            actions = np.zeros((E * N, info.act_max), np.float32)
-            for k, a in enumerate(out["actions"]):
-                actions[k, :len(a)] = a
-            actions = actions.reshape(E, N, -1)
-        return actions, out.get("state")
+        obs = np.where(own_obs, obs[:, :, :obs_max], 0).reshape(E * N, obs_max)
+        mask = (avail[:, :, :act_max].astype(bool) & own_act).reshape(E * N, act_max) if categorical else None
+        out = client.act(np.tile(np.asarray(info.agent_ids, dtype=object), E), obs.astype(np.float32),
+                         None if state is None else np.asarray(state, np.float32), np.repeat(reset, N), mask)
+        actions = out.actions.reshape(E, N) if categorical else out.actions.reshape(E, N, -1)
+        return actions, out.state
 
     return act
 

@@ -1,0 +1,281 @@
+"""The Open Inference Protocol (KServe v2) REST API: a Starlette app mounted by the service at /v2.
+
+One model (`LORASA_MODEL_NAME`, default `lorasa_policy`), with the binary tensor data extension.
+Inference goes through the same array validator (services/act_check.py), batcher and Engine as
+/v1: a request becomes the `ActRequest` that `PolicyRuntime.submit` takes.
+
+    inputs   agent_id BYTES [B] | agent_index INT64 [B], obs FP32 [B, obs_max],
+             state FP32 [B, hidden], reset BOOL [B], avail BOOL [B, act_max]
+    outputs  action FP32 [B, act_max] (Gaussian) | INT64 [B] (Categorical), log_prob FP32 [B],
+             state_out FP32 [B, hidden], version INT64 [B]
+    parameters  deterministic (default true), session_id, seed, binary_data_output
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import lorasa_serve
+from lorasa_serve.oip_codec import HEADER, Tensor, TensorError, decode, encode, split_body
+from lorasa_serve.spec import PolicySpec
+
+from . import metrics
+from .act_check import agent_table, check_act
+from .config import ServiceConfig
+from .http import NotReady, _body, _guard, _http_error
+from .runtime import ActResult, PolicyRuntime
+from .schema import ActRequest, BadRequest, check_session_id
+
+MODEL_NAME = os.environ.get("LORASA_MODEL_NAME", "lorasa_policy")
+MODEL_VERSION = "1"
+PARSE_IN_THREAD_BYTES = 256 * 1024  # binary bodies parse in microseconds per MB; JSON does not
+REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
+PARAMETERS = {"deterministic", "session_id", "seed", "binary_data_output"}
+INPUT_TYPES = {"agent_id": ("BYTES",), "agent_index": ("INT64", "INT32"), "obs": ("FP32",),
+               "state": ("FP32",), "reset": ("BOOL",), "avail": ("BOOL",)}
+OUTPUTS = ("action", "log_prob", "state_out", "version")
+
+
+@dataclass
+class InferCall:
+    req: ActRequest
+    outputs: list[tuple[str, bool]]  # (name, binary) in response order
+    request_id: str | None
+
+
+def model_metadata(spec: PolicySpec, name: str = MODEL_NAME) -> dict:
+    """Inputs and outputs with datatypes and shapes (-1: the batch dimension) from the policy."""
+    inputs = [{"name": "agent_id", "datatype": "BYTES", "shape": [-1]},
+              {"name": "agent_index", "datatype": "INT64", "shape": [-1]},
+              {"name": "obs", "datatype": "FP32", "shape": [-1, spec.obs_max]},
+              {"name": "reset", "datatype": "BOOL", "shape": [-1]}]
+    if spec.recurrent:
+        inputs.append({"name": "state", "datatype": "FP32", "shape": [-1, spec.hidden]})
+    if spec.action == "categorical":
+        inputs.append({"name": "avail", "datatype": "BOOL", "shape": [-1, spec.act_max]})
+        action = {"name": "action", "datatype": "INT64", "shape": [-1]}
+    else:
+        action = {"name": "action", "datatype": "FP32", "shape": [-1, spec.act_max]}
+    outputs = [action, {"name": "log_prob", "datatype": "FP32", "shape": [-1]},
+               {"name": "version", "datatype": "INT64", "shape": [-1]}]
+    if spec.recurrent:
+        outputs.insert(2, {"name": "state_out", "datatype": "FP32", "shape": [-1, spec.hidden]})
+    return {"name": name, "versions": [MODEL_VERSION], "platform": "lorasa_serve", "inputs": inputs,
+            "outputs": outputs,
+            "parameters": {"agents": [{"agent_id": a.agent_id, "obs_dim": a.obs_dim, "act_dim": a.act_dim}
+                                      for a in spec.agents],
+                           "backbone_fingerprint": spec.backbone_fingerprint}}
+
+
+def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_rows: int) -> InferCall:
+    """An infer request body -> the checked ActRequest and the outputs to return."""
+    try:
+        head, binary = split_body(body, header_length)
+        extra = sorted(set(head) - REQUEST_FIELDS)
+        if extra:
+            raise BadRequest(f"unknown request fields {extra}; allowed {sorted(REQUEST_FIELDS)}")
+        params = head.get("parameters", {})
+        if not isinstance(params, dict) or set(params) - PARAMETERS:
+            raise BadRequest(f"unknown request parameters {sorted(set(params) - PARAMETERS)}; allowed "
+                             f"{sorted(PARAMETERS)}" if isinstance(params, dict) else
+                             "'parameters' must be an object")
+        _check_rows(head.get("inputs"), max_rows)
+        tensors = decode(head, binary, "inputs").tensors
+    except TensorError as e:
+        raise BadRequest(str(e)) from None
+    det = _param(params, "deterministic", bool, True)
+    seed = _param(params, "seed", int, None)
+    if seed is not None and not 0 <= seed < 1 << 63:
+        raise BadRequest("parameter 'seed' must be an integer in [0, 2**63)")
+    req = _act_request(tensors, spec, max_rows, det, check_session_id(params.get("session_id")), seed)
+    outputs = _requested(head.get("outputs"), spec, req, _param(params, "binary_data_output", bool, False))
+    rid = head.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest("'id' must be a string")
+    return InferCall(req, outputs, rid)
+
+
+def _check_rows(inputs: object, max_rows: int) -> None:
+    """413 before any tensor is decoded when a declared batch dimension is over the limit."""
+    for t in inputs if isinstance(inputs, list) else ():
+        shape = t.get("shape") if isinstance(t, dict) else None
+        if isinstance(shape, list) and shape and isinstance(shape[0], int) and shape[0] > max_rows:
+            raise BadRequest(f"{shape[0]} rows is over the limit of {max_rows} per request", 413)
+
+
+def _param(params: dict, name: str, typ: type, default):
+    v = params.get(name, default)
+    if v is not default and (not isinstance(v, typ) or isinstance(v, bool) != (typ is bool)):
+        raise BadRequest(f"parameter {name!r} must be {'true or false' if typ is bool else 'an integer'}")
+    return v
+
+
+def _act_request(tensors: dict[str, Tensor], spec: PolicySpec, max_rows: int, det: bool,
+                 sid: str | None, seed: int | None) -> ActRequest:
+    unknown = sorted(set(tensors) - set(INPUT_TYPES))
+    if unknown:
+        raise BadRequest(f"unknown inputs {unknown}; allowed {sorted(INPUT_TYPES)}")
+    for name, t in tensors.items():
+        if t.datatype not in INPUT_TYPES[name]:
+            raise BadRequest(f"input {name!r} must be {' or '.join(INPUT_TYPES[name])}, not {t.datatype}")
+    if ("agent_id" in tensors) == ("agent_index" in tensors):
+        raise BadRequest("send exactly one of the inputs 'agent_id' (BYTES) and 'agent_index' (INT64)")
+    if "obs" not in tensors:
+        raise BadRequest("input 'obs' is required")
+    idx = _agent_index(tensors, spec)  # [B]
+    n = len(idx)
+    arr = {k: t.array for k, t in tensors.items()}
+    for name in ("obs", "state", "avail"):
+        if name in arr and (arr[name].ndim != 2 or arr[name].shape[0] != n):
+            raise BadRequest(f"input {name!r} has shape {list(arr[name].shape)}; the agent input says "
+                             f"{n} rows, so it must be [{n}, ...]")
+    if "reset" in arr and arr["reset"].shape != (n,):
+        raise BadRequest(f"input 'reset' has shape {list(arr['reset'].shape)}, expected [{n}]")
+    state = arr.get("state")
+    if state is not None and not state.flags.writeable:
+        state = state.copy()  # torch.from_numpy wants a writable array; [B, hidden] is small
+    return check_act(spec, max_rows, idx, arr["obs"], state, arr.get("reset"), arr.get("avail"),
+                     sid, det, seed)
+
+
+def _agent_index(tensors: dict[str, Tensor], spec: PolicySpec) -> np.ndarray:
+    if "agent_index" in tensors:
+        idx = tensors["agent_index"].array
+        if idx.ndim != 1:
+            raise BadRequest(f"input 'agent_index' must be 1-D [B], not {list(idx.shape)}")
+        return idx.astype(np.int64, copy=False)
+    ids = tensors["agent_id"].array
+    if ids.ndim != 1:
+        raise BadRequest(f"input 'agent_id' must be 1-D [B], not {list(ids.shape)}")
+    lut = agent_table(spec).byte_index
+    idx = np.fromiter((lut.get(b, -1) for b in ids), dtype=np.int64, count=len(ids))
+    bad = np.flatnonzero(idx < 0)
+    if len(bad):
+        raw = ids[bad[0]]
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest(f"row {int(bad[0])}: agent_id {raw[:64]!r} is not UTF-8") from None
+        raise BadRequest(f"row {int(bad[0])}: unknown agent_id {name!r}; serving {spec.agent_ids}")
+    return idx
+
+
+def _requested(outputs: object, spec: PolicySpec, req: ActRequest, binary_default: bool
+               ) -> list[tuple[str, bool]]:
+    available = [o for o in OUTPUTS if spec.recurrent or o != "state_out"]
+    if outputs is None:  # all, except the state a session keeps on the server
+        return [(o, binary_default) for o in available
+                if not (o == "state_out" and req.session_id is not None)]
+    if not isinstance(outputs, list) or not outputs:
+        raise BadRequest("'outputs' must be a non-empty list of {name, parameters}")
+    out, seen = [], set()
+    for o in outputs:
+        name = o.get("name") if isinstance(o, dict) else None
+        if name not in available:
+            raise BadRequest(f"unknown output {name!r}; available {available}")
+        if name in seen:
+            raise BadRequest(f"output {name!r} requested twice")
+        seen.add(name)
+        params = o.get("parameters", {})
+        if not isinstance(params, dict):
+            raise BadRequest(f"output {name!r}: parameters must be an object")
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise BadRequest(f"output {name!r}: binary_data must be true or false")
+        out.append((name, binary))
+    return out
+
+
+def encode_result(call: InferCall, spec: PolicySpec, res: ActResult) -> tuple[bytes, int | None]:
+    arrays = {"action": ("FP32" if spec.action == "gaussian" else "INT64", res.actions),
+              "log_prob": ("FP32", res.log_probs),
+              "state_out": ("FP32", res.state),
+              "version": ("INT64", np.asarray(res.versions, dtype=np.int64))}
+    tensors = [(name, *arrays[name], binary) for name, binary in call.outputs]
+    head = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION}
+    if call.request_id is not None:
+        head["id"] = call.request_id
+    return encode(head, "outputs", tensors)
+
+
+def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRuntime]]) -> Starlette:
+
+    def model(request: Request) -> None:
+        name = request.path_params["model"]
+        version = request.path_params.get("version", MODEL_VERSION)
+        if name != MODEL_NAME or version != MODEL_VERSION:
+            raise BadRequest(f"unknown model {name!r} version {version!r}; serving {MODEL_NAME!r} "
+                             f"version {MODEL_VERSION!r}", 404)
+
+    async def server_metadata(request: Request) -> JSONResponse:
+        return JSONResponse({"name": "lorasa-serve", "version": lorasa_serve.__version__,
+                             "extensions": ["binary_tensor_data"]})
+
+    async def live(request: Request) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> JSONResponse:
+        await get_runtime()  # NotReady -> 503
+        return JSONResponse({"ready": True})
+
+    async def model_ready(request: Request) -> JSONResponse:
+        model(request)
+        await get_runtime()
+        return JSONResponse({"name": MODEL_NAME, "ready": True})
+
+    async def metadata(request: Request) -> JSONResponse:
+        model(request)
+        return JSONResponse(model_metadata((await get_runtime()).spec))
+
+    async def infer(request: Request) -> Response:
+        model(request)
+        rt = await get_runtime()
+        body = await _body(request, cfg.max_body_bytes)
+        hlen = request.headers.get(HEADER)
+        parse = lambda: parse_infer(body, hlen, rt.spec, cfg.max_rows_per_request)  # noqa: E731
+        # JSON tensors are slow to parse: big ones go off the event loop; binary ones stay on it
+        slow = len(body) > PARSE_IN_THREAD_BYTES and not (
+            hlen is not None and hlen.isdigit() and int(hlen) <= PARSE_IN_THREAD_BYTES)
+        call = await asyncio.to_thread(parse) if slow else parse()
+        res = await asyncio.wrap_future(rt.submit(call.req))
+        metrics.act_requests.labels(outcome="ok").inc()
+        out, header_len = encode_result(call, rt.spec, res)
+        if header_len is None:
+            return Response(out, media_type="application/json")
+        return Response(out, media_type="application/octet-stream", headers={HEADER: str(header_len)})
+
+    prefix = "/models/{model}"
+    routes = [Route("/", _guard(server_metadata), methods=["GET"]),
+              Route("/health/live", _guard(live), methods=["GET"]),
+              Route("/health/ready", _guard(ready), methods=["GET"])]
+    for p in (prefix, prefix + "/versions/{version}"):
+        routes += [Route(p, _guard(metadata), methods=["GET"]),
+                   Route(p + "/ready", _guard(model_ready), methods=["GET"]),
+                   Route(p + "/infer", _guard(infer), methods=["POST"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+class V2RootMiddleware:
+    """ASGI middleware: `GET /v2` (server metadata) is answered by the mounted app's "/" route
+    instead of Starlette's redirect to /v2/, which OIP clients do not follow."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/v2":
+            scope = {**scope, "path": "/v2/", "raw_path": b"/v2/"}
+        await self.app(scope, receive, send)
+
+
+__all__ = ["MODEL_NAME", "NotReady", "V2RootMiddleware", "build_oip_app", "model_metadata",
+           "parse_infer"]

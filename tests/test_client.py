@@ -1,0 +1,149 @@
+"""lorasa_serve.client against a real `bentoml serve` of a categorical recurrent policy: equality with
+Engine.act (avail masks, state, reset, seeded sampling), sessions, typed errors, bounded 503 retries
+honouring Retry-After, one kept-alive connection, and importing it without torch or bentoml."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_policy, require_extra
+
+require_extra("serve", "starlette", "bentoml")
+require_extra("dev", "requests")
+from lorasa_serve import Engine  # noqa: E402
+from lorasa_serve.client import ClientError, PolicyClient, ServerUnavailable  # noqa: E402
+from services.launch import REPO, ServerProcess  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("client")
+    spec, _, _ = make_policy(root / "policy", obs=(7, 5), act=(4, 3), action="categorical")
+    env = {"LORASA_POLICY": str(root / "policy"), "LORASA_STATE_DIR": str(root / "state"),
+           "LORASA_MAX_ROWS_PER_REQUEST": "64"}
+    with ServerProcess(env, root / "server.log") as server:
+        server.spec = spec
+        server.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
+        yield server
+
+
+def sample(spec, n, seed):
+    g = np.random.default_rng(seed)
+    ids = [spec.agent_ids[k] for k in g.integers(0, len(spec.agents), n)]
+    dims = np.array([spec.agent(a).obs_dim for a in ids])
+    obs = (g.standard_normal((n, spec.obs_max)) * (np.arange(spec.obs_max) < dims[:, None])).astype(np.float32)
+    avail = g.random((n, spec.act_max)) < 0.6
+    avail[np.arange(n), 0] = True  # at least one action per row
+    return ids, obs, g.standard_normal((n, spec.hidden)).astype(np.float32), g.random(n) < 0.3, avail
+
+
+def engine_act(srv, ids, obs, state=None, reset=None, avail=None, generator=None):
+    t = lambda x: None if x is None else torch.tensor(x)  # noqa: E731
+    return srv.engine.act(ids, t(obs), t(state), t(reset), t(avail), deterministic=generator is None,
+                          generator=generator)
+
+
+def test_act_equals_engine_act(srv):
+    ids, obs, state, reset, avail = sample(srv.spec, 21, 0)
+    with PolicyClient(srv.url) as c:
+        for agents in (ids, np.array([srv.spec.agent_ids.index(a) for a in ids])):
+            out = c.act(agents, obs, state, reset, avail)
+            want = engine_act(srv, ids, obs, state, reset, avail)
+            assert out.actions.dtype == np.int64 and out.actions.shape == (21,)
+            np.testing.assert_array_equal(out.actions, want.actions.numpy())
+            np.testing.assert_allclose(out.log_probs, want.log_probs.numpy(), atol=1e-5)
+            np.testing.assert_allclose(out.state, want.state.numpy(), atol=1e-5)
+            assert out.versions.tolist() == [1] * 21
+            assert avail[np.arange(21), out.actions].all()
+        seeded = c.act(ids, obs, state, reset, avail, deterministic=False, seed=99)
+        want = engine_act(srv, ids, obs, state, reset, avail, torch.Generator().manual_seed(99))
+        np.testing.assert_array_equal(seeded.actions, want.actions.numpy())
+        conn = c._conn
+        for _ in range(3):
+            c.act(ids[:2], obs[:2])
+        assert c._conn is conn, "the keep-alive connection was not reused"
+
+
+def test_sessions(srv):
+    spec = srv.spec
+    ids, obs, _, _, avail = sample(spec, 2, 5)
+    ids = spec.agent_ids
+    obs = obs * (np.arange(spec.obs_max) < np.array([spec.agent(a).obs_dim for a in ids])[:, None])
+    with PolicyClient(srv.url) as c:
+        ep = c.session("client-ep")
+        state = None
+        for t in range(3):
+            out = ep.act(ids, obs * (t + 1), avail=avail, reset=[t == 0] * 2)
+            want = engine_act(srv, ids, obs * (t + 1), state, None, avail)
+            np.testing.assert_allclose(out.log_probs, want.log_probs.numpy(), atol=1e-5)
+            assert out.state is None  # kept on the server
+            state = want.state.numpy()
+        assert ep.reset() and not ep.reset()
+        out = ep.act(ids, obs, avail=avail)
+        np.testing.assert_allclose(out.log_probs, engine_act(srv, ids, obs, avail=avail).log_probs.numpy(),
+                                   atol=1e-5)
+
+
+def test_typed_errors(srv):
+    with PolicyClient(srv.url) as c:
+        with pytest.raises(ClientError) as e:
+            c.act(["agent_0"], np.zeros((1, 3), np.float32))
+        assert e.value.status == 400 and "expected [1, 7]" in e.value.message
+        with pytest.raises(ClientError) as e:
+            c.act(["nobody"], np.zeros((1, 7), np.float32))
+        assert e.value.status == 400 and "unknown agent_id 'nobody'" in e.value.message
+        with pytest.raises(ClientError) as e:
+            c.act(["agent_0"] * 65, np.zeros((65, 7), np.float32))
+        assert e.value.status == 413
+        with pytest.raises(ClientError) as e:
+            c.act(["agent_0"], np.full((1, 7), np.nan, np.float32))
+        assert "NaN" in e.value.message
+        assert c.act(["agent_1"], np.zeros((1, 7), np.float32)).actions.shape == (1,)  # still fine
+    with pytest.raises(ClientError) as e:
+        PolicyClient(srv.url, model="other").act(["agent_0"], np.zeros((1, 7), np.float32))
+    assert e.value.status == 404
+
+
+def test_503_is_retried_honouring_retry_after_then_raised(tmp_path):
+    """A server whose policy cannot load answers 503 (Retry-After: 1) forever: the client waits
+    what it says (capped), a bounded number of times, then raises ServerUnavailable."""
+    make_policy(tmp_path / "broken")
+    data = (tmp_path / "broken" / "backbone.safetensors").read_bytes()
+    (tmp_path / "broken" / "backbone.safetensors").write_bytes(data[:100])
+    server = ServerProcess({"LORASA_POLICY": str(tmp_path / "broken")}, tmp_path / "server.log").start()
+    try:
+        c = PolicyClient(server.url, retries=3, max_retry_wait_s=0.3)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the server answers at all
+            try:
+                c.act(["agent_0"], np.zeros((1, 6), np.float32))
+            except ServerUnavailable as e:
+                if e.status == 503:
+                    break
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable) as e:
+            c.act(["agent_0"], np.zeros((1, 6), np.float32))
+        assert e.value.status == 503 and "not ready" in e.value.message
+        assert 0.9 <= time.monotonic() - t0 < 10  # 3 waits of min(Retry-After 1 s, cap 0.3 s)
+    finally:
+        server.stop()
+    with pytest.raises(ServerUnavailable) as e:  # nobody listening: bounded, then typed
+        PolicyClient(server.url, retries=1, max_retry_wait_s=0.1).act(["agent_0"], np.zeros((1, 6)))
+    assert e.value.status == 0
+
+
+def test_client_imports_without_torch_or_bentoml():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['bentoml'] = None\n"
+            "import lorasa_serve.client as c, lorasa_serve\n"
+            "assert c.PolicyClient and lorasa_serve.__version__\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+            "try:\n    lorasa_serve.Engine\nexcept ImportError:\n    print('engine needs torch')\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "engine needs torch", r.stderr

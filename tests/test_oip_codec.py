@@ -1,0 +1,144 @@
+"""The OIP tensor codec and the shared array validator, checked against slow obvious references
+(no server): binary and JSON round trips, BYTES splitting (vectorised and looped), the padding and
+avail rules of `check_act` row by row, and /v1's parse_act going through the same validator."""
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from conftest import make_policy, require_extra
+
+require_extra("serve", "starlette")
+from lorasa_serve.oip_codec import TensorError, decode_body, encode, encode_parts  # noqa: E402
+from services.act_check import check_act  # noqa: E402
+from services.oip import parse_infer  # noqa: E402
+from services.schema import BadRequest, parse_act  # noqa: E402
+
+
+def reference_bytes(elems: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elems)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_round_trip_every_datatype(binary):
+    g = np.random.default_rng(0)
+    tensors = [("f32", "FP32", g.standard_normal((3, 4)).astype(np.float32), binary),
+               ("f64", "FP64", g.standard_normal(5), binary),
+               ("i64", "INT64", g.integers(-2**40, 2**40, (2, 3)), binary),
+               ("i32", "INT32", g.integers(-9, 9, 4).astype(np.int32), binary),
+               ("b", "BOOL", g.random((2, 2)) < 0.5, binary),
+               ("s", "BYTES", np.array([b"agent_0", b"a", "\u00e9t\u00e9".encode()], object), binary),
+               ("empty", "FP32", np.zeros((0, 3), np.float32), binary)]
+    body, hlen = encode({"id": "x"}, "inputs", tensors)
+    assert (hlen is None) == (not binary)
+    parts, hlen2 = encode_parts({"id": "x"}, "inputs", tensors)  # zero-copy views where possible
+    assert b"".join(parts) == body and hlen2 == hlen
+    assert not binary or any(isinstance(p, memoryview) for p in parts)
+    msg = decode_body(body, hlen, "inputs")
+    assert msg.header["id"] == "x" and list(msg.tensors) == [t[0] for t in tensors]
+    for name, dt, arr, _ in tensors:
+        got = msg.tensors[name].array
+        assert got.shape == arr.shape and msg.tensors[name].datatype == dt
+        if dt == "BYTES":
+            assert got.tolist() == arr.tolist()
+        else:
+            np.testing.assert_array_equal(got, arr)
+            assert got.dtype == arr.dtype or dt in ("INT32",)
+
+
+def test_huge_declared_bytes_shape_is_rejected_before_allocating():
+    raw = reference_bytes([b"agent_0"])
+    head = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [1, 1 << 39],
+                        "parameters": {"binary_data_size": len(raw)}}]}
+    j = json.dumps(head).encode()
+    with pytest.raises(TensorError, match="cannot hold"):
+        decode_body(j + raw, len(j), "inputs")
+
+
+def test_bytes_split_fast_path_equals_loop():
+    same = [f"agent_{i}".encode() for i in range(7)]  # one length: the vectorised split
+    mixed = [b"", b"a", b"agent_10", b"\x00\x01", b"zz"]  # the loop
+    for elems in (same, mixed, [b""] * 3):
+        raw = reference_bytes(elems)
+        head = {"inputs": [{"name": "s", "datatype": "BYTES", "shape": [len(elems)],
+                            "parameters": {"binary_data_size": len(raw)}}]}
+        j = json.dumps(head).encode()
+        assert decode_body(j + raw, len(j), "inputs").tensors["s"].array.tolist() == elems
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"datatype": "FP32", "shape": [2], "data": [1.0, "x"]}, "string"),
+    ({"datatype": "FP32", "shape": [2], "data": [[1.0], [2.0, 3.0]]}, "ragged"),
+    ({"datatype": "INT64", "shape": [1], "data": [1.5]}, "floating-point"),
+    ({"datatype": "INT64", "shape": [1], "data": [2**70]}, "mixed"),
+    ({"datatype": "INT32", "shape": [1], "data": [2**40]}, "INT32 range"),
+    ({"datatype": "BOOL", "shape": [1], "data": [1]}, "integer"),
+    ({"datatype": "FP32", "shape": [2, 2], "data": [[1.0, 2.0, 3.0, 4.0]]}, r"shape is \[2, 2\]"),
+    ({"datatype": "FP32", "shape": [-1], "data": []}, "non-negative"),
+    ({"datatype": "FP32", "shape": [1], "data": [1.0], "extra": 1}, "unknown fields"),
+    ({"datatype": "BYTES", "shape": [1], "data": [3]}, "strings"),
+    ({"datatype": "FP32", "shape": [1]}, "neither"),
+    ({"datatype": "FP32", "shape": [2] * 100_000, "data": []}, "at most 16"),
+])
+def test_json_tensors_are_strict(bad, msg):
+    body = json.dumps({"inputs": [{"name": "t", **bad}]}).encode()
+    with pytest.raises(TensorError, match=msg):
+        decode_body(body, None, "inputs")
+
+
+def reference_padding_error(spec, idx, obs):
+    """Row by row: the first (row, column) past the agent's obs_dim that is not zero."""
+    for i, k in enumerate(idx):
+        d = spec.agents[k].obs_dim
+        for c in range(d, spec.obs_max):
+            if obs[i, c] != 0:
+                return i, c
+    return None
+
+
+def test_check_act_padding_and_avail_match_row_by_row_reference(tmp_path):
+    spec, _, _ = make_policy(tmp_path / "p", obs=(4, 7, 5), act=(2, 4, 3), action="categorical")
+    g = np.random.default_rng(1)
+    for trial in range(60):
+        n = int(g.integers(1, 12))
+        idx = g.integers(0, 3, n)
+        obs = g.standard_normal((n, spec.obs_max)).astype(np.float32)
+        obs *= np.arange(spec.obs_max) < np.array([spec.agents[k].obs_dim for k in idx])[:, None]
+        if trial % 2:
+            obs[g.integers(0, n), g.integers(0, spec.obs_max)] = 1.0  # maybe past an obs_dim
+        avail = g.random((n, spec.act_max)) < 0.4
+        want = reference_padding_error(spec, idx, obs)
+        own = np.array([[c < spec.agents[k].act_dim for c in range(spec.act_max)] for k in idx])
+        empty = [i for i in range(n) if not (avail[i] & own[i]).any()]
+        try:
+            req = check_act(spec, 64, idx, obs, avail=avail)
+        except BadRequest as e:
+            if want is not None:
+                assert f"row {want[0]} " in e.message and f"obs column {want[1]} " in e.message
+            else:
+                assert empty and f"row {empty[0]}: avail has no available action" in e.message
+            continue
+        assert want is None and not empty
+        np.testing.assert_array_equal(req.avail, avail & own)
+        assert req.agent_ids == [spec.agents[k].agent_id for k in idx]
+
+
+def test_v1_parse_act_uses_the_shared_checks(tmp_path):
+    spec, _, _ = make_policy(tmp_path / "p", obs=(6, 5, 6), act=(2, 3, 2))
+    row = {"agent_id": "agent_1", "obs": [0.5] * 5, "state": [0.0] * spec.hidden}
+    req = parse_act({"rows": [row]}, spec, 8)
+    assert req.obs.shape == (1, 6) and req.obs[0, 5] == 0 and req.state.shape == (1, spec.hidden)
+    for bad, msg in [({**row, "obs": [1e39] + [0.0] * 4}, "row 0: obs contains NaN, inf or a value outside float32"),
+                     ({**row, "state": [float("nan")] * spec.hidden}, "row 0: state contains NaN")]:
+        with pytest.raises(BadRequest, match=msg):
+            parse_act({"rows": [bad]}, spec, 8)
+    # the same rows through /v2 give the same ActRequest
+    obs = np.zeros((1, 6), np.float32)
+    obs[0, :5] = 0.5
+    body, hlen = encode({}, "inputs", [("agent_id", "BYTES", np.array([b"agent_1"], object), True),
+                                       ("obs", "FP32", obs, True),
+                                       ("state", "FP32", np.zeros((1, spec.hidden), np.float32), False)])
+    v2 = parse_infer(body, str(hlen), spec, 8).req
+    assert v2.agent_ids == req.agent_ids and np.array_equal(v2.obs, req.obs) and np.array_equal(v2.state, req.state)
