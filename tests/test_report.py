@@ -2,6 +2,8 @@
 their base run's part, and a tiny grid trained through run_grid and written up end to end."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import re
@@ -121,7 +123,7 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert "PS+LoRA vs PS" in readme and "lorasa-report run" in readme
 
     pngs = sorted(p.name for p in (out / "assets").glob("*.png"))
-    assert pngs == ["ablation_rank.png", "curves_halfcheetah_2x3.png"]
+    assert pngs == ["ablation_rank.png", "curves_halfcheetah_2x3.png", "paired_differences.png"]
     assert all(_png_ok(out / "assets" / p) for p in pngs)
     for p in pngs:
         assert f"](assets/{p})" in readme
@@ -137,3 +139,152 @@ def test_paired_differences_and_table_cells():
     assert " higher " in _paired_text(Stats((245.0, 205.0, 190.0)))  # the interval excludes 0
     table = md_table(["Scenario", "x"], [["Humanoid 9|8", "1"]])
     assert table.splitlines()[2] == "| Humanoid 9\\|8 | 1 |"  # one cell, not two
+
+
+# --- issue 16: compact results, plan, paired statistics ----------------------------------------------
+def test_normalised_auc_and_paired_differences_by_hand():
+    from training.report.stats import normalised_auc, paired_differences
+    curve = [(0, 0.0), (10, 10.0), (20, 10.0)]
+    assert normalised_auc(curve) == pytest.approx((50 + 100) / 20)
+    assert normalised_auc(curve, start=5) == pytest.approx((5 * 7.5 + 100) / 15)  # interpolated at 5
+    assert normalised_auc(list(reversed(curve)), end=10) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        normalised_auc(curve, start=30)
+    d = paired_differences({1: 3.0, 2: 5.0, 3: 4.0}, {1: 1.0, 2: 2.0, 3: 4.0, 4: 9.0})
+    assert d.values == (2.0, 3.0, 0.0)  # seed 4 has no partner
+
+
+def test_episode_noise_ratio_by_hand():
+    from training.report.stats import episode_noise_ratio
+    runs = [[0.0, 2.0], [10.0, 12.0], [20.0, 22.0]]  # episode var 2, n 2 -> SE 1; means 1, 11, 21 -> SD 10
+    assert episode_noise_ratio(runs) == pytest.approx(0.1)
+    assert math.isnan(episode_noise_ratio([[1.0, 2.0]]))
+
+
+def test_simulated_schedule_follows_the_runner():
+    from training.grid import Run
+    from training.report.plan import simulate
+    a, c = Run("a", "p", "main", "m", 1, ()), Run("c", "p", "main", "m", 1, ())
+    b = Run("b", "p", "main", "m", 1, (), needs="a")
+    # jobs 2: a and (b waits) c start at 0; c ends at 8, a at 10, then b runs 10 -> 15
+    assert simulate([a, b, c], {"a": 10.0, "b": 5.0, "c": 8.0}, jobs=2) == pytest.approx(15.0)
+    assert simulate([a, b, c], {"a": 10.0, "b": 5.0, "c": 8.0}, jobs=1) == pytest.approx(23.0)
+    assert simulate([b], {"b": 5.0}, jobs=2) == pytest.approx(5.0)  # its base is done: not waited for
+
+
+def test_plan_of_the_budget_grid(tmp_path, capsys):
+    """reports/grid_budget.toml: >= 5 seeds, several times the 300k budget, about 3 hours on 2 cores by
+    the grid's own measured rates; `lorasa-report plan` prints runs x steps / rate."""
+    import tomllib
+    from training.report.plan import plan
+    path = Path(__file__).parent.parent / "reports" / "grid_budget.toml"
+    raw, grid = tomllib.loads(path.read_text()), Grid.load(path)
+    assert len(grid.seeds) >= 5 and {sc["preset"] for sc in grid.scenarios} == {"halfcheetah_2x3", "humanoid_9_8"}
+    assert all(grid.budget(sc)[0] >= 3 * 300_000 for sc in grid.scenarios)
+    expected = 0.0
+    for sc in raw["scenarios"]:
+        total, switch = sc.get("total_steps", raw["total_steps"]), sc.get("switch_step", raw["switch_step"])
+        for m in sc["methods"]:
+            steps = total - switch if m.endswith("lorasa") else total
+            expected += len(raw["seeds"]) * steps / raw["plan"]["steps_per_s"][sc["preset"]][m]
+    rows, wall = plan(grid, tmp_path / "no-runs", jobs=2)
+    assert sum(r.run_seconds for r in rows) == pytest.approx(expected)
+    assert expected / 2 <= wall <= expected / 2 * 1.1  # the schedule packs the 2 cores
+    assert 2.5 * 3600 <= wall <= 3.5 * 3600
+    report_main(["plan", str(path), "--runs", str(tmp_path / "no-runs")])
+    assert f"{expected / 3600:.2f} run-hours" in capsys.readouterr().out
+
+
+def _write_compact(d: Path, summary: dict, rows: list[tuple[int, str, float]]) -> None:
+    from training.config import preset
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "state.json").write_text(json.dumps({"config": preset("halfcheetah_2x3").to_dict()}))
+    lines = ["env_steps,phase,eval_return"] + [f"{s},{p},{v}" for s, p, v in rows]
+    (d / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_paired_section_from_synthetic_compact_results(tmp_path):
+    """Runs that exist only as compact results (no runs root): PS, PS+LoRA, NPS with known curves and
+    final returns; the paired table's numbers are computed by hand."""
+    from training.report.writer import write_report
+    (tmp_path / "g.toml").write_text("\n".join([
+        "seeds = [1, 2, 3]", "total_steps = 400", "switch_step = 200", "eval_every = 100",
+        "[[scenarios]]", 'preset = "halfcheetah_2x3"', 'methods = ["mappo:ps", "mappo:lorasa", "mappo:nps"]']))
+    grid = Grid.load(tmp_path / "g.toml")
+    base = {"env": "HalfCheetah 2x3", "algo": "mappo", "env_steps": 400, "groups": [0, 0],
+            "trainable_params": 10, "actor_params": 10, "train_wall_s": 2.0, "init_from": ""}
+    for s in (1, 2, 3):
+        def final(v):
+            return {"episodes": 2, "mean_return": v, "returns": [v - 1.0, v + 1.0]}
+        root = grid.results / "halfcheetah_2x3"
+        _write_compact(root / "mappo-ps" / f"seed{s}", {**base, "mode": "ps", "seed": s, "phase_switch_step": -1,
+                                                        "final_eval": final(40.0 + s)},
+                       [(100, "ps", 10 + s), (200, "ps", 20 + s), (300, "ps", 30 + s), (400, "ps", 40 + s)])
+        _write_compact(root / "mappo-lorasa" / f"seed{s}",
+                       {**base, "mode": "lorasa", "seed": s, "phase_switch_step": 200, "init_from": "x",
+                        "final_eval": final(50.0 + 2 * s)},
+                       [(300, "lora", 40 + s), (400, "lora", 60 + s)])
+        _write_compact(root / "mappo-nps" / f"seed{s}", {**base, "mode": "nps", "seed": s, "phase_switch_step": -1,
+                                                         "final_eval": final(35.0 + s * s)},
+                       [(100, "nps", 5 + s), (200, "nps", 15 + s), (300, "nps", 25 + s), (400, "nps", 35 + s)])
+    readme = write_report(grid, tmp_path / "gone", tmp_path / "out", rounds=2).read_text()
+    row = next(ln for ln in readme.splitlines() if "| PS+LoRA − PS |" in ln)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    hw = 4.302653 / math.sqrt(3)  # sd 1, t(0.975, 2)
+    # final: (50 + 2s) - (40 + s) = 10 + s; AUC all steps: (15+30+50)/3 - (15+25+35)/3; LoRA phase: 40 - 30
+    assert cells[4] == f"+12.0 ± {hw:.1f}, **higher** (seeds +11, +12, +13)"
+    assert cells[5].startswith(f"+{95 / 3 - 25:.1f} ± 0.0, **higher**")
+    assert cells[6].startswith("+10.0 ± 0.0, **higher**")
+    nps = next(ln for ln in readme.splitlines() if "| NPS − PS |" in ln)
+    assert "-2.3 ± " in nps and "within noise (seeds -5.0, -3.0, +1.0)" in nps  # s^2 - s - 5
+    # episode returns v -+ 1: SE sqrt(2 / 2) = 1; final means 41, 42, 43 (SD 1) / 52, 54, 56 (SD 2)
+    assert "| HalfCheetah 2x3 | MAPPO PS | 3 | 2 | 1.00 |" in readme
+    assert "| HalfCheetah 2x3 | MAPPO PS+LoRA | 3 | 2 | 0.50 |" in readme
+    assert "| MAPPO PS+LoRA | 40.0" not in readme and "| MAPPO PS+LoRA | 54.0 ± " in readme
+    for png in ("curves_halfcheetah_2x3.png", "paired_differences.png"):
+        assert _png_ok(tmp_path / "out" / "assets" / png) and f"](assets/{png})" in readme
+
+
+def test_grid_resumes_from_compact_results_without_the_runs_root(tmp_path):
+    import shutil
+    (tmp_path / "grid.toml").write_text(_grid_toml(["mappo:ps", "mappo:lorasa"]).split("[ablations]")[0])
+    grid = Grid.load(tmp_path / "grid.toml")
+    runs = tmp_path / "runs"
+    assert run_grid(grid, runs, jobs=2) == []
+    compact = tmp_path / "grid" / "runs" / "halfcheetah_2x3"
+    for m in ("mappo-ps", "mappo-lorasa"):
+        assert sorted(p.name for p in (compact / m / "seed1").iterdir()) == ["metrics.csv", "state.json",
+                                                                             "summary.json"]
+        s = json.loads((compact / m / "seed1" / "summary.json").read_text())
+        assert len(s["final_eval"]["returns"]) == s["final_eval"]["episodes"] == 1
+    ps_metrics = (compact / "mappo-ps" / "seed1" / "metrics.csv").read_text()
+    shutil.rmtree(runs)  # a new machine: only the committed compact results
+    assert run_grid(Grid.load(tmp_path / "grid.toml"), runs, jobs=2) == [] and not any(runs.glob("*/*"))
+    # the LoRA run is missing there: its PS run is trained again for the snapshot, then the LoRA run
+    shutil.rmtree(compact / "mappo-lorasa")
+    assert run_grid(Grid.load(tmp_path / "grid.toml"), runs, jobs=2) == []
+    assert (runs / "halfcheetah_2x3" / "mappo-ps" / "seed1" / "summary.json").is_file()
+    assert (compact / "mappo-lorasa" / "seed1" / "summary.json").is_file()
+
+    def evals(text):
+        return [r["eval_return"] for r in csv.DictReader(io.StringIO(text))]
+    assert evals((compact / "mappo-ps" / "seed1" / "metrics.csv").read_text()) == evals(ps_metrics)
+
+
+def test_scenario_budgets_and_their_errors(tmp_path):
+    from training.errors import UsageError
+    head = 'seeds = [1]\ntotal_steps = 400\nswitch_step = 200\n'
+    sc = '[[scenarios]]\npreset = "halfcheetah_2x3"\nmethods = ["mappo:ps", "mappo:lorasa"]\n'
+    (tmp_path / "g.toml").write_text(head + sc + "total_steps = 900\nswitch_step = 300\n")
+    ps, lora = Grid.load(tmp_path / "g.toml").runs
+    assert "900" in ps.args and ps.args[ps.args.index("--snapshot-steps") + 1] == "300"
+    assert lora.args[lora.args.index("--init-from") + 1].endswith("/snapshots/300")
+    assert (ps.trained_steps, lora.trained_steps) == (900, 600)
+    (tmp_path / "bad.toml").write_text(head + sc + "switch_step = 900\n")
+    with pytest.raises(UsageError, match="switch_step 900 must be between 0 and total_steps 400"):
+        Grid.load(tmp_path / "bad.toml")
+    (tmp_path / "ab.toml").write_text(head + sc + 'total_steps = 900\n[ablations]\npreset = "halfcheetah_2x3"\n'
+                                      'ranks = [4]\n')
+    with pytest.raises(UsageError, match="ablations"):
+        Grid.load(tmp_path / "ab.toml")

@@ -9,9 +9,12 @@ import torch
 
 from lorasa_serve import AgentSpec, LoraSpec, PolicySpec
 from lorasa_serve.network import actor_forward
-from training.a2po import step_only_agent
+import copy
+
+from training.a2po import (a2po_update, agent_order, agent_scores, position_clip, semi_greedy_order,
+                           step_only_agent)
 from training.actor import Actor
-from training.mappo import from_sequences, gae, to_sequences
+from training.mappo import collect, from_sequences, gae, make_batch, to_sequences
 from training.seps import kmeans, renumber
 
 from test_training import HETERO, gae_reference
@@ -219,3 +222,80 @@ def test_acting_params_are_reused_until_a_step_changes_the_weights():
     fresh, _ = _forward(seps, obs, h)  # autograd: always built anew, equal values
     torch.testing.assert_close(after, fresh.detach())
     assert seps.log_std().requires_grad and not torch.no_grad()(seps.log_std)().requires_grad
+
+
+# --- A2PO: semi-greedy order and adaptive clip (the authors' code: _get_agent_sequence, near_linear) ---
+def test_a2po_semi_greedy_order_alternates_best_and_random():
+    scores = [0.5, 3.0, 1.0, 2.0, 0.1]  # ranked best first: 1, 3, 2, 0, 4
+    seconds = set()
+    for seed in range(200):
+        order = semi_greedy_order(scores, torch.Generator().manual_seed(seed))
+        assert sorted(order) == [0, 1, 2, 3, 4]
+        assert order[0] == 1  # greedy: the best
+        rest = [i for i in (1, 3, 2, 0, 4) if i not in order[:2]]
+        assert order[2] == rest[0]  # greedy: the best of what the random pick left
+        assert order[4] == [i for i in rest if i not in order[2:4]][0]
+        seconds.add(order[1])
+    assert seconds == {3, 2, 0, 4}  # the random positions draw from every remaining agent
+    assert semi_greedy_order([1.0, 1.0, 1.0], torch.Generator().manual_seed(0))[0] == 0  # ties: index order
+    assert semi_greedy_order([2.0], torch.Generator()) == [0]
+    assert agent_order(3, "fixed", torch.Generator()) == [0, 1, 2]
+    with pytest.raises(ValueError):
+        agent_order(3, "semi_greedy", torch.Generator(), [1.0, 2.0])
+
+
+def test_a2po_position_clip_grows_with_the_position():
+    # eps * (w (p + 1) / N + 1 - w), eps 0.2, N 4
+    assert [position_clip(0.2, p, 4, 0.5) for p in range(4)] == pytest.approx([0.125, 0.15, 0.175, 0.2])
+    assert [position_clip(0.2, p, 4, 1.0) for p in range(4)] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    assert [position_clip(0.2, p, 2, 0.0) for p in range(2)] == pytest.approx([0.2, 0.2])
+
+
+def test_a2po_agent_scores_are_advantage_log_prob_covariances():
+    adv = torch.tensor([[1.0, -1.0], [1.0, -1.0]])  # [L, Q], mean 0, E[A^2] = 1
+    logp = torch.stack([adv + 3.0, -2.0 * adv, torch.full_like(adv, -1.5)], dim=1)  # [L, N=3, Q]
+    assert agent_scores(adv, logp) == pytest.approx([1.0, 2.0, 0.0])
+
+
+class _RecordingAdam(torch.optim.Adam):
+    """A real Adam that keeps the parameters as they are before each actor step (after the previous
+    step's restore of other agents' rows)."""
+
+    def __init__(self, named: dict, lr: float):
+        super().__init__(list(named.values()), lr=lr, eps=1e-5)
+        self.named, self.snapshots = named, []
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.snapshots.append({n: p.detach().clone() for n, p in self.named.items()})
+        super().zero_grad(set_to_none=set_to_none)
+
+
+def test_a2po_update_semi_greedy_adaptive_clip_moves_one_agent_per_turn(tmp_path):
+    from dataclasses import replace
+    cfg = tiny(tmp_path / "nps", HETERO_ANT, mode="nps", algo="a2po")
+    cfg = replace(cfg, a2po=replace(cfg.a2po, order="semi_greedy", adaptive_clip=True))
+    tr = Trainer(cfg)
+    try:
+        ro, _, _ = collect(tr.venv, tr.policy, tr.critic, tr.vnorm, tr._start_cursor(), cfg.ppo.rollout,
+                           cfg.ppo.gamma, tr.g)
+        batch = make_batch(ro, copy.deepcopy(tr.vnorm), cfg.ppo)  # the update's own batch
+        scores = agent_scores(batch.seq["adv"], batch.seq["logp"])
+        opt = _RecordingAdam(tr.actor.trainable, lr=1e-2)
+        a2po_update(tr.policy, tr.critic, tr.vnorm, ro, cfg.ppo, cfg.a2po, opt, tr.critic_opt, tr.g)
+    finally:
+        tr.close()
+    snaps = opt.snapshots + [{n: p.detach().clone() for n, p in tr.actor.trainable.items()}]
+    rows = tr.actor.group_rows()
+    movers = []
+    for before, after in zip(snaps, snaps[1:]):
+        moved = {int(rows[n][r]) for n in after for r in range(after[n].shape[0])
+                 if not torch.equal(after[n][r], before[n][r])}
+        assert len(moved) == 1, moved  # each step moves exactly one agent's own network
+        movers.append(moved.pop())
+    per_turn = cfg.ppo.epochs * cfg.ppo.minibatches
+    turns = [movers[i:i + per_turn] for i in range(0, len(movers), per_turn)]
+    assert len(turns) == 4 and all(len(set(t)) == 1 for t in turns)
+    order = [t[0] for t in turns]
+    assert sorted(order) == [0, 1, 2, 3]
+    assert order[0] == int(np.argmax(scores))  # greedy first position
+    assert order[2] == max((i for i in range(4) if i not in order[:2]), key=lambda i: (scores[i], -i))

@@ -42,7 +42,10 @@ class A2POConfig:
     """A2PO (Wang et al., ICLR 2023): agents updated one after another within each PPO update."""
 
     others_clip: float = 0.1  # clip of the preceding agents' ratio product (the paper's MuJoCo value)
-    order: Literal["random", "fixed"] = "random"  # agent order per update
+    # agent order per update: semi_greedy (the paper's rule, training/a2po.py), random, fixed (0..N-1)
+    order: Literal["semi_greedy", "random", "fixed"] = "semi_greedy"
+    adaptive_clip: bool = True  # the agent at position k of N clips at clip * (w k / N + 1 - w)
+    clip_weight: float = 0.5  # w above (the reference code's near_linear_clip_param_weight)
     trace: bool = True  # advantage correction: GAE with traces truncated at min(1, preceding ratio)
 
 
@@ -188,6 +191,9 @@ def check_config(cfg: TrainConfig) -> None:
     if p.rollout % p.chunk:
         raise UsageError(f"--ppo.rollout {p.rollout} must be a multiple of --ppo.chunk {p.chunk}: "
                          f"change one of them (e.g. --ppo.rollout {max(p.chunk, p.rollout // p.chunk * p.chunk)})")
+    if not 0.0 <= cfg.a2po.clip_weight <= 1.0:
+        raise UsageError(f"--a2po.clip-weight {cfg.a2po.clip_weight} must be in [0, 1] (0: the same clip "
+                         "for every position)")
     if not cfg.out:
         raise UsageError("--out is empty: pass the run directory to write")
     check_init_mode(cfg.init_from, cfg.mode)

@@ -5,9 +5,12 @@ the LoRASA paper's qualitative claims computed from the numbers.
 
     lorasa-report run reports/grid.toml --runs runs/report --out reports [--jobs 2] [--notes NOTES.md]
     lorasa-report write reports/grid.toml --runs runs/report --out reports [--remeasure]
+    lorasa-report plan reports/grid_budget.toml --runs runs/budget [--jobs 2]
 
 `run` trains the missing runs first, then writes the report (listing failed runs; exit code 1 if any
-failed); `write` only writes the report. Inference timings are cached in OUT/assets/inference.json.
+failed); `write` only writes the report; `plan` prints the expected wall time of the runs not yet done
+(training/report/plan.py). Inference timings are cached in OUT/assets/inference.json. Each finished
+run's compact results go to <grid dir>/<grid name>/runs/ (commit them: `run` skips those runs).
 """
 from __future__ import annotations
 
@@ -40,7 +43,19 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--rounds", type=int, default=200, help="interleaved timing rounds")
         if name == "run":
             s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
+    s = sub.add_parser("plan", help="print the expected wall time of the runs not yet done")
+    s.add_argument("grid", type=Path, help="the grid TOML")
+    s.add_argument("--runs", type=Path, required=True, help="runs root (finished runs there count too)")
+    s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
     args = p.parse_args(argv)
+    if args.command == "plan":
+        from .plan import plan_text
+        from .writer import md_table
+        with exit_on_usage_error("lorasa-report"):
+            if args.jobs < 1:
+                raise UsageError("--jobs must be >= 1")
+            print(plan_text(Grid.load(args.grid), args.runs, args.jobs, md_table))
+        return
     with exit_on_usage_error("lorasa-report"):
         grid = _check(args)
     failed: list[str] = []

@@ -86,7 +86,7 @@ def measure_inference(run_dirs: dict[str, Path], rounds: int = 200, warmup: int 
 def inference_times(cells: list[Cell], cache: Path, remeasure: bool = False, rounds: int = 200) -> dict:
     """{run key: {"policy_act_us", "engine_act_us"?}} for the first finished seed of each cell; cached
     in `cache` (all needed runs are measured together whenever one is missing from it)."""
-    wanted = {c.done[0].run.key: c.done[0].dir for c in cells if c.done}
+    wanted = {c.done[0].run.key: c.done[0].dir for c in cells if c.done and c.done[0].has_weights}
     data = json.loads(cache.read_text()) if cache.is_file() and not remeasure else {}
     if not wanted or set(wanted) <= set(data.get("runs", {})):
         return data

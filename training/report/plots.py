@@ -28,6 +28,14 @@ def draw_curve(ax, curve: MeanCurve, label: str, color: str) -> None:
         ax.axvline(curve.switch, color=color, ls=":", lw=1)
 
 
+def shade_lora_phase(ax, curves: list[MeanCurve]) -> None:
+    """Grey band from the (first) LoRA switch to the last evaluated step: phase 2 (backbone frozen)."""
+    switches = [c.switch for c in curves if c.switch is not None]
+    end = max((c.steps[-1] for c in curves if c.steps), default=None)
+    if switches and end is not None and min(switches) < end:
+        ax.axvspan(min(switches), end, color="0.5", alpha=0.12, lw=0, label="LoRA phase (backbone frozen)")
+
+
 def _style(ax, title: str, ylabel: str = "evaluation return") -> None:
     ax.set_xlabel("environment steps")
     ax.set_ylabel(ylabel)
@@ -51,8 +59,10 @@ def plot_scenario(cells: list[Cell], title: str, path: Path) -> Path:
     algos = list(dict.fromkeys(c.algo for c in cells))
     fig, axes = plt.subplots(1, len(algos), figsize=(7 * len(algos), 4.2), squeeze=False, sharey=True)
     for ax, algo in zip(axes[0], algos):
-        for cell in (c for c in cells if c.algo == algo and c.done):
-            draw_curve(ax, cell_curve(cell), f"{cell.label} (n={len(cell.done)})", MODE_COLORS[cell.mode])
+        curves = [(cell, cell_curve(cell)) for cell in cells if cell.algo == algo and cell.done]
+        shade_lora_phase(ax, [c for _, c in curves])
+        for cell, curve in curves:
+            draw_curve(ax, curve, f"{cell.label} (n={len(cell.done)})", MODE_COLORS[cell.mode])
         _style(ax, f"{title}: {ALGO_NAMES[algo]} (mean over seeds, 95% CI; dotted: LoRA switch)")
     return _save(fig, path)
 
@@ -75,4 +85,27 @@ def plot_ablation(cells: list[Cell], title: str, path: Path) -> Path:
     for x, cell in zip(xs, done):
         draw_curve(right, cell_curve(cell), cell.label, f"C{x}")
     _style(right, f"{title}: learning curves")
+    return _save(fig, path)
+
+
+def plot_paired(rows, path: Path) -> Path:
+    """One panel per measure (final return, AUC, AUC of the LoRA phase): each paired comparison's per-seed
+    differences A - B (x) and their mean with its 95% interval; the dashed line is 0 (no difference)."""
+    plt = _pyplot()
+    measures = (("final", "final return"), ("auc", "AUC (all steps)"), ("auc_phase2", "AUC (LoRA phase)"))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 0.9 + 0.45 * len(rows)), sharey=True, squeeze=False)
+    labels = [f"{r.scenario} {r.algo.upper()}: {MODE_NAMES[r.a.mode]} − {MODE_NAMES[r.b.mode]}" for r in rows]
+    for ax, (key, title) in zip(axes[0], measures):
+        for y, row in enumerate(rows):
+            d = row.diffs[key]
+            if d.n == 0 or any(v != v for v in d.values):  # no data / nan
+                continue
+            ax.plot(d.values, [y] * d.n, "x", color="0.4", alpha=0.7)
+            err = 0.0 if d.n < 2 else d.half_width
+            ax.errorbar([d.mean], [y], xerr=[err], fmt="o", color=f"C{y % 10}", capsize=4)
+        ax.axvline(0.0, color="k", ls="--", lw=0.8)
+        ax.set_title(f"A − B per seed (x), mean ± 95% CI: {title}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
     return _save(fig, path)

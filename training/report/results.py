@@ -25,10 +25,23 @@ class RunResult:
     root: Path  # the runs root; the run's directory is root / run.key
     summary: dict | None
     failed: bool = False  # reported failed by run_grid
+    compact: Path | None = None  # the run's compact results (committed), when the grid has them
 
     @property
     def dir(self) -> Path:
+        """The run's working directory (weights, train.log); may be gone on another machine."""
         return self.root / self.run.key
+
+    @property
+    def files(self) -> Path:
+        """Where summary.json / metrics.csv are read: the compact results if present, else the run dir."""
+        if self.compact is not None and (self.compact / "summary.json").is_file():
+            return self.compact
+        return self.dir
+
+    @property
+    def has_weights(self) -> bool:
+        return (self.dir / "train_state" / "state.json").is_file()
 
     @property
     def done(self) -> bool:
@@ -61,21 +74,29 @@ class RunResult:
             return f"no summary.json: failed or still running (see {self.dir / 'train.log'}){_log_error(self.dir)}"
         return "not run"
 
+    def meta(self) -> dict:
+        """The run's train_state/state.json (config, counters, spec): compact copy or the run's own."""
+        compact = self.files / "state.json"
+        path = compact if compact.is_file() else self.dir / "train_state" / "state.json"
+        return json.loads(path.read_text())
+
     def config(self) -> dict:
-        """The run's resolved TrainConfig (from its train_state)."""
-        from ..checkpoint import load_meta
-        return load_meta(self.dir)["config"]
+        """The run's resolved TrainConfig."""
+        return self.meta()["config"]
 
     def spec(self):
         from lorasa_serve import PolicySpec
-        from ..checkpoint import load_meta
-        return PolicySpec.from_dict(load_meta(self.dir)["spec"])
+        return PolicySpec.from_dict(self.meta()["spec"])
 
     def base_metrics(self) -> Path | None:
-        """metrics.csv of the snapshot a phase-2 run started from (the base run up to the switch)."""
+        """The base run's metrics (its compact metrics.csv, else the snapshot's) of a phase-2 run."""
         args = list(self.run.args)
         if "--init-from" not in args:
             return None
+        if self.compact is not None and self.run.needs:
+            base = self.compact.parents[len(Path(self.run.key).parts) - 1] / self.run.needs / "metrics.csv"
+            if base.is_file():
+                return base
         src = args[args.index("--init-from") + 1].replace("{runs}", str(self.root))
         return Path(src) / "metrics.csv"
 
@@ -93,9 +114,11 @@ def _log_error(directory: Path) -> str:
 def load_results(grid: Grid, runs_root: Path, failed: Collection[str] = ()) -> dict[str, RunResult]:
     out = {}
     for run in grid.runs:
-        path = Path(runs_root) / run.key / "summary.json"
-        summary = json.loads(path.read_text()) if path.is_file() else None
-        out[run.key] = RunResult(run, Path(runs_root), summary, run.key in failed)
+        res = RunResult(run, Path(runs_root), None, run.key in failed,
+                        None if grid.results is None else grid.results / run.key)
+        path = res.files / "summary.json"
+        res.summary = json.loads(path.read_text()) if path.is_file() else None
+        out[run.key] = res
     return out
 
 
@@ -183,7 +206,7 @@ def concat_rows(base: list[dict], own: list[dict]) -> tuple[list[dict], int | No
 
 def run_curve(res: RunResult) -> tuple[list[tuple[int, float]], int | None]:
     """Evaluation return vs env steps of a finished run (phase-2 runs: with their base run's part)."""
-    own = read_metrics(res.dir / "metrics.csv")
+    own = read_metrics(res.files / "metrics.csv")
     base_path = res.base_metrics()
     base = read_metrics(base_path) if base_path and base_path.is_file() else []
     rows, switch = concat_rows(base, own)

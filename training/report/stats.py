@@ -107,3 +107,44 @@ def overlap(a: Stats, b: Stats) -> bool | None:
     if math.isnan(a.half_width) or math.isnan(b.half_width):
         return None
     return a.lo <= b.hi and b.lo <= a.hi
+
+
+def paired_differences(a: dict[int, float], b: dict[int, float]) -> Stats:
+    """Per-seed differences a[s] - b[s] over the seeds both have (sorted by seed)."""
+    return Stats(tuple(a[s] - b[s] for s in sorted(set(a) & set(b))))
+
+
+def _interp(points: list[tuple[float, float]], x: float) -> float:
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    raise ValueError(f"{x} is outside the curve's steps {points[0][0]}..{points[-1][0]}")
+
+
+def normalised_auc(points: list[tuple[float, float]], start: float | None = None,
+                   end: float | None = None) -> float:
+    """Area under the piecewise-linear curve (step, value) between `start` and `end` (default: its first
+    and last step) divided by (end - start): the curve's mean value over those steps (trapezoid rule)."""
+    pts = sorted(points)
+    if len(pts) < 2:
+        return pts[0][1] if pts else math.nan
+    lo = pts[0][0] if start is None else start
+    hi = pts[-1][0] if end is None else end
+    if not lo < hi:
+        raise ValueError(f"empty AUC window [{lo}, {hi}]")
+    inner = [p for p in pts if lo < p[0] < hi]
+    xs = [(lo, _interp(pts, lo)), *inner, (hi, _interp(pts, hi))]
+    area = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(xs, xs[1:]))
+    return area / (hi - lo)
+
+
+def episode_noise_ratio(episode_returns: list[list[float]]) -> float:
+    """Standard error of one run's final mean from its own episodes (root mean over runs of
+    var_episodes / n) divided by the standard deviation of the final means across runs (seeds).
+    Small (e.g. < 0.3): the final evaluation's episode noise is small next to the seed noise."""
+    runs = [r for r in episode_returns if len(r) >= 2]
+    if len(runs) < 2:
+        return math.nan
+    se = math.sqrt(statistics.fmean(statistics.variance(r) / len(r) for r in runs))
+    sd = statistics.stdev(statistics.fmean(r) for r in runs)
+    return se / sd if sd > 0 else math.inf

@@ -12,6 +12,7 @@ from typing import Collection
 
 from ..grid import BASE_OF, Grid
 from .inference import inference_times, utc_now
+from .paired import paired_section
 from .plots import plot_ablation, plot_scenario
 from .results import ALGO_NAMES, MODE_NAMES, Cell, RunResult, cells_of, load_results
 from .stats import Stats, overlap
@@ -62,8 +63,8 @@ def setup_section(grid: Grid, results: dict[str, RunResult], runs_root: Path, ou
     g = _rel(grid_path) if grid_path else "GRID.toml"
     n_done = sum(r.done for r in results.values())
     lines = ["## Setup", "",
-             f"- Budget: {grid.total_steps:,} env steps per run (all phases); PS+LoRA / SePS+LoRA runs start "
-             f"phase 2 from their PS / SePS run's snapshot at step {grid.switch_step:,} (same seed).",
+             f"- Budget: {_budget_text(grid)} env steps per run (all phases); PS+LoRA / SePS+LoRA runs start "
+             f"phase 2 from their PS / SePS run's snapshot at the switch step (same seed).",
              f"- Seeds: {', '.join(map(str, grid.seeds))}; {n_done} of {len(results)} runs finished.",
              f"- Evaluation: deterministic actions, {_plural(grid.eval_episodes, 'episode')} every "
              f"{grid.eval_every:,} steps (learning curves); final performance = "
@@ -92,6 +93,14 @@ def setup_section(grid: Grid, results: dict[str, RunResult], runs_root: Path, ou
               f"lorasa-report write {g} --runs {_rel(runs_root)} --out {_rel(out)}   # report only",
               "```", ""]
     return "\n".join(lines)
+
+
+def _budget_text(grid: Grid) -> str:
+    budgets = {sc["preset"]: grid.budget(sc) for sc in grid.scenarios}
+    if len(set(budgets.values())) <= 1 and (not budgets or next(iter(budgets.values())) ==
+                                             (grid.total_steps, grid.switch_step)):
+        return f"{grid.total_steps:,} (switch at {grid.switch_step:,})"
+    return "; ".join(f"`{p}` {t:,} (switch at {s:,})" for p, (t, s) in budgets.items())
 
 
 def _first_config(grid: Grid, results: dict[str, RunResult], preset: str) -> dict | None:
@@ -376,7 +385,8 @@ def write_report(grid: Grid, runs_root: Path, out: Path, notes: Path | None = No
         parts += [f"Inference timings measured {timings['measured_at']} ({timings['rounds']} interleaved rounds, "
                   f"1-minute load average {timings['loadavg_1min']}); cached in `{ASSETS}/{INFERENCE_FILE}`.", ""]
     parts += [scenario_section(grid, results, sc, out, timings) for sc in grid.scenarios]
-    parts += [ablation_section(grid, results, out), comparison_section(grid, results)]
+    parts += [ablation_section(grid, results, out), comparison_section(grid, results),
+              paired_section(grid, results, md_table, out / ASSETS)]
     if notes:
         parts += ["## Reading", "", Path(notes).read_text().rstrip(), ""]
     parts.append(missing_section(results))
