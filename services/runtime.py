@@ -124,7 +124,11 @@ class PolicyRuntime:
             if sid in self._inflight:
                 raise SessionBusy(f"session {sid!r} has another step in flight")
             self._inflight.add(sid)
-        fut = self._put(_Job(req))
+        try:
+            fut = self._put(_Job(req))
+        except StateUnavailable:  # the batcher thread stopped
+            self._done(sid)
+            raise
         fut.add_done_callback(lambda _: self._done(sid))
         return fut
 
