@@ -28,6 +28,10 @@ adapter_version = Gauge(
 adapter_swaps = Counter(
     name="lorasa_adapter_swaps", documentation="Adapter versions applied by a worker, per agent",
     labelnames=["agent_id"])
+adapter_load_failures = Counter(
+    name="lorasa_adapter_load_failures", documentation="Published adapter versions a worker failed to "
+    "load (it keeps serving its previous version; retried with back-off), per agent",
+    labelnames=["agent_id"])
 state_check_seconds = Histogram(
     name="lorasa_state_check_seconds",
     documentation="Time of the once-per-batch read of the state generation (the version check)",

@@ -10,7 +10,12 @@ steps that succeeded and release the leases. Batches form adaptively: while a fo
 requests queue up and go together into the next one; an idle server answers a lone request at once.
 If the backend is unreachable, stateless requests keep being served with the adapters last applied,
 session steps fail with StateUnavailable (503), and the check is retried every batch (and every
-second while idle) until it succeeds.
+second while idle) until it succeeds. An idle worker checks once a second, so it notices a Redis that
+restarted empty and re-seeds it quickly; a process that never synced with this Redis waits
+SEED_GRACE_S for such a server before seeding it itself (versions never go backwards).
+A job is marked running when the batcher takes it: a request cancelled while queued (client gone,
+timeout) is dropped before any lease is taken; once running it completes (state stored, lease freed)
+and its answer is discarded.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,11 +37,22 @@ from lorasa_serve.artifacts import adapter_bytes, fingerprint
 from . import metrics
 from .config import ServiceConfig
 from .schema import ActRequest, BadRequest
-from .state import SessionBusy, SessionLimits, SessionStep, StateBackend, StateUnavailable, open_backend
+from .state import (SessionBusy, SessionLimits, SessionStep, StateBackend, StateConfigError, StateUnavailable,
+                    open_backend)
 from .state.base import StateOutcomeUnknown
 
 log = logging.getLogger("lorasa.service")
 RETRY_S = 1.0  # after a failed check, the backend is retried at most this often
+IDLE_CHECK_S = 1.0  # an idle worker checks the backend at least this often
+SEED_GRACE_S = 3.0  # a fresh process waits this long (> 2 idle checks) for a server that served a lost Redis
+LOAD_RETRY_S = 5.0  # an adapter version that failed to load is retried at most this often
+
+
+@dataclass
+class LoadFailure:
+    version: int
+    retry_at: float  # monotonic
+    error: str
 
 
 @dataclass
@@ -75,6 +91,9 @@ class PolicyRuntime:
         self.ready = False  # True after the first successful sync with the backend
         self.state_error: str | None = None  # why the last check with the backend failed
         self._retry_at = 0.0  # monotonic time of the next check after a failed one
+        self._synced = False  # a sync with this backend succeeded (this process may re-seed it)
+        self._lost_since: float | None = None  # fresh process: when it first saw the backend lost
+        self.load_failures: dict[str, LoadFailure] = {}  # agent -> the published version it cannot load
         self._seen_gen: object = None  # never seen: the first sync loads everything published
         self._merged_pub: set[str] = set()
         self._fp_cache: dict[tuple[str, int], str] = {}
@@ -84,11 +103,14 @@ class PolicyRuntime:
         for a, v in self.applied.items():
             metrics.adapter_version.labels(agent_id=a).set(v)
         try:
-            self._sync()  # anything but an unreachable backend (a wrong backbone...) fails the load
+            self._sync()  # only a configuration error (wrong backbone...) fails the load
             self.ready = True
-        except StateUnavailable as e:
-            self.state_error, self._retry_at = str(e), time.monotonic() + RETRY_S
-            log.warning("state backend unavailable at start (not ready, retrying): %s", e)
+        except StateConfigError:
+            raise
+        except Exception as e:  # unreachable, or transient (a blob pruned meanwhile...): retried
+            self.state_error, self._retry_at = _reason(e), time.monotonic() + RETRY_S
+            log.warning("state sync failed at start (not ready, retrying): %s", self.state_error)
+        self._stopped: str | None = None  # why the batcher thread ended (it should never)
         self._thread = threading.Thread(target=self._loop, name="lorasa-batcher", daemon=True)
         self._thread.start()
 
@@ -103,7 +125,11 @@ class PolicyRuntime:
             if sid in self._inflight:
                 raise SessionBusy(f"session {sid!r} has another step in flight")
             self._inflight.add(sid)
-        fut = self._put(_Job(req))
+        try:
+            fut = self._put(_Job(req))
+        except StateUnavailable:  # the batcher thread stopped
+            self._done(sid)
+            raise
         fut.add_done_callback(lambda _: self._done(sid))
         return fut
 
@@ -117,25 +143,45 @@ class PolicyRuntime:
 
     def _put(self, job: _Job) -> Future:
         with self._cv:
+            if self._stopped is not None:
+                raise StateUnavailable(self._stopped)
             self._queue.append(job)
             self._cv.notify()
         return job.future
 
     # --- batcher thread ------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            jobs = self._take(None if self.ready and self.state_error is None else 1.0)
-            self._check()
-            for job in [j for j in jobs if j.req is None]:
-                _run_into(job.future, job.fn)
-            acts = [j for j in jobs if j.req is not None]
-            for det in (True, False):
-                group = [j for j in acts if j.req.deterministic == det
-                         and (det or j.req.seed is None)]
-                if group:
-                    self._serve_safely(group)
-            for job in [j for j in acts if not j.req.deterministic and j.req.seed is not None]:
-                self._serve_safely([job])  # seeded sampling: alone, with its own generator
+        """Cycles forever; a bug in a cycle answers that cycle's jobs with the error. Should the thread
+        end anyway, the worker turns not ready and refuses new jobs (never hangs them)."""
+        try:
+            while True:
+                jobs = self._take(IDLE_CHECK_S)
+                try:
+                    self._cycle(jobs)
+                except Exception as e:
+                    log.exception("a batcher cycle failed")
+                    for job in jobs:
+                        _answer(job.future, error=e)
+        finally:
+            with self._cv:
+                self._stopped = "the batcher thread of this worker stopped (see its log)"
+                self.ready, self.state_error = False, self._stopped
+                pending, self._queue = list(self._queue), deque()
+            for job in pending:
+                _answer(job.future, error=StateUnavailable(self._stopped))
+
+    def _cycle(self, jobs: list[_Job]) -> None:
+        self._check()
+        for job in [j for j in jobs if j.req is None]:
+            _run_into(job.future, job.fn)
+        acts = [j for j in jobs if j.req is not None]
+        for det in (True, False):
+            group = [j for j in acts if j.req.deterministic == det
+                     and (det or j.req.seed is None)]
+            if group:
+                self._serve_safely(group)
+        for job in [j for j in acts if not j.req.deterministic and j.req.seed is not None]:
+            self._serve_safely([job])  # seeded sampling: alone, with its own generator
 
     def _serve_safely(self, jobs: list[_Job]) -> None:
         """_serve, and a bug in it answers its jobs with the error instead of stopping the thread."""
@@ -144,13 +190,13 @@ class PolicyRuntime:
         except Exception as e:
             log.exception("serving a batch failed")
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(e)
+                _answer(job.future, error=e)
 
     def _take(self, timeout: float | None) -> list[_Job]:
         """Block for work (at most `timeout` s); then take queued jobs up to max_batch_rows, deferring a
         request whose (session, agent) is already in this batch (it needs the state the earlier one
-        produces)."""
+        produces). A job cancelled while queued is dropped here; the jobs taken are marked running (no
+        longer cancellable), before any of their sessions is leased."""
         with self._cv:
             if not self._queue:
                 self._cv.wait(timeout)
@@ -166,6 +212,8 @@ class PolicyRuntime:
                 if keys & seen:
                     deferred.append(job)
                     continue
+                if not job.future.set_running_or_notify_cancel():
+                    continue  # cancelled while queued (its done-callbacks already ran)
                 seen |= keys
                 jobs.append(job)
                 rows += n
@@ -217,7 +265,7 @@ class PolicyRuntime:
             if isinstance(step, SessionStep):
                 steps[id(job)] = step
             else:
-                job.future.set_exception(step)
+                _answer(job.future, error=step)
                 failed.add(id(job))
         return [j for j in jobs if id(j) not in failed], steps
 
@@ -247,9 +295,9 @@ class PolicyRuntime:
         for job, out in outcomes:
             out = errors.get(id(job), out)
             if isinstance(out, BaseException):
-                job.future.set_exception(out)
+                _answer(job.future, error=out)
             else:
-                job.future.set_result(out)
+                _answer(job.future, out)
 
     @staticmethod
     def _one(batch_fn: Callable[[list], list], item: object) -> object:
@@ -322,23 +370,38 @@ class PolicyRuntime:
                 log.warning("state backend reachable again: %s", self.state.description)
             self.ready, self.state_error = True, None
         except StateUnavailable as e:
-            if self.state_error is None:
+            if self.state_error != str(e):
                 log.error("state backend unavailable (serving the adapters last applied): %s", e)
             self.state_error, self._retry_at = str(e), time.monotonic() + RETRY_S
             metrics.state_unavailable.labels(op="check").inc()
-        except Exception as e:  # a bad blob must not stop serving: keep the adapters we have
-            log.error("state sync failed (still serving the previous adapters): %s", e)
+        except Exception as e:
+            if not self._synced:  # never synced (start): stay not ready, retried like a dead link
+                if self.state_error != _reason(e):
+                    log.warning("state sync failed (not ready, retrying): %s", _reason(e))
+                self.state_error, self._retry_at = _reason(e), time.monotonic() + RETRY_S
+            else:  # keep serving the adapters we have
+                log.error("state sync failed (still serving the previous adapters): %s", e)
 
     def _sync(self) -> None:
         """Load what was published since the last sync. The generation is read before what it covers,
         so a publish in between is caught by the next check. If the backend holds older versions than
-        this worker serves (Redis restarted empty), re-seed it from ours first."""
+        this worker serves (Redis restarted empty), re-seed it from ours first; a process that never
+        synced with it waits SEED_GRACE_S for a server that did (its versions may be newer than ours)."""
         t0 = time.perf_counter()
         gen = self.state.generation()  # the per-batch cost of the check: one stat / one Redis MGET
         metrics.state_check_seconds.observe(time.perf_counter() - t0)
-        if gen == self._seen_gen:
+        now = time.monotonic()
+        retry_load = min((f.retry_at for f in self.load_failures.values()), default=float("inf"))
+        if gen == self._seen_gen and self._synced and now < retry_load:
             return
         pub = self.state.published()
+        if pub.lost and not self._synced:
+            self._lost_since = now if self._lost_since is None else self._lost_since
+            if now - self._lost_since < SEED_GRACE_S:
+                raise StateUnavailable(f"{self.state.description} has no published state: waiting for a "
+                                       "server that served it to re-seed it")
+            log.warning("%s: no server re-seeded it within %g s (a first deployment, or every server that "
+                        "served it is gone)", self.state.description, SEED_GRACE_S)
         if pub.lost or any(pub.version(a) < v for a, v in self.applied.items()):
             log.warning("%s %s: seeding it with the versions this worker serves %s", self.state.description,
                         "has no published state (new, or restarted without its data)" if pub.lost
@@ -346,12 +409,7 @@ class PolicyRuntime:
             self.state.reseed(dict(self.applied), self._served_adapter, set(self._merged_pub))
             gen = self.state.generation()
             pub = self.state.published()
-        for agent, v in pub.versions.items():
-            if agent in self.applied and v > self.applied[agent]:
-                self.engine.load_adapter(self.state.adapter_blob(agent, v), agent)
-                self.applied[agent] = v
-                metrics.adapter_version.labels(agent_id=agent).set(v)
-                metrics.adapter_swaps.labels(agent_id=agent).inc()
+        self._load(pub, now)
         want = {a for a in pub.merged if a in self.applied}
         if want - self._merged_pub:
             self.engine.merge(sorted(want - self._merged_pub))
@@ -359,6 +417,38 @@ class PolicyRuntime:
             self.engine.unmerge(sorted(self._merged_pub - want))
         self._merged_pub = want
         self._seen_gen = gen
+        if self.load_failures and not self._synced:  # a new worker never serves older adapters
+            raise RuntimeError("cannot load the published adapters: " + "; ".join(
+                f"{a} v{f.version}: {f.error}" for a, f in sorted(self.load_failures.items())))
+        self._synced = True
+
+    def _load(self, pub, now: float) -> None:
+        """Load every newer published version. One that fails to load is remembered in `load_failures`
+        (counted, logged, shown in /v1/agents) and retried at most every LOAD_RETRY_S; a newer
+        version is tried at once. The other agents load regardless."""
+        for agent, v in pub.versions.items():
+            if agent not in self.applied:
+                continue
+            fail = self.load_failures.get(agent)
+            if v <= self.applied[agent] or fail is not None and fail.version < v:
+                self.load_failures.pop(agent, None)
+                fail = None
+            if v <= self.applied[agent] or fail is not None and now < fail.retry_at:
+                continue
+            try:
+                self.engine.load_adapter(self.state.adapter_blob(agent, v), agent)
+            except StateUnavailable:
+                raise
+            except Exception as e:  # a bad or pruned blob: keep serving the version we have
+                self.load_failures[agent] = LoadFailure(v, now + LOAD_RETRY_S, f"{type(e).__name__}: {e}")
+                metrics.adapter_load_failures.labels(agent_id=agent).inc()
+                log.error("cannot load adapter %r v%d (serving v%d, retry in %g s): %s", agent, v,
+                          self.applied[agent], LOAD_RETRY_S, self.load_failures[agent].error)
+                continue
+            self.load_failures.pop(agent, None)
+            self.applied[agent] = v
+            metrics.adapter_version.labels(agent_id=agent).set(v)
+            metrics.adapter_swaps.labels(agent_id=agent).inc()
 
     def _served_adapter(self, agent_id: str) -> bytes:
         """The safetensors bytes of the adapter this worker serves for `agent_id` (for re-seeding)."""
@@ -377,8 +467,13 @@ class PolicyRuntime:
                 self._fp_cache[key] = "" if ad is None else fingerprint({n: t.cpu() for n, t in ad.items()})
             out.append({"agent_id": a.agent_id, "obs_dim": a.obs_dim, "act_dim": a.act_dim,
                         "version": v, "adapter_fingerprint": self._fp_cache[key],
-                        "merged": a.agent_id in merged})
+                        "merged": a.agent_id in merged, "load_error": self._load_error(a.agent_id)})
         return out
+
+    def _load_error(self, agent_id: str) -> dict | None:
+        """The published version this worker cannot load for `agent_id` (it serves an older one)."""
+        f = self.load_failures.get(agent_id)
+        return None if f is None else {"version": f.version, "error": f.error}
 
 
 def _nonfinite_rows(actions: np.ndarray, logp: np.ndarray, h: np.ndarray | None) -> np.ndarray:
@@ -400,7 +495,27 @@ def _nonfinite_error(rows: np.ndarray) -> BadRequest:
 
 def _run_into(future: Future, fn: Callable[[], object]) -> None:
     try:
-        future.set_result(fn())
+        result = fn()
     except BaseException as e:  # delivered to the awaiting handler, never kills the thread
-        future.set_exception(e)
+        _answer(future, error=e)
+    else:
+        _answer(future, result)
+
+
+def _answer(future: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Set a job's result or exception, unless it is already done (a defensive no-op: jobs are
+    marked running when taken, so a handler's cancellation no longer reaches them)."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _reason(e: Exception) -> str:
+    return str(e) if isinstance(e, StateUnavailable) else f"{type(e).__name__}: {e}"
 

@@ -2,7 +2,8 @@
 
 Keys, all under `lorasa:<backbone fingerprint[:16]>:` (two policies can share one Redis):
 
-    ver:<agent>          INCR counter: the agent's versions (first upload: 2; the shipped adapter is 1)
+    ver:<agent>          counter: the agent's last version handed out (first upload: 2; the shipped
+                         adapter is 1); the next is max(counter, pub[agent]) + 1, so never a used one
     ad:<agent>:<v>       the adapter's safetensors bytes; written once, before v becomes visible
     pub                  hash agent -> newest published version (only ever raised, by a Lua script)
     merged               set of merged agents
@@ -12,8 +13,13 @@ Keys, all under `lorasa:<backbone fingerprint[:16]>:` (two policies can share on
     sidx, sbytes, stotal sessions by last use, bytes per session, total bytes (count/byte bounds)
 
 A worker reads (boot, epoch) with one MGET per batch. `boot` missing means Redis lost its data (a
-restart without persistence): every server then re-seeds what it serves (counters raised to its
-versions, blobs re-stored, never lowered), so versions never go backwards for a client.
+restart without persistence): every server that had synced with it re-seeds what it serves (counters
+raised to its versions, blobs re-stored, never lowered) within about a second (idle workers check once
+a second), so versions never go backwards for a client. A process that never synced with this Redis
+(a respawned worker, a new replica: it only knows version 1) waits `runtime.SEED_GRACE_S` for them and
+seeds it itself only if nobody did (a first deployment, or every old server gone).
+Run Redis with `maxmemory-policy noeviction` (or a volatile-* policy: only session keys have a TTL):
+an evicted blob, `pub` or `boot` loses adapters.
 Single Redis (or a primary with replicas) only, not Redis Cluster: scripts touch keys of several
 sessions. Every network call has a 1 s timeout; any connection error is `StateUnavailable`.
 """
@@ -41,16 +47,20 @@ local c = tonumber(redis.call('GET', KEYS[3]) or '1')
 if tonumber(ARGV[2]) > c then redis.call('SET', KEYS[3], ARGV[2]) end
 return redis.call('INCR', KEYS[2])
 """
-# KEYS: counter, boot. The next version: at least 2 (the shipped adapter is version 1); -1 while the
-# keys are not seeded (Redis lost its data and no server has re-seeded it yet).
+# KEYS: counter, boot, pub; ARGV: agent. The next version: above both the counter and the published
+# version (a counter lost to eviction never hands out a used version), so at least 2 (the shipped
+# adapter is version 1); -1 while the keys are not seeded (Redis lost its data, not yet re-seeded).
 _NEXT = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
-local v = redis.call('INCR', KEYS[1])
-if v < 2 then v = 2; redis.call('SET', KEYS[1], 2) end
+local c = tonumber(redis.call('GET', KEYS[1]) or '1')
+local p = tonumber(redis.call('HGET', KEYS[3], ARGV[1]) or '1')
+local v = math.max(c, p) + 1
+redis.call('SET', KEYS[1], v)
 return v
 """
 # KEYS: lease, state, sidx, sbytes, stotal; ARGV: token, write, ttl_ms, max_bytes, max_sessions, sid,
-# key prefix, then agent/blob pairs. -> 1 written, 0 lease lost.
+# key prefix, then agent/blob pairs. -> 1 written, 0 lease lost. Over a bound, the least recently used
+# sessions are dropped, except this one and any whose step is in flight (its lease `sl:` exists).
 _CLOSE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -73,9 +83,18 @@ local function drop(sid)
   redis.call('DEL', ARGV[7] .. 's:' .. sid)
 end
 for _, sid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[3]))) do drop(sid) end
-while redis.call('ZCARD', KEYS[3]) > 1 and (redis.call('ZCARD', KEYS[3]) > tonumber(ARGV[5])
-      or tonumber(redis.call('GET', KEYS[5]) or '0') > tonumber(ARGV[4])) do
-  drop(redis.call('ZRANGE', KEYS[3], 0, 0)[1])
+local function over()
+  return redis.call('ZCARD', KEYS[3]) > tonumber(ARGV[5])
+      or tonumber(redis.call('GET', KEYS[5]) or '0') > tonumber(ARGV[4])
+end
+local kept = 0  -- sessions skipped so far: the next candidates start after them
+while over() do
+  local batch = redis.call('ZRANGE', KEYS[3], kept, kept + 63)
+  if #batch == 0 then break end
+  for _, sid in ipairs(batch) do
+    if not over() then break end
+    if sid ~= ARGV[6] and redis.call('EXISTS', ARGV[7] .. 'sl:' .. sid) == 0 then drop(sid) else kept = kept + 1 end
+  end
 end
 return 1
 """
@@ -136,7 +155,8 @@ class RedisState:
 
     def publish_adapter(self, agent_id: str, data: bytes) -> int:
         check_agent_id(agent_id)
-        version = int(self._call(self._next, [f"{self.p}ver:{agent_id}", self.p + "boot"]))
+        version = int(self._call(self._next, [f"{self.p}ver:{agent_id}", self.p + "boot", self.p + "pub"],
+                                 [agent_id]))
         if version < 0:
             raise StateUnavailable(f"{self.description} lost its data; servers are re-seeding it, retry")
         self._call(self._r.set, f"{self.p}ad:{agent_id}:{version}", data)  # stored before it is visible
