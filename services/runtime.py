@@ -286,6 +286,9 @@ class PolicyRuntime:
             stored = [self._one(self.state.close_steps, item) for item in items] if len(items) > 1 else [e]
         errors = {}
         for (job, out), ok in zip(closing, stored):
+            if isinstance(ok, StateUnavailable) and not isinstance(ok, StateOutcomeUnknown):
+                ok = StateOutcomeUnknown(f"storing the session step failed, its state may or may not have "
+                                         f"been stored: {ok}")  # never marked safe to retry
             if isinstance(ok, BaseException):
                 errors[id(job)] = ok
             elif not ok and not isinstance(out, BaseException):
