@@ -9,8 +9,8 @@ is trained again, so that its LoRA runs start from the phase 1 their results are
 committed results are kept; a warning says if the new phase-1 curve differs from them).
 
 Each run directory and compact results directory holds `run.json`: the lorasa-train config the grid asked
-for (RECORDED_FIELDS below: every flag, budget, switch and evaluation setting, resolved against the
-code's defaults) and the git commit. Results count only while that config is what the grid asks now:
+for (its flags resolved against the code's defaults: budget, switch, evaluation settings, overrides; all
+but UNRECORDED below) and the git commit of the session that last launched it. Results count only while that config is what the grid asks now:
 after an edit of the grid (or of a default) `run` stops with one line naming the run and the fields that
 differ (move the old results aside, or restore the grid).
 
