@@ -6,20 +6,26 @@ under the hood, over one pooled keep-alive connection. Needs only numpy and the 
     with PolicyClient("http://127.0.0.1:3000") as client:
         out = client.act(["agent_0", "agent_1"], obs)          # obs [B, obs_max] float32
         out.actions, out.log_probs, out.state, out.versions
-        ep = client.session("episode-7")                       # recurrent state kept on the server
-        ep.act(agent_ids, obs, reset=[True, True]); ep.reset()
+        ep = client.session()                                  # recurrent state kept on the server
+        ep.act(agent_ids, obs, reset=[True, True]); ep.reset()  # (a random, unguessable session id)
 
 One client is one connection: use one per thread. A 503 (server starting, overloaded) is retried
 up to `retries` times, waiting what `Retry-After` says (at most `max_retry_wait_s`); a refused
-connection likewise. Errors are typed: `ClientError` (status and the server's message) and its
-subclass `ServerUnavailable`.
+connection likewise. A session step is re-sent only when that cannot step the session twice: after
+a refused connection or a failed send (the request never fully left), or a 503 the server marks
+`X-Lorasa-Retry-Safe: 1`. When its answer is lost after it was sent (dropped connection, timeout, an
+unmarked 503) it raises `StepOutcomeUnknown`: reset the session, or continue from there.
+Errors are typed: `ClientError` (status and the server's message) and its subclasses
+`ServerUnavailable` and `StepOutcomeUnknown`.
 """
 from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Sequence
 from urllib.parse import quote, urlsplit
@@ -29,6 +35,7 @@ import numpy as np
 from .oip_codec import HEADER, TensorError, decode_body, encode_parts
 
 DEFAULT_MODEL = "lorasa_policy"
+RETRY_SAFE = "X-Lorasa-Retry-Safe"  # the server's mark on a 503 after which re-sending is safe
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
@@ -60,6 +67,16 @@ class ClientError(Exception):
 
 class ServerUnavailable(ClientError):
     """Still 503 (or no connection) after the bounded retries."""
+
+
+class StepOutcomeUnknown(ClientError):
+    """A session step was sent but its answer was lost (the connection dropped or timed out, or a 503
+    not marked retry-safe: storing its new state failed). The server may or may not have advanced
+    the session, so it is not re-sent: reset the session (`Session.reset()`) or continue from here."""
+
+
+class _NotSent(OSError):
+    """The request did not fully leave this process (connect or send failed): safe to send again."""
 
 
 @dataclass
@@ -108,7 +125,7 @@ class PolicyClient:
         headers = {"Content-Type": "application/octet-stream", HEADER: str(hlen),
                    "Content-Length": str(sum(len(p) for p in parts))}
         status, resp_headers, data = self._call("POST", f"/v2/models/{quote(self.model)}/infer", parts,
-                                                headers)
+                                                headers, step=session_id is not None)
         try:
             out = decode_body(data, resp_headers.get(HEADER), "outputs").tensors
         except TensorError as e:
@@ -116,9 +133,10 @@ class PolicyClient:
         return ActResult(out["action"].array, out["log_prob"].array,
                          out["state_out"].array if "state_out" in out else None, out["version"].array)
 
-    def session(self, session_id: str) -> "Session":
-        """A session: the server keeps each agent's recurrent state between calls."""
-        return Session(self, session_id)
+    def session(self, session_id: str | None = None) -> "Session":
+        """A session: the server keeps each agent's recurrent state between calls. Its id is a bearer
+        capability (whoever knows it can step or reset it): by default a random uuid4 (122 bits)."""
+        return Session(self, uuid.uuid4().hex if session_id is None else session_id)
 
     def reset_session(self, session_id: str) -> bool:
         """Forget a session's state; -> whether it existed."""
@@ -157,24 +175,41 @@ class PolicyClient:
         _, _, data = self._call(method, path, None, {})
         return json.loads(data)
 
-    def _call(self, method: str, path: str, body: bytes | list | None, headers: dict
+    def _call(self, method: str, path: str, body: bytes | list | None, headers: dict, step: bool = False
               ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """One request with the bounded retries: 503 (honouring Retry-After) and refused connections."""
+        """One request with the bounded retries: 503 (honouring Retry-After) and requests that never
+        fully left. step: a session step, re-sent only when that cannot apply it twice."""
+        stale_resent = False
         for attempt in range(self.retries + 1):
+            reused = self._conn is not None
             try:
                 status, resp_headers, data = self._request(method, path, body, headers)
-            except ConnectionRefusedError as e:  # nothing reached the server: safe to send again
+            except _NotSent as e:  # nothing (complete) reached the server: safe to send again
                 if attempt == self.retries:
                     raise ServerUnavailable(0, f"no answer from {self._host}:{self._port}: {e}") from None
-                time.sleep(min(0.5 * 2 ** attempt, self.max_retry_wait_s))
+                if not reused:  # a fresh connection failed: the server is down, back off
+                    time.sleep(min(0.5 * 2 ** attempt, self.max_retry_wait_s))
                 continue
-            except OSError as e:  # may have reached the server (a session step): not retried
-                raise ServerUnavailable(0, f"{self._host}:{self._port}: {type(e).__name__}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:  # sent, then no (whole) answer: the
+                # server may have acted on it
+                where = f"{self._host}:{self._port}: {type(e).__name__}: {e}"
+                if step:
+                    raise StepOutcomeUnknown(0, f"{where}: the session step was sent but its answer was "
+                                                "lost; it may or may not have been applied: reset the "
+                                                "session or continue") from None
+                if reused and isinstance(e, _STALE) and not stale_resent:  # closed while idle: once
+                    stale_resent = True
+                    continue
+                raise ServerUnavailable(0, where) from None
             if status == 200:
                 return status, resp_headers, data
             message = _error_message(data)
             if status != 503:
                 raise ClientError(status, message)
+            if step and resp_headers.get(RETRY_SAFE) != "1":
+                raise StepOutcomeUnknown(status, f"{message} (503 not marked {RETRY_SAFE}: the session "
+                                                 "step may or may not have been applied: reset the "
+                                                 "session or continue)")
             if attempt == self.retries:
                 raise ServerUnavailable(status, message)
             time.sleep(_retry_after(resp_headers.get("Retry-After"), self.max_retry_wait_s))
@@ -182,31 +217,35 @@ class PolicyClient:
 
     def _request(self, method: str, path: str, body: bytes | list | None, headers: dict
                  ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """Send on the kept-alive connection; a connection the server closed while idle is
-        reopened once (nothing reached the server then)."""
-        for fresh in (self._conn is None, True):
-            if self._conn is None:
-                self._conn = self._conn_cls(self._host, self._port, timeout=self.timeout)
-            try:
-                self._conn.request(method, self._base + path, body=body, headers=headers)
-                resp = self._conn.getresponse()
-                data = resp.read()
-            except _STALE:
-                self.close()
-                if fresh:
-                    raise
-                continue
-            except BaseException:
-                self.close()
-                raise
-            if resp.will_close:
-                self.close()
-            return resp.status, resp.headers, data
-        raise AssertionError("unreachable")
+        """Send on the kept-alive connection (reopened first when the server closed it while idle).
+        Raises _NotSent when connecting or sending failed (the request did not fully leave), else
+        the OSError from waiting for the answer (the request may have been acted on)."""
+        if self._conn is not None and _peer_closed(self._conn.sock):
+            self.close()
+        if self._conn is None:
+            self._conn = self._conn_cls(self._host, self._port, timeout=self.timeout)
+        try:
+            self._conn.request(method, self._base + path, body=body, headers=headers)
+        except OSError as e:
+            self.close()
+            raise _NotSent(f"{type(e).__name__}: {e}") from e
+        except BaseException:
+            self.close()
+            raise
+        try:
+            resp = self._conn.getresponse()
+            data = resp.read()
+        except BaseException:
+            self.close()
+            raise
+        if resp.will_close:
+            self.close()
+        return resp.status, resp.headers, data
 
 
 class Session:
-    """`PolicyClient.act` with a fixed session_id (no state passed back and forth)."""
+    """`PolicyClient.act` with a fixed session_id (no state passed back and forth). A step whose
+    outcome is unknown raises StepOutcomeUnknown (see the module docstring)."""
 
     def __init__(self, client: PolicyClient, session_id: str):
         self.client, self.session_id = client, session_id
@@ -221,13 +260,28 @@ class Session:
 
 def _agent_tensor(agent_ids, index_of) -> tuple[str, str, np.ndarray, bool]:
     ids = agent_ids if isinstance(agent_ids, np.ndarray) else np.asarray(list(agent_ids), dtype=object)
-    if ids.dtype.kind in "iu":
+    if ids.dtype.kind in "iu" or (ids.dtype == object and ids.size and all(map(_is_int, ids.reshape(-1)))):
         return "agent_index", "INT64", ids.astype(np.int64, copy=False).reshape(-1), True
     names = [str(a) for a in ids.reshape(-1)]
     index = index_of()
     if all(a in index for a in names):  # integer indices: cheaper to send and to look up
         return "agent_index", "INT64", np.fromiter((index[a] for a in names), np.int64, len(names)), True
     return "agent_id", "BYTES", np.asarray([a.encode() for a in names] or [], dtype=object), True
+
+
+def _is_int(a: object) -> bool:
+    """An integer agent index (a list/range/tuple of ints), not a bool."""
+    return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+
+
+def _peer_closed(sock: socket.socket | None) -> bool:
+    """An idle kept-alive connection with something to read: the server closed it (or sent junk)."""
+    if sock is None:
+        return False
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def _array(x, dtype, ndim: int, name: str) -> np.ndarray:

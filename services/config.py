@@ -26,7 +26,7 @@ class ServiceConfig:
     device: str = "cpu"  # LORASA_DEVICE: "cpu", "cuda", "auto"
     mode: str = "auto"  # LORASA_MODE: engine adapter mode "auto" | "lora" | "merged"
     max_rows_per_request: int = 1024  # LORASA_MAX_ROWS_PER_REQUEST
-    max_batch_rows: int = 4096  # LORASA_MAX_BATCH_ROWS: rows merged into one engine forward
+    max_batch_rows: int = 4096  # LORASA_MAX_BATCH_ROWS: rows batched into one engine forward
     max_body_bytes: int = 8 << 20  # LORASA_MAX_BODY_BYTES: JSON request bodies
     max_upload_bytes: int = 16 << 20  # LORASA_MAX_UPLOAD_BYTES: adapter uploads
     max_sessions: int = 10_000  # LORASA_MAX_SESSIONS: live sessions before LRU eviction

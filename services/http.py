@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from lorasa_serve import LorasaError
 from lorasa_serve.artifacts import parse_adapter
+from lorasa_serve.client import RETRY_SAFE
 from lorasa_serve.errors import ArtifactError
 
 from . import metrics
@@ -29,6 +30,7 @@ from .runtime import PolicyRuntime
 from .schema import (BadRequest, act_response, check_session_id, clip, parse_act, parse_admin,
                      parse_json, short)
 from .state import SessionBusy, StateUnavailable
+from .state.base import StateOutcomeUnknown
 
 log = logging.getLogger("lorasa.service")
 
@@ -85,8 +87,8 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
         served = rt.applied[agent_id]
         if served < version and rt.state_error:  # published, then the backend went away
-            raise StateUnavailable(f"adapter v{version} of {agent_id!r} was published but not applied: "
-                                   f"{rt.state_error}")
+            raise StateOutcomeUnknown(f"adapter v{version} of {agent_id!r} was published but not applied: "
+                                      f"{rt.state_error}")
         if served < version:  # published, but this worker could not load it back (see the log)
             raise RuntimeError(f"adapter v{version} of {agent_id!r} was published but not applied")
         return JSONResponse({"agent_id": agent_id, "version": version, "served_version": served})
@@ -125,7 +127,10 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 def _guard(handler):
-    """Map every expected failure to a JSON error with the right status."""
+    """Map every expected failure to a JSON error with the right status. A 503 raised before the
+    request changed anything (not ready, state backend known down or failing when a session step was
+    opened) carries `X-Lorasa-Retry-Safe: 1`; one after which a session step's new state may or may
+    not have been stored (StateOutcomeUnknown) does not: lorasa_serve.client re-sends steps only then."""
 
     async def wrapped(request: Request) -> JSONResponse:
         try:
@@ -136,10 +141,13 @@ def _guard(handler):
             return _client_error(request, e.status, e.message)
         except NotReady as e:
             return JSONResponse({"error": f"not ready: {e}"}, status_code=503,
+                                headers={"Retry-After": "1", RETRY_SAFE: "1"})
+        except StateOutcomeUnknown as e:  # failed after something may have changed: not retry-safe
+            return JSONResponse({"error": f"state backend unavailable: {e}"}, status_code=503,
                                 headers={"Retry-After": "1"})
         except StateUnavailable as e:  # sessions and admin need the state backend; retry shortly
             return JSONResponse({"error": f"state backend unavailable: {e}"}, status_code=503,
-                                headers={"Retry-After": "1"})
+                                headers={"Retry-After": "1", RETRY_SAFE: "1"})
         except SessionBusy as e:  # concurrent steps of one session are refused, never last-writer-wins
             return _client_error(request, 409, f"{e}: send a session's next step after the previous "
                                                "one was answered")

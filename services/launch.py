@@ -27,6 +27,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of the live descendants of `pid`, read from /proc (children before grandchildren)."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])  # after "pid (comm)": state, ppid
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(0), [])
+        out += kids
+        todo += kids
+    return out
+
+
 class ServerProcess:
     def __init__(self, env: dict[str, str | None], log_path: str | Path | None = None,
                  ready_timeout_s: float = 90.0, target: str = ""):
@@ -65,19 +85,31 @@ class ServerProcess:
         raise TimeoutError(f"server not ready after {self.ready_timeout_s}s; log: {self.log_path}")
 
     def stop(self) -> None:
+        """SIGTERM the server (the arbiter stops its workers), SIGKILL whatever is left after a grace
+        period, including workers: BentoML starts each worker in a session of its own, so the process
+        group alone does not reach them (workers orphaned that way keep serving on the port)."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        pgid = os.getpgid(self.proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
+        tree = descendants(self.proc.pid)
+        os.killpg(os.getpgid(self.proc.pid), signal.SIGTERM)
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait()
-        try:  # workers that outlived the arbiter
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
             pass
+        self._kill([self.proc.pid, *tree, *descendants(self.proc.pid)])
+
+    def kill(self) -> None:
+        """SIGKILL the arbiter and every worker at once (a host dying), nothing left serving."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._kill([self.proc.pid, *descendants(self.proc.pid)])
+
+    def _kill(self, pids: list[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
 
     def __enter__(self) -> "ServerProcess":
         self.start()

@@ -6,15 +6,15 @@
 Starts two real `bentoml serve` processes, then N concurrent clients each step a team of agents
 through its own session (one request per team step, keep-alive connections). Three conditions, run
 side by side in interleaved rounds (so background load on a shared machine hits all of them):
-  merged   the service as shipped (requests merged into one forward by the micro-batcher)
+  batched  the service as shipped (requests batched into one forward by the micro-batcher)
   swap     the same server and load while one agent's adapter is hot-swapped every --swap-interval s
-  single   a second server whose batcher may not merge requests (LORASA_MAX_BATCH_ROWS = team size)
+  single   a second server whose batcher may not batch requests (LORASA_MAX_BATCH_ROWS = team size)
   threadsN (with --threads-compare N) a third server like the first but with N torch threads
   stateless, bentoml_batching (with --compare-bentoml-batching) stateless deterministic clients (state
            passed back) against the first server and against the same Engine behind BentoML's
            `@bentoml.api(batchable=True)` (services/bentoml_batching_probe.py)
 Reports requests/s, p50/p99 latency, batch sizes seen (from the responses), errors, version
-regressions, and the ratios swap/merged p99 and merged/single throughput; writes JSON and a PNG.
+regressions, and the ratios swap/batched p99 and batched/single throughput; writes JSON and a PNG.
 
     python -m services.load_bench --replicas          # scale-out: 2 replicas on Redis vs 1 local server
 
@@ -76,7 +76,7 @@ class RunResult:
                 "mean_rows_per_forward": round(float(np.mean(self.batch_rows)), 1) if has_batches else None}
 
 
-def merge_into(total: RunResult, r: RunResult) -> None:
+def add_into(total: RunResult, r: RunResult) -> None:
     for f in ("requests", "errors", "version_regressions", "swaps", "seconds"):
         setattr(total, f, getattr(total, f) + getattr(r, f))
     for f in ("latencies_ms", "batch_requests", "batch_rows"):
@@ -205,7 +205,7 @@ def plot(results: list[RunResult], path: Path) -> None:
             ax2.hist(r.batch_requests, bins=np.arange(0.5, max(r.batch_requests) + 1.5), alpha=0.5,
                      label=r.name)
     ax1.set(xscale="log", xlabel="latency (ms)", ylabel="fraction of requests", title="latency CDF")
-    ax2.set(xlabel="requests merged into the forward that served a request", ylabel="responses",
+    ax2.set(xlabel="requests batched into the forward that served a request", ylabel="responses",
             title="batch sizes seen")
     ax1.legend()
     ax2.legend()
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
                                {"LORASA_MAX_BATCH_ROWS": str(len(spec.agents)),
                                 "LORASA_MAX_ROWS_PER_REQUEST": str(len(spec.agents))},
                                out / "server_single.log")}
-    conditions = [("merged", "shipped", False, "session"), ("swap", "shipped", True, "session"),
+    conditions = [("batched", "shipped", False, "session"), ("swap", "shipped", True, "session"),
                   ("single", "single", False, "session")]
     if args.threads_compare:
         name = f"threads{args.threads_compare}"
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
             for name, server, swap, mode in conditions:
                 r = run_load(servers[server], spec, f"{name} {rnd + 1}/{args.rounds}", args, token, swap,
                              mode)
-                merge_into(totals[name], r)
+                add_into(totals[name], r)
                 print(json.dumps({"round": rnd + 1, **r.summary()}), flush=True)
         probe_batch = bentoml_batch_sizes(servers["probe"].url) if "probe" in servers else None
     finally:
@@ -279,10 +279,10 @@ def main(argv: list[str] | None = None) -> None:
             srv.stop()
     results = list(totals.values())
     base, sw, single, *extra = (r.summary() for r in results)
-    ratios = {"p99_swap_over_merged": round(sw["p99_ms"] / base["p99_ms"], 2),
-              "p50_swap_over_merged": round(sw["p50_ms"] / base["p50_ms"], 2),
-              "throughput_merged_over_single": round(base["req_per_s"] / single["req_per_s"], 2),
-              "p99_single_over_merged": round(single["p99_ms"] / base["p99_ms"], 2)}
+    ratios = {"p99_swap_over_batched": round(sw["p99_ms"] / base["p99_ms"], 2),
+              "p50_swap_over_batched": round(sw["p50_ms"] / base["p50_ms"], 2),
+              "throughput_batched_over_single": round(base["req_per_s"] / single["req_per_s"], 2),
+              "p99_single_over_batched": round(single["p99_ms"] / base["p99_ms"], 2)}
     by_name = {r["name"]: r for r in extra}
     if probe_batch is not None:
         by_name["bentoml_batching"]["mean_requests_per_forward"] = round(probe_batch, 2)
@@ -290,8 +290,8 @@ def main(argv: list[str] | None = None) -> None:
         ratios["throughput_stateless_over_bentoml_batching"] = round(st["req_per_s"] / bb["req_per_s"], 2)
         ratios["p99_bentoml_batching_over_stateless"] = round(bb["p99_ms"] / st["p99_ms"], 2)
     for r in by_name.values():
-        ratios[f"p99_{r['name']}_over_merged"] = round(r["p99_ms"] / base["p99_ms"], 2)
-        ratios[f"throughput_merged_over_{r['name']}"] = round(base["req_per_s"] / r["req_per_s"], 2)
+        ratios[f"p99_{r['name']}_over_batched"] = round(r["p99_ms"] / base["p99_ms"], 2)
+        ratios[f"throughput_batched_over_{r['name']}"] = round(base["req_per_s"] / r["req_per_s"], 2)
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "policy": str(policy),
               "agents": len(spec.agents), "clients": args.clients, "workers": args.workers,
               "rounds": args.rounds, "runs": [base, sw, single, *extra], "ratios": ratios, "command": " ".join(sys.argv)}
@@ -332,7 +332,7 @@ def replicas_main(args, policy: Path, spec: PolicySpec, token: str, out: Path) -
         for rnd in range(args.rounds):
             for name, group in servers.items():
                 r = run_load(group, spec, f"{name} {rnd + 1}/{args.rounds}", args, token, True)
-                merge_into(totals[name], r)
+                add_into(totals[name], r)
                 print(json.dumps({"round": rnd + 1, **r.summary()}), flush=True)
         for name, group in servers.items():
             s0, n0 = checks[name]

@@ -8,7 +8,9 @@ Inference goes through the same array validator (services/act_check.py), batcher
              state FP32 [B, hidden], reset BOOL [B], avail BOOL [B, act_max]
     outputs  action FP32 [B, act_max] (Gaussian) | INT64 [B] (Categorical), log_prob FP32 [B],
              state_out FP32 [B, hidden], version INT64 [B]
-    parameters  deterministic (default true), session_id, seed, binary_data_output
+    parameters  deterministic (default true), session_id, seed, binary_data_output; timeout and
+                priority (tritonclient's hints) accepted and ignored; Triton's sequence_id/_start/_end
+                refused (400 naming session_id)
 """
 from __future__ import annotations
 
@@ -40,6 +42,9 @@ MODEL_VERSION = "1"
 PARSE_IN_THREAD_BYTES = 256 * 1024  # binary bodies parse in microseconds per MB; JSON does not
 REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
 PARAMETERS = {"deterministic", "session_id", "seed", "binary_data_output"}
+IGNORED_PARAMETERS = {"timeout", "priority"}  # tritonclient's scheduling hints: accepted, not acted on
+SEQUENCE_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end"}  # Triton's sequence batcher
+INPUT_NDIM = {"agent_id": 1, "agent_index": 1, "reset": 1, "obs": 2, "state": 2, "avail": 2}
 INPUT_TYPES = {"agent_id": ("BYTES",), "agent_index": ("INT64", "INT32"), "obs": ("FP32",),
                "state": ("FP32",), "reset": ("BOOL",), "avail": ("BOOL",)}
 OUTPUTS = ("action", "log_prob", "state_out", "version")
@@ -83,13 +88,9 @@ def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_ro
         extra = sorted(set(head) - REQUEST_FIELDS)
         if extra:
             raise BadRequest(f"unknown request fields {extra}; allowed {sorted(REQUEST_FIELDS)}")
-        params = head.get("parameters", {})
-        if not isinstance(params, dict) or set(params) - PARAMETERS:
-            raise BadRequest(f"unknown request parameters {sorted(set(params) - PARAMETERS)}; allowed "
-                             f"{sorted(PARAMETERS)}" if isinstance(params, dict) else
-                             "'parameters' must be an object")
-        _check_rows(head.get("inputs"), max_rows)
-        tensors = decode(head, binary, "inputs").tensors
+        params = _check_params(head.get("parameters", {}))
+        _check_shapes(head.get("inputs"), max_rows)
+        tensors = decode(head, binary, "inputs", max_elements=max_rows * max_width(spec)).tensors
     except TensorError as e:
         raise BadRequest(str(e)) from None
     det = _param(params, "deterministic", bool, True)
@@ -104,11 +105,44 @@ def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_ro
     return InferCall(req, outputs, rid)
 
 
-def _check_rows(inputs: object, max_rows: int) -> None:
-    """413 before any tensor is decoded when a declared batch dimension is over the limit."""
+def max_width(spec: PolicySpec) -> int:
+    """The widest row of any input: a tensor of more than max_rows * this elements is refused."""
+    return max(spec.obs_max, spec.act_max, spec.hidden, 1)
+
+
+def _check_params(params: object) -> dict:
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    seq = sorted(set(params) & SEQUENCE_PARAMETERS)
+    if seq:
+        raise BadRequest(f"request parameters {seq} (Triton sequences) are not supported: send the string "
+                         "parameter 'session_id' to keep recurrent state on the server (and the input "
+                         "'reset' to start an episode)")
+    extra = sorted(set(params) - PARAMETERS - IGNORED_PARAMETERS)
+    if extra:
+        raise BadRequest(f"unknown request parameters {extra}; allowed {sorted(PARAMETERS | IGNORED_PARAMETERS)}")
+    for name in IGNORED_PARAMETERS & set(params):
+        v = params[name]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise BadRequest(f"parameter {name!r} must be a non-negative integer (accepted and ignored)")
+    return params
+
+
+def _check_shapes(inputs: object, max_rows: int) -> None:
+    """Before any tensor is decoded: unknown input names, the number of dimensions of each known
+    input (a [1, N] agent_id of N mixed-length BYTES would cost a Python loop per element), and
+    413 when a declared batch dimension is over the limit."""
     for t in inputs if isinstance(inputs, list) else ():
+        name = t.get("name") if isinstance(t, dict) else None
         shape = t.get("shape") if isinstance(t, dict) else None
-        if isinstance(shape, list) and shape and isinstance(shape[0], int) and shape[0] > max_rows:
+        if isinstance(name, str) and name not in INPUT_NDIM:
+            raise BadRequest(f"unknown inputs [{short(name)}]; allowed {sorted(INPUT_TYPES)}")
+        if not isinstance(name, str) or not isinstance(shape, list):
+            continue  # decode() names what is wrong
+        if len(shape) != INPUT_NDIM[name]:
+            raise BadRequest(f"input {name!r} must be {INPUT_NDIM[name]}-D "
+                             f"{'[B]' if INPUT_NDIM[name] == 1 else '[B, width]'}, not shape {short(shape)}")
+        if shape and isinstance(shape[0], int) and shape[0] > max_rows:
             raise BadRequest(f"{shape[0]} rows is over the limit of {max_rows} per request", 413)
 
 
@@ -243,9 +277,11 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
         body = await _body(request, cfg.max_body_bytes)
         hlen = request.headers.get(HEADER)
         parse = lambda: parse_infer(body, hlen, rt.spec, cfg.max_rows_per_request)  # noqa: E731
-        # JSON tensors are slow to parse: big ones go off the event loop; binary ones stay on it
+        # JSON tensors and binary BYTES ones (a Python loop per element unless all are one length)
+        # are slow to parse: big bodies with either go off the event loop; other binary ones stay on it
         slow = len(body) > PARSE_IN_THREAD_BYTES and not (
-            hlen is not None and hlen.isascii() and hlen.isdigit() and int(hlen) <= PARSE_IN_THREAD_BYTES)
+            hlen is not None and hlen.isascii() and hlen.isdigit() and int(hlen) <= PARSE_IN_THREAD_BYTES
+            and b"BYTES" not in body[:int(hlen)])
         call = await asyncio.to_thread(parse) if slow else parse()
         res = await asyncio.wrap_future(rt.submit(call.req))
         metrics.act_requests.labels(outcome="ok").inc()

@@ -26,7 +26,8 @@ def _ok(schema: dict, desc: str = "OK", *, binary: bool = False) -> dict:
     return {"200": {"description": desc, "content": _body(schema, binary=binary)["content"]},
             "4XX": {"description": "bad input (nothing changed)",
                     "content": {_JSON: {"schema": _ref("Error")}}},
-            "503": {"description": "not ready (Retry-After)", "content": {_JSON: {"schema": _ref("Error")}}}}
+            "503": {"description": "not ready or state backend unavailable (Retry-After; X-Lorasa-Retry-Safe: 1 "
+                           "when nothing changed)", "content": {_JSON: {"schema": _ref("Error")}}}}
 
 
 def _op(tag: str, summary: str, responses: dict, body: dict | None = None, params: list | None = None,
@@ -118,7 +119,9 @@ SCHEMAS: dict[str, dict] = {
             "deterministic": {"type": "boolean", "default": True},
             "session_id": {"type": "string", "minLength": 1, "maxLength": 128},
             "seed": {"type": "integer", "minimum": 0, "description": "sampling seed (not deterministic)"},
-            "binary_data_output": {"type": "boolean", "default": False}}},
+            "binary_data_output": {"type": "boolean", "default": False},
+            "timeout": {"type": "integer", "minimum": 0, "description": "tritonclient's hint: ignored"},
+            "priority": {"type": "integer", "minimum": 0, "description": "tritonclient's hint: ignored"}}},
         "inputs": {"type": "array", "items": _ref("InferInputTensor")},
         "outputs": {"type": "array", "items": _ref("InferRequestedOutput")}}},
     "InferOutputTensor": {

@@ -33,6 +33,7 @@ from . import metrics
 from .config import ServiceConfig
 from .schema import ActRequest, BadRequest
 from .state import SessionBusy, SessionLimits, SessionStep, StateBackend, StateUnavailable, open_backend
+from .state.base import StateOutcomeUnknown
 
 log = logging.getLogger("lorasa.service")
 RETRY_S = 1.0  # after a failed check, the backend is retried at most this often
@@ -230,7 +231,8 @@ class PolicyRuntime:
             stored = self.state.close_steps(items)
         except StateUnavailable as e:
             metrics.state_unavailable.labels(op="session").inc()
-            stored = [e] * len(closing)
+            stored = [StateOutcomeUnknown(f"storing the session step failed, its state may or may not have "
+                                          f"been stored: {e}")] * len(closing)
         except Exception as e:  # unexpected: store each step alone, so only the bad one fails
             log.exception("storing the sessions of a batch failed")
             stored = [self._one(self.state.close_steps, item) for item in items] if len(items) > 1 else [e]

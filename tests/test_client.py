@@ -3,8 +3,11 @@ Engine.act (avail masks, state, reset, seeded sampling), sessions, typed errors,
 honouring Retry-After, one kept-alive connection, and importing it without torch or bentoml."""
 from __future__ import annotations
 
+import http.server
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -14,8 +17,10 @@ from conftest import make_policy, require_extra
 
 require_extra("serve", "starlette", "bentoml")
 require_extra("dev", "requests")
+import requests  # noqa: E402
 from lorasa_serve import Engine  # noqa: E402
-from lorasa_serve.client import ClientError, PolicyClient, ServerUnavailable  # noqa: E402
+from lorasa_serve.client import (RETRY_SAFE, ClientError, PolicyClient, ServerUnavailable,  # noqa: E402
+                                 StepOutcomeUnknown)
 from services.launch import REPO, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -68,6 +73,30 @@ def test_act_equals_engine_act(srv):
         for _ in range(3):
             c.act(ids[:2], obs[:2])
         assert c._conn is conn, "the keep-alive connection was not reused"
+
+
+def test_integer_agent_indices_as_list_range_or_tuple(srv):
+    ids, obs, _, _, avail = sample(srv.spec, 2, 3)
+    ids = srv.spec.agent_ids[:2]
+    obs = obs * (np.arange(srv.spec.obs_max) < np.array([srv.spec.agent(a).obs_dim for a in ids])[:, None])
+    want = engine_act(srv, ids, obs, avail=avail)
+    with PolicyClient(srv.url) as c:
+        for agents in ([0, 1], range(2), (0, np.int64(1)), np.array([0, 1], dtype=object)):
+            out = c.act(agents, obs, avail=avail)
+            np.testing.assert_array_equal(out.actions, want.actions.numpy())
+            np.testing.assert_allclose(out.log_probs, want.log_probs.numpy(), atol=1e-5)
+        with pytest.raises(ClientError, match="unknown agent_id 'True'"):  # a bool is not an index
+            c.act([True], obs[:1])
+
+
+def test_session_ids_default_to_random_uuid4(srv):
+    with PolicyClient(srv.url) as c:
+        a, b = c.session(), c.session()
+        assert a.session_id != b.session_id and len(a.session_id) == 32 and int(a.session_id, 16) >= 0
+        assert c.session("mine").session_id == "mine"
+        ids = srv.spec.agent_ids
+        a.act(ids, np.zeros((2, srv.spec.obs_max), np.float32))
+        assert a.reset() and not b.reset()  # a's steps were kept under its own id only
 
 
 def test_sessions(srv):
@@ -132,11 +161,104 @@ def test_503_is_retried_honouring_retry_after_then_raised(tmp_path):
             c.act(["agent_0"], np.zeros((1, 6), np.float32))
         assert e.value.status == 503 and "not ready" in e.value.message
         assert 0.9 <= time.monotonic() - t0 < 10  # 3 waits of min(Retry-After 1 s, cap 0.3 s)
+        # "not ready" changed nothing: marked retry-safe, so a session step is retried the same way
+        r = requests.post(server.url + "/v2/models/lorasa_policy/infer", data=b"{}", timeout=10)
+        assert r.status_code == 503 and r.headers[RETRY_SAFE] == "1"
+        t0 = time.monotonic()
+        with pytest.raises(ServerUnavailable) as e:
+            c.session("s").act([0], np.zeros((1, 6), np.float32))  # an index: no metadata call
+        assert e.value.status == 503 and not isinstance(e.value, StepOutcomeUnknown)
+        assert 0.9 <= time.monotonic() - t0 < 10
     finally:
         server.stop()
     with pytest.raises(ServerUnavailable) as e:  # nobody listening: bounded, then typed
         PolicyClient(server.url, retries=1, max_retry_wait_s=0.1).act(["agent_0"], np.zeros((1, 6)))
     assert e.value.status == 0
+
+
+class _Peer:
+    """A loopback HTTP peer standing in for what a real server does only under a fault: it reads
+    whole requests and counts them, then answers 503 (with or without the retry-safe mark) or closes
+    the connection without answering."""
+
+    def __init__(self, mode: str):
+        peer = self
+        self.mode, self.count = mode, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                peer.count += 1
+                if peer.mode == "drop":  # the request arrived whole; the answer is lost
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                body = b'{"error": "state backend unavailable: storing failed"}'
+                self.send_response(503)
+                self.send_header("Retry-After", "0")
+                if peer.mode == "safe503":
+                    self.send_header(RETRY_SAFE, "1")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _step(url: str, session: str | None):
+    with PolicyClient(url, retries=3, max_retry_wait_s=0.01) as c:
+        c._index = {"agent_0": 0}  # what metadata() would say; the peer only answers infer
+        return c.act(["agent_0"], np.zeros((1, 6), np.float32), session_id=session)
+
+
+@pytest.mark.parametrize("mode", ["drop", "unsafe503"])
+def test_session_step_with_unknown_outcome_is_never_resent(mode):
+    with _Peer(mode) as peer:
+        with pytest.raises(StepOutcomeUnknown, match="reset the session or continue") as e:
+            _step(peer.url, "s")
+        assert peer.count == 1 and e.value.status == (0 if mode == "drop" else 503)
+        with pytest.raises(ServerUnavailable) as e:  # a stateless request: retried as before on 503
+            _step(peer.url, None)
+        assert not isinstance(e.value, StepOutcomeUnknown)
+        assert peer.count == 1 + (1 if mode == "drop" else 4)
+
+
+def test_session_step_is_resent_after_a_retry_safe_503():
+    with _Peer("safe503") as peer:
+        with pytest.raises(ServerUnavailable) as e:
+            _step(peer.url, "s")
+        assert peer.count == 4 and e.value.status == 503 and not isinstance(e.value, StepOutcomeUnknown)
+
+
+def test_session_step_on_a_connection_closed_while_idle_is_sent_on_a_new_one(srv):
+    """The server closing an idle kept-alive connection is no lost answer: the client notices before
+    sending and opens a new connection, so the session steps on, once per call."""
+    ids = srv.spec.agent_ids
+    obs = np.zeros((2, srv.spec.obs_max), np.float32)
+    with PolicyClient(srv.url) as c:
+        ep = c.session()
+        first = ep.act(ids, obs)
+        c._conn.sock.shutdown(socket.SHUT_WR)  # what the server's idle timeout looks like here: EOF
+        time.sleep(0.2)
+        second = ep.act(ids, obs)
+        state = engine_act(srv, ids, obs).state
+        want = engine_act(srv, ids, obs, state.numpy())
+        np.testing.assert_allclose(second.log_probs, want.log_probs.numpy(), atol=1e-5)
+        assert first.log_probs.shape == (2,)
 
 
 def test_client_imports_without_torch_or_bentoml():

@@ -60,7 +60,7 @@ def engine_out(srv, ids, obs, state=None, reset=None, generator=None):
 
 
 def triton_infer(srv, ids, obs, state=None, reset=None, binary=True, index=False, params=None,
-                 outputs=("action", "log_prob", "state_out", "version")):
+                 outputs=("action", "log_prob", "state_out", "version"), **infer_kw):
     ins = []
     if index:
         ins.append(th.InferInput("agent_index", [len(ids)], "INT64"))
@@ -73,7 +73,7 @@ def triton_infer(srv, ids, obs, state=None, reset=None, binary=True, index=False
             ins.append(th.InferInput(name, list(arr.shape), dt))
             ins[-1].set_data_from_numpy(arr, binary_data=binary)
     outs = [th.InferRequestedOutput(o, binary_data=binary) for o in outputs]
-    return srv.triton.infer(MODEL, ins, outputs=outs, parameters=params)
+    return srv.triton.infer(MODEL, ins, outputs=outs, parameters=params, **infer_kw)
 
 
 def assert_equal(res, want, with_state=True):
@@ -175,6 +175,17 @@ def test_sessions_and_hot_swap_through_v2(srv):
     assert_equal(res, engine_out(srv, ids, steps[0]))
 
 
+def test_tritonclient_scheduling_hints_ignored_and_sequences_refused(srv):
+    """infer(timeout=, priority=) sends them as request parameters: accepted, ignored (same result);
+    infer(sequence_id=, sequence_start=) is a 400 naming session_id, the parameter to use."""
+    ids, obs, state, reset = sample(srv.spec, 4, 77)
+    res = triton_infer(srv, ids, obs, state, reset, timeout=5_000_000, priority=1)
+    assert_equal(res, engine_out(srv, ids, obs, state, reset))
+    with pytest.raises(th.InferenceServerException) as e:
+        triton_infer(srv, ids, obs, sequence_id=42, sequence_start=True)
+    assert e.value.status() == "400" and "'session_id'" in e.value.message(), e.value
+
+
 def _binary_request(inputs, params=None, outputs=None, hlen_delta=0, tail=b""):
     """inputs: (name, datatype, shape, raw bytes) -> (body, headers)."""
     head = {"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
@@ -247,6 +258,14 @@ def _bad_requests(spec):
          400, "not both"),
         ("unknown parameter", _binary_request([a0, obs], params={"determinstic": False}), 400,
          "unknown request parameters"),
+        ("Triton sequence parameters", _binary_request([a0, obs], params={"sequence_id": 3}), 400,
+         "send the string parameter 'session_id'"),
+        ("agent_id [1, N] of mixed lengths", _binary_request([("agent_id", "BYTES", [1, 3],
+                                                                _ids(b"a", b"bb", b"agent_0")), obs]), 400,
+         "input 'agent_id' must be 1-D [B], not shape [1, 3]"),
+        ("obs 3-D", _binary_request([a0, ("obs", "FP32", [1, 6, 1], ok_obs)]), 400, "input 'obs' must be 2-D"),
+        ("obs of more elements than any request needs", _binary_request([a0, ("obs", "FP32", [1, 10**6], ok_obs)]),
+         400, "elements"),
         ("deterministic not bool", _binary_request([a0, obs], params={"deterministic": "no"}), 400,
          "true or false"),
         ("seed not int", _binary_request([a0, obs], params={"seed": 1.5}), 400, "integer"),

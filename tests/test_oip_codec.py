@@ -142,3 +142,60 @@ def test_v1_parse_act_uses_the_shared_checks(tmp_path):
                                        ("state", "FP32", np.zeros((1, spec.hidden), np.float32), False)])
     v2 = parse_infer(body, str(hlen), spec, 8).req
     assert v2.agent_ids == req.agent_ids and np.array_equal(v2.obs, req.obs) and np.array_equal(v2.state, req.state)
+
+
+def test_hostile_shapes_and_sizes_are_refused_before_decoding(tmp_path):
+    """The shape checks run before any tensor is decoded: each body's binary data is also malformed
+    (sizes that do not add up), so had decode() run, its error ("past the end", "bytes of binary
+    data after") would be the answer instead of the shape's."""
+    spec, _, _ = make_policy(tmp_path / "p", obs=(6, 5, 6), act=(2, 3, 2))
+    mixed = reference_bytes([b"a" * (k % 7) for k in range(20_000)])  # [1, N] BYTES of mixed lengths
+
+    def body(inputs, junk=b"junk"):
+        head = {"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": z}}
+                           for n, d, s, z in inputs]}
+        j = json.dumps(head).encode()
+        return j + junk, str(len(j))
+
+    cases = [([("agent_id", "BYTES", [1, 20_000], len(mixed))], "input 'agent_id' must be 1-D"),
+             ([("agent_index", "INT64", [2, 1], 16)], "input 'agent_index' must be 1-D"),
+             ([("reset", "BOOL", [1, 1], 1)], "input 'reset' must be 1-D"),
+             ([("obs", "FP32", [1, 6, 1], 24)], "input 'obs' must be 2-D"),
+             ([("state", "FP32", [4], 16)], "input 'state' must be 2-D"),
+             ([("avail", "BOOL", [], 1)], "input 'avail' must be 2-D"),
+             ([("mask", "BYTES", [20_000], len(mixed))], "unknown inputs ['mask']")]
+    for inputs, msg in cases:
+        with pytest.raises(BadRequest) as e:
+            parse_infer(*body(inputs), spec, 8)
+        assert msg in e.value.message and e.value.status == 400, (inputs, e.value.message)
+    # more elements than max_rows * max(obs_max, act_max, hidden) in a tensor of the right rank:
+    # refused by decode's element count, before its data is read
+    limit = 8 * max(spec.obs_max, spec.act_max, spec.hidden)
+    with pytest.raises(BadRequest, match=f"more than {limit} elements"):
+        parse_infer(*body([("obs", "FP32", [8, limit], 24)]), spec, 8)
+    # the limit leaves every legal request alone: the widest input at max_rows decodes
+    obs = np.zeros((8, 6), np.float32)
+    ok, hlen = encode({}, "inputs", [("agent_index", "INT64", np.zeros(8, np.int64), True),
+                                     ("obs", "FP32", obs, True),
+                                     ("state", "FP32", np.zeros((8, spec.hidden), np.float32), True)])
+    assert parse_infer(ok, str(hlen), spec, 8).req.state.shape == (8, spec.hidden)
+
+
+def test_triton_request_parameters(tmp_path):
+    """tritonclient's timeout/priority hints are accepted and ignored; its sequence parameters are
+    refused with a message naming session_id; anything else unknown is still refused."""
+    spec, _, _ = make_policy(tmp_path / "p", obs=(6, 5, 6), act=(2, 3, 2))
+    tensors = [("agent_index", "INT64", np.zeros(1, np.int64), True),
+               ("obs", "FP32", np.zeros((1, 6), np.float32), True)]
+    for params in ({"timeout": 1_000_000, "priority": 2}, {"timeout": 0}):
+        body, hlen = encode({"parameters": params}, "inputs", tensors)
+        assert parse_infer(body, str(hlen), spec, 8).req.agent_ids == ["agent_0"]
+    for params, msg in [({"sequence_id": 7, "sequence_start": True}, "'session_id'"),
+                        ({"sequence_end": True}, "not supported"),
+                        ({"priority": "high"}, "non-negative integer"),
+                        ({"timeout": True}, "non-negative integer"),
+                        ({"timeout_us": 5}, "unknown request parameters ['timeout_us']")]:
+        body, hlen = encode({"parameters": params}, "inputs", tensors)
+        with pytest.raises(BadRequest) as e:
+            parse_infer(body, str(hlen), spec, 8)
+        assert msg in e.value.message and e.value.status == 400, (params, e.value.message)

@@ -63,3 +63,25 @@ def test_access_log_setting():
 def test_admin_token_accepts_the_right_token():
     _authorize(_request("Bearer s3cret"), "s3cret")
     _authorize(_request("bearer s3cret"), "s3cret")
+
+
+@pytest.mark.parametrize("exc,safe", [("NotReady", True), ("StateUnavailable", True),
+                                      ("StateOutcomeUnknown", False)])
+def test_503s_are_marked_retry_safe_only_when_nothing_happened(exc, safe):
+    """_guard's mapping: a 503 raised before anything changed carries X-Lorasa-Retry-Safe: 1 (the
+    client re-sends session steps only then); a step whose new state may have been stored does not."""
+    import asyncio
+
+    from services import http
+    from services.state.base import StateOutcomeUnknown, StateUnavailable
+    errors = {"NotReady": http.NotReady, "StateUnavailable": StateUnavailable,
+              "StateOutcomeUnknown": StateOutcomeUnknown}
+
+    async def handler(request):
+        raise errors[exc]("the backend timed out")
+
+    resp = asyncio.run(http._guard(handler)(Request({"type": "http", "method": "POST", "path": "/v1/act",
+                                                     "headers": []})))
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
+    assert resp.headers.get(http.RETRY_SAFE) == ("1" if safe else None)
+    assert issubclass(StateOutcomeUnknown, StateUnavailable)

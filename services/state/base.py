@@ -28,6 +28,11 @@ class StateUnavailable(RuntimeError):
     """The state backend cannot be reached now (HTTP 503 with Retry-After); retry later."""
 
 
+class StateOutcomeUnknown(StateUnavailable):
+    """The backend failed while a session step's new state was being stored (`close_steps`): it may or
+    may not have been stored. HTTP 503 without `X-Lorasa-Retry-Safe` (re-sending could step twice)."""
+
+
 class StateConfigError(RuntimeError):
     """The state backend is unusable as configured (wrong backbone, bad URL): the server cannot start."""
 
