@@ -75,7 +75,7 @@ def float_rows(x, name: str, B: int, width: int, device: torch.device, exact: bo
     if x is None:
         return torch.zeros(B, width, device=device)
     if isinstance(x, Tensor) and x.dtype == torch.float32 and x.device == device:
-        t = x
+        t = x.detach()  # a view: a caller's tensor that requires grad reads like any other
     else:
         t = _as_tensor(x, name, device).to(torch.float32)
     if t.dim() != 2 or t.shape[0] != B or t.shape[1] > width or (exact and t.shape[1] != width):
@@ -130,7 +130,7 @@ def _as_tensor(x, name: str, device: torch.device) -> Tensor:
     if isinstance(x, Tensor):
         if x.is_complex():
             raise InputError(f"{name} must be real numbers, got dtype {x.dtype}")
-        return x.to(device)
+        return x.detach().to(device)
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)

@@ -97,27 +97,72 @@ def test_train_init_from_other_envs_agents(tmp_path, ps_run, capsys):
 
 
 def test_train_init_from_takes_env_from_source(tmp_path, ps_run):
-    """Without --env.* task flags the task is the source's (even against another preset); with them
-    the flags win."""
-    cfg, resume = parse_config(["--preset", "walker2d_2x3", "--init-from", str(ps_run),
-                                "--out", str(tmp_path / "o")])
+    """Without --preset and --env.* task flags the task is the source's; with --env.* flags the flags
+    win; an explicit --preset of the source's task keeps the preset's settings."""
+    cfg, resume = parse_config(["--init-from", str(ps_run), "--out", str(tmp_path / "o")])
     assert not resume
     assert (cfg.env.kind, cfg.env.scenario, cfg.env.agent_conf, cfg.env.episode_limit) == \
         ("mamujoco", "HalfCheetah", "2x3", 30)
-    assert cfg.env.n_envs == 16  # parallelism stays the preset's
+    assert cfg.env.n_envs == 8  # parallelism stays the defaults' (the source ran 2)
     cfg, _ = parse_config(["--init-from", str(ps_run), "--env.agent-conf", "6x1", "--out", str(tmp_path / "o")])
     assert (cfg.env.scenario, cfg.env.agent_conf) == ("HalfCheetah", "6x1")
+    cfg, _ = parse_config(["--preset", "halfcheetah_2x3", "--init-from", str(ps_run), "--out", str(tmp_path / "o")])
+    assert (cfg.env.scenario, cfg.env.agent_conf, cfg.env.episode_limit, cfg.env.n_envs) == \
+        ("HalfCheetah", "2x3", 1000, 16)
 
 
-def test_train_init_from_runs_phase2_on_the_source_task(tmp_path, ps_run, capsys):
-    """`--preset walker2d_2x3 --init-from <HalfCheetah run>` trains on HalfCheetah (was: agents mismatch)."""
+@pytest.mark.parametrize("flags,needles", [
+    (["--preset", "humanoid_9_8"], ["--preset humanoid_9_8 trains Humanoid 9|8 but --init-from",
+                                    "was trained on HalfCheetah 2x3", "drop --preset",
+                                    "phase-1 run of humanoid_9_8"]),
+    (["--preset", "halfcheetah_2x3", "--env.agent-obsk", "2"],
+     ["trains HalfCheetah 2x3 agent_obsk 2 but", "was trained on HalfCheetah 2x3 agent_obsk 1"]),
+])
+def test_train_init_from_with_a_preset_of_another_task(tmp_path, ps_run, capsys, flags, needles):
+    """An explicit --preset (with its --env.* flags) never silently trains the source's other task."""
+    out = tmp_path / "lora"
+    usage_error(capsys, tmp_path, train_main, [*flags, "--mode", "lorasa", "--init-from", str(ps_run),
+                                               "--out", str(out)], *needles)
+    assert not out.exists()
+
+
+def test_train_init_from_runs_phase2_on_the_source_task(tmp_path, ps_run):
+    """`--init-from <HalfCheetah run>` without --preset trains on HalfCheetah with the source's limit."""
     out = tmp_path / "lora"
     flags = [f for f in TINY if f not in ("--env.episode-limit", "30")]  # the source's limit is used
-    train_main(["--preset", "walker2d_2x3", "--init-from", str(ps_run), "--out", str(out), *flags,
-                "--total-steps", "80"])
+    train_main(["--init-from", str(ps_run), "--out", str(out), *flags, "--total-steps", "80"])
     env = json.loads((out / "env.json").read_text())["env"]
     assert (env["scenario"], env["agent_conf"], env["episode_limit"]) == ("HalfCheetah", "2x3", 30)
     assert json.loads((out / "summary.json").read_text())["phase_switch_step"] == 40
+
+
+def test_train_out_that_cannot_be_a_directory(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    usage_error(capsys, tmp_path, train_main, [*TINY, "--out", str(tmp_path / "file")],
+                f"--out {tmp_path / 'file'} is a file, not a directory", "pass a directory")
+    usage_error(capsys, tmp_path, train_main, [*TINY, "--out", str(tmp_path / "file" / "a" / "run")],
+                f"{tmp_path / 'file'} is a file, so the run directory cannot be created", "another --out")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory this process cannot write to: a chmod 500 one, or for root (who may write anywhere) a
+    read-only mount such as a container's /proc/sys."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        if os.path.isdir("/proc/sys") and not os.access("/proc/sys", os.W_OK):
+            yield Path("/proc/sys")
+            return
+        pytest.skip("running as root without a read-only directory")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    yield ro
+    ro.chmod(0o700)
+
+
+def test_train_out_in_a_read_only_directory(tmp_path, read_only_dir, capsys):
+    usage_error(capsys, tmp_path, train_main, [*TINY, "--out", str(read_only_dir / "new" / "run")],
+                f"{read_only_dir} is not writable", "pass a directory you can write to")
 
 
 @pytest.mark.parametrize("argv,needles", [
@@ -307,19 +352,47 @@ def test_eval_merged_export_acts_like_its_source(tmp_path):
 
 
 def test_grid_restarts_unfinished_runs(tmp_path):
-    """lorasa-report run retries an unfinished run: from its checkpoint with --resume, else afresh with the
-    killed attempt's logs dropped (a fresh lorasa-train refuses an --out that holds a run)."""
-    from training.grid import _restart_args
+    """lorasa-report run retries an unfinished run: from its checkpoint with --resume, else afresh with every
+    file of the killed attempt dropped (a fresh lorasa-train refuses an --out that holds a run); a run that
+    resuming cannot finish properly (finished already, or past a snapshot step whose snapshot is missing) is
+    moved aside to <run>.stale-<n> and trained afresh."""
+    from training.grid import Grid, _restart_args
     from training.rundir import check_fresh_out
-    ckpt, partial = tmp_path / "ckpt", tmp_path / "partial"
-    (ckpt / "train_state").mkdir(parents=True)
-    (ckpt / "train_state" / "state.json").write_text("{}")
-    (partial / "tb").mkdir(parents=True)
-    (partial / "metrics.csv").write_text("env_steps\n40\n")
-    (partial / "train.log").write_text("killed\n")
-    assert _restart_args(ckpt) == ["--resume", str(ckpt)]
-    assert _restart_args(partial) == [] and sorted(p.name for p in partial.iterdir()) == ["train.log"]
+    (tmp_path / "g.toml").write_text(GRID.format(methods='"mappo:ps", "mappo:lorasa"'))
+    ps = Grid.load(tmp_path / "g.toml").runs[0]  # snapshot at 40
+
+    def run_dir(name: str, steps: int | None, *files: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        if steps is not None:
+            (d / "train_state").mkdir()
+            (d / "train_state" / "state.json").write_text(json.dumps({"counters": {"env_steps": steps}}))
+        for f in files:
+            (d / f).parent.mkdir(parents=True, exist_ok=True)
+            (d / f).write_text("x")
+        return d
+
+    early = run_dir("early", 20, "metrics.csv", "policy.json")
+    assert _restart_args(early, ps) == ["--resume", str(early)]
+    past = run_dir("past", 60, "metrics.csv", "policy.json", "snapshots/40/policy.json")
+    assert _restart_args(past, ps) == ["--resume", str(past)]
+    # killed between policy.json and train_state/state.json at its first checkpoint
+    partial = run_dir("partial", None, "metrics.csv", "policy.json", "backbone.safetensors", "env.json",
+                      "adapters/agent_0.safetensors", "tb/events", "train.log", "run.json")
+    assert _restart_args(partial, ps) == [] and sorted(p.name for p in partial.iterdir()) == ["train.log"]
     check_fresh_out(partial)  # no error now
+    for name, steps, files in (("lost", 60, ["metrics.csv"]), ("finished", 80, ["summary.json"]),
+                               ("unreadable", 20, [])):
+        d = run_dir(name, steps, *files)
+        if name == "unreadable":
+            (d / "train_state" / "state.json").write_text("{")
+        assert _restart_args(d, ps) == [] and list(d.iterdir()) == []
+        assert (tmp_path / f"{name}.stale-1" / "train_state" / "state.json").is_file()
+        check_fresh_out(d)
+    lost = tmp_path / "lost"
+    lost.rmdir()
+    run_dir("lost", 80, "summary.json")  # a second stale copy gets the next free number
+    assert _restart_args(lost, ps) == [] and (tmp_path / "lost.stale-2" / "summary.json").is_file()
 
 
 # --- lorasa-report ----------------------------------------------------------------------------------
@@ -356,6 +429,21 @@ def test_report_malformed_toml(tmp_path, capsys):
 def test_report_bad_methods(tmp_path, capsys, methods, needles):
     (tmp_path / "g.toml").write_text(GRID.format(methods=methods))
     usage_error(capsys, tmp_path, report_main, report_args(tmp_path, tmp_path / "g.toml", "run"), *needles)
+
+
+def test_report_run_with_overrides_lorasa_train_rejects(tmp_path, capsys):
+    (tmp_path / "g.toml").write_text(GRID.format(methods='"mappo:ps"') + 'overrides = { "eval-evry" = 3 }\n')
+    usage_error(capsys, tmp_path, report_main, report_args(tmp_path, tmp_path / "g.toml", "run"),
+                "run halfcheetah_2x3/mappo-ps/seed1: lorasa-train rejects its flags (unrecognized arguments: "
+                "--eval-evry=3 (did you mean --eval-every?))", "fix the grid's overrides")
+
+
+def test_report_write_without_runs_or_committed_results(tmp_path, capsys):
+    """`write` needs the runs root or the grid's committed compact results (test_report.py: the latter alone)."""
+    (tmp_path / "g.toml").write_text(GRID.format(methods='"mappo:ps"'))
+    usage_error(capsys, tmp_path, report_main,
+                ["write", str(tmp_path / "g.toml"), "--runs", str(tmp_path / "gone"), "--out", str(tmp_path / "r")],
+                f"--runs {tmp_path / 'gone'} does not exist and {tmp_path / 'g' / 'runs'} holds no compact results")
 
 
 def test_report_bad_grid_keys_and_arguments(tmp_path, capsys):

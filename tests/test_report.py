@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -246,16 +247,54 @@ def test_paired_section_from_synthetic_compact_results(tmp_path):
         assert _png_ok(tmp_path / "out" / "assets" / png) and f"](assets/{png})" in readme
 
 
-def test_grid_resumes_from_compact_results_without_the_runs_root(tmp_path):
-    import shutil
+def test_lora_phase_auc_starts_where_the_lora_runs_really_switched(tmp_path):
+    """The grid says switch at 200, but the runs switched at their update boundary 250 (summary.json's
+    phase_switch_step): the LoRA-phase AUC window starts there. PS 10+s .. 40+s at 100..400; PS+LoRA
+    continues PS (100, 200) with 40+s at 300 and 60+s at 400. From 250: PS (50 * 27.5 + 100 * 35) / 150
+    = 32.5 + s, PS+LoRA (50 * 35 + 100 * 50) / 150 = 45 + s: +12.5 (from 200 it would be +10)."""
+    from training.report.paired import paired_rows
+    from training.report.results import load_results
+    (tmp_path / "g.toml").write_text("\n".join([
+        "seeds = [1, 2]", "total_steps = 400", "switch_step = 200", "eval_every = 100",
+        "[[scenarios]]", 'preset = "halfcheetah_2x3"', 'methods = ["mappo:ps", "mappo:lorasa"]']))
+    grid = Grid.load(tmp_path / "g.toml")
+    base = {"env": "HalfCheetah 2x3", "algo": "mappo", "env_steps": 400, "groups": [0, 0],
+            "trainable_params": 10, "actor_params": 10, "train_wall_s": 2.0}
+    for s in (1, 2):
+        root = grid.results / "halfcheetah_2x3"
+        final = {"episodes": 1, "mean_return": 1.0, "returns": [1.0]}
+        _write_compact(root / "mappo-ps" / f"seed{s}", {**base, "mode": "ps", "seed": s, "init_from": "",
+                                                        "phase_switch_step": -1, "final_eval": final},
+                       [(100, "ps", 10 + s), (200, "ps", 20 + s), (300, "ps", 30 + s), (400, "ps", 40 + s)])
+        _write_compact(root / "mappo-lorasa" / f"seed{s}", {**base, "mode": "lorasa", "seed": s, "init_from": "x",
+                                                            "phase_switch_step": 250, "final_eval": final},
+                       [(300, "lora", 40 + s), (400, "lora", 60 + s)])
+    (row,) = paired_rows(grid, load_results(grid, tmp_path / "gone"))
+    assert tuple(row.diffs["auc_phase2"].values) == pytest.approx((12.5, 12.5))
+
+
+def test_budget_grid_switches_at_update_boundaries():
+    """A snapshot is taken at the first update boundary at or after the switch step: every switch of
+    reports/grid_budget.toml is a multiple of its preset's env steps per update."""
+    from training.config import PRESETS
+    grid = Grid.load(Path(__file__).parent.parent / "reports" / "grid_budget.toml")
+    for sc in grid.scenarios:
+        assert not {k for k in sc.get("overrides", {}) if k in ("env.n-envs", "ppo.rollout")}
+        cfg = PRESETS[sc["preset"]]
+        per_update = cfg.env.n_envs * cfg.ppo.rollout
+        total, switch = grid.budget(sc)
+        assert switch % per_update == 0 and total % per_update == 0, (sc["preset"], switch, per_update)
+
+
+def test_grid_resumes_from_compact_results_without_the_runs_root(tmp_path, capsys):
     (tmp_path / "grid.toml").write_text(_grid_toml(["mappo:ps", "mappo:lorasa"]).split("[ablations]")[0])
     grid = Grid.load(tmp_path / "grid.toml")
     runs = tmp_path / "runs"
     assert run_grid(grid, runs, jobs=2) == []
     compact = tmp_path / "grid" / "runs" / "halfcheetah_2x3"
     for m in ("mappo-ps", "mappo-lorasa"):
-        assert sorted(p.name for p in (compact / m / "seed1").iterdir()) == ["metrics.csv", "state.json",
-                                                                             "summary.json"]
+        assert sorted(p.name for p in (compact / m / "seed1").iterdir()) == ["metrics.csv", "run.json",
+                                                                             "state.json", "summary.json"]
         s = json.loads((compact / m / "seed1" / "summary.json").read_text())
         assert len(s["final_eval"]["returns"]) == s["final_eval"]["episodes"] == 1
     ps_metrics = (compact / "mappo-ps" / "seed1" / "metrics.csv").read_text()
@@ -269,7 +308,77 @@ def test_grid_resumes_from_compact_results_without_the_runs_root(tmp_path):
 
     def evals(text):
         return [r["eval_return"] for r in csv.DictReader(io.StringIO(text))]
-    assert evals((compact / "mappo-ps" / "seed1" / "metrics.csv").read_text()) == evals(ps_metrics)
+    assert evals((runs / "halfcheetah_2x3" / "mappo-ps" / "seed1" / "metrics.csv").read_text()) == evals(ps_metrics)
+    assert (compact / "mappo-ps" / "seed1" / "metrics.csv").read_text() == ps_metrics
+
+    # committed results whose phase 1 differs from the retrained one: kept as they are, with a warning
+    rows = list(csv.DictReader(io.StringIO(ps_metrics)))
+    rows[[r["env_steps"] for r in rows].index("160")]["eval_return"] = "999.0"
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    committed = {p.name: p.read_bytes() for p in (compact / "mappo-ps" / "seed1").iterdir()}
+    (compact / "mappo-ps" / "seed1" / "metrics.csv").write_text(buf.getvalue())
+    committed["metrics.csv"] = buf.getvalue().encode()
+    shutil.rmtree(runs)
+    shutil.rmtree(compact / "mappo-lorasa")
+    capsys.readouterr()
+    assert run_grid(Grid.load(tmp_path / "grid.toml"), runs, jobs=2) == []
+    out = capsys.readouterr().out
+    assert "warning: halfcheetah_2x3/mappo-ps/seed1 was trained again to rebuild its snapshots" in out
+    assert "differ from the committed ones at 1 of 1 steps (first at 160: committed 999.0" in out
+    assert {p.name: p.read_bytes() for p in (compact / "mappo-ps" / "seed1").iterdir()} == committed
+
+
+def test_grid_refuses_results_made_with_other_settings(tmp_path, capsys):
+    """run.json records each run's resolved config (and the git commit); after a grid edit `run` stops with
+    one line naming the run and the differing fields, and trains nothing."""
+    toml = _grid_toml(["mappo:ps"]).split("[ablations]")[0]
+    (tmp_path / "grid.toml").write_text(toml)
+    runs, key = tmp_path / "runs", "halfcheetah_2x3/mappo-ps/seed1"
+    assert run_grid(Grid.load(tmp_path / "grid.toml"), runs, jobs=1) == []
+    rec = json.loads((tmp_path / "grid" / "runs" / key / "run.json").read_text())
+    assert rec["key"] == key and "git_commit" in rec and "--final-eval-episodes" in rec["args"]
+    assert (rec["config"]["total_steps"], rec["config"]["final_eval_episodes"], rec["config"]["ppo.rollout"]) \
+        == (320, 1, 20)
+    assert json.loads((runs / key / "run.json").read_text()) == rec
+
+    def refused(*needles: str) -> None:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            report_main(["run", str(tmp_path / "grid.toml"), "--runs", str(runs), "--out", str(tmp_path / "rep")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith(f"lorasa-report: error: run {key}: the results in ")
+        for n in needles:
+            assert n in err, (n, err)
+        assert not (tmp_path / "rep").exists()
+
+    (tmp_path / "grid.toml").write_text(toml.replace("final_eval_episodes = 1", "final_eval_episodes = 2"))
+    refused("final_eval_episodes: 1 -> 2", "(and 1 more results)", "move the old results aside or restore")
+    (tmp_path / "grid.toml").write_text(toml.replace("total_steps = 320", "total_steps = 480"))
+    refused("total_steps: 320 -> 480")
+    (tmp_path / "grid.toml").write_text(toml)
+    (runs / key / "run.json").unlink()  # results from before run.json was recorded
+    refused("run.json missing")
+    shutil.rmtree(runs)
+    assert run_grid(Grid.load(tmp_path / "grid.toml"), runs, jobs=1) == [] and not any(runs.glob("*/*"))
+
+
+def test_report_write_from_committed_results_alone(tmp_path):
+    """`lorasa-report write` on a machine without the runs root: the committed compact results suffice."""
+    (tmp_path / "g.toml").write_text("\n".join([
+        "seeds = [1]", "total_steps = 400", "switch_step = 200", "eval_every = 100",
+        "[[scenarios]]", 'preset = "halfcheetah_2x3"', 'methods = ["mappo:ps"]']))
+    base = {"env": "HalfCheetah 2x3", "algo": "mappo", "mode": "ps", "seed": 1, "env_steps": 400, "groups": [0, 0],
+            "trainable_params": 10, "actor_params": 10, "train_wall_s": 2.0, "init_from": "",
+            "phase_switch_step": -1, "final_eval": {"episodes": 2, "mean_return": 41.5, "returns": [40.5, 42.5]}}
+    _write_compact(tmp_path / "g" / "runs" / "halfcheetah_2x3" / "mappo-ps" / "seed1", base,
+                   [(200, "ps", 20.0), (400, "ps", 40.0)])
+    report_main(["write", str(tmp_path / "g.toml"), "--runs", str(tmp_path / "gone"), "--out",
+                 str(tmp_path / "out"), "--rounds", "2"])
+    assert "| MAPPO PS | 41.5 (1 seed" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_scenario_budgets_and_their_errors(tmp_path):

@@ -413,6 +413,18 @@ def test_unknown_map_lists_the_maps(standin):
         make_vec_env(replace(SMAC_3M, scenario="3mm"))
 
 
+def test_lorasa_train_unknown_map_is_one_line(sc2, tmp_path, capsys):
+    """The CLI prints the unknown map as one `lorasa-train: error:` line (exit 2), not a traceback."""
+    from training.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--env.kind", "smac", "--env.scenario", "3mm", "--env.n-envs", "1", "--env.workers", "0",
+              "--total-steps", "20", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert err.startswith("lorasa-train: error: SMAC has no map '3mm'; its maps: 2s3z, 3m, 8m")
+    assert "\n" not in err and "Traceback" not in err
+
+
 MISSING = {  # fake install variant -> what the error says
     "no_folder": "StarCraft II is not installed at",
     "no_versions": r"no StarCraft II version \(Versions/Base\*\)",

@@ -125,6 +125,23 @@ def test_valid_input_still_acts_alike(categorical):
     assert torch.allclose(a.state, b.state, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inputs_that_require_grad_act_like_plain_ones(categorical, gaussian, dtype):
+    """A caller's tensor with requires_grad (float32 on CPU passes validation as a view) acts on both
+    backends exactly like the same values without it."""
+    rng = np.random.default_rng(1)
+    obs = torch.tensor(rng.standard_normal((2, 7)), dtype=dtype)
+    state = torch.tensor(rng.standard_normal((2, H)), dtype=dtype)
+    for backends, recurrent in ((categorical, True), (gaussian, False)):
+        for name, be in backends.items():
+            plain = be.act(IDS, obs, state if recurrent else None)
+            graded = be.act(IDS, obs.clone().requires_grad_(True),
+                            state.clone().requires_grad_(True) if recurrent else None)
+            assert torch.equal(plain.actions, graded.actions), name
+            if recurrent:
+                assert torch.equal(plain.state, graded.state), name
+
+
 def test_session_calls_reject_a_bare_string(categorical):
     eng = categorical["engine"]
     with pytest.raises(InputError, match="not one string"):

@@ -66,13 +66,7 @@ def _tuple_parser(item):
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     """Flags -> (config, resume?). UsageError / a one-line parse error for anything that cannot run;
     nothing is written here."""
-    p = OneLineParser(prog="lorasa-train", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a scenario preset")
-    p.add_argument("--resume", metavar="OUT", help="continue the run saved in OUT (flags override it)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    add_dataclass_args(p, TrainConfig)
-    ns = vars(p.parse_args(argv))
+    ns = vars(_parser().parse_args(argv))
     base_name, resume, show = ns.pop("preset"), ns.pop("resume"), ns.pop("print_config")
     if resume:
         if "out" in ns and Path(ns["out"]).resolve() != Path(resume).resolve():
@@ -83,25 +77,66 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
         base = preset(base_name) if base_name else TrainConfig()
         init_from = ns.get("init_from", base.init_from)
         check_init_mode(init_from, ns.get("mode", base.mode))
-        base = _env_from_init_source(base, init_from)
+        base = _env_from_init_source(base, init_from, base_name, ns)
     cfg = with_overrides(base, ns)
     check_config(cfg)
     if show:
         print(json.dumps(cfg.to_dict(), indent=2))
         sys.exit(0)
+    rundir.check_out_writable(Path(cfg.out))
     if not resume:
         rundir.check_fresh_out(Path(cfg.out))
     return cfg, bool(resume)
 
 
-def _env_from_init_source(base: TrainConfig, init_from: str) -> TrainConfig:
-    """Phase 2 runs on the task its phase-1 source was trained on (explicit --env.* flags still win;
-    the trainer then checks that the agents match)."""
+class _RaisingParser(OneLineParser):
+    """A parse error is a UsageError (for callers that are not lorasa-train itself)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UsageError(f"{message}{self._hint(message)}")
+
+
+def _parser(cls: type[OneLineParser] = OneLineParser) -> OneLineParser:
+    p = cls(prog="lorasa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a scenario preset")
+    p.add_argument("--resume", metavar="OUT", help="continue the run saved in OUT (flags override it)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_dataclass_args(p, TrainConfig)
+    return p
+
+
+def resolve_flags(argv: list[str]) -> TrainConfig:
+    """The config fresh-run flags `argv` ask for (preset + flags; no --resume), without reading --init-from
+    or checking anything: what training/grid.py records in run.json and compares between sessions.
+    UsageError for flags lorasa-train would reject."""
+    ns = vars(_parser(_RaisingParser).parse_args(argv))
+    base_name = ns.pop("preset")
+    ns.pop("resume"), ns.pop("print_config")
+    return with_overrides(preset(base_name) if base_name else TrainConfig(), ns)
+
+
+def _env_from_init_source(base: TrainConfig, init_from: str, preset_name: str | None,
+                          flags: dict) -> TrainConfig:
+    """Phase 2 runs on the task its phase-1 source was trained on. Without --preset the source's task is
+    filled in (explicit --env.* flags still win; the trainer then checks that the agents match); an
+    explicit --preset (with its --env.* flags) must name the source's task."""
     if not init_from:
         return base
     rundir.check_init_source(Path(init_from))
     task = rundir.source_env(Path(init_from))
-    return base if task is None else replace(base, env=replace(base.env, **task))
+    if task is None:
+        return base
+    if preset_name is None:
+        return replace(base, env=replace(base.env, **task))
+    own = with_overrides(base, flags).env
+    if any(getattr(own, k) != task[k] for k in rundir.TASK_IDENTITY if k in task):
+        src = replace(own, **task)
+        a, b = (e.name + (f" agent_obsk {e.agent_obsk}" if own.agent_obsk != src.agent_obsk else "")
+                for e in (own, src))
+        raise UsageError(f"--preset {preset_name} trains {a} but --init-from {init_from} was trained on {b}; "
+                         f"drop --preset (phase 2 then runs on the source's task) or pass a phase-1 run of "
+                         f"{preset_name}")
+    return base
 
 
 def main(argv: list[str] | None = None) -> None:

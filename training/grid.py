@@ -5,7 +5,14 @@ with the final evaluation's per-episode returns, metrics.csv, the run's config a
 state.json; no weights) are copied to `<grid dir>/<grid name>/runs/<run key>/` (commit them), and a run
 whose compact results are there is done, even where the runs root is gone. A base (PS / SePS) run whose
 LoRA runs are not all done needs its snapshot in the runs root: without it (a new machine), the base run
-is trained again, so that its LoRA runs start from the phase 1 their results are compared with.
+is trained again, so that its LoRA runs start from the phase 1 their results are compared with (its
+committed results are kept; a warning says if the new phase-1 curve differs from them).
+
+Each run directory and compact results directory holds `run.json`: the lorasa-train config the grid asked
+for (its flags resolved against the code's defaults: budget, switch, evaluation settings, overrides; all
+but UNRECORDED below) and the git commit of the session that last launched it. Results count only while that config is what the grid asks now:
+after an edit of the grid (or of a default) `run` stops with one line naming the run and the fields that
+differ (move the old results aside, or restore the grid).
 
     seeds = [1, 2, 3]
     total_steps = 300000
@@ -25,6 +32,8 @@ is trained again, so that its LoRA runs start from the phase 1 their results are
 """
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +45,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import rundir
 from .config import PRESETS
 from .errors import UsageError
 
@@ -179,8 +189,79 @@ class Grid:
         return Run(key, preset, group, method, seed, tuple(args), needs, total, switch)
 
 
+# --- what a run was asked to do (run.json) -----------------------------------------------------
+RUN_JSON = "run.json"
+UNRECORDED = {"snapshot_steps"}  # where a base run is snapshotted does not change its results
+
+
+def requested(run: Run) -> dict:
+    """The lorasa-train config `run`'s flags resolve to now (JSON types; "{runs}" left in --init-from)."""
+    from .cli import resolve_flags
+    try:
+        cfg = json.loads(json.dumps(resolve_flags(list(run.args)).to_dict()))
+    except UsageError as e:
+        raise UsageError(f"run {run.key}: lorasa-train rejects its flags ({e}); fix the grid's overrides") from None
+    return {k: v for k, v in _flat(cfg).items() if k not in UNRECORDED}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                           text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (r.stdout.strip() or None) if r.returncode == 0 else None
+
+
+def write_run_json(run: Run, directory: Path, commit: str | None) -> None:
+    data = {"key": run.key, "args": list(run.args), "config": requested(run), "git_commit": commit}
+    (directory / RUN_JSON).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def recorded_mismatch(run: Run, directory: Path, want: dict) -> list[str] | None:
+    """None if `directory` holds no results of `run` or results recorded with the config the grid asks
+    now (`want`: requested(run)); else the differing fields ("run.json missing" for results written
+    before run.json)."""
+    if not ((directory / "summary.json").is_file() or rundir.has_checkpoint(directory)):
+        return None
+    try:
+        recorded = json.loads((directory / RUN_JSON).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["run.json missing or unreadable"]
+    return [f"{k}: {recorded.get(k, '<absent>')} -> {want.get(k, '<absent>')}"
+            for k in sorted(set(want) | set(recorded)) if recorded.get(k) != want.get(k)] or None
+
+
+def check_recorded(grid: Grid, runs_root: Path) -> None:
+    """UsageError (one line) if lorasa-train would reject a run's flags, or any run's results, committed
+    or in the runs root, were made with another config than the grid asks for now."""
+    bad = []
+    for run in grid.runs:
+        want = requested(run)
+        for d in (compact_dir(grid, run), runs_root / run.key):
+            diff = None if d is None else recorded_mismatch(run, d, want)
+            if diff:
+                bad.append((run, d, diff))
+    if bad:
+        run, d, diff = bad[0]
+        more = f" (and {len(bad) - 1} more results)" if len(bad) > 1 else ""
+        raise UsageError(f"run {run.key}: the results in {d} were made with other settings than the grid "
+                         f"asks for now ({'; '.join(diff)}){more}; move the old results aside or restore "
+                         "the grid")
+
+
 # --- compact results (committed; no weights) ----------------------------------------------------
-COMPACT_FILES = {"summary.json": "summary.json", "metrics.csv": "metrics.csv",
+COMPACT_FILES = {RUN_JSON: RUN_JSON, "summary.json": "summary.json", "metrics.csv": "metrics.csv",
                  "train_state/state.json": "state.json"}  # source in the run dir -> name in the compact dir
 
 
@@ -227,9 +308,13 @@ def _snapshot_of(runs_root: Path, run: Run) -> Path:
 
 
 def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.executable) -> list[str]:
-    """Run every missing run (`jobs` at a time, each a 1-thread lorasa-train process) -> failed keys."""
+    """Run every missing run (`jobs` at a time, each a 1-thread lorasa-train process) -> failed keys.
+    UsageError first if recorded results no longer match the grid (check_recorded)."""
+    check_recorded(grid, runs_root)
+    commit = git_commit()
     sync_compact(grid, runs_root)
     todo = [r for r in grid.runs if not is_done(runs_root, r, grid)]
+    by_key = {r.key: r for r in grid.runs}
     failed: list[str] = []
     running: dict[str, tuple[subprocess.Popen, object]] = {}
     bar = tqdm(total=len(grid.runs), initial=len(grid.runs) - len(todo), unit="run", desc="grid")
@@ -243,7 +328,7 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
                     failed.append(key)
                     tqdm.write(f"FAILED {key} (exit {proc.returncode}): see {runs_root / key / 'train.log'}")
                 elif grid.results is not None:
-                    save_compact(runs_root / key, grid.results / key)
+                    keep_or_save_compact(grid, by_key[key], runs_root / key)
                 bar.update(1)
         blocked = set(failed) | set(running) | {r.key for r in todo}
         for run in list(todo):
@@ -258,7 +343,8 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
             todo.remove(run)
             out = runs_root / run.key
             out.mkdir(parents=True, exist_ok=True)
-            args = [a.replace("{runs}", str(runs_root)) for a in run.args] + _restart_args(out)
+            args = [a.replace("{runs}", str(runs_root)) for a in run.args] + _restart_args(out, run)
+            write_run_json(run, out, commit)
             log = open(out / "train.log", "w")
             cmd = [python, "-m", "training.cli", *args, "--out", str(out)]
             log.write(" ".join(cmd) + "\n")
@@ -270,11 +356,81 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
     return failed
 
 
-def _restart_args(out: Path) -> list[str]:
-    """An unfinished run (killed, or failed earlier) continues from its checkpoint; without one, the
-    partial metrics it logged are dropped so lorasa-train starts it afresh."""
-    if (out / "train_state" / "state.json").is_file():
-        return ["--resume", str(out)]
-    (out / "metrics.csv").unlink(missing_ok=True)
-    shutil.rmtree(out / "tb", ignore_errors=True)
+def _restart_args(out: Path, run: Run) -> list[str]:
+    """An unfinished run (killed, or failed earlier) continues from its checkpoint. A run that cannot get
+    there by resuming (finished, or past a snapshot step whose snapshot is missing: it is rerun only to
+    rebuild its snapshots) is moved aside to `<run>.stale-<n>` and trained afresh; without a checkpoint,
+    the partial files it wrote are dropped so lorasa-train starts it afresh."""
+    if rundir.has_checkpoint(out):
+        steps = _checkpoint_steps(out)
+        lost = steps is None or any(s <= steps and not (out / "snapshots" / str(s)).is_dir()
+                                    for s in _snapshot_steps(run))
+        if not (out / "summary.json").is_file() and not lost:
+            return ["--resume", str(out)]
+        stale = _move_aside(out)
+        tqdm.write(f"{run.key}: resuming cannot rebuild its missing snapshots (or its checkpoint is unreadable); "
+                   f"moved the old run to {stale}, training it afresh")
+        out.mkdir(parents=True)
+        return []
+    for name in PARTIAL_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     return []
+
+
+def _checkpoint_steps(out: Path) -> int | None:
+    try:
+        return int(json.loads((out / "train_state" / "state.json").read_text())["counters"]["env_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+PARTIAL_FILES = (*rundir.RUN_FILES, "train_state", "backbone.safetensors", "adapters", "env.json", "tb",
+                 "snapshots", "phase1", "learning_curve.png", RUN_JSON)
+
+
+def _snapshot_steps(run: Run) -> list[int]:
+    args = list(run.args)
+    if "--snapshot-steps" not in args:
+        return []
+    return [int(s) for s in args[args.index("--snapshot-steps") + 1].split(",") if s]
+
+
+def _move_aside(out: Path) -> Path:
+    n = 1
+    while out.with_name(f"{out.name}.stale-{n}").exists():
+        n += 1
+    stale = out.with_name(f"{out.name}.stale-{n}")
+    out.rename(stale)
+    return stale
+
+
+def keep_or_save_compact(grid: Grid, run: Run, run_dir: Path) -> None:
+    """Copy a finished run's compact results, unless results of it are committed already (a base run
+    trained again to rebuild its snapshots): those stay, with a warning if the new curve differs."""
+    dest = compact_dir(grid, run)
+    if not has_compact(grid, run):
+        save_compact(run_dir, dest)
+        return
+    old, new = _eval_curve(dest / "metrics.csv"), _eval_curve(run_dir / "metrics.csv")
+    upto = max(_snapshot_steps(run), default=run.total_steps)
+    old = {s: v for s, v in old.items() if s <= upto}
+    diff = [s for s in sorted(old) if new.get(s) != old[s]]
+    if diff:
+        s = diff[0]
+        tqdm.write(f"warning: {run.key} was trained again to rebuild its snapshots, and its phase-1 evaluation "
+                   f"returns differ from the committed ones at {len(diff)} of {len(old)} steps (first at "
+                   f"{s:,}: committed {old[s]}, now {new.get(s)}); its committed results in {dest} were kept, "
+                   "its LoRA runs start from the new snapshot")
+
+
+def _eval_curve(path: Path) -> dict[int, str]:
+    """env_steps -> eval_return (as written) of a metrics.csv's evaluated rows."""
+    try:
+        with open(path, newline="") as f:
+            return {int(r["env_steps"]): r["eval_return"] for r in csv.DictReader(f) if r.get("eval_return")}
+    except (OSError, KeyError, ValueError):
+        return {}

@@ -3,6 +3,7 @@
     check_resume(OUT)       OUT is a run with a whole checkpoint (else a UsageError naming the fix)
     check_init_source(SRC)  SRC is a phase-1 run / snapshot (train_state) or a PS policy directory
     source_env(SRC)         the task SRC was trained on (env.json, else its train_state config)
+    check_out_writable(OUT) OUT is (or can be created as) a writable directory
     check_fresh_out(OUT)    OUT does not already hold a run (a fresh run would append to its metrics)
     truncate_metrics(CSV, step)  drop the rows a killed run wrote after its last checkpoint
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 from lorasa_serve import env_file
@@ -22,6 +24,7 @@ from .errors import UsageError
 
 RUN_FILES = ("metrics.csv", "summary.json", "policy.json", f"{STATE_DIR}/state.json")
 TASK_KEYS = ("kind", "scenario", "agent_conf", "agent_obsk", "episode_limit")
+TASK_IDENTITY = TASK_KEYS[:4]  # which task (the episode limit is a setting of it)
 
 
 def has_checkpoint(directory: Path) -> bool:
@@ -72,6 +75,22 @@ def source_env(src: Path) -> dict | None:
     if isinstance(block, dict) and block.get("kind"):
         return {k: block[k] for k in TASK_KEYS if k in block}
     return None
+
+
+def check_out_writable(out: Path) -> None:
+    """OUT is a directory, or one lorasa-train can create: not a file, no file on its path, and its
+    nearest existing parent writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory; pass a directory for the run")
+    near = out.absolute()
+    while not near.exists():
+        near = near.parent
+    if not near.is_dir():
+        raise UsageError(f"--out {out}: {near} is a file, so the run directory cannot be created there; pass "
+                         "another --out")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {near} is not writable; pass a directory you can write to")
 
 
 def check_fresh_out(out: Path) -> None:

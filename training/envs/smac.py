@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, pad_obs
+from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, UnknownTaskError, pad_obs
 
 INSTALL_HINT = ("the real SMAC needs StarCraft II and oxwhirl's smac "
                 "(pip install git+https://github.com/oxwhirl/smac.git; never the PyPI package 'smac')")
@@ -49,10 +49,11 @@ def smac_maps() -> dict[str, dict]:
 
 
 def check_map(name: str) -> None:
-    """A clear error for a map SMAC does not have (`StarCraft2Env` itself raises a bare KeyError)."""
+    """A clear error for a map SMAC does not have (`StarCraft2Env` itself raises a bare KeyError):
+    UnknownTaskError, so the CLIs print it as one line."""
     maps = smac_maps()
     if name not in maps:
-        raise ValueError(f"SMAC has no map {name!r}; its maps: {', '.join(sorted(maps))}")
+        raise UnknownTaskError(f"SMAC has no map {name!r}; its maps: {', '.join(sorted(maps))}")
 
 
 def _read_execute_info(folder: Path, parents: int) -> str | None:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ..errors import OneLineParser, UsageError, exit_on_usage_error
-from ..grid import Grid, run_grid
+from ..grid import Grid, check_recorded, has_compact, run_grid
 from .results import concat_rows, mean_curve
 from .stats import Stats, betainc, overlap, t_cdf, t_quantile
 from .writer import write_report
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     with exit_on_usage_error("lorasa-report"):
         grid = _check(args)
+        if args.command == "run":
+            check_recorded(grid, args.runs.resolve())
     failed: list[str] = []
     if args.command == "run":
         failed = run_grid(grid, args.runs.resolve(), args.jobs)
@@ -77,7 +79,9 @@ def _check(args) -> Grid:
         raise UsageError("--rounds and --jobs must be >= 1")
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file; pass a directory for the report")
-    if args.command == "write" and not args.runs.is_dir():
-        raise UsageError(f"--runs {args.runs} does not exist; pass the runs root that lorasa-report run "
-                         "trained into (or use lorasa-report run to train them)")
-    return Grid.load(args.grid)
+    grid = Grid.load(args.grid)
+    if args.command == "write" and not args.runs.is_dir() and not any(has_compact(grid, r) for r in grid.runs):
+        raise UsageError(f"--runs {args.runs} does not exist and {grid.results} holds no compact results; pass "
+                         "the runs root that lorasa-report run trained into (or use lorasa-report run to train "
+                         "them)")
+    return grid

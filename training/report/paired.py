@@ -27,6 +27,14 @@ def run_measures(res: RunResult, switch: int) -> dict[str, float]:
     return out
 
 
+def recorded_switch(cells: list[Cell], nominal: int) -> int:
+    """Where the phase-2 runs of `cells` really switched (summary.json's phase_switch_step: the first
+    update boundary at or after the grid's switch step; the latest if seeds differ), else `nominal`."""
+    steps = [int(r.summary["phase_switch_step"]) for c in cells for r in c.done
+             if r.summary.get("init_from") and int(r.summary.get("phase_switch_step", -1)) >= 0]
+    return max(steps, default=nominal)
+
+
 @dataclass
 class PairedRow:
     scenario: str
@@ -59,7 +67,8 @@ def paired_rows(grid: Grid, results: dict[str, RunResult]) -> list[PairedRow]:
         env = next((r.summary["env"] for c in cells for r in c.done), sc["preset"])
         for algo in dict.fromkeys(c.algo for c in cells):
             by_mode = {c.mode: c for c in cells if c.algo == algo}
-            measures = {m: {r.run.seed: run_measures(r, switch) for r in c.done} for m, c in by_mode.items()}
+            start = recorded_switch(list(by_mode.values()), switch)
+            measures = {m: {r.run.seed: run_measures(r, start) for r in c.done} for m, c in by_mode.items()}
             for a, b in PAIRED:
                 if a in by_mode and b in by_mode:
                     diffs = {k: paired_differences({s: v[k] for s, v in measures[a].items()},
@@ -97,7 +106,8 @@ def paired_section(grid: Grid, results: dict[str, RunResult], md_table, assets: 
              "the same evaluation episodes; PS+LoRA − PS also shares phase 1 (the LoRA run starts from that "
              "seed's PS snapshot), so only the phase after the switch differs. AUC = area under the "
              "evaluation-return curve divided by its steps (the mean return over training; trapezoid rule, "
-             "PS+LoRA's curve continues its PS run's); 'LoRA phase' = the same from the switch step to the "
+             "PS+LoRA's curve continues its PS run's); 'LoRA phase' = the same from the step where the LoRA "
+             "runs really switched (their first update boundary at or after the grid's switch step) to the "
              "end.", "",
              md_table(["Scenario", "Algo", "A − B", "Seeds", "Final return", "AUC (all steps)",
                        "AUC (LoRA phase)"], [r.cells() for r in rows]), "", *figure,
