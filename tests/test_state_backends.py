@@ -59,7 +59,7 @@ def test_versions_are_unique_and_monotonic_across_processes(store):
     reader = seeded(store)
     gen0 = reader.generation()
     assert reader.published().version("a") == 1
-    ctx = mp.get_context("fork")  # fresh handles in the children; fork avoids re-importing torch
+    ctx = mp.get_context("spawn")  # fresh handles in fresh processes (fork after JAX/torch threads can deadlock)
     q = ctx.Queue()
     procs = [ctx.Process(target=_publish_many, args=(store.kind, store.where, 10, q)) for _ in range(3)]
     [p.start() for p in procs]
