@@ -159,9 +159,7 @@ class PolicyRuntime:
                 try:
                     self._cycle(jobs)
                 except Exception as e:
-                    log.exception("a batcher cycle failed")
-                    for job in jobs:
-                        _answer(job.future, error=e)
+                    _fail_all(jobs, e, "a batcher cycle failed")
         finally:
             with self._cv:
                 self._stopped = "the batcher thread of this worker stopped (see its log)"
@@ -188,9 +186,7 @@ class PolicyRuntime:
         try:
             self._serve(jobs)
         except Exception as e:
-            log.exception("serving a batch failed")
-            for job in jobs:
-                _answer(job.future, error=e)
+            _fail_all(jobs, e, "serving a batch failed")
 
     def _take(self, timeout: float | None) -> list[_Job]:
         """Block for work (at most `timeout` s); then take queued jobs up to max_batch_rows, deferring a
@@ -494,6 +490,13 @@ def _nonfinite_error(rows: np.ndarray) -> BadRequest:
     more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
     return BadRequest(f"rows {shown}{more}: the policy's output is NaN or inf for these inputs (extreme "
                       "obs or state values?); nothing was stored", 422)
+
+
+def _fail_all(jobs: list[_Job], error: Exception, what: str) -> None:
+    """A bug (not a bad request) stopped `what`: log it, answer each of its jobs with the error."""
+    log.exception(what)
+    for job in jobs:
+        _answer(job.future, error=error)
 
 
 def _run_into(future: Future, fn: Callable[[], object]) -> None:

@@ -14,9 +14,9 @@ from lorasa_serve import Engine
 
 require_extra("serve", "starlette", "bentoml", "prometheus_client")
 from services.config import ServiceConfig  # noqa: E402
-from services.runtime import PolicyRuntime  # noqa: E402
+from services.runtime import PolicyRuntime, session_limits  # noqa: E402
 from services.schema import BadRequest, parse_act  # noqa: E402
-from services.state import SessionBusy  # noqa: E402
+from services.state import SessionBusy, open_backend  # noqa: E402
 
 BIG = 3.4e38  # finite in float32, so it passes validation, but overflows inside the network
 
@@ -51,8 +51,14 @@ def _expected(rt, rows, state=None):
 
 def _batched(rt, reqs):
     """Submit `reqs` while the batcher is held, so they are served in one cycle -> futures."""
-    gate = threading.Event()
-    held = rt.control(gate.wait)
+    started, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        started.set()
+        gate.wait()
+
+    held = rt.control(hold)
+    assert started.wait(30)  # the batcher is inside `hold`: every request below waits for the next cycle
     futures = [rt.submit(r) for r in reqs]
     gate.set()
     held.result(timeout=30)
@@ -106,10 +112,13 @@ def test_nonfinite_outputs_are_422_and_never_stored(rt):
 def test_a_batch_whose_every_session_is_busy_keeps_the_batcher_alive(rt):
     """Every request of a batch refused when its session is opened (a step in flight elsewhere):
     each gets SessionBusy, and the batcher goes on serving."""
-    (held,) = rt.state.open_steps([("busy-x", rt.spec.agent_ids)])  # another worker's step
+    other = open_backend("", rt.cfg.state_dir, rt.spec.backbone_fingerprint, rt.spec.hidden,
+                         session_limits(rt.cfg))  # another worker's handle on the same state dir
+    (held,) = other.open_steps([("busy-x", rt.spec.agent_ids)])  # that worker's step in flight
     with pytest.raises(SessionBusy, match="in flight"):
         rt.submit(_req(rt, _team(rt, 40), session_id="busy-x")).result(timeout=30)
-    assert rt.state.close_steps([(held, None)]) == [True]
+    assert other.close_steps([(held, None)]) == [True]
+    other.close()
     good = _team(rt, 41)
     res = rt.submit(_req(rt, good, session_id="busy-x")).result(timeout=30)
     np.testing.assert_allclose(res.actions, _expected(rt, good).actions.numpy(), atol=1e-5)

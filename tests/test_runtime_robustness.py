@@ -89,9 +89,12 @@ def test_cancelled_requests_never_kill_the_batcher_nor_hurt_their_batch(policy, 
     np.testing.assert_allclose(good.result(timeout=30).actions, _expected(ref, good_rows).actions.numpy(),
                                atol=1e-5)
     assert ran == [] and queued.cancelled()
-    (step,) = rt.state.open_steps([("c-queued", spec.agent_ids)])  # never leased, nothing stored
+    probe = open_backend("", str(tmp_path / "state"), spec.backbone_fingerprint, spec.hidden,
+                         SessionLimits())  # its own handle: the runtime's belongs to its batcher thread
+    (step,) = probe.open_steps([("c-queued", spec.agent_ids)])  # never leased, nothing stored
     assert isinstance(step, SessionStep) and step.is_new.all()
-    assert rt.state.close_steps([(step, None)]) == [True]
+    assert probe.close_steps([(step, None)]) == [True]
+    probe.close()
 
     # (b) cancelled while its batch runs, the way BentoML's timeout does it (asyncio.wrap_future + cancel):
     # the step completes (stored once, lease released), its session stays in flight until then
