@@ -25,6 +25,7 @@ class ServiceConfig:
     workers: int = 1  # LORASA_WORKERS: BentoML worker processes
     device: str = "cpu"  # LORASA_DEVICE: "cpu", "cuda", "auto"
     mode: str = "auto"  # LORASA_MODE: engine adapter mode "auto" | "lora" | "merged"
+    backend: str = "engine"  # LORASA_BACKEND: "engine" (policy dir, hot swap) | "onnx" (a lorasa-export dir)
     max_rows_per_request: int = 1024  # LORASA_MAX_ROWS_PER_REQUEST
     max_batch_rows: int = 4096  # LORASA_MAX_BATCH_ROWS: rows batched into one engine forward
     max_body_bytes: int = 8 << 20  # LORASA_MAX_BODY_BYTES: JSON request bodies
@@ -50,6 +51,8 @@ class ServiceConfig:
                              "whitespace around or in it")
         if self.session_ttl_s <= 0 or self.arbiter_check_s <= 0:
             raise ValueError("LORASA_SESSION_TTL_S and LORASA_ARBITER_CHECK_S must be > 0")
+        if self.backend not in ("engine", "onnx"):
+            raise ValueError(f"LORASA_BACKEND must be engine or onnx, not {self.backend!r}")
         if self.mode not in ("auto", "lora", "merged"):
             raise ValueError(f"LORASA_MODE must be auto, lora or merged, not {self.mode!r}")
 

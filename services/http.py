@@ -76,6 +76,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
     async def put_adapter(request: Request) -> JSONResponse:
         _authorize(request, cfg.admin_token)
         rt = await get_runtime()
+        _swappable(rt)
         agent_id = request.path_params["agent_id"]
         if agent_id not in rt.applied:
             raise BadRequest(f"unknown agent_id {short(agent_id)}; serving {list(rt.applied)}", 404)
@@ -102,6 +103,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
     async def _merge(request: Request, flag: bool) -> JSONResponse:
         _authorize(request, cfg.admin_token)
         rt = await get_runtime()
+        _swappable(rt)
         raw = await _body(request, cfg.max_body_bytes)
         if raw.strip():
             _require_json(request)
@@ -184,6 +186,14 @@ def _authorize(request: Request, token: str) -> None:
     # exact bytes (headers arrive latin-1 decoded): no trimming of spaces, tabs, \xa0 or \x1f
     if not hmac.compare_digest(value.encode("latin-1"), token.encode()):
         raise BadRequest("invalid admin token", 403)
+
+
+def _swappable(rt: PolicyRuntime) -> None:
+    """409 when the server acts through a backend that cannot swap or merge adapters (LORASA_BACKEND=onnx)."""
+    if rt.engine is None:
+        raise BadRequest(f"this server serves a lorasa-export directory through {type(rt.backend).__name__} "
+                         f"(LORASA_BACKEND={rt.cfg.backend}): its adapters are fixed in the graphs; serve the "
+                         "policy directory with LORASA_BACKEND=engine to hot-swap or merge", 409)
 
 
 def _require_json(request: Request) -> None:

@@ -33,6 +33,7 @@ import torch
 
 from lorasa_serve import Engine, LorasaError
 from lorasa_serve.artifacts import adapter_bytes, fingerprint
+from lorasa_serve.backend import ActBackend
 
 from . import metrics
 from .config import ServiceConfig
@@ -77,14 +78,16 @@ def session_limits(cfg: ServiceConfig) -> SessionLimits:
 
 
 class PolicyRuntime:
-    def __init__(self, cfg: ServiceConfig, policy_dir: Path, state: StateBackend | None = None):
-        """state: the backend (default: from cfg, Redis if LORASA_REDIS_URL else LORASA_STATE_DIR).
+    def __init__(self, cfg: ServiceConfig, policy_dir: Path, state: StateBackend | None = None,
+                 backend: ActBackend | None = None):
+        """backend: what acts (default: from cfg, `open_act_backend`); only an `Engine` swaps adapters.
+        state: the state backend (default: from cfg, Redis if LORASA_REDIS_URL else LORASA_STATE_DIR).
         An unreachable backend does not fail construction: `ready` stays False (with `state_error`
         saying why) until a sync succeeds, so a new worker never serves stale adapters."""
         self.cfg = cfg
-        self.engine = Engine.from_dir(policy_dir, device=cfg.device, mode=cfg.mode,
-                                      max_sessions=cfg.max_sessions)
-        self.spec = self.engine.spec
+        self.backend = backend or open_act_backend(cfg, policy_dir)  # every forward goes through it
+        self.engine = self.backend if isinstance(self.backend, Engine) else None  # hot swap and merge
+        self.spec = self.backend.spec
         self.state = state or open_backend(cfg.redis_url, cfg.state_dir, self.spec.backbone_fingerprint,
                                            self.spec.hidden, session_limits(cfg))
         self.applied = {a: 1 for a in self.spec.agent_ids}  # global version served per agent
@@ -321,8 +324,8 @@ class PolicyRuntime:
                 for r in reqs]))  # [B, act_max]
         seed = reqs[0].seed if len(reqs) == 1 and not reqs[0].deterministic else None
         gen = None if seed is None else torch.Generator().manual_seed(seed)
-        out = self.engine.act(ids, obs, state, reset, avail, deterministic=reqs[0].deterministic,
-                              generator=gen)
+        out = self.backend.act(ids, obs, state, reset, avail, deterministic=reqs[0].deterministic,
+                               generator=gen)
         versions = [self.applied[a] for a in ids]
         batch = {"requests": len(reqs), "rows": len(ids)}
         metrics.batch_rows.observe(len(ids))
@@ -409,7 +412,7 @@ class PolicyRuntime:
             gen = self.state.generation()
             pub = self.state.published()
         self._load(pub, now)
-        want = {a for a in pub.merged if a in self.applied}
+        want = {a for a in pub.merged if a in self.applied} if self.engine is not None else set()
         if want - self._merged_pub:
             self.engine.merge(sorted(want - self._merged_pub))
         if self._merged_pub - want:
@@ -435,6 +438,9 @@ class PolicyRuntime:
             if v <= self.applied[agent] or fail is not None and now < fail.retry_at:
                 continue
             try:
+                if self.engine is None:
+                    raise NotSwappable(f"this server acts through {type(self.backend).__name__} "
+                                       f"(LORASA_BACKEND={self.cfg.backend}), which cannot load adapters")
                 self.engine.load_adapter(self.state.adapter_blob(agent, v), agent)
             except StateUnavailable:
                 raise
@@ -456,13 +462,13 @@ class PolicyRuntime:
 
     # --- snapshots for the read-only endpoints (run as control jobs) ----------------------------
     def agents_info(self) -> list[dict]:
-        merged = set(self.engine.merged_agents)
+        merged = set(self.engine.merged_agents) if self.engine is not None else set()
         out = []
         for a in self.spec.agents:
             v = self.applied[a.agent_id]
             key = (a.agent_id, v)
             if key not in self._fp_cache:
-                ad = self.engine.adapter(a.agent_id)
+                ad = self.engine.adapter(a.agent_id) if self.engine is not None else None
                 self._fp_cache[key] = "" if ad is None else fingerprint({n: t.cpu() for n, t in ad.items()})
             out.append({"agent_id": a.agent_id, "obs_dim": a.obs_dim, "act_dim": a.act_dim,
                         "version": v, "adapter_fingerprint": self._fp_cache[key],
@@ -490,6 +496,21 @@ def _nonfinite_error(rows: np.ndarray) -> BadRequest:
     more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
     return BadRequest(f"rows {shown}{more}: the policy's output is NaN or inf for these inputs (extreme "
                       "obs or state values?); nothing was stored", 422)
+
+
+class NotSwappable(RuntimeError):
+    """Adapters cannot be swapped or merged: the server acts through a backend other than `Engine`."""
+
+
+def open_act_backend(cfg: ServiceConfig, policy_dir: Path) -> ActBackend:
+    """LORASA_BACKEND=engine: the policy directory through `Engine` (hot swap, merge). onnx: a
+    `lorasa-export` directory through onnxruntime, the graphs its manifest lists as verified (the
+    adapters are fixed in them: uploads and merges are refused)."""
+    if cfg.backend == "onnx":
+        from lorasa_serve.onnx_backend import OnnxEngine
+        return OnnxEngine.from_dir(policy_dir, providers="cpu" if cfg.device == "cpu" else "auto",
+                                   threads=cfg.torch_threads)
+    return Engine.from_dir(policy_dir, device=cfg.device, mode=cfg.mode, max_sessions=cfg.max_sessions)
 
 
 def _fail_all(jobs: list[_Job], error: Exception, what: str) -> None:
