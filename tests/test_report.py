@@ -178,7 +178,8 @@ def test_plan_of_the_budget_grid(tmp_path, capsys):
     the grid's own measured rates; `lorasa-report plan` prints runs x steps / rate."""
     import tomllib
     from training.report.plan import plan
-    path = Path(__file__).parent.parent / "reports" / "grid_budget.toml"
+    path = tmp_path / "grid_budget.toml"  # a copy: the whole design, whatever runs are committed beside it
+    path.write_text((Path(__file__).parent.parent / "reports" / "grid_budget.toml").read_text())
     raw, grid = tomllib.loads(path.read_text()), Grid.load(path)
     assert len(grid.seeds) >= 5 and {sc["preset"] for sc in grid.scenarios} == {"halfcheetah_2x3", "humanoid_9_8"}
     assert all(grid.budget(sc)[0] >= 3 * 300_000 for sc in grid.scenarios)
