@@ -54,15 +54,16 @@ class LocalState:
         self.fingerprint, self.hidden, self.limits = fingerprint, hidden, limits
         self.description = f"local state dir {self.root}"
         self._manifest()  # fail fast on a state dir made for another backbone
-        self._db = sqlite3.connect(str(self.root / "sessions.sqlite"), timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=OFF")  # state of live episodes, not data of record
-        if self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sess'").fetchone()[0]:
-            cols = {r[1] for r in self._db.execute("PRAGMA table_info(sess)")}
-            if "lease" not in cols:  # a sessions file from before leases: sessions are disposable
-                self._db.executescript("DROP TABLE sess; DROP TABLE IF EXISTS state;")
-        self._db.executescript(SCHEMA)  # idempotent; several workers may run it at once
+        with self._locked():  # workers start together: WAL and schema set-up one at a time (else "locked")
+            self._db = sqlite3.connect(str(self.root / "sessions.sqlite"), timeout=30.0, isolation_level=None,
+                                       check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=OFF")  # state of live episodes, not data of record
+            if self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sess'").fetchone()[0]:
+                cols = {r[1] for r in self._db.execute("PRAGMA table_info(sess)")}
+                if "lease" not in cols:  # a sessions file from before leases: sessions are disposable
+                    self._db.executescript("DROP TABLE sess; DROP TABLE IF EXISTS state;")
+            self._db.executescript(SCHEMA)  # idempotent; several workers may run it at once
 
     # --- adapters -------------------------------------------------------------------------------
     def generation(self) -> int:
