@@ -77,8 +77,11 @@ def check_act(spec: PolicySpec, max_rows: int, idx: np.ndarray, obs: np.ndarray,
         _check_float(state, (n, spec.hidden), "state")
     if session_id is not None and len(np.unique(idx)) != n:
         raise BadRequest("with a session_id each agent may appear at most once per request")
-    names = ids if ids is not None else t.names[idx].tolist()
-    return ActRequest(names, obs, state, reset, avail, session_id, deterministic, seed)
+    req = ActRequest(idx.astype(np.int64, copy=False), t.names, obs, state, reset, avail, session_id,
+                     deterministic, seed)
+    if ids is not None:
+        req.agent_ids = ids  # the caller's list: not made again from idx
+    return req
 
 
 def _check_float(x: np.ndarray, shape: tuple[int, int], name: str) -> None:

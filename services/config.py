@@ -9,6 +9,10 @@ from dataclasses import dataclass, fields
 
 DEFAULT_POLICY = "policies/halfcheetah_2x3"
 ENV_PREFIX = "LORASA_"
+# BentoML records an OpenTelemetry span per request and per body chunk even with no exporter
+# configured; the act routes are left out of tracing (BentoML's `tracing.excluded_urls`: regexes
+# searched in the URL) unless LORASA_TRACE_ACT=1: BENCHMARKS.md, Protocols, has what that costs
+UNTRACED_PATHS = ("/v1/act$", "/v2/models/[^/]+(/versions/[^/]+)?/infer$")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class ServiceConfig:
     timeout_s: float = 30.0  # LORASA_TIMEOUT_S: BentoML request timeout
     torch_threads: int = 1  # LORASA_TORCH_THREADS: intra-op threads per worker (see README)
     access_log: int = 0  # LORASA_ACCESS_LOG: 1 = BentoML logs one INFO line per request
+    trace_act: int = 0  # LORASA_TRACE_ACT: 1 = BentoML's OpenTelemetry spans also on the act routes
 
     def __post_init__(self) -> None:
         for name in ("workers", "torch_threads", "max_rows_per_request", "max_batch_rows", "max_body_bytes",
@@ -42,8 +47,9 @@ class ServiceConfig:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 1")
         if self.max_batch_rows < self.max_rows_per_request:
             raise ValueError("LORASA_MAX_BATCH_ROWS must be >= LORASA_MAX_ROWS_PER_REQUEST")
-        if self.access_log not in (0, 1):
-            raise ValueError(f"LORASA_ACCESS_LOG must be 0 or 1, not {self.access_log}")
+        for name in ("access_log", "trace_act"):
+            if getattr(self, name) not in (0, 1):
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} must be 0 or 1, not {getattr(self, name)}")
         tok = self.admin_token
         if tok and not (tok.isascii() and tok.isprintable() and not any(c.isspace() for c in tok)):
             raise ValueError("LORASA_ADMIN_TOKEN must be printable ASCII without spaces (it is compared "

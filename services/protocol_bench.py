@@ -84,7 +84,7 @@ def _v2_tensors(p: dict, binary: bool) -> list:
 def client_loop(url: str, protocol: str, spec_d: dict, rows: int, seed: int, start: float, stop: float
                 ) -> dict:
     """One client process: requests back to back from `start` to `stop` (wall clock); -> latencies."""
-    from lorasa_serve.client import HTTPConnection, PolicyClient  # TCP_NODELAY, like the client
+    from lorasa_serve.client import HTTPConnection, PolicyClient, _peer_closed  # TCP_NODELAY, like the client
     from lorasa_serve.oip_codec import decode_body, encode
     p = payload(spec_d, rows, seed)
     host, port = url.removeprefix("http://").split(":")
@@ -92,6 +92,10 @@ def client_loop(url: str, protocol: str, spec_d: dict, rows: int, seed: int, sta
     client = PolicyClient(url, timeout=60)
 
     def post(path: str, body: bytes, headers: dict) -> http.client.HTTPResponse:
+        # the server closes a connection idle for 5 s (uvicorn's keep-alive timeout): building a 23 MB
+        # JSON body with 8 clients on 2 cores can take that long, so reconnect first, as PolicyClient does
+        if _peer_closed(conn.sock):
+            conn.close()
         conn.request("POST", path, body=body, headers=headers)
         r = conn.getresponse()
         data = r.read()
@@ -180,7 +184,7 @@ def time_pieces(spec, spec_d: dict, rows: int, repeat: int) -> dict:
     n = rows
     actions = np.zeros((n, spec.act_max), np.float32) if spec.action == "gaussian" else np.zeros(n, np.int64)
     state = np.zeros((n, spec.hidden), np.float32) if spec.recurrent else None
-    res = ActResult(actions, np.zeros(n, np.float32), state, [1] * n, {"requests": 1, "rows": n})
+    res = ActResult(actions, np.zeros(n, np.float32), state, np.ones(n, np.int64), {"requests": 1, "rows": n})
     big = 1 << 20
 
     def best(fn) -> float:

@@ -61,7 +61,7 @@ class ActResult:
     actions: np.ndarray  # [n, act_max] float32 (Gaussian) or [n] int64 (categorical)
     log_probs: np.ndarray  # [n]
     state: np.ndarray | None  # [n, hidden] next state (None: feed-forward)
-    versions: list[int]  # adapter version used per row (global, from the state backend)
+    versions: np.ndarray  # [n] int64 adapter version used per row (global, from the state backend)
     batch: dict  # {"requests": k, "rows": m} of the engine forward that served this request
 
 
@@ -88,6 +88,10 @@ class PolicyRuntime:
         self.backend = backend or open_act_backend(cfg, policy_dir)  # every forward goes through it
         self.engine = self.backend if isinstance(self.backend, Engine) else None  # hot swap and merge
         self.spec = self.backend.spec
+        slots = self.backend.agent_index(self.spec.agent_ids)  # requests carry indices in the spec's order
+        if not np.array_equal(slots, np.arange(len(slots))):
+            raise RuntimeError(f"the backend's agent order {slots.tolist()} is not its spec's")
+        self._agent_rows = [metrics.agent_rows.labels(agent_id=a) for a in self.spec.agent_ids]
         self.state = state or open_backend(cfg.redis_url, cfg.state_dir, self.spec.backbone_fingerprint,
                                            self.spec.hidden, session_limits(cfg))
         self.applied = {a: 1 for a in self.spec.agent_ids}  # global version served per agent
@@ -272,6 +276,8 @@ class PolicyRuntime:
         """Store new states (ok outcomes) or only release leases (failures), then answer every job.
         A step whose state could not be stored is answered with the error, not with its outputs."""
         closing = [(job, out) for job, out in outcomes if id(job) in steps]
+        if not closing:  # no session step in this batch: nothing to store or release
+            return _answer_all(outcomes, {})
         try:
             items = [(steps[id(job)], None if isinstance(out, BaseException) else out.state)
                      for job, out in closing]
@@ -294,12 +300,7 @@ class PolicyRuntime:
                 errors[id(job)] = SessionBusy(
                     f"session {job.req.session_id!r} was reset, or its step outlasted the "
                     f"{self.cfg.timeout_s:g} s lease, while this step ran: its state was not stored")
-        for job, out in outcomes:
-            out = errors.get(id(job), out)
-            if isinstance(out, BaseException):
-                _answer(job.future, error=out)
-            else:
-                _answer(job.future, out)
+        _answer_all(outcomes, errors)
 
     @staticmethod
     def _one(batch_fn: Callable[[list], list], item: object) -> object:
@@ -313,25 +314,26 @@ class PolicyRuntime:
         """One Engine.act over the rows of every request (same `deterministic` flag). No side effects.
         Per request its ActResult, or a 422 BadRequest naming its rows whose output is NaN/inf (never
         stored: _close_sessions only releases the lease of a failed step)."""
-        ids = [a for r in reqs for a in r.agent_ids]
-        obs = torch.from_numpy(np.concatenate([r.obs for r in reqs]))  # [B, obs_max]
-        reset = torch.from_numpy(np.concatenate([r.reset for r in reqs]))  # [B]
+        idx = _cat([r.idx for r in reqs])  # [B] agent indices: the backend's slots
+        obs = torch.from_numpy(_cat([r.obs for r in reqs]))  # [B, obs_max]
+        reset = torch.from_numpy(_cat([r.reset for r in reqs]))  # [B]
         state = self._states(reqs, steps)  # [B, H] | None
         avail = None
         if any(r.avail is not None for r in reqs):
-            avail = torch.from_numpy(np.concatenate([
+            avail = torch.from_numpy(_cat([
                 r.avail if r.avail is not None else np.ones((r.n, self.spec.act_max), dtype=bool)
                 for r in reqs]))  # [B, act_max]
         seed = reqs[0].seed if len(reqs) == 1 and not reqs[0].deterministic else None
         gen = None if seed is None else torch.Generator().manual_seed(seed)
-        out = self.backend.act(ids, obs, state, reset, avail, deterministic=reqs[0].deterministic,
+        out = self.backend.act(idx, obs, state, reset, avail, deterministic=reqs[0].deterministic,
                                generator=gen)
-        versions = [self.applied[a] for a in ids]
-        batch = {"requests": len(reqs), "rows": len(ids)}
-        metrics.batch_rows.observe(len(ids))
+        versions = np.asarray([self.applied[a] for a in self.spec.agent_ids], dtype=np.int64)[idx]  # [B]
+        batch = {"requests": len(reqs), "rows": len(idx)}
+        metrics.batch_rows.observe(len(idx))
         metrics.batch_requests.observe(len(reqs))
-        for a, c in zip(*np.unique(np.asarray(ids), return_counts=True)):
-            metrics.agent_rows.labels(agent_id=str(a)).inc(int(c))
+        for a, c in enumerate(np.bincount(idx, minlength=len(self._agent_rows)).tolist()):
+            if c:
+                self._agent_rows[a].inc(c)
         actions, logp = out.actions.cpu().numpy(), out.log_probs.cpu().numpy()
         h = None if out.state is None else out.state.cpu().numpy()  # [B, H]
         bad = _nonfinite_rows(actions, logp, h)  # [B] bool
@@ -481,6 +483,14 @@ class PolicyRuntime:
         return None if f is None else {"version": f.version, "error": f.error}
 
 
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    """The rows of a batch's requests, one array (a lone request's own array: no copy, but writable,
+    as torch.from_numpy wants; a binary /v2 body's tensors are read-only views of the body)."""
+    if len(parts) == 1 and parts[0].flags.writeable:
+        return parts[0]
+    return np.concatenate(parts)
+
+
 def _nonfinite_rows(actions: np.ndarray, logp: np.ndarray, h: np.ndarray | None) -> np.ndarray:
     """[B] bool: rows whose action, log-prob or next state is NaN or inf."""
     bad = ~np.isfinite(logp)
@@ -518,6 +528,17 @@ def _fail_all(jobs: list[_Job], error: Exception, what: str) -> None:
     log.exception(what)
     for job in jobs:
         _answer(job.future, error=error)
+
+
+def _answer_all(outcomes: list[tuple[_Job, object]], errors: dict[int, BaseException]) -> None:
+    """Answer each job with its error (from `errors` by id(job), else its outcome if an exception),
+    or its result."""
+    for job, out in outcomes:
+        out = errors.get(id(job), out)
+        if isinstance(out, BaseException):
+            _answer(job.future, error=out)
+        else:
+            _answer(job.future, out)
 
 
 def _run_into(future: Future, fn: Callable[[], object]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -42,7 +43,8 @@ class BadRequest(Exception):
 
 @dataclass
 class ActRequest:
-    agent_ids: list[str]  # [n]
+    idx: np.ndarray  # [n] int64 agent indices (the spec's order, which is the backend's)
+    names: np.ndarray  # [n_agents] object: the spec's agent ids (index -> id)
     obs: np.ndarray  # [n, obs_max] float32, zero-padded past each agent's obs_dim
     state: np.ndarray | None  # [n, hidden] float32 explicit state (None: zeros or session)
     reset: np.ndarray  # [n] bool: episode start (state zeroed)
@@ -53,7 +55,12 @@ class ActRequest:
 
     @property
     def n(self) -> int:
-        return len(self.agent_ids)
+        return len(self.idx)
+
+    @cached_property
+    def agent_ids(self) -> list[str]:
+        """[n] the agent id of each row (made on first use: a 4096-row stateless request never needs it)."""
+        return self.names[self.idx].tolist()
 
 
 def clip(text: str) -> str:
@@ -209,14 +216,14 @@ def _state(state: np.ndarray | None, n: int, spec: PolicySpec, x: object, i: int
 
 
 def act_response(req: ActRequest, spec: PolicySpec, actions: np.ndarray, log_probs: np.ndarray,
-                 state: np.ndarray | None, versions: list[int], batch: dict) -> dict:
+                 state: np.ndarray | None, versions: np.ndarray, batch: dict) -> dict:
     """Actions per row sliced to each agent's act_dim (Gaussian) or an int (categorical)."""
     dims = {a.agent_id: a.act_dim for a in spec.agents}
     if spec.action == "gaussian":
         acts = [actions[i, :dims[a]].tolist() for i, a in enumerate(req.agent_ids)]
     else:
         acts = actions.tolist()
-    out = {"actions": acts, "log_probs": log_probs.tolist(), "versions": versions, "batch": batch}
+    out = {"actions": acts, "log_probs": log_probs.tolist(), "versions": versions.tolist(), "batch": batch}
     if req.session_id is None and state is not None:
         out["state"] = state.tolist()
     return out

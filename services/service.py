@@ -21,7 +21,7 @@ import bentoml
 import torch
 from starlette.exceptions import HTTPException
 
-from .config import ServiceConfig
+from .config import UNTRACED_PATHS, ServiceConfig
 from .http import NotReady, build_app
 from .json_errors import JsonErrorsMiddleware
 from .model_store import policy_dir_from_tag
@@ -73,7 +73,8 @@ oip_app = build_oip_app(CONFIG, _runtime)  # the Open Inference Protocol (KServe
 @bentoml.asgi_app(app, path="/v1")
 @bentoml.service(name="lorasa_policy", workers=CONFIG.workers,
                  traffic={"timeout": CONFIG.timeout_s},
-                 logging={"access": {"enabled": bool(CONFIG.access_log)}})  # LORASA_ACCESS_LOG=1
+                 logging={"access": {"enabled": bool(CONFIG.access_log)}},  # LORASA_ACCESS_LOG=1
+                 tracing={"excluded_urls": [] if CONFIG.trace_act else list(UNTRACED_PATHS)})
 class LorasaPolicy:
     def __init__(self) -> None:
         self.cfg = CONFIG

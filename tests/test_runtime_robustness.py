@@ -167,7 +167,7 @@ def test_a_fresh_process_waits_for_the_servers_of_a_restarted_redis(policy, redi
     after = open_backend(redis_server.url, "", spec.backbone_fingerprint, spec.hidden, SessionLimits())
     assert after.published().version("agent_1") == 3 and not after.published().lost
     res = fresh.submit(_req(fresh, _team(spec, 7))).result(timeout=30)
-    assert res.versions == [1, 3, 1]
+    assert res.versions.tolist() == [1, 3, 1]
     # an upload through the fresh process continues the numbering and reaches the old one
     assert fresh.state.publish_adapter("agent_1", _adapter(spec, "agent_1", 13)) == 4
     old.control(lambda: None).result(timeout=30)
@@ -211,13 +211,13 @@ def test_an_unloadable_adapter_is_backed_off_and_reported(policy, tmp_path):
     assert rt.state.publish_adapter("agent_0", b"not a safetensors file") == 2  # bypassing validation
     for k in range(10):  # every batch checks the backend: one failed load, not ten
         res = rt.submit(_req(rt, _team(spec, 40 + k))).result(timeout=30)
-        assert res.versions == [1, 1, 1]
+        assert res.versions.tolist() == [1, 1, 1]
     assert _failures("agent_0") - before == 1
     info = {a["agent_id"]: a for a in rt.control(rt.agents_info).result(timeout=30)}
     assert info["agent_0"]["load_error"]["version"] == 2 and info["agent_1"]["load_error"] is None
     assert rt.ready  # a running worker keeps serving its previous version
     assert rt.state.publish_adapter("agent_0", _adapter(spec, "agent_0", 41)) == 3  # a newer one: at once
     res = rt.submit(_req(rt, _team(spec, 50))).result(timeout=30)
-    assert res.versions == [3, 1, 1]
+    assert res.versions.tolist() == [3, 1, 1]
     info = {a["agent_id"]: a for a in rt.control(rt.agents_info).result(timeout=30)}
     assert info["agent_0"]["load_error"] is None and _failures("agent_0") - before == 1

@@ -53,11 +53,26 @@ def test_admin_token_with_whitespace_is_refused_at_config_load(token):
         ServiceConfig.from_env({"LORASA_ADMIN_TOKEN": token})
 
 
-def test_access_log_setting():
-    assert ServiceConfig.from_env({}).access_log == 0
-    assert ServiceConfig.from_env({"LORASA_ACCESS_LOG": "1"}).access_log == 1
-    with pytest.raises(ValueError, match="LORASA_ACCESS_LOG"):
-        ServiceConfig.from_env({"LORASA_ACCESS_LOG": "2"})
+@pytest.mark.parametrize("name", ["LORASA_ACCESS_LOG", "LORASA_TRACE_ACT"])
+def test_on_off_settings(name):
+    field = name.removeprefix("LORASA_").lower()
+    assert getattr(ServiceConfig.from_env({}), field) == 0
+    assert getattr(ServiceConfig.from_env({name: "1"}), field) == 1
+    with pytest.raises(ValueError, match=name):
+        ServiceConfig.from_env({name: "2"})
+
+
+@pytest.mark.parametrize("path,untraced", [
+    ("/v1/act", True), ("/v2/models/lorasa_policy/infer", True), ("/v2/models/m/versions/1/infer", True),
+    ("/v1/actions", False), ("/v1/agents", False), ("/v1/sessions/s1/reset", False),
+    ("/v2/models/lorasa_policy", False), ("/v2/models/lorasa_policy/ready", False), ("/v2/health/live", False),
+    ("/v2/models/a/b/infer", False), ("/v1/admin/adapters/agent_0", False)])
+def test_only_the_act_routes_are_left_out_of_tracing(path, untraced):
+    """BentoML's OpenTelemetry middleware skips URLs matching `tracing.excluded_urls` (searched as
+    regexes in the full URL), the way it reads them from the service config."""
+    from opentelemetry.util.http import ExcludeList
+    from services.config import UNTRACED_PATHS
+    assert ExcludeList(list(UNTRACED_PATHS)).url_disabled(f"http://127.0.0.1:3000{path}") == untraced
 
 
 def test_admin_token_accepts_the_right_token():
