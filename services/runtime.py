@@ -276,7 +276,8 @@ class PolicyRuntime:
         """Store new states (ok outcomes) or only release leases (failures), then answer every job.
         A step whose state could not be stored is answered with the error, not with its outputs."""
         closing = [(job, out) for job, out in outcomes if id(job) in steps]
-        if not closing:  # no session step in this batch: nothing to store or release
+        if not closing:  # no session step in this batch: nothing to store or release (the local backend
+            # drops expired sessions in the next close_steps: they only linger while no session steps)
             return _answer_all(outcomes, {})
         try:
             items = [(steps[id(job)], None if isinstance(out, BaseException) else out.state)
@@ -314,7 +315,8 @@ class PolicyRuntime:
         """One Engine.act over the rows of every request (same `deterministic` flag). No side effects.
         Per request its ActResult, or a 422 BadRequest naming its rows whose output is NaN/inf (never
         stored: _close_sessions only releases the lease of a failed step)."""
-        idx = _cat([r.idx for r in reqs])  # [B] agent indices: the backend's slots
+        idx = np.concatenate([r.idx for r in reqs])  # [B] agent indices (the backend's slots): always a
+        # fresh array, as the engine may keep it in its layout cache
         obs = torch.from_numpy(_cat([r.obs for r in reqs]))  # [B, obs_max]
         reset = torch.from_numpy(_cat([r.reset for r in reqs]))  # [B]
         state = self._states(reqs, steps)  # [B, H] | None
@@ -484,9 +486,10 @@ class PolicyRuntime:
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    """The rows of a batch's requests, one array (a lone request's own array: no copy, but writable,
-    as torch.from_numpy wants; a binary /v2 body's tensors are read-only views of the body)."""
-    if len(parts) == 1 and parts[0].flags.writeable:
+    """The rows of a batch's requests, one array (a lone request's own array: no copy, if writable and
+    C-contiguous, as torch.from_numpy wants; a binary /v2 body's tensors are read-only views of the body).
+    Neither backend writes into its inputs."""
+    if len(parts) == 1 and parts[0].flags.writeable and parts[0].flags.c_contiguous:
         return parts[0]
     return np.concatenate(parts)
 

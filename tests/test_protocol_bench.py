@@ -1,17 +1,25 @@
 """services/protocol_bench.py without a server: its payloads are valid requests for every protocol, the
 per-request pieces it times run on both benchmark policies, and the goals are computed from the cells."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from lorasa_serve import Engine
-from services.oip import parse_infer
-from services.protocol_bench import _v2_tensors, goals, payload, smax_policy, time_pieces
-from lorasa_serve.oip_codec import encode
+from conftest import require_extra
+
+require_extra("serve", "starlette")
+
+from lorasa_serve import Engine  # noqa: E402
+from lorasa_serve.oip_codec import encode  # noqa: E402
+from services.oip import parse_infer  # noqa: E402
+from services.protocol_bench import _v2_tensors, goals, payload, smax_policy, time_pieces  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "halfcheetah_2x3"
 
 
 @pytest.fixture(scope="module", params=["shipped", "smax3s5z"])
 def spec(request, tmp_path_factory):
-    path = "policies/halfcheetah_2x3" if request.param == "shipped" else \
+    path = SHIPPED if request.param == "shipped" else \
         smax_policy(tmp_path_factory.mktemp("smax") / "policy")
     return Engine.from_dir(path).spec
 
