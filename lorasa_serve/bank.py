@@ -24,7 +24,7 @@ from .layout import Layout
 from .network import ActorParams, LinearP, NormP
 from .traced import TraceCache
 from .spec import AgentSpec, PolicySpec
-from .stacking import dim_mask, stack_adapters
+from .stacking import agent_log_std, dim_mask, stack_adapters, stack_log_std
 
 PARAMS_CACHE_SIZE = 4  # assembled ActorParams per (mode, layout) kept per bank ...
 PARAMS_CACHE_MAX_BYTES = 256 << 20  # ... holding at most this many bytes of per-layout copies
@@ -89,6 +89,9 @@ class AdapterBank:
     merged: dict[int, dict[str, Tensor]]  # slot -> adapted layer -> merged W [out, in]
     obs_dims: Tensor  # [S] int64
     act_dims: Tensor  # [S] int64
+    # Gaussian policies whose adapters carry log-std offsets: [S, act_max] each agent's own log-std
+    # (backbone log_std + offset); None: every agent uses backbone["log_std"] [act_max]
+    log_std: Tensor | None = None
     cache: BankCache = field(default_factory=BankCache, init=False, compare=False, repr=False)
 
     @property
@@ -120,6 +123,13 @@ class AdapterBank:
             return None
         return torch.ones(self.spec.act_max, dtype=torch.bool, device=self.obs_dims.device)
 
+    def log_std_rows(self, slots: np.ndarray) -> Tensor:
+        """slots [B] -> the Gaussian log-std of each row's agent [B, act_max] (or the shared
+        [act_max], broadcastable, when adapters carry no offsets)."""
+        if self.log_std is None:
+            return self.backbone["log_std"]
+        return self.log_std.index_select(0, torch.as_tensor(slots, device=self.log_std.device))
+
     def dim_mask(self, slots: np.ndarray) -> Tensor:
         """slots [B] -> [B, act_max] bool: the row's agent has that action dimension
         ([act_max] all True, broadcastable, when every agent has them all)."""
@@ -138,8 +148,9 @@ class AdapterBank:
         a_r, b_t = {}, {}
         for layer in spec.adapted_layers:
             a_r[layer], b_t[layer] = stack_adapters(spec, layer, per_slot, device)
+        log_std = stack_log_std(spec, backbone["log_std"], per_slot) if spec.action == "gaussian" else None
         return cls(spec, backbone, {a: i for i, a in enumerate(ids)}, per_slot,
-                   tuple(1 for _ in ids), a_r, b_t, {}, *_dims(spec, device))
+                   tuple(1 for _ in ids), a_r, b_t, {}, *_dims(spec, device), log_std)
 
     def with_adapter(self, agent_id: str, adapter: dict[str, Tensor] | None,
                      agent: AgentSpec | None = None) -> "AdapterBank":
@@ -169,12 +180,16 @@ class AdapterBank:
             adapters = self.adapters[:slot] + (adapter,) + self.adapters[slot + 1:]
             versions = self.versions[:slot] + (self.versions[slot] + 1,) + self.versions[slot + 1:]
             slot_of = self.slot_of
+        log_std = self.log_std
+        if log_std is not None:
+            row = agent_log_std(spec, self.backbone["log_std"], adapter).unsqueeze(0)  # [1, act_max]
+            log_std = torch.cat([log_std[:slot], row, log_std[slot + 1:]])
         merged = dict(self.merged)
         if slot in merged:  # keep a merged agent merged, with its new weights
             merged[slot] = merge_adapter(spec, self.backbone, adapter)
         dims = dict(zip(("obs_dims", "act_dims"), _dims(spec, dev))) if agent is not None else {}
         return replace(self, spec=spec, slot_of=slot_of, adapters=adapters, versions=versions,
-                       a_r=a_r, b_t=b_t, merged=merged, **dims)
+                       a_r=a_r, b_t=b_t, merged=merged, log_std=log_std, **dims)
 
     def with_merged(self, slots: list[int], merge: bool) -> "AdapterBank":
         merged = dict(self.merged)

@@ -95,6 +95,13 @@ class Engine:
     def backbone(self) -> dict[str, Tensor]:
         return dict(self._bank.backbone)
 
+    def log_std(self, agent_id: str) -> Tensor:
+        """The agent's Gaussian log-std [act_max]: backbone `log_std` plus its adapter's
+        `log_std_offset` (when the policy's adapters carry one)."""
+        bank = self._bank
+        slot = check.agent_slot(agent_id, bank.slot_of)
+        return bank.log_std_rows(np.array([slot]))[0] if bank.log_std is not None else bank.backbone["log_std"]
+
     # --- acting -------------------------------------------------------------------------------
     def act(self, agent_ids: Sequence[str] | np.ndarray | Tensor, obs, state=None, reset=None,
             avail=None, *, deterministic: bool = True, generator: torch.Generator | None = None,
@@ -122,7 +129,7 @@ class Engine:
         head, h_next, bank = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
         dim_mask = bank.dim_mask(slots)  # [B, act_max] or [act_max] (all agents: every action)
         if spec.action == "gaussian":
-            actions, logp = gaussian_act(head, bank.backbone["log_std"], dim_mask, deterministic,
+            actions, logp = gaussian_act(head, bank.log_std_rows(slots), dim_mask, deterministic,
                                          generator)
         else:
             valid = check.valid_actions(dim_mask, avail_t)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import PolicySpec
+from .spec import LOG_STD_OFFSET, PolicySpec
 
 LN_EPS = 1e-5
 
@@ -159,13 +159,30 @@ def init_adapter(spec: PolicySpec, generator: torch.Generator | None = None,
                  b_std: float = 0.0) -> dict[str, Tensor]:
     """A fresh adapter, PEFT convention: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (dW starts at 0).
 
-    `b_std > 0` draws B from N(0, b_std) instead (tests and demos need adapters that differ).
+    `b_std > 0` draws B from N(0, b_std) instead (tests and demos need adapters that differ), and
+    a `log_std_offset` (when the spec's adapters carry one, else 0) from N(0, b_std) too.
     """
     out: dict[str, Tensor] = {}
     for key, shape in spec.adapter_shapes().items():
-        if key.endswith("lora_A.weight"):
+        if key == LOG_STD_OFFSET:  # drawn only when asked: a zero offset consumes no random numbers
+            out[key] = torch.randn(shape, generator=generator) * b_std if b_std else torch.zeros(shape)
+        elif key.endswith("lora_A.weight"):
             bound = 1.0 / shape[1] ** 0.5  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
             out[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
         else:
             out[key] = torch.randn(shape, generator=generator) * b_std
+    return out
+
+
+def init_adapter_reference(spec: PolicySpec, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """A fresh adapter as the paper's code draws it (lora_v3/linear.py): A = 0, B ~ kaiming-uniform
+    (a=sqrt(5)) over B's [out, r] (bound 1/sqrt(r)); dW = B A starts at 0 either way, but the first
+    gradient step moves A (not B). The log-std offset starts at 0."""
+    out: dict[str, Tensor] = {}
+    for key, shape in spec.adapter_shapes().items():
+        if key.endswith("lora_B.weight"):
+            bound = 1.0 / shape[1] ** 0.5
+            out[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        else:
+            out[key] = torch.zeros(shape)
     return out

@@ -14,6 +14,7 @@ from typing import Literal
 from .errors import CorruptFileError, FormatVersionError, SpecError
 
 FORMAT_VERSION = 1
+LOG_STD_OFFSET = "log_std_offset"  # adapter tensor [act_max]: agent log-std = backbone log_std + it
 ActionKind = Literal["gaussian", "categorical"]
 Activation = Literal["relu", "tanh"]
 
@@ -34,6 +35,10 @@ class LoraSpec:
     rank: int = 8
     alpha: float = 8.0
     layers: tuple[str, ...] | None = None  # None: every Linear of the actor
+    # Gaussian only: every adapter also carries `log_std_offset` [act_max], added to the backbone's
+    # shared `log_std` (the agent's own exploration noise, as the paper's code trains in phase 2).
+    # False (policies written before it): the offset is 0, adapters hold only lora_A / lora_B.
+    log_std_offset: bool = False
 
     @property
     def scale(self) -> float:
@@ -129,15 +134,18 @@ class PolicySpec:
             out["log_std"] = (self.act_max,)
         return out
 
-    def adapter_shapes(self) -> dict[str, tuple[int, int]]:
-        """PEFT naming: `<layer>.lora_A.weight` [r, in], `<layer>.lora_B.weight` [out, r]."""
+    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """PEFT naming: `<layer>.lora_A.weight` [r, in], `<layer>.lora_B.weight` [out, r]; plus
+        `log_std_offset` [act_max] when `lora.log_std_offset` (the agent's log-std minus the shared one)."""
         shapes = self.linear_shapes()
         r = self.lora.rank
-        out: dict[str, tuple[int, int]] = {}
+        out: dict[str, tuple[int, ...]] = {}
         for name in self.adapted_layers:
             i, o = shapes[name]
             out[f"{name}.lora_A.weight"] = (r, i)
             out[f"{name}.lora_B.weight"] = (o, r)
+        if self.lora.log_std_offset:
+            out[LOG_STD_OFFSET] = (self.act_max,)
         return out
 
     # --- validation ----------------------------------------------------------------------
@@ -161,6 +169,10 @@ class PolicySpec:
             raise SpecError(f"obs_width must be a positive int or null, not {self.obs_width!r}")
         if self.lora.rank < 1 or not self.lora.alpha > 0:
             raise SpecError("lora rank must be >= 1 and alpha > 0")
+        if not isinstance(self.lora.log_std_offset, bool):
+            raise SpecError(f"lora.log_std_offset must be true or false, not {self.lora.log_std_offset!r}")
+        if self.lora.log_std_offset and self.action != "gaussian":
+            raise SpecError("lora.log_std_offset needs a Gaussian action head (categorical has no log-std)")
         if self.lora.layers is not None:
             unknown = set(self.lora.layers) - set(self.linear_names())
             if unknown:
@@ -178,6 +190,8 @@ class PolicySpec:
         d["lora"]["layers"] = None if self.lora.layers is None else list(self.lora.layers)
         if d["obs_width"] is None:  # policies without it keep exactly the version-1 keys
             del d["obs_width"]
+        if not self.lora.log_std_offset:  # likewise: adapters without offsets write no new key
+            del d["lora"]["log_std_offset"]
         return d
 
     def to_json(self) -> str:

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .spec import PolicySpec
+from .spec import LOG_STD_OFFSET, PolicySpec
 
 
 def stack_adapters(spec: PolicySpec, layer: str, adapters: Sequence[dict[str, Tensor] | None],
@@ -27,6 +27,23 @@ def stack_adapters(spec: PolicySpec, layer: str, adapters: Sequence[dict[str, Te
     b = [torch.zeros(r, o, device=dev) if ad is None else
          ad[f"{layer}.lora_B.weight"].to(dev, torch.float32).T * scale for ad in adapters]
     return torch.stack(a), torch.stack(b)
+
+
+def agent_log_std(spec: PolicySpec, log_std: Tensor, adapter: dict[str, Tensor] | None) -> Tensor:
+    """The agent's Gaussian log-std [act_max]: the backbone's shared `log_std` [act_max] plus the
+    adapter's `log_std_offset` [act_max] (absent, or no adapter: the shared one as it is)."""
+    if adapter is None or not spec.lora.log_std_offset or LOG_STD_OFFSET not in adapter:
+        return log_std
+    return log_std + adapter[LOG_STD_OFFSET].to(log_std.device, torch.float32)
+
+
+def stack_log_std(spec: PolicySpec, log_std: Tensor, adapters: Sequence[dict[str, Tensor] | None]
+                  ) -> Tensor | None:
+    """Per-agent log-std [S, act_max] (`agent_log_std` of each), or None when the policy's adapters
+    carry no offsets (every agent then uses the shared [act_max])."""
+    if not spec.lora.log_std_offset:
+        return None
+    return torch.stack([agent_log_std(spec, log_std, ad) for ad in adapters])
 
 
 def dim_mask(act_dims: Tensor, rows: Tensor, act_max: int) -> Tensor:

@@ -9,8 +9,14 @@ i's group. The modes are just choices of which tensors are per group and how age
   nps    every tensor per group, one group per agent (independent networks);
   seps   every tensor per group, agents clustered into G < N groups (selective parameter sharing);
   mtl    a shared trunk (input norm, MLP, GRU) with per-agent output heads (post, post.ln, head, log-std);
-  lora   a frozen PS or SePS base plus per-agent adapters (`lora_a [N, in, r]`, `lora_b [N, r, out]`).
-PS / PS+LoRA parameters convert losslessly to a policy directory (PEFT layout A [r, in], B [out, r]).
+  lora   a frozen PS or SePS base plus per-agent adapters (`lora_a [N, in, r]`, `lora_b [N, r, out]`)
+         and, by default, a per-agent Gaussian log-std offset (`log_std_offset [N, 1, A]`, zero at the
+         switch, added to the frozen shared log-std: the paper's code, lora_v3/distributions.py).
+PS / PS+LoRA parameters convert losslessly to a policy directory (PEFT layout A [r, in], B [out, r],
+plus `log_std_offset` [A] per adapter).
+
+Per-group tensors are gathered to per agent by `groups` (SePS: several agents share a group's row);
+per-agent tensors (adapters, log-std offsets: leading dim N) are never gathered, row i is agent i's.
 """
 from __future__ import annotations
 
@@ -19,11 +25,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lorasa_serve.network import ActorParams, LinearP, NormP, init_adapter, init_backbone
-from lorasa_serve.spec import PolicySpec
+from lorasa_serve.network import (ActorParams, LinearP, NormP, init_adapter, init_adapter_reference,
+                                  init_backbone)
+from lorasa_serve.spec import LOG_STD_OFFSET, PolicySpec
 from lorasa_serve.stacking import stack_adapters
 
 Kind = Literal["ps", "nps", "seps", "mtl", "lora"]
+LoraInit = Literal["peft", "reference"]
+PER_AGENT_SUFFIXES = (".lora_a", ".lora_b")  # plus LOG_STD_OFFSET: leading dim N, row i = agent i
 MTL_HEAD = ("post", "post.ln", "head")  # MTL: the per-agent layers (plus log-std)
 
 
@@ -79,11 +88,15 @@ class Actor:
         return cls(spec, kind, t, groups=tuple(groups))
 
     @classmethod
-    def lora_from_base(cls, base: "Actor", g: torch.Generator, spec: PolicySpec | None = None) -> "Actor":
-        """Freeze `base` (PS or SePS); fresh adapters (A random, B = 0), so the policy starts equal to it.
-        `spec`: the base's spec with another LoRA configuration (rank, alpha, layers)."""
+    def lora_from_base(cls, base: "Actor", g: torch.Generator, spec: PolicySpec | None = None,
+                       init: LoraInit = "peft") -> "Actor":
+        """Freeze `base` (PS or SePS); fresh adapters with dW = 0 and log-std offsets 0 (if the spec's
+        adapters carry them), so the policy starts equal to it. `init`: "peft" draws A ~ kaiming-uniform,
+        B = 0; "reference" A = 0, B ~ kaiming-uniform (the paper's code). `spec`: the base's spec with
+        another LoRA configuration (rank, alpha, layers, log_std_offset)."""
         spec = spec or base.spec
-        adapters = {a: init_adapter(spec, g) for a in spec.agent_ids}
+        draw = init_adapter if init == "peft" else init_adapter_reference
+        adapters = {a: draw(spec, g) for a in spec.agent_ids}
         base_tensors = {k: v.detach().clone() for k, v in {**base.frozen, **base.trainable}.items()}
         return cls.lora_from_adapters(spec, base_tensors, adapters, base.groups)
 
@@ -101,6 +114,9 @@ class Actor:
             a_r, b_t = stack_adapters(spec, name, [adapters[x] for x in spec.agent_ids], scaled=False)
             t[f"{name}.lora_a"] = a_r.transpose(1, 2).contiguous()  # [N, in, r]
             t[f"{name}.lora_b"] = b_t  # [N, r, out]
+        if spec.lora.log_std_offset:
+            t[LOG_STD_OFFSET] = torch.stack([adapters[x][LOG_STD_OFFSET] for x in spec.agent_ids]
+                                            ).unsqueeze(1)  # [N, 1, A]
         return cls(spec, "lora", t, base, groups or (0,) * len(spec.agents))
 
     # --- forward parameters ---------------------------------------------------------------------
@@ -123,12 +139,23 @@ class Actor:
 
     def log_std(self) -> Tensor:
         """[A] shared or [N, 1, A] per agent (broadcasts against [N, M, A])."""
-        return self._acting_params()[1] if not torch.is_grad_enabled() else self._get("log_std")
+        return self._acting_params()[1] if not torch.is_grad_enabled() else self._log_std()
+
+    def _log_std(self) -> Tensor:
+        """The shared (or per-group, gathered) log-std plus the per-agent offsets of a LoRA actor."""
+        log_std = self._get("log_std")  # [A] or [N, 1, A]
+        offset = self.trainable.get(LOG_STD_OFFSET)  # [N, 1, A]: row i is agent i's, never gathered
+        return log_std if offset is None else log_std + offset
+
+    def freeze(self, name: str) -> None:
+        """Stop training trainable tensor `name` (it keeps its optimiser slot, which then gets no
+        gradient: Adam skips it, so a continued run's optimiser state still loads)."""
+        self.trainable[name].requires_grad_(False)
 
     def _acting_params(self) -> tuple[ActorParams, Tensor | None]:
         key = tuple(v._version for v in self.trainable.values())
         if self._acting is None or self._acting[0] != key:
-            log_std = self._get("log_std") if self.spec.action == "gaussian" else None
+            log_std = self._log_std() if self.spec.action == "gaussian" else None
             self._acting = (key, self._params(), log_std)
         return self._acting[1], self._acting[2]
 
@@ -148,7 +175,7 @@ class Actor:
         name -> [N] long (the group of agent i; identity for adapters). Shared tensors are absent."""
         out = {}
         for k, v in self.trainable.items():
-            if k.endswith((".lora_a", ".lora_b")):
+            if k.endswith(PER_AGENT_SUFFIXES) or k == LOG_STD_OFFSET:
                 out[k] = torch.arange(self.n)
             elif v.dim() == 3:
                 out[k] = self._index
@@ -171,11 +198,15 @@ class Actor:
         if self.kind != "lora":
             return None
         t = self.trainable
-        return {a: {**{f"{n}.lora_A.weight": t[f"{n}.lora_a"][i].detach().T.contiguous()
-                       for n in self.spec.adapted_layers},
-                    **{f"{n}.lora_B.weight": t[f"{n}.lora_b"][i].detach().T.contiguous()
-                       for n in self.spec.adapted_layers}}
-                for i, a in enumerate(self.spec.agent_ids)}
+        out = {a: {**{f"{n}.lora_A.weight": t[f"{n}.lora_a"][i].detach().T.contiguous()
+                      for n in self.spec.adapted_layers},
+                   **{f"{n}.lora_B.weight": t[f"{n}.lora_b"][i].detach().T.contiguous()
+                      for n in self.spec.adapted_layers}}
+               for i, a in enumerate(self.spec.agent_ids)}
+        if LOG_STD_OFFSET in t:
+            for i, a in enumerate(self.spec.agent_ids):
+                out[a][LOG_STD_OFFSET] = t[LOG_STD_OFFSET][i, 0].detach().clone()  # [A]
+        return out
 
     def servable(self) -> bool:
         """A policy directory needs one shared backbone: PS, or LoRA over a PS base."""
@@ -183,7 +214,7 @@ class Actor:
         return all(v.dim() < 3 for v in base.values())
 
     def n_trainable(self) -> int:
-        return sum(v.numel() for v in self.trainable.values())
+        return sum(v.numel() for v in self.trainable.values() if v.requires_grad)
 
     def n_total(self) -> int:
         """Every actor parameter the team needs at inference (frozen base included)."""

@@ -22,10 +22,21 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = 8
-    alpha: float = 8.0
-    layers: tuple[str, ...] | None = None  # None: all Linears of the actor
-    lr: float = 1e-3  # adapters' learning rate in phase 2
+    """Phase 2 (modes lorasa, seps_lorasa). Reference values: ZBN111/ICML2025_LoRASA's scripts."""
+
+    rank: int = 8  # adapter rank r (reference: 8; its ablations 4, 8, 16, full)
+    alpha: float = 8.0  # dW = (alpha / r) B A (reference: 8)
+    layers: tuple[str, ...] | None = None  # None: all Linears of the actor (the reference: all 7)
+    # adapters' (and log-std offsets') learning rate in phase 2; the reference uses one learning rate
+    # for both phases: 3e-4 on MuJoCo, 5e-4 on SMAC (the *_reference presets set it)
+    lr: float = 1e-3
+    # phase 2 also trains a per-agent log-std offset (zero at the switch, added to the frozen shared
+    # log-std), as the reference does (lora_v3/distributions.py); False freezes the log-std entirely
+    # (this project's phase 2 before issue 21). Gaussian actions only (ignored for Categorical).
+    train_log_std: bool = True
+    # how fresh adapters are drawn (dW = 0 either way): "peft" A ~ kaiming-uniform, B = 0 (PEFT's);
+    # "reference" A = 0, B ~ kaiming-uniform(a=sqrt(5)) (the reference's lora_v3/linear.py)
+    init: Literal["peft", "reference"] = "peft"
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,12 @@ class TrainConfig:
     mode: Mode = "lorasa"
     total_steps: int = 900_000  # env steps summed over envs, all phases together
     switch_step: int = 600_000  # lorasa: env step at which the backbone freezes and adapters train
-    init_from: str = ""  # lorasa: start phase 2 from this phase-1 run / policy directory (skips phase 1)
+    # lorasa / seps_lorasa: start phase 2 from this phase-1 run / policy directory (skips phase 1);
+    # ps: continue the PS run (or snapshot) there: actor, optimisers, critic, value normaliser, RNG
+    init_from: str = ""
+    # the shared log-std is not trained (with --mode ps --init-from SNAPSHOT: "PS continued with its
+    # log-std frozen at the switch", the control arm of reports/grid_logstd.toml)
+    freeze_log_std: bool = False
     snapshot_steps: tuple[int, ...] = ()  # also keep the whole run at these env steps: out/snapshots/<n>
     out: str = "runs/halfcheetah_2x3"
     seed: int = 1
@@ -194,12 +210,14 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0.0 <= cfg.a2po.clip_weight <= 1.0:
         raise UsageError(f"--a2po.clip-weight {cfg.a2po.clip_weight} must be in [0, 1] (0: the same clip "
                          "for every position)")
+    if cfg.lora.init not in ("peft", "reference"):
+        raise UsageError(f"--lora.init {cfg.lora.init} must be peft or reference")
     if not cfg.out:
         raise UsageError("--out is empty: pass the run directory to write")
     check_init_mode(cfg.init_from, cfg.mode)
 
 
 def check_init_mode(init_from: str, mode: str) -> None:
-    if init_from and mode not in ("lorasa", "seps_lorasa"):
-        raise UsageError(f"--init-from starts LoRA phase 2 and needs --mode lorasa or seps_lorasa "
-                         f"(not {mode}): add --mode lorasa or drop --init-from")
+    if init_from and mode not in ("lorasa", "seps_lorasa", "ps"):
+        raise UsageError(f"--init-from starts LoRA phase 2 (--mode lorasa or seps_lorasa) or continues a PS "
+                         f"run (--mode ps), not --mode {mode}: change --mode or drop --init-from")

@@ -24,6 +24,15 @@ differ (move the old results aside, or restore the grid).
     switch_step = 300000
     [plan]                                       # optional: measured env-steps/s for `lorasa-report plan`
     steps_per_s = { halfcheetah_2x3 = { "mappo:ps" = 2679 } }
+    [variants.lora_frozen_std]                   # optional: a named method variant, used in methods
+    mode = "lorasa"                              #   as "mappo:lora_frozen_std" (key mappo-lora_frozen_std)
+    flags = ["--no-lora.train-log-std"]          #   extra lorasa-train flags
+    label = "PS+LoRA (log-std frozen)"
+    [variants.ps_frozen_std]
+    mode = "ps"
+    continue_from_switch = true                  #   continues the same seed's PS run from its switch
+    flags = ["--freeze-log-std"]                 #   snapshot (lorasa-train --mode ps --init-from)
+    label = "PS continued (log-std frozen)"
     [ablations]                                  # optional; on one scenario, from its mappo:ps runs
     preset = "halfcheetah_2x3"
     ranks = [4, 16, 64]
@@ -82,6 +91,7 @@ class Grid:
     eval_episodes: int = 4
     final_eval_episodes: int = 16
     plan: dict | None = None
+    variants: dict | None = None  # name -> {mode, flags, label, continue_from_switch}
     runs: list[Run] = field(default_factory=list)
     results: Path | None = None  # compact results root: <grid dir>/<grid name>/runs (set by load)
 
@@ -98,7 +108,7 @@ class Grid:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"{path} is not valid TOML ({e}); fix the file") from None
         known = {"seeds", "total_steps", "switch_step", "scenarios", "ablations", "eval_every",
-                 "eval_episodes", "final_eval_episodes", "plan"}
+                 "eval_episodes", "final_eval_episodes", "plan", "variants"}
         if set(d) - known:
             raise UsageError(f"{path}: unknown keys {sorted(set(d) - known)}; use only {sorted(known)}")
         missing = sorted({"seeds", "total_steps", "switch_step", "scenarios"} - set(d))
@@ -106,10 +116,31 @@ class Grid:
             raise UsageError(f"{path}: missing keys {missing}; add them (see training/grid.py for an example)")
         g = cls(**d, results=path.parent / path.stem / "runs")
         try:
+            g.check_variants()
             g.runs = g.expand()
         except UsageError as e:
             raise UsageError(f"{path}: {e}") from None
         return g
+
+    def check_variants(self) -> None:
+        for name, v in (self.variants or {}).items():
+            if name in METHODS or not name.replace("_", "").isalnum():
+                raise UsageError(f"[variants.{name}]: the name must be letters, digits and _ and differ from "
+                                 f"the modes {', '.join(METHODS)}")
+            if not isinstance(v, dict) or v.get("mode") not in METHODS:
+                raise UsageError(f"[variants.{name}] needs mode = one of {', '.join(METHODS)}")
+            unknown = set(v) - {"mode", "flags", "label", "continue_from_switch", "base"}
+            if unknown:
+                raise UsageError(f"[variants.{name}]: unknown keys {sorted(unknown)}")
+            if not all(isinstance(f, str) and f.startswith("--") for f in v.get("flags", [])):
+                raise UsageError(f"[variants.{name}]: flags must be a list of lorasa-train flags (\"--...\")")
+            if v.get("continue_from_switch") and v["mode"] != "ps":
+                raise UsageError(f"[variants.{name}]: continue_from_switch needs mode = \"ps\"")
+
+    def mode_of(self, method: str) -> str:
+        """The lorasa-train mode of a method ("mappo:lorasa" -> lorasa; a variant -> its mode)."""
+        name = method.partition(":")[2]
+        return (self.variants or {}).get(name, {}).get("mode", name)
 
     def budget(self, sc: dict) -> tuple[int, int]:
         """(total steps, switch step) of scenario entry `sc` (its own, else the grid's)."""
@@ -134,7 +165,7 @@ class Grid:
             preset = sc["preset"]
             if preset not in PRESETS:
                 raise UsageError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}")
-            extra = [f"--{k}={v}" for k, v in sc.get("overrides", {}).items()]
+            extra = override_flags(sc.get("overrides", {}))
             total, switch = self.budget(sc)
             for seed in self.seeds:
                 for m in sc["methods"]:
@@ -148,7 +179,7 @@ class Grid:
                    for sc in self.scenarios):
                 raise UsageError(f"[ablations] on {preset} use the grid's total_steps / switch_step: drop that "
                                  "scenario's own total_steps / switch_step (or ablate another preset)")
-            extra = [f"--{k}={v}" for k, v in ab.get("overrides", {}).items()]
+            extra = override_flags(ab.get("overrides", {}))
             method = f"{algo}:lorasa"
             for seed in self.seeds:
                 for r in ab.get("ranks", []):
@@ -170,10 +201,14 @@ class Grid:
     def _run(self, preset: str, group: str, method: str, seed: int, extra: list[str],
              switch: int | None = None, total: int | None = None) -> Run:
         algo, _, mode = method.partition(":")
-        if algo not in ("mappo", "a2po") or mode not in METHODS:
-            raise UsageError(f"unknown method {method!r}: write <mappo|a2po>:<{'|'.join(METHODS)}>, "
-                             "e.g. \"mappo:lorasa\"")
+        variant = (self.variants or {}).get(mode)
+        if algo not in ("mappo", "a2po") or (mode not in METHODS and variant is None):
+            raise UsageError(f"unknown method {method!r}: write <mappo|a2po>:<{'|'.join(METHODS)}> or a "
+                             "[variants] name, e.g. \"mappo:lorasa\"")
         name = f"{algo}-{mode}" if group == "main" else f"ablation-{group}"
+        if variant is not None:
+            extra = [*extra, *variant.get("flags", [])]
+            mode = variant["mode"]
         key = f"{preset}/{name}/seed{seed}"
         total, switch = total or self.total_steps, switch or self.switch_step
         args = ["--preset", preset, "--algo", algo, "--mode", mode, "--seed", str(seed),
@@ -181,17 +216,26 @@ class Grid:
                 "--eval-episodes", str(self.eval_episodes),
                 "--final-eval-episodes", str(self.final_eval_episodes), "--no-tensorboard", *extra]
         needs = None
-        if mode in BASE_OF:
-            needs = f"{preset}/{algo}-{BASE_OF[mode]}/seed{seed}"
+        if mode in BASE_OF or (variant or {}).get("continue_from_switch"):
+            base = (variant or {}).get("base", BASE_OF.get(mode, "ps"))
+            needs = f"{preset}/{algo}-{base}/seed{seed}"
             args += ["--init-from", f"{{runs}}/{needs}/snapshots/{switch}"]
         elif mode in ("ps", "seps"):
             args += ["--snapshot-steps", ",".join(map(str, self.switch_steps(preset, switch)))]
         return Run(key, preset, group, method, seed, tuple(args), needs, total, switch)
 
 
+def override_flags(overrides: dict) -> list[str]:
+    """TOML overrides -> lorasa-train flags: {"env.workers": 0} -> --env.workers=0, a bool -> --x / --no-x."""
+    return [(f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k}={v}"
+            for k, v in overrides.items()]
+
+
 # --- what a run was asked to do (run.json) -----------------------------------------------------
 RUN_JSON = "run.json"
 UNRECORDED = {"snapshot_steps"}  # where a base run is snapshotted does not change its results
+# config fields added after results were committed: a run.json without one was made with this value
+LEGACY = {"lora.train_log_std": False, "lora.init": "peft", "freeze_log_std": False}
 
 
 def requested(run: Run) -> dict:
@@ -238,6 +282,7 @@ def recorded_mismatch(run: Run, directory: Path, want: dict) -> list[str] | None
         recorded = json.loads((directory / RUN_JSON).read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return ["run.json missing or unreadable"]
+    recorded = {**{k: v for k, v in LEGACY.items() if k in want}, **recorded}
     return [f"{k}: {recorded.get(k, '<absent>')} -> {want.get(k, '<absent>')}"
             for k in sorted(set(want) | set(recorded)) if recorded.get(k) != want.get(k)] or None
 
@@ -341,6 +386,9 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
                     bar.update(1)
                 continue
             todo.remove(run)
+            if is_done(runs_root, run, grid):  # finished meanwhile (results copied in, another host)
+                bar.update(1)
+                continue
             out = runs_root / run.key
             out.mkdir(parents=True, exist_ok=True)
             args = [a.replace("{runs}", str(runs_root)) for a in run.args] + _restart_args(out, run)

@@ -109,7 +109,15 @@ class Trainer:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.ppo.critic_lr, eps=1e-5)
         if resume:
             checkpoint.load_optimizers(self.out, self.actor_opt, self.critic_opt, self.g)
+        elif self._continues():
+            checkpoint.load_optimizers(Path(cfg.init_from), self.actor_opt, self.critic_opt, self.g)
+        if cfg.freeze_log_std and "log_std" in self.actor.trainable:
+            self.actor.freeze("log_std")
         self.policy = Policy.build(self.actor, self.info)
+
+    def _continues(self) -> bool:
+        """--mode ps --init-from: this run continues another PS run from its checkpoint."""
+        return self.cfg.mode == "ps" and bool(self.cfg.init_from)
 
     # --- set-up -------------------------------------------------------------------------------
     def _fresh_actor(self) -> Actor:
@@ -117,6 +125,8 @@ class Trainer:
         spec = build_spec(self.info, cfg)
         if cfg.mode in LORA_MODES and cfg.init_from:
             return self._phase2_from(Path(cfg.init_from))
+        if self._continues():
+            return self._continue_from(Path(cfg.init_from))
         if cfg.mode == "nps":
             return Actor.new_nps(spec, self.g, cfg.model.init_log_std)
         if cfg.mode == "mtl":
@@ -165,10 +175,33 @@ class Trainer:
             raise UsageError(f"--init-from {src} was trained for agents {_agents(base.spec.agents)}, but "
                              f"env {self.info.name} has {_agents(self.info.agent_specs())}: {fix}, or init "
                              f"from a run of {self.info.name}")
-        lo = self.cfg.lora
-        spec = replace(base.spec, lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers)))
         self.counters.phase_switch_step = self.counters.env_steps
-        return Actor.lora_from_base(base, self.g, spec)
+        return Actor.lora_from_base(base, self.g, self._lora_spec(base.spec), self.cfg.lora.init)
+
+    def _lora_spec(self, base: PolicySpec) -> PolicySpec:
+        """The phase-2 spec: `base` with the configured LoRA (rank, alpha, layers, log-std offsets)."""
+        lo = self.cfg.lora
+        return replace(base, lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers),
+                                           log_std_offset=lo.train_log_std and base.action == "gaussian"))
+
+    def _continue_from(self, src: Path) -> Actor:
+        """--mode ps --init-from: the PS run checkpointed in `src` (actor, critic, value normaliser,
+        counters; optimisers and RNG are loaded in _build), continued here from its env step."""
+        rundir.check_init_source(src)
+        if not rundir.has_checkpoint(src):
+            raise UsageError(f"--mode ps --init-from {src} continues a run and needs its "
+                             f"{checkpoint.STATE_DIR}/: pass a PS run directory or its snapshots/<step>")
+        meta = checkpoint.load_meta(src)
+        actor = actor_from_state(src, meta)
+        if actor.kind != "ps" or tuple(actor.spec.agents) != self.info.agent_specs():
+            raise UsageError(f"--mode ps --init-from {src} holds a {actor.kind} actor for agents "
+                             f"{_agents(actor.spec.agents)}: pass a PS run of {self.info.name}")
+        checkpoint.load_critic(src, self.critic)
+        self.vnorm.load(meta["value_norm"])
+        c = meta["counters"]
+        self.counters = checkpoint.Counters(env_steps=int(c["env_steps"]), updates=int(c["updates"]),
+                                            phase_switch_step=int(c["env_steps"]))
+        return actor
 
     def _resume(self) -> Actor:
         meta = rundir.check_resume(self.out)
@@ -184,7 +217,7 @@ class Trainer:
     def _switch_to_lora(self) -> None:
         """Phase 1 -> 2: save the PS (SePS) run to phase1/, freeze it, train fresh per-agent adapters."""
         self.save_policy(self.out / "phase1")
-        self.actor = Actor.lora_from_base(self.actor, self.g)
+        self.actor = Actor.lora_from_base(self.actor, self.g, self._lora_spec(self.actor.spec), self.cfg.lora.init)
         self.actor_opt = self._actor_opt()
         self.policy = Policy.build(self.actor, self.info)
         self.counters.phase_switch_step = self.counters.env_steps
