@@ -240,6 +240,8 @@ def _hostile_uploads(spec, good: dict) -> list[tuple[str, bytes, int, str]]:
         ("other backbone", adapter_bytes(other_spec, "agent_0", other["agent_0"]), 400,
          "FingerprintMismatchError"),
         ("adapter of another agent", adapter_bytes(spec, "agent_2", good), 400, "KeyMismatchError"),
+        ("huge finite weights", adapter_bytes(spec, "agent_0", {k: torch.full_like(v, 3e38) for k, v in good.items()}),
+         400, "probe batch"),
         ("over the size limit", ok + b"\0" * MAX_UPLOAD, 413, "limit"),
     ]
 
