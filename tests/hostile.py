@@ -147,11 +147,12 @@ def oip_bodies(draw, spec, max_rows: int = 8):
     binary = draw(st.booleans())
     ids = np.asarray([a.agent_id.encode() for a in team], dtype=object)
     parts = [_oip_tensor(draw, "agent_id", "BYTES", ids, binary), _oip_tensor(draw, "obs", "FP32", obs, binary)]
-    head: dict = {"inputs": [p[0] for p in parts]}
+    inputs = [p[0] for p in parts]
+    head: dict = {"inputs": inputs}
     if draw(st.booleans()):
         head["parameters"] = {"deterministic": draw(st.booleans())}
     for _ in range(draw(st.integers(0, 3))):
-        t = draw(st.sampled_from(head["inputs"]))
+        t = draw(st.sampled_from(inputs))
         edit = draw(st.sampled_from(["datatype", "shape", "name", "field", "data", "nest", "bools", "surrogate",
                                      "params", "top"]))
         if edit == "datatype":
@@ -178,8 +179,8 @@ def oip_bodies(draw, spec, max_rows: int = 8):
     header = json.dumps(head).encode()
     if draw(st.integers(0, 5)) == 0:
         header = b"{" + b'"inputs": [], ' + header[1:]  # a duplicate key
-    raw = b"".join(p[1] for p in parts) if binary and all(
-        isinstance(t.get("parameters"), dict) for t in head["inputs"]) else b""
+    raw = b"".join(p[1] for p in parts) if binary and head.get("inputs") is inputs and all(
+        isinstance(t.get("parameters"), dict) for t in inputs) else b""
     body = header + raw
     hlen = str(len(header)) if raw else None
     how = draw(st.sampled_from(["as is"] * 6 + ["digits", "truncate", "flip"]))

@@ -247,3 +247,48 @@ def test_a_deleted_or_replaced_sessions_db_fails_closed(tiny_policy, tmp_path):
         assert c.open_steps([("s2", ["agent_0"])])[0].is_new.all()
         with pytest.raises(StateUnavailable):
             a.session_stats()
+
+
+# --- local state faults: 503 (StateUnavailable), then recovery -----------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only: skipped with the reason otherwise)."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_state_unavailable_and_recovers(tiny_policy, small_disk):
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, StateUnavailable, open_backend
+    d, spec, _, _ = tiny_policy
+    st = open_backend("", str(small_disk / "state"), spec.backbone_fingerprint, spec.hidden, SessionLimits())
+    data = adapter_bytes(spec, "agent_0", init_adapter(spec, torch.Generator().manual_seed(6)))
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    with pytest.raises(StateUnavailable, match="No space left"):
+        st.publish_adapter("agent_0", data)
+    h = np.ones((1, spec.hidden), np.float32)
+    try:  # SQLite may still have room in pages it holds: then it must simply work
+        for k in range(200):
+            step = st.open_steps([(f"s{k}", ["agent_0"])])[0]
+            st.close_steps([(step, np.repeat(h, 1, 0))])
+    except StateUnavailable as e:
+        assert "full" in str(e) or "disk" in str(e), e
+    filler.unlink()
+    assert st.publish_adapter("agent_0", data) == 2 and st.adapter_blob("agent_0", 2) == data
+    step = st.open_steps([("after", ["agent_0"])])[0]
+    assert st.close_steps([(step, h)]) == [True]
+

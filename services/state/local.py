@@ -158,12 +158,17 @@ class LocalState:
 
     @contextmanager
     def _locked(self):
-        with open(self.root / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        """The publishers' flock. A file-system error inside (disk full, read-only) is StateUnavailable
+        (503 with Retry-After): the manifest is replaced atomically, so nothing half-written is published."""
+        try:
+            with open(self.root / ".lock", "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        except OSError as e:
+            raise StateUnavailable(f"{self.root}: {type(e).__name__}: {e.strerror or e}") from None
 
     # --- sessions -------------------------------------------------------------------------------
     def open_steps(self, items: list[tuple[str, list[str]]]) -> list[SessionStep | SessionBusy]:
@@ -219,9 +224,9 @@ class LocalState:
             return db.execute("DELETE FROM sess WHERE session = ?", (session_id,)).rowcount > 0
 
     def session_stats(self) -> dict[str, int]:
-        self._check_db()
-        n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess WHERE touched >= ?",
-                                (time.time() - self.limits.ttl_s,)).fetchone()
+        with self._tx():
+            n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess WHERE touched >= ?",
+                                    (time.time() - self.limits.ttl_s,)).fetchone()
         return {"sessions": n, "bytes": b}
 
     def _evict(self, db: sqlite3.Connection, now: float) -> None:
@@ -252,15 +257,26 @@ class LocalState:
 
     @contextmanager
     def _tx(self):
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one writer at a time across processes."""
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one writer at a time across processes.
+        SQLite's own errors (disk full, read-only, a corrupt file, locked past the timeout) are
+        StateUnavailable (503 with Retry-After): the next call tries again."""
         self._check_db()
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise StateUnavailable(f"{self._db_path}: {type(e).__name__}: {e}") from None
 
     def _check_db(self) -> None:
         """Fail closed when sessions.sqlite was deleted or replaced under this connection (it would go
