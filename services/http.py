@@ -83,7 +83,10 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         data = await _body(request, cfg.max_upload_bytes)
         # same validation as Engine.load_adapter(bytes), before anything is stored; every worker
         # then loads the published bytes with Engine.load_adapter (services/state)
-        await asyncio.to_thread(parse_adapter, data, rt.spec, "uploaded adapter", agent_id)
+        _, tensors = await asyncio.to_thread(parse_adapter, data, rt.spec, "uploaded adapter", agent_id)
+        # and its outputs on a probe batch must be finite (huge finite weights overflow): on the batcher
+        # thread, which owns the engine; refused (400) before anything is stored
+        await asyncio.wrap_future(rt.control(lambda: rt.engine.check_adapter(agent_id, tensors)))
         version = await asyncio.to_thread(rt.state.publish_adapter, agent_id, data)
         await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
         served = rt.applied[agent_id]
