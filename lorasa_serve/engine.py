@@ -137,7 +137,8 @@ class Engine:
         return ActOutput(actions, logp, h_next), bank, slots
 
     def _inputs(self, bank: AdapterBank, slots: np.ndarray, obs, state, reset):
-        """Checked tensors on the engine's device: obs [B, obs_max] (padding columns zeroed),
+        """Checked tensors on the engine's device: obs [B, input_width] (padding columns zeroed, the
+        agent one-hot appended when the policy has one),
         state [B, H] | None, reset [B] | None."""
         B, spec = len(slots), bank.spec
         obs_t = check.float_rows(obs, "obs", B, spec.obs_max, self.device)
@@ -148,6 +149,8 @@ class Engine:
             slots_t = torch.as_tensor(slots, device=self.device)
             col = torch.arange(spec.obs_max, device=self.device)
             obs_t = obs_t.masked_fill(col >= bank.obs_dims[slots_t].unsqueeze(1), 0.0)
+        if bank.onehot is not None:  # [B, obs_max] -> [B, obs_max + agent_onehot]: the agent's one-hot
+            obs_t = torch.cat([obs_t, bank.onehot.index_select(0, torch.as_tensor(slots, device=self.device))], 1)
         return obs_t, h, reset_t
 
     @torch.inference_mode()
@@ -162,7 +165,7 @@ class Engine:
 
     def _forward(self, bank: AdapterBank, slots: np.ndarray, obs: Tensor, h: Tensor | None,
                  reset: Tensor | None, mode: str) -> tuple[Tensor, Tensor | None, AdapterBank]:
-        """obs [B, obs_max], h [B, H] -> head [B, act_max], h' [B, H] (caller order), bank used."""
+        """obs [B, input_width], h [B, H] -> head [B, act_max], h' [B, H] (caller order), bank used."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         B = len(slots)
