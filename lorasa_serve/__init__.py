@@ -12,8 +12,8 @@ if TYPE_CHECKING:  # what static tools see; at run time these load on first use
     from .artifacts import load_policy, save_policy
     from .engine import ActOutput, Engine
     from .errors import (ArtifactError, CorruptFileError, FingerprintMismatchError, FormatVersionError,
-                         InputError, KeyMismatchError, LorasaError, NonFiniteError, RankAlphaMismatchError,
-                         ShapeMismatchError, SpecError, UnknownAgentError)
+                         InputError, KeyMismatchError, LorasaError, NonFiniteError, PeftFormatError,
+                         RankAlphaMismatchError, ShapeMismatchError, SpecError, UnknownAgentError)
     from .network import init_adapter, init_backbone
     from .spec import AgentSpec, LoraSpec, PolicySpec
 
@@ -24,7 +24,8 @@ _WHERE = {
     "PolicySpec": "spec",
     **{name: "errors" for name in (
         "ArtifactError", "CorruptFileError", "FingerprintMismatchError", "FormatVersionError",
-        "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError", "RankAlphaMismatchError",
+        "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError", "PeftFormatError",
+        "RankAlphaMismatchError",
         "ShapeMismatchError", "SpecError", "UnknownAgentError")},
 }
 __all__ = sorted(_WHERE)
