@@ -27,6 +27,23 @@ def require_extra(extra: str, *modules: str) -> None:
                     f"(pip install 'lorasa-serve[{extra}]')", allow_module_level=True)
 
 
+KSERVE_CLIENT = Path(sys.prefix) / "kserve-client"  # `make install`: tests/kserve-client.txt
+
+
+def kserve_client():
+    """The real `kserve` package, from the folder `make install` puts beside the venv's site-packages
+    (kserve's pins would downgrade protobuf, psutil and pandas there: tests/kserve-client.txt). The
+    folder goes last on sys.path, so the venv's own packages always win."""
+    if str(KSERVE_CLIENT) not in sys.path and KSERVE_CLIENT.is_dir():
+        sys.path.append(str(KSERVE_CLIENT))
+    if _missing("kserve"):
+        pytest.skip(f"{MISSING_EXTRA} 'dev': the kserve client is not in {KSERVE_CLIENT} (make install runs "
+                    f"pip install --no-deps --target {KSERVE_CLIENT} -r tests/kserve-client.txt)",
+                    allow_module_level=True)
+    import kserve
+    return kserve
+
+
 def _missing(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is None
