@@ -308,3 +308,34 @@ def test_export_is_additive_and_leaves_other_exports_alone(hetero, tmp_path):
     np.testing.assert_array_equal(  # what lands on disk is exactly the engine's adapter
         load_file(out / "peft" / "agent_0" / "adapter_model.safetensors")["base_model.model.gru.x.lora_A.weight"],
         eng.adapter("agent_0")["gru.x.lora_A.weight"].numpy())
+
+
+def test_hostile_peft_bytes_and_configs_raise_only_artifact_errors(hetero, tmp_path):
+    """Truncated or bit-flipped PEFT files and malformed configs: a typed ArtifactError, never a crash."""
+    from lorasa_serve.errors import ArtifactError, CorruptFileError
+    d, eng, _, _ = hetero
+    good = saved(d, tmp_path, "good")
+    data, cfg = (good / "adapter_model.safetensors").read_bytes(), (good / "adapter_config.json").read_bytes()
+    rng = np.random.default_rng(0)
+    for k in range(60):
+        bad = bytearray(data)
+        if k % 2:
+            bad = bad[:int(rng.integers(0, len(data)))]
+        else:
+            for i in rng.integers(0, min(len(data), 600), 4):  # mostly inside the JSON header
+                bad[i] = int(rng.integers(0, 256))
+        try:
+            eng.load_adapter(bytes(bad), "agent_0", peft_config=cfg)
+        except ArtifactError:
+            pass
+    for config, words in ((b"not json", "not valid JSON"), (b"[1]", "JSON object"),
+                          (json.dumps({**json.loads(cfg), "r": "4"}).encode(), "integer 'r'"),
+                          (json.dumps({**json.loads(cfg), "lora_alpha": None}).encode(), "numeric 'lora_alpha'"),
+                          (json.dumps({**json.loads(cfg), "peft_type": "IA3"}).encode(), "not LORA")):
+        with pytest.raises(ArtifactError, match=re.escape(words)):
+            eng.load_adapter(data, "agent_0", peft_config=config)
+    with pytest.raises(CorruptFileError, match="no such file"):
+        eng.load_adapter(tmp_path / "missing_dir", "agent_0")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorruptFileError, match="adapter_model.safetensors"):
+        eng.load_adapter(tmp_path / "empty", "agent_0")
