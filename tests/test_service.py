@@ -7,6 +7,7 @@ import os
 import struct
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -322,7 +323,9 @@ def _peft_trained(srv, agent, out, **config):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.save_pretrained(out)
+    with warnings.catch_warnings():  # PEFT: "could not find a config file in lorasa-backbone:<fp>"
+        warnings.simplefilter("ignore", UserWarning)
+        model.save_pretrained(out)
     return model.eval(), out
 
 
@@ -333,8 +336,6 @@ def _multipart(path, config_name="adapter_config"):
 
 def test_peft_trained_adapter_uploads_over_http(srv, tmp_path):
     require_extra("dev", "peft")
-    import warnings
-    warnings.simplefilter("ignore", UserWarning)  # PEFT: no config.json for lorasa-backbone:<fp>
     spec, agent = srv.spec, "agent_2"
     model, saved = _peft_trained(srv, agent, tmp_path / "trained")
     url = f"{srv.url}/v1/admin/adapters/{agent}"
