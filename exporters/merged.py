@@ -2,7 +2,7 @@
 
 The result is a plain version-1 policy directory (policy.json + backbone.safetensors) with one agent
 at its true sizes: the head and log_std are sliced to its act_dim (head rows are independent, so
-this is exact). The input stays padded to the team's obs_max (`obs_width` in policy.json) because
+this is exact); the log_std is the agent's own (the backbone's plus its adapter's `log_std_offset`). The input stays padded to the team's obs_max (`obs_width` in policy.json) because
 ln_in normalises over the padded width; a non-Python user zero-pads obs to `obs_width` columns.
 """
 from __future__ import annotations
@@ -26,9 +26,11 @@ def merged_policy(engine: Engine, agent_id: str) -> tuple[PolicySpec, dict[str, 
     tensors["head.weight"] = tensors["head.weight"][:agent.act_dim].contiguous()
     tensors["head.bias"] = tensors["head.bias"][:agent.act_dim].contiguous()
     if spec.action == "gaussian":
-        tensors["log_std"] = tensors["log_std"][:agent.act_dim].contiguous()
+        # the agent's own log-std (backbone log_std + its adapter's log_std_offset, if any)
+        tensors["log_std"] = engine.log_std(agent_id).detach().cpu()[:agent.act_dim].clone().contiguous()
     width = spec.obs_max if agent.obs_dim < spec.obs_max else None
-    one = replace(spec, agents=(agent,), obs_width=width, backbone_fingerprint="")
+    one = replace(spec, agents=(agent,), obs_width=width, backbone_fingerprint="",
+                  lora=replace(spec.lora, log_std_offset=False))  # merged: no adapters, no offsets
     return one, tensors
 
 

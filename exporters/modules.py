@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from lorasa_serve.network import LN_EPS, gru_cell
 from lorasa_serve.spec import AgentSpec, PolicySpec
-from lorasa_serve.stacking import dim_mask, stack_adapters
+from lorasa_serve.stacking import dim_mask, stack_adapters, stack_log_std
 
 LoraImpl = Literal["auto", "dense", "gather"]
 DENSE_MAX_COLS = 512  # "auto": dense one-hot LoRA while agents * rank stays this narrow
@@ -63,11 +63,12 @@ class _Actor(nn.Module):
         return linear(x, "head"), h_next
 
     def _outputs(self, head: Tensor, h_next: Tensor | None, dims: Tensor,
-                 avail: Tensor | None) -> tuple[Tensor, ...]:
-        """head [B, A], dims [B, A] bool (or [A]: the agent's action columns) -> the graph outputs."""
+                 avail: Tensor | None, log_std: Tensor | None = None) -> tuple[Tensor, ...]:
+        """head [B, A], dims [B, A] bool (or [A]: the agent's action columns), log_std [B, A] or [A]
+        (Gaussian) -> the graph outputs."""
         if self.spec.action == "gaussian":
             mean = torch.where(dims, head, torch.zeros_like(head))
-            outs = (mean, mean, (self.p_log_std * dims).expand_as(mean))
+            outs = (mean, mean, (log_std * dims).expand_as(mean))
         else:
             valid = dims & avail
             logits = torch.where(valid, head, torch.full_like(head, NEG))
@@ -87,7 +88,8 @@ class MergedAgentActor(_Actor):
     n_named = 1  # forward(obs, *inputs)
 
     def __init__(self, spec: PolicySpec, agent: AgentSpec, backbone: dict[str, Tensor],
-                 merged: dict[str, Tensor]):
+                 merged: dict[str, Tensor], log_std: Tensor | None = None):
+        """merged: Linear name -> W [out, in]; log_std [act_max]: the agent's own (None: the backbone's)."""
         super().__init__(spec, backbone)
         self.obs_dim, self.pad = agent.obs_dim, spec.obs_max - agent.obs_dim
         for n in spec.linear_names():
@@ -97,7 +99,8 @@ class MergedAgentActor(_Actor):
             self.register_buffer(_key(n) + "_w", w)  # [out, in]
             self.register_buffer(_key(n) + "_b", b)
         if spec.action == "gaussian":
-            self.register_buffer("p_log_std", backbone["log_std"][:agent.act_dim].detach().clone())
+            own = backbone["log_std"] if log_std is None else log_std
+            self.register_buffer("p_log_std", own[:agent.act_dim].detach().clone())
         self.register_buffer("dim_mask", torch.ones(agent.act_dim, dtype=torch.bool))
 
     def _lin(self, x: Tensor, name: str) -> Tensor:
@@ -108,7 +111,7 @@ class MergedAgentActor(_Actor):
         h, reset, avail = self._unpack(inputs)
         x = F.pad(obs, (0, self.pad)) if self.pad else obs  # ln_in normalises over obs_max
         head, h_next = self._trunk(self._lin, x, h, reset)
-        return self._outputs(head, h_next, self.dim_mask, avail)
+        return self._outputs(head, h_next, self.dim_mask, avail, getattr(self, "p_log_std", None))
 
 
 class MultiAgentActor(_Actor):
@@ -144,8 +147,10 @@ class MultiAgentActor(_Actor):
         self.register_buffer("obs_dims", torch.tensor([a.obs_dim for a in spec.agents]))
         self.register_buffer("act_dims", torch.tensor([a.act_dim for a in spec.agents]))
         self.register_buffer("obs_cols", torch.arange(spec.obs_max))
-        if spec.action == "gaussian":
-            self.register_buffer("p_log_std", backbone["log_std"].detach().clone())
+        if spec.action == "gaussian":  # [S, act_max] per agent when adapters carry offsets, else [act_max]
+            per_agent = stack_log_std(spec, backbone["log_std"], [adapters.get(x) for x in spec.agent_ids])
+            self.register_buffer("p_log_std", (backbone["log_std"] if per_agent is None else per_agent
+                                               ).detach().clone())
 
     def forward(self, agent_index: Tensor, obs: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         h, reset, avail = self._unpack(inputs)
@@ -166,4 +171,7 @@ class MultiAgentActor(_Actor):
 
         obs = torch.where(self.obs_cols < self.obs_dims[rows].unsqueeze(1), obs, torch.zeros_like(obs))
         head, h_next = self._trunk(linear, obs, h, reset)
-        return self._outputs(head, h_next, dim_mask(self.act_dims, rows, self.spec.act_max), avail)
+        log_std = getattr(self, "p_log_std", None)
+        if log_std is not None and log_std.dim() == 2:
+            log_std = log_std[rows]  # [B, act_max]: each row's agent's own
+        return self._outputs(head, h_next, dim_mask(self.act_dims, rows, self.spec.act_max), avail, log_std)

@@ -229,7 +229,8 @@ def _onnx(cfg: ExportConfig, engine: Engine, agent: str):
         meta[contract.META_LORA_IMPL] = module.impl
     else:
         ag = spec.agent(agent)
-        module = MergedAgentActor(spec, ag, engine.backbone(), engine.merged_weights(agent))
+        module = MergedAgentActor(spec, ag, engine.backbone(), engine.merged_weights(agent),
+                                  engine.log_std(agent) if spec.action == "gaussian" else None)
         example = [torch.randn(B, ag.obs_dim, generator=g)] + rec
         width, rows, mode = ag.act_dim, agent_rows(engine, agent, cfg.envs), "merged"
         meta[contract.META_AGENT] = json.dumps(asdict(ag))
@@ -260,6 +261,17 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+def _manifest_log_std(engine: Engine) -> list | None:
+    """The Gaussian log-std for manifest.json: [act_max] shared, or [n_agents][act_max] (spec agent
+    order) when the adapters carry per-agent offsets (lorasa_serve.onnx_contract.manifest_log_std)."""
+    spec = engine.spec
+    if spec.action != "gaussian":
+        return None
+    if not spec.lora.log_std_offset:
+        return np.asarray(engine.backbone()["log_std"].cpu(), dtype=np.float32).tolist()
+    return [np.asarray(engine.log_std(a).cpu(), dtype=np.float32).tolist() for a in spec.agent_ids]
+
+
 def _write_manifest(cfg: ExportConfig, engine: Engine, report: ExportReport) -> None:
     spec = engine.spec
     manifest = {
@@ -270,8 +282,7 @@ def _write_manifest(cfg: ExportConfig, engine: Engine, report: ExportReport) -> 
         "exporter": "torch.onnx.export(dynamo=True); GRU as explicit ops (PyTorch linear_before_reset)",
         "onnx_inputs": {"per_agent": input_names(spec, False), "multi_agent": input_names(spec, True)},
         "onnx_outputs": output_names(spec),
-        "log_std": None if spec.action != "gaussian" else
-        [float(x) for x in np.asarray(engine.backbone()["log_std"].cpu(), dtype=np.float32)],
+        "log_std": _manifest_log_std(engine),
         "verification": {"tol": cfg.verify.tol, "steps": cfg.steps, "envs": cfg.envs,
                          "observations": sorted({n for n in report.notes})},
         "artifacts": [asdict(r) for r in report.results],

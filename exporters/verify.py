@@ -73,7 +73,8 @@ def engine_step(engine: Engine, rows: Rows, act_width: int, mode: str) -> StepFn
         if spec.action == "gaussian":
             res["action"] = out.actions[:, :act_width].numpy()
             res["mean"] = (head * dims)[:, :act_width].numpy()
-            res["log_std"] = (engine.backbone()["log_std"] * dims)[:, :act_width].numpy()
+            own = torch.stack([engine.log_std(a) for a in rows.agent_ids])  # [R, act_max]
+            res["log_std"] = (own * dims)[:, :act_width].numpy()
         else:
             valid = dims & torch.as_tensor(np.pad(avail, ((0, 0), (0, spec.act_max - avail.shape[1]))))
             res["action"] = out.actions.numpy()

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what static tools see; at run time these load on first use
     from .artifacts import load_policy, save_policy
     from .engine import ActOutput, Engine
-    from .errors import (ArtifactError, CorruptFileError, FingerprintMismatchError, FormatVersionError,
-                         InputError, KeyMismatchError, LorasaError, NonFiniteError, PeftFormatError,
-                         RankAlphaMismatchError, ShapeMismatchError, SpecError, UnknownAgentError)
+    from .errors import (ArtifactError, CorruptFileError, DigestMismatchError, FingerprintMismatchError,
+                         FormatVersionError, InputError, KeyMismatchError, LorasaError, NonFiniteError,
+                         NotRegularFileError, OversizedFileError, PeftFormatError, RankAlphaMismatchError,
+                         ShapeMismatchError, SpecError, UnknownAgentError)
     from .network import init_adapter, init_backbone
     from .spec import AgentSpec, LoraSpec, PolicySpec
 
@@ -23,9 +24,9 @@ _WHERE = {
     "init_adapter": "network", "init_backbone": "network", "AgentSpec": "spec", "LoraSpec": "spec",
     "PolicySpec": "spec",
     **{name: "errors" for name in (
-        "ArtifactError", "CorruptFileError", "FingerprintMismatchError", "FormatVersionError",
-        "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError", "PeftFormatError",
-        "RankAlphaMismatchError",
+        "ArtifactError", "CorruptFileError", "DigestMismatchError", "FingerprintMismatchError",
+        "FormatVersionError", "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError",
+        "NotRegularFileError", "OversizedFileError", "PeftFormatError", "RankAlphaMismatchError",
         "ShapeMismatchError", "SpecError", "UnknownAgentError")},
 }
 __all__ = sorted(_WHERE)

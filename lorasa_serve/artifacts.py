@@ -21,14 +21,18 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
-from .errors import (CorruptFileError, FingerprintMismatchError, FormatVersionError,
-                     KeyMismatchError, NonFiniteError, RankAlphaMismatchError, ShapeMismatchError)
+from .errors import (CorruptFileError, DigestMismatchError, FingerprintMismatchError, FormatVersionError,
+                     KeyMismatchError, NonFiniteError, NotRegularFileError, RankAlphaMismatchError,
+                     ShapeMismatchError)
+from .files import read_file
 from .spec import FORMAT_VERSION, PolicySpec, check_agent_id
 
 SPEC_FILE = "policy.json"
 BACKBONE_FILE = "backbone.safetensors"
 ADAPTER_DIR = "adapters"
+DIGESTS_FILE = "digests.json"  # {"format_version": 1, "sha256": {"adapters/<agent>.safetensors": hex}}
 MAX_HEADER_BYTES = 1 << 20  # our headers are a few KB; refuse anything absurd before parsing
+MAX_JSON_BYTES = 1 << 20  # policy.json, digests.json: a few KB
 FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 ALL_DTYPES = {**FLOAT_DTYPES, "I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4,
               "I64": 8, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -126,14 +130,15 @@ def _check_entry(key: str, info: object, body: int, source: str) -> tuple[int, i
     return begin, end, key
 
 
-def _read_file(path: Path, max_bytes: int | None = None) -> bytes:
-    try:
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise CorruptFileError(path, f"file is {size} bytes, over the {max_bytes}-byte limit")
-        return path.read_bytes()
-    except OSError as e:
-        raise CorruptFileError(path, f"cannot read: {e}") from None
+def max_file_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The largest a valid safetensors file of these tensors can be (F64, the widest float we read,
+    plus the largest header we accept): anything bigger is refused from `stat`, before reading."""
+    return 8 + MAX_HEADER_BYTES + 8 * sum(math.prod(s) for s in shapes.values())
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    """Every artifact read goes through here: regular files only, size from stat first (files.py)."""
+    return read_file(path, max_bytes)
 
 
 def _check_tensors(tensors: dict[str, Tensor], expected: dict[str, tuple[int, ...]],
@@ -179,7 +184,7 @@ def save_backbone(path: str | Path, spec: PolicySpec, tensors: dict[str, Tensor]
 
 def load_backbone(path: str | Path, spec: PolicySpec) -> dict[str, Tensor]:
     path = Path(path)
-    meta, tensors = read_safetensors(_read_file(path), str(path))
+    meta, tensors = read_safetensors(_read_file(path, max_file_bytes(spec.backbone_shapes())), str(path))
     _check_version(meta, str(path))
     tensors = _check_tensors(tensors, spec.backbone_shapes(), str(path))
     fp = fingerprint(tensors)
@@ -236,7 +241,7 @@ def parse_adapter(data: bytes, spec: PolicySpec, source: str,
 def load_adapter(path: str | Path, spec: PolicySpec,
                  agent_id: str | None = None) -> tuple[str, dict[str, Tensor]]:
     path = Path(path)
-    return parse_adapter(_read_file(path), spec, str(path), agent_id)
+    return parse_adapter(_read_file(path, max_file_bytes(spec.adapter_shapes())), spec, str(path), agent_id)
 
 
 # --- whole directory ---------------------------------------------------------------------------
@@ -248,10 +253,18 @@ def save_policy(directory: str | Path, spec: PolicySpec, backbone: dict[str, Ten
     fp = save_backbone(d / BACKBONE_FILE, spec, backbone)
     spec = replace(spec, backbone_fingerprint=fp)
     atomic_write(d / SPEC_FILE, spec.to_json().encode())
+    digests = {}
     for agent_id, tensors in (adapters or {}).items():
         spec.agent(agent_id)  # KeyError for an agent the spec does not list
         (d / ADAPTER_DIR).mkdir(exist_ok=True)
-        save_adapter(d / ADAPTER_DIR / f"{agent_id}.safetensors", spec, agent_id, tensors)
+        data = adapter_bytes(spec, agent_id, tensors)
+        atomic_write(d / ADAPTER_DIR / f"{agent_id}.safetensors", data)
+        digests[f"{ADAPTER_DIR}/{agent_id}.safetensors"] = hashlib.sha256(data).hexdigest()
+    if digests:
+        atomic_write(d / DIGESTS_FILE, json.dumps({"format_version": FORMAT_VERSION, "sha256": digests},
+                                                  indent=1, sort_keys=True).encode())
+    else:
+        (d / DIGESTS_FILE).unlink(missing_ok=True)  # a stale one would name adapters not written now
     return spec
 
 
@@ -264,17 +277,62 @@ def load_policy(directory: str | Path) -> tuple[PolicySpec, dict[str, Tensor],
         raise CorruptFileError(d / SPEC_FILE, "missing: not a policy directory")
     spec = PolicySpec.load(d / SPEC_FILE)
     backbone = load_backbone(d / BACKBONE_FILE, spec)
-    files = sorted((d / ADAPTER_DIR).glob("*.safetensors")) if (d / ADAPTER_DIR).is_dir() else []
+    digests = load_digests(d)
+    files = _adapter_files(d)
     adapters: dict[str, dict[str, Tensor]] = {}
     for f in files:
         if f.stem not in spec.agent_ids:
             raise KeyMismatchError(f, f"adapter for agent {f.stem!r}, which policy.json does not list")
-        agent_id, tensors = load_adapter(f, spec, f.stem)
+        data = _read_file(f, max_file_bytes(spec.adapter_shapes()))
+        agent_id, tensors = parse_adapter(data, spec, str(f), f.stem)
+        if digests is not None:  # None: a policy directory from before digests.json (validated only)
+            _check_digest(f, data, digests.pop(f"{ADAPTER_DIR}/{f.name}", None))
         adapters[agent_id] = tensors
     if files and len(adapters) != len(spec.agents):
         missing = [a for a in spec.agent_ids if a not in adapters]
         raise KeyMismatchError(d / ADAPTER_DIR, f"no adapter file for agents {missing}")
+    if digests:
+        raise NotRegularFileError(d / sorted(digests)[0], f"missing, but {DIGESTS_FILE} lists it")
     return spec, backbone, adapters
+
+
+def _adapter_files(d: Path) -> list[Path]:
+    """adapters/*.safetensors; no `adapters` at all is a plain policy, but one that is there and is
+    not a directory (a dangling or looping symlink, a file) is an error, never the bare backbone."""
+    a = d / ADAPTER_DIR
+    if not os.path.lexists(a):
+        return []
+    if not a.is_dir():
+        kind = "a dangling or looping symlink" if a.is_symlink() else "not a directory"
+        raise NotRegularFileError(a, f"{kind}: the adapters cannot be read (remove it for a plain policy)")
+    return sorted(a.glob("*.safetensors"))
+
+
+def load_digests(d: Path) -> dict[str, str] | None:
+    """digests.json -> {relative path: sha256}, or None for a policy written before digests."""
+    path = d / DIGESTS_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        doc = json.loads(_read_file(path, MAX_JSON_BYTES), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # not UTF-8 / JSON, duplicate keys, too deep
+        raise CorruptFileError(path, f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:
+        raise FormatVersionError(path, f"must be an object with format_version {FORMAT_VERSION}")
+    sums = doc.get("sha256")
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                             for k, v in sums.items()):
+        raise CorruptFileError(path, "'sha256' must map file names to 64-character hex digests")
+    return dict(sums)
+
+
+def _check_digest(path: Path, data: bytes, want: str | None) -> None:
+    if want is None:
+        raise DigestMismatchError(path, f"not listed in {DIGESTS_FILE}: an adapter added by hand?")
+    got = hashlib.sha256(data).hexdigest()
+    if got != want.lower():
+        raise DigestMismatchError(path, f"sha256 {got[:12]} differs from the {want[:12]} recorded in "
+                                        f"{DIGESTS_FILE}: the file was modified or corrupted")
 
 
 def _read_umask() -> int:

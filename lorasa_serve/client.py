@@ -16,11 +16,16 @@ a refused connection or a failed send (the request never fully left), or a 503 t
 `X-Lorasa-Retry-Safe: 1`. When its answer is lost after it was sent (dropped connection, timeout, an
 unmarked 503) it raises `StepOutcomeUnknown`: reset the session, or continue from there.
 Errors are typed: `ClientError` (status and the server's message) and its subclasses
-`ServerUnavailable` and `StepOutcomeUnknown`.
+`ServerUnavailable`, `StepOutcomeUnknown`, `ResponseError` (an answer that does not fit the request:
+shapes, datatypes, row count, missing outputs, malformed JSON, over `max_response_bytes`) and
+`ClientInputError` (bad arguments; also a ValueError). `timeout` is one deadline per call: connecting,
+sending, the whole answer and any retries together (a server dripping bytes cannot stretch it).
 """
 from __future__ import annotations
 
+import functools
 import http.client
+import io
 import json
 import select
 import socket
@@ -36,6 +41,7 @@ from .oip_codec import HEADER, TensorError, decode_body, encode_parts
 
 DEFAULT_MODEL = "lorasa_policy"
 RETRY_SAFE = "X-Lorasa-Retry-Safe"  # the server's mark on a 503 after which re-sending is safe
+MAX_RESPONSE_BYTES = 64 << 20  # default bound on one answer (a 1,024-row binary answer is ~0.5 MB)
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
@@ -75,6 +81,18 @@ class StepOutcomeUnknown(ClientError):
     the session, so it is not re-sent: reset the session (`Session.reset()`) or continue from here."""
 
 
+class ResponseError(ClientError):
+    """The server's answer does not fit the request: missing outputs, wrong shapes, datatypes or row
+    count, malformed JSON or tensors, or larger than `max_response_bytes`."""
+
+
+class ClientInputError(ClientError, ValueError):
+    """Bad arguments to a client call (nothing was sent)."""
+
+    def __init__(self, message: str):
+        super().__init__(0, message)
+
+
 class _NotSent(OSError):
     """The request did not fully leave this process (connect or send failed): safe to send again."""
 
@@ -89,7 +107,8 @@ class ActResult:
 
 class PolicyClient:
     def __init__(self, url: str, model: str = DEFAULT_MODEL, timeout: float = 30.0, retries: int = 5,
-                 max_retry_wait_s: float = 10.0):
+                 max_retry_wait_s: float = 10.0, max_response_bytes: int = MAX_RESPONSE_BYTES):
+        """timeout: seconds for a whole call (connect, send, the whole answer, retries included)."""
         parts = urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -98,6 +117,8 @@ class PolicyClient:
         self._base = parts.path.rstrip("/")
         self.model, self.timeout = model, timeout
         self.retries, self.max_retry_wait_s = retries, max_retry_wait_s
+        self.max_response_bytes = max_response_bytes
+        self._meta: dict | None = None  # the model metadata, once fetched (checks answers against it)
         self._conn: http.client.HTTPConnection | None = None
         self._index: dict[str, int] | None = None  # agent id -> index, from the model metadata
 
@@ -124,14 +145,17 @@ class PolicyClient:
         parts, hlen = encode_parts({"parameters": params}, "inputs", tensors)  # arrays not copied
         headers = {"Content-Type": "application/octet-stream", HEADER: str(hlen),
                    "Content-Length": str(sum(len(p) for p in parts))}
+        rows = len(tensors[0][2])
+        for name, _, arr, _ in tensors[1:]:
+            if len(arr) != rows:
+                raise ClientInputError(f"{name} has {len(arr)} rows, agent_ids {rows}")
         status, resp_headers, data = self._call("POST", f"/v2/models/{quote(self.model)}/infer", parts,
                                                 headers, step=session_id is not None)
         try:
             out = decode_body(data, resp_headers.get(HEADER), "outputs").tensors
         except TensorError as e:
-            raise ClientError(status, f"malformed response: {e}") from None
-        return ActResult(out["action"].array, out["log_prob"].array,
-                         out["state_out"].array if "state_out" in out else None, out["version"].array)
+            raise ResponseError(status, f"malformed response: {e}") from None
+        return _checked_result(out, rows, None if state is None else tensors[2][2].shape[1], self._meta)
 
     def session(self, session_id: str | None = None) -> "Session":
         """A session: the server keeps each agent's recurrent state between calls. Its id is a bearer
@@ -140,17 +164,28 @@ class PolicyClient:
 
     def reset_session(self, session_id: str) -> bool:
         """Forget a session's state; -> whether it existed."""
-        return bool(self._json("POST", f"/v1/sessions/{quote(session_id, safe='')}/reset")["existed"])
+        existed = self._json("POST", f"/v1/sessions/{quote(session_id, safe='')}/reset").get("existed")
+        if not isinstance(existed, bool):
+            raise ResponseError(200, "the reset answer has no boolean 'existed'")
+        return existed
 
     def metadata(self) -> dict:
         """The model's inputs and outputs (datatypes, shapes) and its agents."""
-        return self._json("GET", f"/v2/models/{quote(self.model)}")
+        meta = self._json("GET", f"/v2/models/{quote(self.model)}")
+        agents = meta.get("parameters", {}).get("agents") if isinstance(meta.get("parameters"), dict) else None
+        if not isinstance(agents, list) or not all(isinstance(a, dict) and isinstance(a.get("agent_id"), str)
+                                                   for a in agents):
+            raise ResponseError(200, "model metadata without a list of agents (parameters.agents)")
+        _output_shapes(meta)  # ResponseError unless outputs are well-formed
+        self._meta = meta
+        return meta
 
     def ready(self) -> bool:
         """The model is loaded (no retries)."""
         try:
-            return self._request("GET", f"/v2/models/{quote(self.model)}/ready", None, {})[0] == 200
-        except OSError:
+            return self._request("GET", f"/v2/models/{quote(self.model)}/ready", None, {},
+                                 time.monotonic() + self.timeout)[0] == 200
+        except (OSError, http.client.HTTPException, ClientError):
             return False
 
     def close(self) -> None:
@@ -167,28 +202,34 @@ class PolicyClient:
     # --- plumbing -----------------------------------------------------------------------------
     def _agent_index(self) -> dict[str, int]:
         if self._index is None:
-            agents = self.metadata().get("parameters", {}).get("agents", [])
+            agents = self.metadata()["parameters"]["agents"]  # checked by metadata()
             self._index = {a["agent_id"]: i for i, a in enumerate(agents)}
         return self._index
 
     def _json(self, method: str, path: str) -> dict:
-        _, _, data = self._call(method, path, None, {})
-        return json.loads(data)
+        status, _, data = self._call(method, path, None, {})
+        try:
+            doc = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise ResponseError(status, f"the answer is not JSON: {type(e).__name__}") from None
+        if not isinstance(doc, dict):
+            raise ResponseError(status, "the answer is not a JSON object")
+        return doc
 
     def _call(self, method: str, path: str, body: bytes | list | None, headers: dict, step: bool = False
               ) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One request with the bounded retries: 503 (honouring Retry-After) and requests that never
         fully left. step: a session step, re-sent only when that cannot apply it twice."""
-        stale_resent = False
+        stale_resent, deadline = False, time.monotonic() + self.timeout
         for attempt in range(self.retries + 1):
             reused = self._conn is not None
             try:
-                status, resp_headers, data = self._request(method, path, body, headers)
+                status, resp_headers, data = self._request(method, path, body, headers, deadline)
             except _NotSent as e:  # nothing (complete) reached the server: safe to send again
-                if attempt == self.retries:
+                if attempt == self.retries or time.monotonic() >= deadline:
                     raise ServerUnavailable(0, f"no answer from {self._host}:{self._port}: {e}") from None
                 if not reused:  # a fresh connection failed: the server is down, back off
-                    time.sleep(min(0.5 * 2 ** attempt, self.max_retry_wait_s))
+                    _sleep(min(0.5 * 2 ** attempt, self.max_retry_wait_s), deadline)
                 continue
             except (OSError, http.client.HTTPException) as e:  # sent, then no (whole) answer: the
                 # server may have acted on it
@@ -210,21 +251,26 @@ class PolicyClient:
                 raise StepOutcomeUnknown(status, f"{message} (503 not marked {RETRY_SAFE}: the session "
                                                  "step may or may not have been applied: reset the "
                                                  "session or continue)")
-            if attempt == self.retries:
+            wait = _retry_after(resp_headers.get("Retry-After"), self.max_retry_wait_s)
+            if attempt == self.retries or time.monotonic() + wait >= deadline:
                 raise ServerUnavailable(status, message)
-            time.sleep(_retry_after(resp_headers.get("Retry-After"), self.max_retry_wait_s))
+            time.sleep(wait)
         raise AssertionError("unreachable")
 
-    def _request(self, method: str, path: str, body: bytes | list | None, headers: dict
+    def _request(self, method: str, path: str, body: bytes | list | None, headers: dict, deadline: float
                  ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """Send on the kept-alive connection (reopened first when the server closed it while idle).
-        Raises _NotSent when connecting or sending failed (the request did not fully leave), else
-        the OSError from waiting for the answer (the request may have been acted on)."""
+        """Send on the kept-alive connection (reopened first when the server closed it while idle),
+        everything before `deadline` (monotonic). Raises _NotSent when connecting or sending failed
+        (the request did not fully leave), else the OSError from waiting for the answer (the request
+        may have been acted on), or ResponseError for an answer over max_response_bytes."""
         if self._conn is not None and _peer_closed(self._conn.sock):
             self.close()
-        if self._conn is None:
-            self._conn = self._conn_cls(self._host, self._port, timeout=self.timeout)
         try:
+            if self._conn is None:
+                self._conn = self._conn_cls(self._host, self._port, timeout=_left(deadline))
+                self._conn.connect()
+            self._conn.sock.settimeout(_left(deadline))  # sendall: the whole send within it
+            self._conn.response_class = functools.partial(_DeadlineResponse, deadline=deadline)
             self._conn.request(method, self._base + path, body=body, headers=headers)
         except OSError as e:
             self.close()
@@ -234,7 +280,7 @@ class PolicyClient:
             raise
         try:
             resp = self._conn.getresponse()
-            data = resp.read()
+            data = _read_body(resp, self.max_response_bytes)
         except BaseException:
             self.close()
             raise
@@ -256,6 +302,97 @@ class Session:
 
     def reset(self) -> bool:
         return self.client.reset_session(self.session_id)
+
+
+class _DeadlineRaw(io.RawIOBase):
+    """The socket's bytes, each read given only the time left before the call's deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        self.sock.settimeout(_left(self.deadline))
+        return self.sock.recv_into(b)
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    """http.client's response, reading through _DeadlineRaw: headers and body within the deadline."""
+
+    def __init__(self, sock, *args, deadline: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        self.fp.close()  # the plain makefile() (nothing read from it yet)
+        self.fp = io.BufferedReader(_DeadlineRaw(sock, deadline))
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the call's deadline (PolicyClient timeout) passed")
+    return left
+
+
+def _sleep(seconds: float, deadline: float) -> None:
+    time.sleep(max(0.0, min(seconds, deadline - time.monotonic())))
+
+
+def _read_body(resp: http.client.HTTPResponse, limit: int) -> bytes:
+    """The whole body, refusing (ResponseError) past `limit` bytes before reading or allocating it."""
+    if resp.length is not None:
+        if resp.length > limit:
+            raise ResponseError(resp.status, f"the answer's Content-Length {resp.length} is over the client's "
+                                             f"max_response_bytes {limit}")
+        return resp.read()
+    chunks, n = [], 0
+    while chunk := resp.read(1 << 16):
+        n += len(chunk)
+        if n > limit:
+            raise ResponseError(resp.status, f"the answer is over the client's max_response_bytes {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _output_shapes(meta: dict) -> dict[str, tuple[str, list]]:
+    """{output name: (datatype, shape with -1 for the batch)} from model metadata, or ResponseError."""
+    outs = meta.get("outputs")
+    try:
+        shapes = {o["name"]: (o["datatype"], list(o["shape"])) for o in outs}
+        assert all(isinstance(n, str) and isinstance(d, str) and all(isinstance(x, int) for x in sh)
+                   for n, (d, sh) in shapes.items())
+    except (TypeError, KeyError, AssertionError):
+        raise ResponseError(200, "model metadata with malformed 'outputs'") from None
+    return shapes
+
+
+def _checked_result(out: dict, rows: int, state_width: int | None, meta: dict | None) -> ActResult:
+    """The outputs as an ActResult, each checked against the request (rows, the state's width) and,
+    once fetched, the model metadata (datatypes, widths): else ResponseError."""
+    want = {"action": None, "log_prob": ("FP32", [rows]), "version": ("INT64", [rows])}
+    known = _output_shapes(meta) if meta is not None else {}
+    for name, (datatype, shape) in known.items():
+        want[name] = (datatype, [rows if d == -1 else d for d in shape])
+    if state_width is not None:
+        want["state_out"] = ("FP32", [rows, state_width])
+    for name, spec in want.items():
+        t = out.get(name)
+        if t is None:
+            if name == "state_out" and state_width is None:
+                continue  # a session (kept on the server) or a feed-forward policy
+            raise ResponseError(200, f"the answer has no output {name!r}")
+        shape = list(t.array.shape)
+        if spec is None:  # action without metadata: Gaussian [B, A] FP32 or Categorical [B] INT64
+            ok = (t.datatype, len(shape)) in (("FP32", 2), ("INT64", 1)) and shape[:1] == [rows]
+        else:
+            ok = t.datatype == spec[0] and shape == spec[1]
+        if not ok:
+            need = f"{spec[0]} {spec[1]}" if spec else f"FP32 [{rows}, A] or INT64 [{rows}]"
+            raise ResponseError(200, f"output {name!r} is {t.datatype} {shape}; the request of {rows} rows "
+                                     f"needs {need}")
+    state = out.get("state_out")
+    return ActResult(out["action"].array, out["log_prob"].array, None if state is None else state.array,
+                     out["version"].array)
 
 
 def _agent_tensor(agent_ids, index_of) -> tuple[str, str, np.ndarray, bool]:
@@ -285,9 +422,12 @@ def _peer_closed(sock: socket.socket | None) -> bool:
 
 
 def _array(x, dtype, ndim: int, name: str) -> np.ndarray:
-    a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=dtype)
+    try:
+        a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ClientInputError(f"{name}: not an array of {np.dtype(dtype).name}: {e}") from None
     if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, not shape {list(a.shape)}")
+        raise ClientInputError(f"{name} must be {ndim}-D, not shape {list(a.shape)}")
     return a
 
 

@@ -18,7 +18,7 @@ from . import validation as check
 from .backend import ActOutput
 from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
-from .errors import InputError, UnknownAgentError
+from .errors import InputError, NonFiniteError, UnknownAgentError
 from .layout import Layout, plan
 from .merge_policy import MergedSet, auto_mode
 from . import traced
@@ -247,8 +247,30 @@ class Engine:
                 if not spec.fits(agent):
                     raise InputError(f"agent {agent_id!r} (obs {agent.obs_dim}, act {agent.act_dim}) "
                                      f"does not fit the backbone (obs {spec.obs_max}, act {spec.act_max})")
-            self._bank = bank.with_adapter(agent_id, tensors, None if agent_id in bank.slot_of else agent)
+            new = bank.with_adapter(agent_id, tensors, None if agent_id in bank.slot_of else agent)
+            if tensors is not None:
+                self._probe(new, agent_id)
+            self._bank = new
             return self._bank.versions[self._bank.slot_of[agent_id]]
+
+    def check_adapter(self, agent_id: str, tensors: dict[str, Tensor]) -> None:
+        """The probe `set_adapter` runs, without publishing anything (an upload is checked with it
+        before it is stored): NonFiniteError if the agent's outputs on the probe batch are NaN/inf."""
+        self._probe(self._bank.with_adapter(agent_id, tensors), agent_id)
+
+    def _probe(self, bank: AdapterBank, agent_id: str) -> None:
+        """Finite weights can still give non-finite outputs (3e38 in lora_A overflows B @ A): run the
+        agent on a fixed probe batch (zero and standard-normal observations, zero and random states)
+        and refuse the adapter unless every action, log-prob and next state is finite."""
+        spec, g = bank.spec, torch.Generator().manual_seed(0)
+        obs = torch.cat([torch.zeros(2, spec.obs_max), torch.randn(6, spec.obs_max, generator=g)])
+        state = torch.cat([torch.zeros(4, spec.hidden), torch.rand(4, spec.hidden, generator=g) * 2 - 1]) \
+            if spec.recurrent else None
+        out = self._act(bank, np.full(8, bank.slot_of[agent_id]), obs, state, None, None, True, None, "lora")[0]
+        parts = [out.actions.float(), out.log_probs] + ([out.state] if out.state is not None else [])
+        if not all(bool(torch.isfinite(p).all()) for p in parts):
+            raise NonFiniteError(f"adapter {agent_id!r}", "the policy's outputs on a probe batch are NaN or inf "
+                                 "with this adapter (weights too large?); refused")
 
     def load_adapter(self, source: str | Path | bytes, agent_id: str | None = None,
                      agent: AgentSpec | None = None, *, peft_config: bytes | str | dict | None = None) -> int:

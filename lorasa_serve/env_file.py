@@ -53,10 +53,11 @@ def read_env_block_as_written(directory: str | Path) -> dict:
     if not path.is_file():
         raise EnvFileMissingError(path, "is missing: lorasa-eval needs to know the policy's environment "
                                         "(policies written by lorasa-train have it)")
+    from .files import read_file  # regular files only: a FIFO named env.json must not hang a CLI
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(path, f"unreadable ({e})") from None
+        data = json.loads(read_file(path, 1 << 20))
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError(path, f"unreadable ({type(e).__name__}: {str(e)[:100]})") from None
     block = data.get("env", data) if isinstance(data, dict) else None
     if not isinstance(block, dict) or block.get("kind") not in KINDS:
         raise ArtifactError(path, f"names no known environment kind (one of {list(KINDS)})")

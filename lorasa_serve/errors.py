@@ -58,3 +58,16 @@ class InputError(LorasaError, ValueError):
 
 class UnknownAgentError(InputError):
     """An agent id the engine does not serve."""
+
+
+class NotRegularFileError(CorruptFileError):
+    """Missing, a dangling or looping symlink, a FIFO, a device, a socket or a directory where a
+    regular file must be (checked with `stat` before anything is opened for reading)."""
+
+
+class OversizedFileError(CorruptFileError):
+    """A file larger than anything its kind can be (checked with `stat` before reading)."""
+
+
+class DigestMismatchError(ArtifactError):
+    """A file's sha256 differs from the digest recorded for it (digests.json, a state manifest)."""

@@ -7,9 +7,12 @@ binary tensor says how many bytes it takes in `parameters.binary_data_size`, in 
 datatypes are little-endian, row-major; BOOL is one byte per element; BYTES elements are each a
 4-byte little-endian length followed by that many bytes.
 
-Everything malformed raises `TensorError` with a message naming the tensor: unknown datatypes,
-shapes that are not lists of non-negative ints, data whose size or type does not match shape and
-datatype, binary sizes past the body or not adding up to it, duplicate names.
+Everything malformed raises `TensorError` with a message naming the tensor: unknown datatypes (or
+one that is not a string), shapes that are not lists of non-negative ints, data whose size or type
+does not match shape and datatype (booleans among numbers, JSON `data` nested other than flat or
+exactly like the shape, BYTES strings that are not valid Unicode), binary sizes past the body or not
+adding up to it, duplicate names, duplicate keys in a JSON object, a header length of more than
+19 digits. Whatever the bytes, decoding raises nothing else.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import numpy as np
 
 HEADER = "Inference-Header-Content-Length"
 MAX_DIMS = 16
+MAX_LENGTH_DIGITS = 19  # a header length of more digits is no length any body has (int() of 4,301+ raises)
 DTYPES: dict[str, np.dtype | None] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"),
     "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("i1"),
@@ -61,18 +65,26 @@ def split_body(body: bytes, header_length: str | int | None) -> tuple[dict, memo
         n = len(body)
     else:
         s = str(header_length)
-        if not (s.isascii() and s.isdigit()):
-            raise TensorError(f"{HEADER} must be a non-negative integer, not {s[:40]!r}")
+        if not (s.isascii() and s.isdigit() and len(s) <= MAX_LENGTH_DIGITS):
+            raise TensorError(f"{HEADER} must be a non-negative integer of at most {MAX_LENGTH_DIGITS} digits, "
+                              f"not {s[:40]!r}{f' ({len(s)} characters)' if len(s) > 40 else ''}")
         n = int(s)
         if n > len(body):
             raise TensorError(f"{HEADER} {n} is past the end of the {len(body)}-byte body")
     try:
-        head = json.loads(bytes(body[:n]) if n < len(body) else body)
-    except (ValueError, RecursionError) as e:
+        head = json.loads(bytes(body[:n]) if n < len(body) else body, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, a duplicate key, nested too deep
         raise TensorError(f"malformed JSON header: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(head, dict):
         raise TensorError("the JSON header must be an object")
     return head, memoryview(body)[n:]
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError(f"duplicate key in a JSON object: {sorted({k for k, _ in pairs if k in d})[:3]}"[:200])
+    return d
 
 
 def decode(head: dict, binary: memoryview, key: str, max_elements: int | None = None) -> Message:
@@ -123,7 +135,7 @@ def _tensor_header(t: object, i: int, key: str) -> tuple[str, str, list[int], di
     if extra:
         raise TensorError(f"tensor {name!r}: unknown fields {extra}")
     datatype = t.get("datatype")
-    if datatype not in DTYPES:
+    if not isinstance(datatype, str) or datatype not in DTYPES:
         raise TensorError(f"tensor {name!r}: unknown datatype {datatype!r}; one of {sorted(DTYPES)}")
     shape = t.get("shape")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
@@ -178,45 +190,60 @@ def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
 
 
 def _from_json(data: object, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    """`data`: flat (row-major) or nested like `shape`; element types must fit the datatype."""
-    count = math.prod(shape)
+    """`data`: flat (row-major) or nested exactly like `shape`; element types must fit the datatype
+    (no booleans among numbers, no numbers among booleans, BYTES as valid Unicode strings)."""
     if not isinstance(data, list):
         raise TensorError(f"tensor {name!r}: 'data' must be a list")
+    flat = _flat_values(data, shape, name)
     if datatype == "BYTES":
-        flat = _flatten(data, name)
         if not all(isinstance(v, str) for v in flat):
             raise TensorError(f"tensor {name!r}: BYTES data must be strings")
         arr = np.empty(len(flat), dtype=object)
-        arr[:] = [v.encode("utf-8") for v in flat]
-    else:
         try:
-            arr = np.asarray(data)
-        except (ValueError, OverflowError):
-            raise TensorError(f"tensor {name!r}: 'data' is ragged or not numbers") from None
-        dt = DTYPES[datatype]
-        if arr.size and arr.dtype.kind not in _JSON_KINDS[dt.kind]:
-            raise TensorError(f"tensor {name!r}: 'data' holds {_kind_name(arr.dtype)} values, "
-                              f"not {datatype}")
-        if dt.kind in "iu" and arr.size:
-            info = np.iinfo(dt)
-            if arr.min() < info.min or arr.max() > info.max:
-                raise TensorError(f"tensor {name!r}: values outside the {datatype} range")
-        with np.errstate(over="ignore", invalid="ignore"):
-            arr = arr.astype(dt)  # FP32 overflow becomes inf (rejected by the callers' finite checks)
-    if arr.size != count or (arr.ndim > 1 and list(arr.shape) != shape):
-        raise TensorError(f"tensor {name!r}: 'data' has {arr.size} elements"
-                          f"{f' in shape {list(arr.shape)}' if arr.ndim > 1 else ''}, "
-                          f"but shape is {shape}")
+            arr[:] = [v.encode("utf-8") for v in flat]
+        except UnicodeEncodeError:
+            raise TensorError(f"tensor {name!r}: BYTES data holds a string that is not valid Unicode "
+                              "(a lone surrogate)") from None
+        return arr.reshape(shape)
+    dt = DTYPES[datatype]
+    if dt.kind != "b" and any(type(v) is bool for v in flat):
+        raise TensorError(f"tensor {name!r}: 'data' holds booleans, not {datatype} numbers")
+    try:
+        arr = np.asarray(flat)
+    except (ValueError, OverflowError, TypeError):
+        raise TensorError(f"tensor {name!r}: 'data' is not numbers") from None
+    if arr.size and arr.dtype.kind not in _JSON_KINDS[dt.kind]:
+        raise TensorError(f"tensor {name!r}: 'data' holds {_kind_name(arr.dtype)} values, not {datatype}")
+    if dt.kind in "iu" and arr.size:
+        info = np.iinfo(dt)
+        if arr.min() < info.min or arr.max() > info.max:
+            raise TensorError(f"tensor {name!r}: values outside the {datatype} range")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = arr.astype(dt)  # FP32 overflow becomes inf (rejected by the callers' finite checks)
     return arr.reshape(shape)
 
 
-def _flatten(data: list, name: str) -> list:
+def _flat_values(data: list, shape: list[int], name: str) -> list:
+    """The row-major values of `data`: a flat list of prod(shape) values, or lists nested exactly like
+    `shape` (every level of the right length, scalars only at the last)."""
+    count = math.prod(shape)
     if not any(isinstance(v, list) for v in data):
+        if len(data) != count:
+            raise TensorError(f"tensor {name!r}: 'data' has {len(data)} elements, but shape is {shape}")
         return data
-    out: list = []
-    for v in data:
-        out.extend(_flatten(v, name) if isinstance(v, list) else [v])
-    return out
+    level = data
+    for k, d in enumerate(shape):
+        if k == 0:
+            ok = len(level) == d
+        else:
+            ok = all(isinstance(v, list) and len(v) == d for v in level)
+            level = [x for v in level for x in v] if ok else level
+        if not ok:
+            raise TensorError(f"tensor {name!r}: nested 'data' is ragged or unlike its shape at depth {k} "
+                              f"(shape is {shape})")
+    if any(isinstance(v, list) for v in level):
+        raise TensorError(f"tensor {name!r}: nested 'data' is ragged or deeper than its shape (shape is {shape})")
+    return level
 
 
 def _kind_name(dt: np.dtype) -> str:

@@ -157,7 +157,9 @@ class OnnxEngine:
         head = torch.from_numpy(head_n)
         dims = dim_mask(self._act_dims, torch.from_numpy(slots), self.spec.act_max)  # [B, act_max]
         if self.spec.action == "gaussian":
-            actions, logp = gaussian_act(head, self._log_std, dims, deterministic, generator)
+            log_std = self._log_std if self._log_std.dim() == 1 else \
+                self._log_std.index_select(0, torch.from_numpy(slots))  # [B, act_max]: each row's agent
+            actions, logp = gaussian_act(head, log_std, dims, deterministic, generator)
         else:
             valid = dims & torch.from_numpy(avail_n)
             actions, logp = categorical_act(head, valid, deterministic, generator)

@@ -5,7 +5,7 @@ export directory:
 
     policy.json              the source spec (all agents)
     manifest.json            what was exported (see `write_manifest`); `artifacts` lists each file with
-                             its verification result; `log_std` the Gaussian log-std [act_max]
+                             its verification result; `log_std` the Gaussian log-std [act_max] (or [n_agents, act_max])
     onnx/<agent_id>.onnx     per-agent graph, merged weights, inputs/outputs at the agent's true sizes
     onnx/multi_agent.onnx    one graph for every agent: input `agent_index`, stacked adapters
     merged/<agent_id>/       per-agent merged policy directory (safetensors)
@@ -69,7 +69,8 @@ def graph_file(agent: str) -> Path:
 
 def write_manifest(out: Path, manifest: dict) -> None:
     """Atomically write `out/manifest.json`. Keys the runtime reads: `artifacts` (a list of
-    {"agent", "kind", "files", "error", ...}) and `log_std` (Gaussian: act_max floats, else None)."""
+    {"agent", "kind", "files", "error", ...}) and `log_std` (Gaussian: act_max floats, or one list of them
+    per agent when adapters carry log-std offsets; else None)."""
     atomic_write(Path(out) / MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
@@ -92,12 +93,15 @@ def verified_graphs(manifest: dict) -> set[str]:
 
 
 def manifest_log_std(d: Path, manifest: dict, spec: PolicySpec) -> np.ndarray:
-    """The Gaussian log-std [act_max] recorded in the manifest."""
+    """The Gaussian log-std recorded in the manifest: [act_max] shared by every agent, or
+    [n_agents, act_max] (spec agent order) when the policy's adapters carry log-std offsets."""
     path = Path(d) / MANIFEST
     try:
         log_std = np.asarray(manifest["log_std"], dtype=np.float32)
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptFileError(path, f"missing or invalid log_std: {e}") from None
-    if log_std.shape != (spec.act_max,) or not np.isfinite(log_std).all():
-        raise CorruptFileError(path, f"log_std must be {spec.act_max} finite floats")
+    shape = (len(spec.agents), spec.act_max) if spec.lora.log_std_offset else (spec.act_max,)
+    if log_std.shape != shape or not np.isfinite(log_std).all():
+        raise CorruptFileError(path, f"log_std must be finite floats of shape {list(shape)}, "
+                                     f"not {list(log_std.shape)}")
     return log_std

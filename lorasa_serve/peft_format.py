@@ -205,15 +205,18 @@ def _check_targets(targets: object, spec: PolicySpec, source: str) -> None:
                                           f"{names}")
 
 
-def read_dir(path: Path) -> tuple[bytes, bytes | None]:
-    """A PEFT adapter directory, or a PEFT file -> (safetensors bytes, adapter_config.json bytes or None
-    when there is none beside it)."""
+def read_dir(path: Path, spec: PolicySpec) -> tuple[bytes, bytes | None]:
+    """A PEFT adapter directory, or a file (ours or PEFT's) -> (safetensors bytes, the adapter_config.json
+    beside it, or None). Reads go through `artifacts._read_file` (regular files, sizes bounded)."""
     model = path / MODEL_FILE if path.is_dir() else path
     config = model.parent / CONFIG_FILE
     if path.is_dir() and not model.is_file():
         raise CorruptFileError(path, f"not a PEFT adapter directory: no {MODEL_FILE} (a .bin one is pickled: "
                                      "re-save with save_pretrained(safe_serialization=True))")
-    return artifacts._read_file(model), (artifacts._read_file(config) if config.is_file() else None)
+    data = artifacts._read_file(model, artifacts.max_file_bytes(spec.adapter_shapes()))
+    if not config.is_file():
+        return data, None
+    return data, artifacts._read_file(config, artifacts.MAX_JSON_BYTES)
 
 
 def parse_any(data: bytes, spec: PolicySpec, source: str, agent_id: str | None = None,
@@ -228,17 +231,15 @@ def load_any(source: str | Path, spec: PolicySpec, agent_id: str | None = None
              ) -> tuple[str, dict[str, Tensor]]:
     """A path: our adapter file, a PEFT adapter directory, or a PEFT file (config read from beside it)."""
     path = Path(source)
-    if not path.exists():
-        raise CorruptFileError(path, "no such file or directory")
-    data, config = read_dir(path)
+    data, config = read_dir(path, spec)
     return parse_any(data, spec, str(path), agent_id, config)
 
 
 def canonical_bytes(data: bytes, spec: PolicySpec, source: str, agent_id: str,
-                    config: bytes | None = None) -> bytes:
-    """Validate an upload (ours, or PEFT with its config) -> our adapter bytes (ours returned as is)."""
+                    config: bytes | None = None) -> tuple[bytes, dict[str, Tensor]]:
+    """Validate an upload (ours, or PEFT with its config) -> (our adapter bytes: ours as sent, PEFT's
+    converted; the validated tensors)."""
     if not is_peft(data, source):
-        artifacts.parse_adapter(data, spec, source, agent_id)
-        return data
+        return data, artifacts.parse_adapter(data, spec, source, agent_id)[1]
     agent_id, tensors = parse_peft(data, config, spec, source, agent_id)
-    return artifacts.adapter_bytes(spec, agent_id, tensors)
+    return artifacts.adapter_bytes(spec, agent_id, tensors), tensors

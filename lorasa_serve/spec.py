@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import CorruptFileError, FormatVersionError, SpecError
+from .files import read_file
 
 FORMAT_VERSION = 1
+MAX_SPEC_BYTES = 1 << 20  # policy.json is a few KB
+MAX_SIZE = 1 << 20  # any layer width, observation or action size, rank
 LOG_STD_OFFSET = "log_std_offset"  # adapter tensor [act_max]: agent log-std = backbone log_std + it
 ActionKind = Literal["gaussian", "categorical"]
 Activation = Literal["relu", "tanh"]
@@ -152,6 +155,7 @@ class PolicySpec:
     def validate(self) -> None:
         if not self.agents:
             raise SpecError("a policy needs at least one agent")
+        self._check_types()
         ids = [a.agent_id for a in self.agents]
         if len(set(ids)) != len(ids):
             raise SpecError(f"duplicate agent ids in {ids}")
@@ -178,6 +182,24 @@ class PolicySpec:
             if unknown:
                 raise SpecError(f"lora.layers names unknown layers {sorted(unknown)}; "
                                 f"known: {self.linear_names()}")
+
+    def _check_types(self) -> None:
+        """Sizes are ints in [1, MAX_SIZE], flags bools, alpha a finite number (a policy.json of
+        strings, floats or 10**400 is a SpecError, not a TypeError deep in a tensor shape)."""
+        sizes = [("hidden", self.hidden), ("mlp_depth", self.mlp_depth), ("lora.rank", self.lora.rank)]
+        sizes += [(f"agent {a.agent_id!r} {k}", getattr(a, k)) for a in self.agents for k in ("obs_dim", "act_dim")]
+        for name, v in sizes:
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_SIZE:
+                raise SpecError(f"{name} must be an integer in [1, {MAX_SIZE}], not {str(v)[:40]!r}")
+        alpha = self.lora.alpha
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1e30:
+            raise SpecError(f"lora.alpha must be a positive finite number, not {str(alpha)[:40]!r}")
+        if not isinstance(self.recurrent, bool):
+            raise SpecError(f"recurrent must be true or false, not {str(self.recurrent)[:40]!r}")
+        if not isinstance(self.backbone_fingerprint, str):
+            raise SpecError("backbone_fingerprint must be a string")
+        if self.lora.layers is not None and not all(isinstance(x, str) for x in self.lora.layers):
+            raise SpecError("lora.layers must be a list of layer names")
 
     def fits(self, agent: AgentSpec) -> bool:
         """Can this backbone serve `agent` (sizes within the padded maxima)?"""
@@ -212,15 +234,15 @@ class PolicySpec:
             return cls(agents=agents, lora=LoraSpec(**lora), **rest)
         except SpecError as e:
             raise SpecError(f"{source}: {e}") from None
-        except (TypeError, KeyError) as e:
-            raise CorruptFileError(source, f"invalid policy spec: {e}") from None
+        except (TypeError, KeyError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+            raise CorruptFileError(source, f"invalid policy spec: {type(e).__name__}: {str(e)[:200]}") from None
 
     @classmethod
-    def from_json(cls, text: str, source: str = "<json>") -> "PolicySpec":
+    def from_json(cls, text: str | bytes, source: str = "<json>") -> "PolicySpec":
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CorruptFileError(source, f"not valid JSON: {e}") from None
+            d = json.loads(text, object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, duplicate keys, nested too deep
+            raise CorruptFileError(source, f"not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(d, dict):
             raise CorruptFileError(source, "policy spec must be a JSON object")
         return cls.from_dict(d, source)
@@ -228,14 +250,17 @@ class PolicySpec:
     @classmethod
     def load(cls, path: str | Path) -> "PolicySpec":
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise CorruptFileError(path, f"cannot read: {e}") from None
-        return cls.from_json(text, str(path))
+        return cls.from_json(read_file(path, MAX_SPEC_BYTES), str(path))
 
     def with_agents(self, agents: tuple[AgentSpec, ...]) -> "PolicySpec":
         return replace(self, agents=agents)
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ValueError("duplicate key in a JSON object")
+    return d
 
 
 def check_agent_id(agent_id: str) -> None:

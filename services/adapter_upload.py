@@ -14,6 +14,7 @@ import asyncio
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
+from torch import Tensor
 
 from lorasa_serve import peft_format
 from lorasa_serve.spec import PolicySpec
@@ -24,8 +25,9 @@ PARTS = ("adapter_config", "adapter_model")
 SOURCE = "uploaded adapter"
 
 
-async def adapter_bytes(request: Request, data: bytes, spec: PolicySpec, agent_id: str) -> bytes:
-    """`data`: the whole body, already read within the upload limit."""
+async def adapter_bytes(request: Request, data: bytes, spec: PolicySpec, agent_id: str
+                        ) -> tuple[bytes, dict[str, Tensor]]:
+    """`data`: the whole body, already read within the upload limit -> (bytes to store, tensors)."""
     ctype = request.headers.get("content-type", "")
     if ctype.split(";", 1)[0].strip().lower() != "multipart/form-data":
         return await asyncio.to_thread(peft_format.canonical_bytes, data, spec, SOURCE, agent_id)

@@ -82,7 +82,10 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         data = await _body(request, cfg.max_upload_bytes)
         # same validation as Engine.load_adapter, before anything is stored (a PEFT upload is converted
         # to our layout first); every worker then loads the published bytes (services/state)
-        data = await adapter_upload.adapter_bytes(request, data, rt.spec, agent_id)
+        data, tensors = await adapter_upload.adapter_bytes(request, data, rt.spec, agent_id)
+        # and its outputs on a probe batch must be finite (huge finite weights overflow): on the batcher
+        # thread, which owns the engine; refused (400) before anything is stored
+        await asyncio.wrap_future(rt.control(lambda: rt.engine.check_adapter(agent_id, tensors)))
         version = await asyncio.to_thread(rt.state.publish_adapter, agent_id, data)
         await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
         served = rt.applied[agent_id]

@@ -4,17 +4,18 @@
     LORASA_MODEL_TAG=lorasa-halfcheetah:latest bentoml serve
 
 The model holds the validated policy files unchanged (policy.json, backbone.safetensors,
-adapters/*.safetensors; no pickle). Labels carry the backbone fingerprint and the agent ids.
+adapters/*.safetensors, digests.json; no pickle). A policy that fails validation: one line on stderr,
+exit status 2, nothing saved. Labels carry the backbone fingerprint and the agent ids.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
 import bentoml
 
-from lorasa_serve.artifacts import ADAPTER_DIR, BACKBONE_FILE, SPEC_FILE, load_policy
+from lorasa_serve.artifacts import ADAPTER_DIR, BACKBONE_FILE, DIGESTS_FILE, SPEC_FILE, load_policy
+from lorasa_serve.cli import ArgumentParser, run_cli
 
 
 def save_to_store(policy_dir: str | Path, name: str) -> str:
@@ -28,10 +29,13 @@ def save_to_store(policy_dir: str | Path, name: str) -> str:
         shutil.copy2(src / SPEC_FILE, dst / SPEC_FILE)
         shutil.copy2(src / BACKBONE_FILE, dst / BACKBONE_FILE)
         if adapters:
+            if (src / DIGESTS_FILE).exists():
+                shutil.copy2(src / DIGESTS_FILE, dst / DIGESTS_FILE)
             (dst / ADAPTER_DIR).mkdir()
             for agent in adapters:
                 f = f"{agent}.safetensors"
                 shutil.copy2(src / ADAPTER_DIR / f, dst / ADAPTER_DIR / f)
+        load_policy(dst)  # what was copied is what was validated (an error here saves no model)
     return str(model.tag)
 
 
@@ -40,15 +44,21 @@ def policy_dir_from_tag(tag: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _run(argv: list[str] | None) -> int:
+    ap = ArgumentParser(prog="services.model_store", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("save", help="validate a policy directory and save it to the model store")
     s.add_argument("policy_dir")
     s.add_argument("--name", required=True, help="model name, e.g. lorasa-halfcheetah")
     args = ap.parse_args(argv)
     print(save_to_store(args.policy_dir, args.name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every bad policy (any LorasaError) or argument: one line on stderr, exit status 2."""
+    return run_cli("services.model_store", _run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -299,7 +299,8 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
         # JSON tensors and binary BYTES ones (a Python loop per element unless all are one length)
         # are slow to parse: big bodies with either go off the event loop; other binary ones stay on it
         slow = len(body) > PARSE_IN_THREAD_BYTES and not (
-            hlen is not None and hlen.isascii() and hlen.isdigit() and int(hlen) <= PARSE_IN_THREAD_BYTES
+            hlen is not None and hlen.isascii() and hlen.isdigit() and len(hlen) < 16
+            and int(hlen) <= PARSE_IN_THREAD_BYTES
             and b"BYTES" not in body[:int(hlen)])
         call = await asyncio.to_thread(parse) if slow else parse()
         res = await asyncio.wrap_future(rt.submit(call.req))

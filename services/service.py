@@ -28,6 +28,7 @@ from .model_store import policy_dir_from_tag
 from .oip import V2RootMiddleware, build_oip_app
 from .openapi import OpenAPIMiddleware
 from .process import configure_server
+from .routes import NoRedirectMiddleware, bound_http_metrics
 from .runtime import PolicyRuntime
 
 log = logging.getLogger("lorasa.service")
@@ -47,6 +48,7 @@ def _shared_state_dir() -> str:
 
 CONFIG = replace(ServiceConfig.from_env(), state_dir=_shared_state_dir())
 configure_server(CONFIG.metrics_dir, CONFIG.arbiter_check_s)  # in the `bentoml serve` parent only
+bound_http_metrics()  # every process: metrics labelled by route template, never the raw path
 
 
 async def _runtime() -> PolicyRuntime:
@@ -111,3 +113,4 @@ class LorasaPolicy:
 LorasaPolicy.add_asgi_middleware(JsonErrorsMiddleware)  # JSON errors on BentoML's own paths too
 LorasaPolicy.add_asgi_middleware(OpenAPIMiddleware)  # /docs.json also describes /v1 and /v2
 LorasaPolicy.add_asgi_middleware(V2RootMiddleware)  # GET /v2: OIP server metadata, no redirect
+LorasaPolicy.add_asgi_middleware(NoRedirectMiddleware)  # /v1/act/: a JSON 404, never a Host-built 307

@@ -81,7 +81,8 @@ def pytest_make_collect_report(collector):
 def make_policy(directory, *, obs=(6, 6, 6), act=(2, 2, 2), recurrent=True, action="gaussian",
                 hidden=16, rank=4, alpha=8.0, layers=None, seed=0, b_std=0.2, adapters=True,
                 log_std_offset=False, activation="relu"):
-    """Write a tiny random policy with adapters that really differ; returns (spec, backbone, adapters)."""
+    """Write a tiny random policy with adapters that really differ (with `log_std_offset`, their
+    per-agent log-std offsets too); returns (spec, backbone, adapters)."""
     agents = tuple(AgentSpec(f"agent_{i}", o, a) for i, (o, a) in enumerate(zip(obs, act)))
     spec = PolicySpec(agents=agents, hidden=hidden, recurrent=recurrent, action=action, activation=activation,
                       lora=LoraSpec(rank=rank, alpha=alpha, layers=layers, log_std_offset=log_std_offset))

@@ -123,3 +123,76 @@ def safetensors_files(draw):
             "garbage": lambda: draw(st.binary(max_size=64))}[raw]()
     n = len(text) if draw(st.booleans()) else draw(st.sampled_from([0, 1, len(text) + 1, 1 << 62, 2 ** 64 - 1]))
     return struct.pack("<Q", n) + text + draw(st.binary(min_size=body_len, max_size=body_len))
+
+
+def _oip_tensor(draw, name: str, datatype: str, arr, binary: bool) -> tuple[dict, bytes]:
+    from lorasa_serve.oip_codec import tensor_bytes, tensor_json
+    t: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+    if binary:
+        raw = tensor_bytes(arr, datatype)
+        t["parameters"] = {"binary_data_size": len(raw)}
+        return t, raw
+    t["data"] = tensor_json(arr, datatype)
+    return t, b""
+
+
+@st.composite
+def oip_bodies(draw, spec, max_rows: int = 8):
+    """A /v2 infer request for `spec` (a PolicySpec) as (body bytes, headers): valid JSON or binary
+    tensors, then 0-3 hostile edits (fields, datatypes as lists/objects, shapes, nesting, booleans
+    among floats, lone surrogates, header lengths of any digits, truncation, duplicate keys)."""
+    import numpy as np
+    team = draw(st.lists(st.sampled_from(spec.agents), min_size=1, max_size=min(4, max_rows)))
+    obs = np.zeros((len(team), spec.obs_max), np.float32)
+    binary = draw(st.booleans())
+    ids = np.asarray([a.agent_id.encode() for a in team], dtype=object)
+    parts = [_oip_tensor(draw, "agent_id", "BYTES", ids, binary), _oip_tensor(draw, "obs", "FP32", obs, binary)]
+    inputs = [p[0] for p in parts]
+    head: dict = {"inputs": inputs}
+    if draw(st.booleans()):
+        head["parameters"] = {"deterministic": draw(st.booleans())}
+    for _ in range(draw(st.integers(0, 3))):
+        t = draw(st.sampled_from(inputs))
+        edit = draw(st.sampled_from(["datatype", "shape", "name", "field", "data", "nest", "bools", "surrogate",
+                                     "params", "top"]))
+        if edit == "datatype":
+            t["datatype"] = draw(st.sampled_from([["FP32"], {"a": 1}, "BYTES", "FP64", "INT64", "BOOL"])
+                                 | json_scalars)
+        elif edit == "shape":
+            t["shape"] = draw(st.lists(st.integers(-2, 10) | json_scalars, max_size=3) | json_values)
+        elif edit == "name":
+            t["name"] = draw(st.sampled_from(["state", "reset", "avail", "agent_index", "x"]) | json_scalars)
+        elif edit == "field":
+            t[draw(st.text(ANY_CHAR, max_size=6))] = draw(json_values)
+        elif edit in ("data", "nest", "bools", "surrogate"):
+            t.pop("parameters", None)
+            n = t["shape"][0] if isinstance(t.get("shape"), list) and t["shape"] and isinstance(t["shape"][0], int) \
+                and 0 <= t["shape"][0] <= 8 else 1
+            t["data"] = {"data": lambda: draw(json_values),
+                         "nest": lambda: [[[draw(st.floats(-1, 1))]] * 2] * n,
+                         "bools": lambda: [draw(st.floats(-1, 1) | st.booleans()) for _ in range(n * spec.obs_max)],
+                         "surrogate": lambda: ["\ud800" + str(i) for i in range(n)]}[edit]()
+        elif edit == "params":
+            head["parameters"] = draw(json_values)
+        else:
+            head[draw(st.sampled_from(["outputs", "id", "inputs", "junk"]))] = draw(json_values)
+    header = json.dumps(head).encode()
+    if draw(st.integers(0, 5)) == 0:
+        header = b"{" + b'"inputs": [], ' + header[1:]  # a duplicate key
+    raw = b"".join(p[1] for p in parts) if binary and head.get("inputs") is inputs and all(
+        isinstance(t.get("parameters"), dict) for t in inputs) else b""
+    body = header + raw
+    hlen = str(len(header)) if raw else None
+    how = draw(st.sampled_from(["as is"] * 6 + ["digits", "truncate", "flip"]))
+    if how == "digits":
+        hlen = draw(st.sampled_from(["9" * 5000, "1" * 20, "-1", "0x10", "12 ", "", "\xb2"])
+                    | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=8))
+    elif how == "truncate":
+        body = body[:draw(st.integers(0, len(body)))]
+    elif how == "flip" and body:
+        i = draw(st.integers(0, len(body) - 1))
+        body = body[:i] + bytes([body[i] ^ draw(st.integers(1, 255))]) + body[i + 1:]
+    headers = {"Content-Type": "application/octet-stream" if raw else "application/json"}
+    if hlen is not None:
+        headers["Inference-Header-Content-Length"] = hlen
+    return body, headers

@@ -195,7 +195,8 @@ def test_peft_trained_adapter_serves_from_the_engine(hetero, tmp_path):
     again = eng.act(["agent_0"], *[None if x is None else x[:1] for x in batch(eng.spec, "agent_0", 1, 8)])
     torch.testing.assert_close(again.actions, other.actions, atol=0, rtol=0)  # only agent_1 changed
     # converted to our layout, it round-trips through our own format and back to PEFT unchanged
-    ours = peft_format.canonical_bytes(data, eng.spec, "x", "agent_1", cfg)
+    ours, tensors = peft_format.canonical_bytes(data, eng.spec, "x", "agent_1", cfg)
+    assert all(torch.equal(tensors[k], v.cpu()) for k, v in eng.adapter("agent_1").items())
     assert peft_format.parse_any(ours, eng.spec, "x")[0] == "agent_1"
 
 
@@ -312,7 +313,7 @@ def test_export_is_additive_and_leaves_other_exports_alone(hetero, tmp_path):
 
 def test_hostile_peft_bytes_and_configs_raise_only_artifact_errors(hetero, tmp_path):
     """Truncated or bit-flipped PEFT files and malformed configs: a typed ArtifactError, never a crash."""
-    from lorasa_serve.errors import ArtifactError, CorruptFileError
+    from lorasa_serve.errors import ArtifactError, CorruptFileError, NotRegularFileError
     d, eng, _, _ = hetero
     good = saved(d, tmp_path, "good")
     data, cfg = (good / "adapter_model.safetensors").read_bytes(), (good / "adapter_config.json").read_bytes()
@@ -334,7 +335,7 @@ def test_hostile_peft_bytes_and_configs_raise_only_artifact_errors(hetero, tmp_p
                           (json.dumps({**json.loads(cfg), "peft_type": "IA3"}).encode(), "not LORA")):
         with pytest.raises(ArtifactError, match=re.escape(words)):
             eng.load_adapter(data, "agent_0", peft_config=config)
-    with pytest.raises(CorruptFileError, match="no such file"):
+    with pytest.raises(NotRegularFileError, match="missing"):
         eng.load_adapter(tmp_path / "missing_dir", "agent_0")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CorruptFileError, match="adapter_model.safetensors"):

@@ -124,7 +124,8 @@ def test_tiny_grid_end_to_end(tmp_path):
     assert "PS+LoRA vs PS" in readme and "lorasa-report run" in readme
 
     pngs = sorted(p.name for p in (out / "assets").glob("*.png"))
-    assert pngs == ["ablation_rank.png", "curves_halfcheetah_2x3.png", "paired_differences.png"]
+    assert pngs == ["ablation_rank.png", "curves_halfcheetah_2x3.png", "entropy_halfcheetah_2x3.png",
+                    "paired_differences.png"]
     assert all(_png_ok(out / "assets" / p) for p in pngs)
     for p in pngs:
         assert f"](assets/{p})" in readme

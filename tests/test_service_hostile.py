@@ -284,3 +284,75 @@ def test_access_log_is_quiet_by_default(srv):
     srv.http.get(srv.url + "/v1/policy", timeout=10)
     log = srv.log.read_text(errors="replace")
     assert "path=/v1/policy" not in log and "path=/v1/act" not in log
+
+
+# --- /v2 (Open Inference Protocol): every parser total ----------------------------------------------
+INFER = "/v2/models/lorasa_policy/infer"
+
+
+def fixed_v2(srv) -> bytes:
+    """A fixed binary /v2 request; its answer must stay bit-identical whatever came before."""
+    from lorasa_serve.oip_codec import encode as oip_encode
+    ids = np.asarray([a.agent_id.encode() for a in srv.spec.agents], dtype=object)
+    obs = np.zeros((len(ids), srv.spec.obs_max), np.float32)
+    for i, a in enumerate(srv.spec.agents):
+        obs[i, :a.obs_dim] = np.linspace(-1, 1, a.obs_dim)
+    body, hlen = oip_encode({}, "inputs", [("agent_id", "BYTES", ids, True), ("obs", "FP32", obs, True)])
+    r = srv.http.post(srv.url + INFER, data=body, timeout=30,
+                      headers={"Inference-Header-Content-Length": str(hlen), "Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def check_v2(srv, r: requests.Response) -> None:
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        assert r.headers["content-type"] == "application/json" and isinstance(r.json()["error"], str), r.text[:300]
+        assert adapters(srv) == srv.agents
+
+
+def test_v2_parser_edge_cases_are_4xx(srv):
+    good = [{"name": "agent_id", "datatype": "BYTES", "shape": [1], "data": ["agent_0"]},
+            {"name": "obs", "datatype": "FP32", "shape": [1, 6], "data": [0.1] * 6}]
+    before = fixed_v2(srv)
+    cases = {
+        "lone surrogate": {"inputs": [{**good[0], "data": ["\ud800"]}, good[1]]},
+        "datatype list": {"inputs": [{**good[0], "datatype": ["BYTES"]}, good[1]]},
+        "datatype object": {"inputs": [good[0], {**good[1], "datatype": {"FP32": 1}}]},
+        "bools among floats": {"inputs": [good[0], {**good[1], "data": [0.1, True, 0.2, False, 0.3, 0.0]}]},
+        "nested bytes": {"inputs": [{**good[0], "data": [[["agent_0"]]]}, good[1]]},
+        "ragged floats": {"inputs": [good[0], {**good[1], "data": [[0.1] * 5, [0.1]]}]},
+    }
+    for name, body in cases.items():
+        r = srv.http.post(srv.url + INFER, data=encode(body), headers=JSON, timeout=30)
+        assert r.status_code == 400, (name, r.status_code, r.text[:200])
+        check_v2(srv, r)
+    dup = b'{"inputs": [], "inputs": ' + json.dumps(good).encode() + b"}"
+    r = srv.http.post(srv.url + INFER, data=dup, headers=JSON, timeout=30)
+    assert r.status_code == 400 and "duplicate key" in r.json()["error"], r.text
+    for digits in ("9" * 5000, "1" * 4301, "0" * 30):
+        r = srv.http.post(srv.url + INFER, data=encode({"inputs": good}) * 20, timeout=30,
+                          headers={"Inference-Header-Content-Length": digits, **JSON})
+        assert r.status_code == 400 and "digits" in r.json()["error"], r.text[:200]
+    assert fixed_v2(srv) == before
+    srv.probe.step()
+
+
+@settings(SERVER_SETTINGS, max_examples=120)
+@given(data=st.data())
+def test_hostile_v2_bodies(srv, data):
+    from hostile import oip_bodies
+    if not hasattr(srv, "fixed_v2"):
+        srv.fixed_v2 = fixed_v2(srv)
+    body, headers = data.draw(oip_bodies(srv.spec, MAX_ROWS))
+    r = srv.http.post(srv.url + INFER, data=body, headers=headers, timeout=30)
+    check_v2(srv, r)
+    if data.draw(st.integers(0, 9)) == 0:
+        assert fixed_v2(srv) == srv.fixed_v2
+        srv.probe.step()
+
+
+def test_v2_fixed_request_unchanged_after_the_fuzz(srv):
+    assert fixed_v2(srv) == getattr(srv, "fixed_v2", fixed_v2(srv))
+    srv.probe.step()
+    assert "Traceback" not in srv.log.read_text(errors="replace")

@@ -92,6 +92,7 @@ class Grid:
     final_eval_episodes: int = 16
     plan: dict | None = None
     variants: dict | None = None  # name -> {mode, flags, label, continue_from_switch}
+    pairs: list | None = None  # the report's paired comparisons [[A, B], ...] (modes or variants); None: default
     runs: list[Run] = field(default_factory=list)
     results: Path | None = None  # compact results root: <grid dir>/<grid name>/runs (set by load)
 
@@ -108,7 +109,7 @@ class Grid:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"{path} is not valid TOML ({e}); fix the file") from None
         known = {"seeds", "total_steps", "switch_step", "scenarios", "ablations", "eval_every",
-                 "eval_episodes", "final_eval_episodes", "plan", "variants"}
+                 "eval_episodes", "final_eval_episodes", "plan", "variants", "pairs"}
         if set(d) - known:
             raise UsageError(f"{path}: unknown keys {sorted(set(d) - known)}; use only {sorted(known)}")
         missing = sorted({"seeds", "total_steps", "switch_step", "scenarios"} - set(d))
@@ -117,6 +118,9 @@ class Grid:
         g = cls(**d, results=path.parent / path.stem / "runs")
         try:
             g.check_variants()
+            if g.pairs is not None and not all(isinstance(p, list) and len(p) == 2 for p in g.pairs):
+                raise UsageError("pairs must be a list of [A, B] method names, e.g. [[\"lorasa\", \"ps\"]]")
+            g.pairs = None if g.pairs is None else [tuple(p) for p in g.pairs]
             g.runs = g.expand()
         except UsageError as e:
             raise UsageError(f"{path}: {e}") from None

@@ -17,11 +17,16 @@ last-writer-wins. Leases expire after `lease_s` so a crashed worker never blocks
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+
+from lorasa_serve.errors import DigestMismatchError
+
+MAX_BLOB_BYTES = 1 << 30  # a stored adapter blob is read only if it is at most this big
 
 
 class StateUnavailable(RuntimeError):
@@ -77,7 +82,8 @@ class StateBackend(Protocol):
         """Cheap (once per batch): changes whenever something is published. Raises StateUnavailable."""
     def published(self) -> Published: ...
     def adapter_blob(self, agent_id: str, version: int) -> bytes:
-        """The exact bytes published as (agent, version); immutable once published."""
+        """The exact bytes published as (agent, version), verified against the sha256 recorded when
+        they were published (DigestMismatchError otherwise); immutable once published."""
     def publish_adapter(self, agent_id: str, data: bytes) -> int:
         """Store already validated adapter bytes, then make them the agent's newest version."""
     def publish_merged(self, agent_ids: list[str], merge: bool) -> tuple[str, ...]: ...
@@ -112,6 +118,22 @@ def blobs_to_rows(agent_ids: list[str], blobs: dict[str, bytes], hidden: int) ->
             state[i] = np.frombuffer(b, dtype=np.float32)
             is_new[i] = False
     return state, is_new
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verified(data: bytes, want: str | None, source: str) -> bytes:
+    """`data` if its sha256 is the one recorded when it was published, else DigestMismatchError
+    (a load error: the worker keeps serving its previous version, /v1/agents shows it)."""
+    if not want:
+        raise DigestMismatchError(source, "no sha256 was recorded for this blob: it cannot be verified")
+    got = digest(data)
+    if got != want:
+        raise DigestMismatchError(source, f"sha256 {got[:12]} differs from the {want[:12]} recorded when it "
+                                          "was published: the stored blob was modified or corrupted")
+    return data
 
 
 def redact(url: str) -> str:

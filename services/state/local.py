@@ -5,7 +5,12 @@
     adapters/<agent_id>.v<version>.safetensors   immutable; written before the manifest names it
     generation                            one byte appended per publish (its size only grows)
     .lock                                 flock held by a publisher during read-modify-write
-    sessions.sqlite                       sessions (WAL): state rows, LRU/TTL/byte bounds, step leases
+    sessions.sqlite                       sessions (WAL): state rows, LRU/TTL/byte bounds, step leases;
+                                          `stats` (count, bytes: kept by triggers) makes eviction O(log n)
+
+Every adapter file read back is checked against the manifest's sha256 (a mismatch is a load error:
+the worker keeps its previous version). If sessions.sqlite is deleted or replaced while serving (its
+st_dev/st_ino change), session calls fail closed with StateUnavailable (503) rather than split.
 
 Publishing: under an exclusive flock, write the adapter file, then atomically replace the manifest
 (readers take no lock: every file the manifest names is complete), then grow `generation`. A worker
@@ -16,7 +21,6 @@ Not for network file systems (flock, SQLite): use Redis for replicas on several 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import secrets
@@ -29,10 +33,11 @@ from typing import Callable
 import numpy as np
 
 from lorasa_serve.artifacts import atomic_write
+from lorasa_serve.files import read_file
 from lorasa_serve.spec import check_agent_id
 
-from .base import (Published, SessionBusy, SessionLimits, SessionStep, StateConfigError, blobs_to_rows,
-                   rows_to_blobs)
+from .base import (MAX_BLOB_BYTES, Published, SessionBusy, SessionLimits, SessionStep, StateConfigError,
+                   StateUnavailable, blobs_to_rows, digest, rows_to_blobs, verified)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -44,7 +49,16 @@ CREATE TABLE IF NOT EXISTS sess (session TEXT PRIMARY KEY, touched REAL NOT NULL
 CREATE INDEX IF NOT EXISTS sess_touched ON sess (touched);
 CREATE TABLE IF NOT EXISTS state (session TEXT NOT NULL, agent TEXT NOT NULL, h BLOB NOT NULL,
                                   PRIMARY KEY (session, agent));
+CREATE TABLE IF NOT EXISTS stats (id INTEGER PRIMARY KEY CHECK (id = 0), n INTEGER NOT NULL,
+                                  bytes INTEGER NOT NULL);
+CREATE TRIGGER IF NOT EXISTS sess_ins AFTER INSERT ON sess BEGIN
+  UPDATE stats SET n = n + 1, bytes = bytes + NEW.nbytes; END;
+CREATE TRIGGER IF NOT EXISTS sess_del AFTER DELETE ON sess BEGIN
+  UPDATE stats SET n = n - 1, bytes = bytes - OLD.nbytes; END;
+CREATE TRIGGER IF NOT EXISTS sess_upd AFTER UPDATE OF nbytes ON sess BEGIN
+  UPDATE stats SET bytes = bytes + NEW.nbytes - OLD.nbytes; END;
 """
+SESSIONS_DB = "sessions.sqlite"
 
 
 class LocalState:
@@ -54,9 +68,11 @@ class LocalState:
         self.fingerprint, self.hidden, self.limits = fingerprint, hidden, limits
         self.description = f"local state dir {self.root}"
         self._manifest()  # fail fast on a state dir made for another backbone
+        self._db_path = self.root / SESSIONS_DB
         with self._locked():  # workers start together: WAL and schema set-up one at a time (else "locked")
-            self._db = sqlite3.connect(str(self.root / "sessions.sqlite"), timeout=30.0, isolation_level=None,
+            self._db = sqlite3.connect(str(self._db_path), timeout=30.0, isolation_level=None,
                                        check_same_thread=False)
+            self._db_id = _identity(self._db_path)  # the file this connection writes to
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=OFF")  # state of live episodes, not data of record
             if self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sess'").fetchone()[0]:
@@ -64,6 +80,8 @@ class LocalState:
                 if "lease" not in cols:  # a sessions file from before leases: sessions are disposable
                     self._db.executescript("DROP TABLE sess; DROP TABLE IF EXISTS state;")
             self._db.executescript(SCHEMA)  # idempotent; several workers may run it at once
+            if self._db.execute("SELECT COUNT(*) FROM stats").fetchone()[0] == 0:  # new, or from before it
+                self._db.execute("INSERT INTO stats SELECT 0, COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess")
 
     # --- adapters -------------------------------------------------------------------------------
     def generation(self) -> int:
@@ -77,7 +95,11 @@ class LocalState:
         return Published({a: int(e["version"]) for a, e in m["adapters"].items()}, frozenset(m["merged"]))
 
     def adapter_blob(self, agent_id: str, version: int) -> bytes:
-        return (self.root / _adapter_file(agent_id, version)).read_bytes()
+        entry = self._manifest()["adapters"].get(agent_id, {})
+        path = self.root / _adapter_file(agent_id, version)
+        if int(entry.get("version", 1)) != version:  # superseded since `published()`: read again next check
+            raise KeyError(f"adapter {agent_id!r} v{version} is no longer the published one in {self.root}")
+        return verified(read_file(path, MAX_BLOB_BYTES), entry.get("sha256"), str(path))
 
     def publish_adapter(self, agent_id: str, data: bytes) -> int:
         check_agent_id(agent_id)
@@ -111,7 +133,7 @@ class LocalState:
     def _put_adapter(self, m: dict, agent_id: str, version: int, data: bytes) -> None:
         rel = _adapter_file(agent_id, version)
         atomic_write(self.root / rel, data)
-        m["adapters"][agent_id] = {"version": version, "file": rel, "sha256": hashlib.sha256(data).hexdigest()}
+        m["adapters"][agent_id] = {"version": version, "file": rel, "sha256": digest(data)}
 
     def _manifest(self) -> dict:
         path = self.root / MANIFEST
@@ -136,12 +158,17 @@ class LocalState:
 
     @contextmanager
     def _locked(self):
-        with open(self.root / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        """The publishers' flock. A file-system error inside (disk full, read-only) is StateUnavailable
+        (503 with Retry-After): the manifest is replaced atomically, so nothing half-written is published."""
+        try:
+            with open(self.root / ".lock", "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        except OSError as e:
+            raise StateUnavailable(f"{self.root}: {type(e).__name__}: {e.strerror or e}") from None
 
     # --- sessions -------------------------------------------------------------------------------
     def open_steps(self, items: list[tuple[str, list[str]]]) -> list[SessionStep | SessionBusy]:
@@ -197,43 +224,80 @@ class LocalState:
             return db.execute("DELETE FROM sess WHERE session = ?", (session_id,)).rowcount > 0
 
     def session_stats(self) -> dict[str, int]:
-        n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess WHERE touched >= ?",
-                                (time.time() - self.limits.ttl_s,)).fetchone()
+        with self._tx():
+            n, b = self._db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess WHERE touched >= ?",
+                                    (time.time() - self.limits.ttl_s,)).fetchone()
         return {"sessions": n, "bytes": b}
 
     def _evict(self, db: sqlite3.Connection, now: float) -> None:
         """Drop expired sessions, then the least recently used while over the count or byte bound
-        (a session with a step in flight is never evicted)."""
+        (a session with a step in flight is never evicted). O(log n) per dropped or skipped session:
+        the count and bytes come from `stats` (kept by triggers), candidates from the `touched` index
+        in order, read lazily (never every session)."""
         free = "(lease IS NULL OR lease_until < ?)"
-        gone = [r[0] for r in db.execute(f"SELECT session FROM sess WHERE touched < ? AND {free}",
+        order = "FROM sess INDEXED BY sess_touched"
+        gone = [r[0] for r in db.execute(f"SELECT session {order} WHERE touched < ? AND {free} LIMIT 1024",
                                          (now - self.limits.ttl_s, now))]
-        n, total = db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess").fetchone()
-        n, total = n - len(gone), total - sum(db.execute("SELECT nbytes FROM sess WHERE session = ?",
-                                                         (s,)).fetchone()[0] for s in gone)
-        if n > self.limits.max_sessions or total > self.limits.max_bytes:
-            for sid, nb in db.execute(f"SELECT session, nbytes FROM sess WHERE {free} ORDER BY touched",
-                                      (now,)).fetchall():
-                if n <= self.limits.max_sessions and total <= self.limits.max_bytes or n <= 1:
-                    break
-                if sid not in gone:
-                    gone.append(sid)
-                    n, total = n - 1, total - nb
-        db.executemany("DELETE FROM state WHERE session = ?", [(s,) for s in gone])
-        db.executemany("DELETE FROM sess WHERE session = ?", [(s,) for s in gone])
+        self._drop(db, gone)
+        n, total = db.execute("SELECT n, bytes FROM stats").fetchone()
+        if n <= self.limits.max_sessions and total <= self.limits.max_bytes:
+            return
+        over = []
+        for sid, nb in db.execute(f"SELECT session, nbytes {order} WHERE {free} ORDER BY touched", (now,)):
+            if n <= self.limits.max_sessions and total <= self.limits.max_bytes or n <= 1:
+                break
+            over.append(sid)
+            n, total = n - 1, total - nb
+        self._drop(db, over)
+
+    @staticmethod
+    def _drop(db: sqlite3.Connection, sessions: list[str]) -> None:
+        db.executemany("DELETE FROM state WHERE session = ?", [(s,) for s in sessions])
+        db.executemany("DELETE FROM sess WHERE session = ?", [(s,) for s in sessions])
 
     @contextmanager
     def _tx(self):
-        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one writer at a time across processes."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one writer at a time across processes.
+        SQLite's own errors (disk full, read-only, a corrupt file, locked past the timeout) are
+        StateUnavailable (503 with Retry-After): the next call tries again."""
+        self._check_db()
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self._db.in_transaction:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise StateUnavailable(f"{self._db_path}: {type(e).__name__}: {e}") from None
+
+    def _check_db(self) -> None:
+        """Fail closed when sessions.sqlite was deleted or replaced under this connection (it would go
+        on writing to a file no other worker reads, while a respawned worker opens a new one: lost
+        updates and sessions that diverge, all answered 200). Every session call is then a 503 until
+        the server is restarted (sessions are disposable; stateless requests are not affected)."""
+        if _identity(self._db_path) != self._db_id:
+            raise StateUnavailable(f"{self._db_path} was deleted or replaced while serving; session requests "
+                                   "fail until the server is restarted")
 
     def close(self) -> None:
         self._db.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path`, None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _adapter_file(agent_id: str, version: int) -> str:

@@ -5,6 +5,7 @@ Keys, all under `lorasa:<backbone fingerprint[:16]>:` (two policies can share on
     ver:<agent>          counter: the agent's last version handed out (first upload: 2; the shipped
                          adapter is 1); the next is max(counter, pub[agent]) + 1, so never a used one
     ad:<agent>:<v>       the adapter's safetensors bytes; written once, before v becomes visible
+    ad:<agent>:<v>:sha256  its sha256, written with it; every reader checks the bytes against it
     pub                  hash agent -> newest published version (only ever raised, by a Lua script)
     merged               set of merged agents
     epoch                INCR on every publish; `boot` is a random id set when the keys are seeded
@@ -35,7 +36,7 @@ import redis
 from lorasa_serve.spec import check_agent_id
 
 from .base import (Published, SessionBusy, SessionLimits, SessionStep, StateConfigError, StateUnavailable,
-                   blobs_to_rows, redact, rows_to_blobs)
+                   blobs_to_rows, digest, redact, rows_to_blobs, verified)
 
 KEEP_VERSIONS = 3  # adapter blobs kept per agent
 
@@ -148,10 +149,16 @@ class RedisState:
                          lost=not boot)
 
     def adapter_blob(self, agent_id: str, version: int) -> bytes:
-        data = self._call(self._r.get, f"{self.p}ad:{agent_id}:{version}")
+        key = f"{self.p}ad:{agent_id}:{version}"
+        data, want = self._call(self._r.mget, key, key + ":sha256")
         if data is None:  # pruned by newer uploads since `published()`: the next check reads again
             raise KeyError(f"adapter {agent_id!r} v{version} is no longer in {self.description}")
-        return data
+        return verified(data, want.decode() if want else None, f"{self.description} {key}")
+
+    def _store_blob(self, agent_id: str, version: int, data: bytes) -> None:
+        """The blob and its sha256 (checked by every reader), stored before the version is visible."""
+        key = f"{self.p}ad:{agent_id}:{version}"
+        self._call(self._r.mset, {key: data, key + ":sha256": digest(data)})
 
     def publish_adapter(self, agent_id: str, data: bytes) -> int:
         check_agent_id(agent_id)
@@ -159,11 +166,12 @@ class RedisState:
                                  [agent_id]))
         if version < 0:
             raise StateUnavailable(f"{self.description} lost its data; servers are re-seeding it, retry")
-        self._call(self._r.set, f"{self.p}ad:{agent_id}:{version}", data)  # stored before it is visible
+        self._store_blob(agent_id, version, data)
         self._call(self._publish, [self.p + "pub", self.p + "epoch", f"{self.p}ver:{agent_id}"],
                    [agent_id, version])
         if version > KEEP_VERSIONS:
-            self._call(self._r.delete, f"{self.p}ad:{agent_id}:{version - KEEP_VERSIONS}")
+            old = f"{self.p}ad:{agent_id}:{version - KEEP_VERSIONS}"
+            self._call(self._r.delete, old, old + ":sha256")
         return version
 
     def publish_merged(self, agent_ids: list[str], merge: bool) -> tuple[str, ...]:
@@ -181,7 +189,7 @@ class RedisState:
         pub = self.published()
         for agent, v in versions.items():
             if v > pub.version(agent):
-                self._call(self._r.set, f"{self.p}ad:{agent}:{v}", blob(agent))
+                self._store_blob(agent, v, blob(agent))
                 self._call(self._publish, [self.p + "pub", self.p + "epoch", f"{self.p}ver:{agent}"],
                            [agent, v])
         if pub.lost:

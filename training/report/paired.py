@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..grid import Grid
-from .results import ALGO_NAMES, MODE_NAMES, Cell, RunResult, cells_of, run_curve
+from .results import ALGO_NAMES, Cell, RunResult, cells_of, run_curve
 from .stats import Stats, episode_noise_ratio, normalised_auc, paired_differences
 
 PAIRED = (("lorasa", "ps"), ("lorasa", "nps"), ("nps", "ps"))  # A - B
@@ -44,7 +44,7 @@ class PairedRow:
     diffs: dict[str, Stats]  # measure -> per-seed differences A - B
 
     def cells(self) -> list[str]:
-        return [self.scenario, ALGO_NAMES[self.algo], f"{MODE_NAMES[self.a.mode]} − {MODE_NAMES[self.b.mode]}",
+        return [self.scenario, ALGO_NAMES[self.algo], f"{self.a.mode_label} − {self.b.mode_label}",
                 str(self.diffs["final"].n)] + [interval_text(self.diffs[m]) for m in ("final", "auc", "auc_phase2")]
 
 
@@ -69,7 +69,7 @@ def paired_rows(grid: Grid, results: dict[str, RunResult]) -> list[PairedRow]:
             by_mode = {c.mode: c for c in cells if c.algo == algo}
             start = recorded_switch(list(by_mode.values()), switch)
             measures = {m: {r.run.seed: run_measures(r, start) for r in c.done} for m, c in by_mode.items()}
-            for a, b in PAIRED:
+            for a, b in grid.pairs or PAIRED:
                 if a in by_mode and b in by_mode:
                     diffs = {k: paired_differences({s: v[k] for s, v in measures[a].items()},
                                                    {s: v[k] for s, v in measures[b].items()})

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .results import ALGO_NAMES, MODE_NAMES, Cell, MeanCurve, cell_curve
+from .results import ALGO_NAMES, Cell, MeanCurve, cell_curve
 
-MODE_COLORS = {m: f"C{i}" for i, m in enumerate(MODE_NAMES)}
 
 
 def _pyplot():
@@ -62,8 +61,25 @@ def plot_scenario(cells: list[Cell], title: str, path: Path) -> Path:
         curves = [(cell, cell_curve(cell)) for cell in cells if cell.algo == algo and cell.done]
         shade_lora_phase(ax, [c for _, c in curves])
         for cell, curve in curves:
-            draw_curve(ax, curve, f"{cell.label} (n={len(cell.done)})", MODE_COLORS[cell.mode])
+            draw_curve(ax, curve, f"{cell.label} (n={len(cell.done)})", cell.color)
         _style(ax, f"{title}: {ALGO_NAMES[algo]} (mean over seeds, 95% CI; dotted: LoRA switch)")
+    return _save(fig, path)
+
+
+def plot_entropy(cells: list[Cell], title: str, path: Path) -> Path:
+    """The policy entropy logged at each update (metrics.csv `entropy`; with an entropy coefficient of 0
+    it only falls if the run trains its log-std), mean across seeds, one panel per algorithm."""
+    plt = _pyplot()
+    algos = list(dict.fromkeys(c.algo for c in cells))
+    fig, axes = plt.subplots(1, len(algos), figsize=(7 * len(algos), 4.2), squeeze=False, sharey=True)
+    for ax, algo in zip(axes[0], algos):
+        curves = [(cell, cell_curve(cell, "entropy")) for cell in cells if cell.algo == algo and cell.done]
+        shade_lora_phase(ax, [c for _, c in curves])
+        for cell, curve in curves:
+            means = [s.mean for s in curve.stats]
+            ax.plot(curve.steps, means, color=cell.color, lw=1.4,
+                    label=f"{cell.label} (n={len(cell.done)})")
+        _style(ax, f"{title}: {ALGO_NAMES[algo]} policy entropy (mean over seeds)", ylabel="entropy (nats)")
     return _save(fig, path)
 
 
@@ -94,7 +110,7 @@ def plot_paired(rows, path: Path) -> Path:
     plt = _pyplot()
     measures = (("final", "final return"), ("auc", "AUC (all steps)"), ("auc_phase2", "AUC (LoRA phase)"))
     fig, axes = plt.subplots(1, 3, figsize=(15, 0.9 + 0.45 * len(rows)), sharey=True, squeeze=False)
-    labels = [f"{r.scenario} {r.algo.upper()}: {MODE_NAMES[r.a.mode]} − {MODE_NAMES[r.b.mode]}" for r in rows]
+    labels = [f"{r.scenario} {r.algo.upper()}: {r.a.mode_label} − {r.b.mode_label}" for r in rows]
     for ax, (key, title) in zip(axes[0], measures):
         for y, row in enumerate(rows):
             d = row.diffs[key]

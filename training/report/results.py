@@ -131,6 +131,8 @@ class Cell:
     method: str
     results: list[RunResult]
     label: str = ""
+    mode_label: str = ""  # "PS+LoRA", or a [variants] label ("PS+LoRA (log-std frozen)")
+    color: str = "C0"  # matplotlib colour of the mode (mode_color)
 
     @property
     def algo(self) -> str:
@@ -138,6 +140,7 @@ class Cell:
 
     @property
     def mode(self) -> str:
+        """The method's mode, or its [variants] name (each variant is a column of its own)."""
         return self.method.partition(":")[2]
 
     @property
@@ -168,9 +171,22 @@ class Cell:
         return statistics.fmean(vals) if vals else math.nan
 
 
-def method_label(method: str, groups: list[list[int]] | None = None) -> str:
+def mode_color(grid: Grid, mode: str) -> str:
+    """One colour per mode (C0-C5), then per [variants] name in the grid's order (C6-C9)."""
+    if mode in MODE_NAMES:
+        return f"C{list(MODE_NAMES).index(mode)}"
+    return f"C{(len(MODE_NAMES) + list(grid.variants or {}).index(mode)) % 10}"
+
+
+def mode_label(grid: Grid, mode: str) -> str:
+    """Display name of a mode or of a grid's [variants] name."""
+    variant = (grid.variants or {}).get(mode)
+    return variant.get("label", mode) if variant is not None else MODE_NAMES[mode]
+
+
+def method_label(method: str, groups: list[list[int]] | None = None, grid: Grid | None = None) -> str:
     algo, _, mode = method.partition(":")
-    label = f"{ALGO_NAMES[algo]} {MODE_NAMES[mode]}"
+    label = f"{ALGO_NAMES[algo]} {MODE_NAMES[mode] if grid is None else mode_label(grid, mode)}"
     if mode.startswith("seps") and groups:
         distinct = []
         for g in groups:
@@ -188,8 +204,9 @@ def cells_of(grid: Grid, results: dict[str, RunResult], preset: str, group: str)
             order.setdefault(run.method, []).append(results[run.key])
     cells = []
     for method, rs in order.items():
-        cell = Cell(preset, group, method, rs)
-        cell.label = method_label(method, cell.summary_values("groups") if cell.done else None)
+        mode = method.partition(":")[2]
+        cell = Cell(preset, group, method, rs, mode_label=mode_label(grid, mode), color=mode_color(grid, mode))
+        cell.label = method_label(method, cell.summary_values("groups") if cell.done else None, grid)
         cells.append(cell)
     return cells
 
@@ -204,13 +221,14 @@ def concat_rows(base: list[dict], own: list[dict]) -> tuple[list[dict], int | No
     return before + own, (int(before[-1]["env_steps"]) if before else None)
 
 
-def run_curve(res: RunResult) -> tuple[list[tuple[int, float]], int | None]:
-    """Evaluation return vs env steps of a finished run (phase-2 runs: with their base run's part)."""
+def run_curve(res: RunResult, column: str = "eval_return") -> tuple[list[tuple[int, float]], int | None]:
+    """`column` of metrics.csv (default: evaluation return) vs env steps of a finished run (phase-2
+    runs: with their base run's part), rows where it is set."""
     own = read_metrics(res.files / "metrics.csv")
     base_path = res.base_metrics()
     base = read_metrics(base_path) if base_path and base_path.is_file() else []
     rows, switch = concat_rows(base, own)
-    return [(int(r["env_steps"]), float(r["eval_return"])) for r in rows if r.get("eval_return")], switch
+    return [(int(r["env_steps"]), float(r[column])) for r in rows if r.get(column)], switch
 
 
 @dataclass
@@ -230,7 +248,7 @@ def mean_curve(curves: list[list[tuple[int, float]]], switch: int | None = None)
     return MeanCurve(steps, [Stats(tuple(by_step[s])) for s in steps], switch)
 
 
-def cell_curve(cell: Cell) -> MeanCurve:
-    pairs = [run_curve(r) for r in cell.done]
+def cell_curve(cell: Cell, column: str = "eval_return") -> MeanCurve:
+    pairs = [run_curve(r, column) for r in cell.done]
     switches = [s for _, s in pairs if s is not None]
     return mean_curve([c for c, _ in pairs], min(switches) if switches else None)

