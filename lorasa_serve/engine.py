@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import artifacts
+from . import artifacts, peft_format
 from . import validation as check
 from .backend import ActOutput
 from .bank import AdapterBank
@@ -276,14 +276,17 @@ class Engine:
                                  "with this adapter (weights too large?); refused")
 
     def load_adapter(self, source: str | Path | bytes, agent_id: str | None = None,
-                     agent: AgentSpec | None = None) -> int:
-        """Hot-swap from a safetensors file or bytes (full validation: version, rank/alpha,
-        backbone fingerprint, keys, shapes, finite values). Returns the new version."""
+                     agent: AgentSpec | None = None, *, peft_config: bytes | str | dict | None = None) -> int:
+        """Hot-swap from our safetensors file or bytes, or a PEFT adapter: its directory
+        (adapter_config.json + adapter_model.safetensors), its safetensors file (the config read from
+        beside it) or bytes with `peft_config` (see `peft_format`). Full validation: version, rank/alpha,
+        backbone fingerprint, keys, shapes, finite values. Returns the new version."""
         spec = self.spec
         if isinstance(source, (bytes, bytearray)):
-            agent_id, tensors = artifacts.parse_adapter(bytes(source), spec, "uploaded adapter", agent_id)
+            agent_id, tensors = peft_format.parse_any(bytes(source), spec, "uploaded adapter", agent_id,
+                                                      peft_config)
         else:
-            agent_id, tensors = artifacts.load_adapter(source, spec, agent_id)
+            agent_id, tensors = peft_format.load_any(source, spec, agent_id)
         return self.set_adapter(agent_id, tensors, agent)
 
     def merge(self, agent_ids: Sequence[str] | None = None) -> None:
