@@ -83,6 +83,15 @@ class Engine:
         return {a: bank.versions[s] for a, s in bank.slot_of.items()}
 
     @property
+    def pinned_agents(self) -> list[str]:
+        """Agents merged by `merge()` (kept until `unmerge()`); `merged_agents` adds those the auto mode
+        merged on demand (a bounded cache)."""
+        with self._write_lock:
+            pinned = set(self._merges.pinned)
+        bank = self._bank
+        return [a for a, s in bank.slot_of.items() if s in pinned]
+
+    @property
     def merged_agents(self) -> list[str]:
         bank = self._bank
         return [a for a, s in bank.slot_of.items() if s in bank.merged]

@@ -198,6 +198,9 @@ def test_merge_and_unmerge_keep_outputs(srv):
     assert r.status_code == 200 and r.json()["merged"] == []
     assert_matches(act(srv, {"rows": rows_for(spec, ids, obs)}),
                    (base["actions"], base["log_probs"], base["state"]))
+    # right after unmerge nothing is reported pinned; what mode auto merged on its own is told apart
+    agents = requests.get(srv.url + "/v1/agents").json()["agents"]
+    assert not any(a["merged"] for a in agents) and all(isinstance(a["auto_merged"], bool) for a in agents)
 
 
 def test_health_metrics_and_spec(srv):
