@@ -173,7 +173,7 @@ def test_train_out_in_a_read_only_directory(tmp_path, read_only_dir, capsys):
     (["--ppo.rollout", "25"], ["--ppo.rollout 25 must be a multiple of --ppo.chunk 10", "--ppo.rollout 20"]),
     (["--total-steps", "0"], ["--total-steps 0 must be >= 1"]),
     (["--env.n-envs", "0"], ["--env.n-envs 0 must be >= 1"]),
-    (["--mode", "ps", "--init-from", "x"], ["--init-from starts LoRA phase 2", "add --mode lorasa"]),
+    (["--mode", "nps", "--init-from", "x"], ["--init-from starts LoRA phase 2", "continues a PS run", "change --mode"]),
 ])
 def test_train_bad_flags(tmp_path, capsys, argv, needles):
     out = tmp_path / "out"
