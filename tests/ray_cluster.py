@@ -52,16 +52,24 @@ class RayCluster:
         return self
 
     def pids(self) -> list[int]:
-        """This cluster's processes (those whose environment carries its marker)."""
-        out, mark = [], f"{MARKER}={self.id}".encode()
+        """This cluster's processes: those whose environment carries its marker, and their descendants (a
+        Ray process that sets its title overwrites its environment: the agents the raylet starts)."""
+        marked, parents, mark = set(), {}, f"{MARKER}={self.id}".encode()
         for p in Path("/proc").iterdir():
-            if p.name.isdigit() and int(p.name) != os.getpid():
-                try:
-                    if mark in (p / "environ").read_bytes().split(b"\0"):
-                        out.append(int(p.name))
-                except OSError:
-                    pass
-        return out
+            if not p.name.isdigit() or int(p.name) == os.getpid():
+                continue
+            try:
+                if mark in (p / "environ").read_bytes().split(b"\0"):
+                    marked.add(int(p.name))
+                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+        out, grew = set(marked), True
+        while grew:
+            more = {pid for pid, ppid in parents.items() if ppid in out} - out
+            out |= more
+            grew = bool(more)
+        return sorted(out)
 
     def processes(self, title: str) -> list[int]:
         """This cluster's processes whose command line (a Ray worker's title, e.g. "ray::RolloutWorker")
@@ -76,8 +84,10 @@ class RayCluster:
         return out
 
     def stop(self) -> None:
+        every = set(self.pids())  # before anything dies: orphans are re-parented to init
         for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
-            pids = self.pids()
+            pids = sorted(every | set(self.pids()))
+            pids = [p for p in pids if _alive(p)]
             for pid in pids:
                 try:
                     os.kill(pid, sig)

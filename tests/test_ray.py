@@ -238,6 +238,8 @@ def test_grid_run_whose_worker_dies_is_retried_or_reported(cluster, tmp_path, ca
     assert _kill_training_worker(cluster)
     th.join(300)
     assert res["failed"] == [] and (grid.results / first.key / "summary.json").is_file()  # retried
+    stale = [d for d in Path("/tmp").glob("lorasa-grid-*-*") if not Path(f"/proc/{d.name.split('-')[2]}").exists()]
+    assert stale == []  # the killed task's temp runs root was removed by the retry
 
     capsys.readouterr()
     two = replace(grid, runs=[second])
@@ -249,3 +251,16 @@ def test_grid_run_whose_worker_dies_is_retried_or_reported(cluster, tmp_path, ca
     out = runs / second.key
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # as before the launch: nothing half-written
     assert not (grid.results / second.key).exists()
+
+
+def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from training.cli import main as train_main
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is absent
+    with pytest.raises(SystemExit) as e:
+        train_main(["--preset", "halfcheetah_2x3", "--env.backend", "ray", "--env.workers", "2",
+                    "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "pip install 'lorasa-serve[ray]'" in err

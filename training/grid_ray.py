@@ -67,6 +67,21 @@ def _die_with_parent() -> None:
         pass
 
 
+TMP_PREFIX = "lorasa-grid-"  # a task's runs root on its node: <tmp>/lorasa-grid-<worker pid>-<random>
+
+
+def _remove_stale_dirs() -> None:
+    """Remove the runs roots left by tasks whose worker was killed (its pid is gone)."""
+    for d in Path(tempfile.gettempdir()).glob(f"{TMP_PREFIX}*-*"):
+        try:
+            pid = int(d.name[len(TMP_PREFIX):].split("-")[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
 def train_on_node(key: str, args: list[str], resume: bool, run_files: dict[str, bytes],
                   base_rel: str | None, base_files: dict[str, bytes]) -> dict:
     """The Ray task: run `key` in a temp runs root on this node -> {rc, files (its run directory), node}."""
@@ -74,7 +89,8 @@ def train_on_node(key: str, args: list[str], resume: bool, run_files: dict[str, 
 
     import lorasa_serve
     import training
-    root = Path(tempfile.mkdtemp(prefix="lorasa-grid-"))
+    _remove_stale_dirs()
+    root = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
     try:
         out = root / key
         out.mkdir(parents=True)

@@ -31,16 +31,18 @@ def package_dirs() -> list[str]:
     return [str(Path(m.__file__).parent) for m in (training, lorasa_serve)]
 
 
-def connect(address: str):
-    """Join the cluster at `address` ("auto", "host:port", or "local": start a private one-machine Ray) once
-    per process -> the `ray` module. UsageError (one line) if there is no cluster there."""
+def connect(address: str, local_cpus: int | None = None):
+    """Join the cluster at `address` ("auto", "host:port", or "local": start a private one-machine Ray with
+    `local_cpus` CPUs, default this machine's) once per process -> the `ray` module. UsageError (one line)
+    if there is no cluster there."""
     ray = require_ray()
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {"py_modules": package_dirs(), "env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
     try:
-        ray.init(address=None if address == "local" else address, runtime_env=env, log_to_driver=False,
+        local = {"num_cpus": local_cpus} if address == "local" and local_cpus else {}
+        ray.init(address=None if address == "local" else address, runtime_env=env, log_to_driver=False, **local,
                  logging_level="WARNING", configure_logging=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"cannot join the Ray cluster at {address!r} ({str(e).splitlines()[0] if str(e) else e}); "
