@@ -11,12 +11,15 @@ DEFAULT_POLICY ?= policies/halfcheetah_2x3
 
 install: $(STAMP)
 
-# torch is pinned to the local CPU wheel first so the project's range (torch>=2.2,<3) installs nothing more
-$(STAMP): pyproject.toml
+# torch is pinned to the local CPU wheel first so the project's range (torch>=2.2,<3) installs nothing more.
+# The kserve client (tests only) goes into a folder of its own, without its pins: tests/kserve-client.txt
+$(STAMP): pyproject.toml tests/kserve-client.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[all]"
+	rm -rf $(VENV)/kserve-client
+	$(BIN)/pip install -q --no-deps --target $(VENV)/kserve-client -r tests/kserve-client.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,4 +1,5 @@
-"""`lorasa-export POLICY_DIR --out OUT [--merge] [--agents a,b] [--format safetensors,onnx] [--opset N]`.
+"""`lorasa-export POLICY_DIR --out OUT [--merge] [--agents a,b] [--format safetensors,onnx] [--opset N]`,
+or `lorasa-export POLICY_DIR --out OUT --peft [--agents a,b]` (PEFT adapter directories, OUT/peft/<agent>).
 
 Prints a progress bar, then a summary table (agent, files, sizes, max abs diff vs the Engine).
 Exit status: 0 all artifacts verified, 1 some verification failed (those files are not written),
@@ -23,7 +24,11 @@ def parse_args(argv: list[str] | None) -> ExportConfig:
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
     p.add_argument("--merge", action="store_true",
                    help="per-agent merged artifacts; without it: one multi-agent ONNX graph")
-    p.add_argument("--agents", type=_csv, default=None, help="comma-separated agent ids (with --merge)")
+    p.add_argument("--peft", action="store_true",
+                   help="per-agent PEFT adapter directories OUT/peft/<agent> (adapter_config.json + "
+                        "adapter_model.safetensors) for lorasa_serve.torch_module.ActorModule")
+    p.add_argument("--agents", type=_csv, default=None,
+                   help="comma-separated agent ids (with --merge or --peft)")
     p.add_argument("--format", dest="formats", type=_csv, default=None,
                    help="comma-separated: safetensors,onnx (default: both with --merge, onnx without)")
     p.add_argument("--opset", type=int, default=18)
@@ -39,7 +44,7 @@ def parse_args(argv: list[str] | None) -> ExportConfig:
     a = p.parse_args(argv)
     return ExportConfig(a.policy_dir, a.out, a.merge, a.agents, a.formats, a.opset, a.lora_impl,
                         VerifyConfig(tol=a.tol, rtol=a.rtol), a.steps, a.envs, seed=a.seed,
-                        progress=not a.no_progress)
+                        progress=not a.no_progress, peft=a.peft)
 
 
 def _csv(text: str) -> tuple[str, ...]:

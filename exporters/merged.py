@@ -29,6 +29,8 @@ def merged_policy(engine: Engine, agent_id: str) -> tuple[PolicySpec, dict[str, 
         # the agent's own log-std (backbone log_std + its adapter's log_std_offset, if any)
         tensors["log_std"] = engine.log_std(agent_id).detach().cpu()[:agent.act_dim].clone().contiguous()
     width = spec.obs_max if agent.obs_dim < spec.obs_max else None
+    if spec.agent_onehot:  # the merged agent keeps its column of the team's one-hot
+        agent = replace(agent, onehot_index=spec.onehot_index(spec.agent_ids.index(agent_id)))
     one = replace(spec, agents=(agent,), obs_width=width, backbone_fingerprint="",
                   lora=replace(spec.lora, log_std_offset=False))  # merged: no adapters, no offsets
     return one, tensors

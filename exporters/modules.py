@@ -102,6 +102,10 @@ class MergedAgentActor(_Actor):
             own = backbone["log_std"] if log_std is None else log_std
             self.register_buffer("p_log_std", own[:agent.act_dim].detach().clone())
         self.register_buffer("dim_mask", torch.ones(agent.act_dim, dtype=torch.bool))
+        self.onehot = bool(spec.agent_onehot)
+        if self.onehot:  # [1, K]: this agent's column of the team's one-hot, appended to every row
+            col = spec.onehot_index(spec.agent_ids.index(agent.agent_id))
+            self.register_buffer("p_onehot", F.one_hot(torch.tensor([col]), spec.agent_onehot).float())
 
     def _lin(self, x: Tensor, name: str) -> Tensor:
         k = _key(name)
@@ -110,6 +114,8 @@ class MergedAgentActor(_Actor):
     def forward(self, obs: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         h, reset, avail = self._unpack(inputs)
         x = F.pad(obs, (0, self.pad)) if self.pad else obs  # ln_in normalises over obs_max
+        if self.onehot:
+            x = torch.cat([x, self.p_onehot.expand(x.shape[0], -1)], 1)  # [B, obs_max + K]
         head, h_next = self._trunk(self._lin, x, h, reset)
         return self._outputs(head, h_next, self.dim_mask, avail, getattr(self, "p_log_std", None))
 
@@ -147,6 +153,10 @@ class MultiAgentActor(_Actor):
         self.register_buffer("obs_dims", torch.tensor([a.obs_dim for a in spec.agents]))
         self.register_buffer("act_dims", torch.tensor([a.act_dim for a in spec.agents]))
         self.register_buffer("obs_cols", torch.arange(spec.obs_max))
+        self.onehot = bool(spec.agent_onehot)
+        if self.onehot:  # [S, K]: row s = agent s's one-hot
+            cols = torch.tensor([spec.onehot_index(i) for i in range(S)])
+            self.register_buffer("p_onehot", F.one_hot(cols, spec.agent_onehot).float())
         if spec.action == "gaussian":  # [S, act_max] per agent when adapters carry offsets, else [act_max]
             per_agent = stack_log_std(spec, backbone["log_std"], [adapters.get(x) for x in spec.agent_ids])
             self.register_buffer("p_log_std", (backbone["log_std"] if per_agent is None else per_agent
@@ -170,6 +180,8 @@ class MultiAgentActor(_Actor):
             return y + torch.bmm(low, b[rows]).squeeze(1)
 
         obs = torch.where(self.obs_cols < self.obs_dims[rows].unsqueeze(1), obs, torch.zeros_like(obs))
+        if self.onehot:
+            obs = torch.cat([obs, self.p_onehot[rows]], 1)  # [B, obs_max + K]
         head, h_next = self._trunk(linear, obs, h, reset)
         log_std = getattr(self, "p_log_std", None)
         if log_std is not None and log_std.dim() == 2:

@@ -58,6 +58,7 @@ class ExportConfig:
     reset_prob: float = 0.15  # extra random resets on top of episode starts
     seed: int = 0
     progress: bool = True
+    peft: bool = False  # PEFT adapter directories instead (exporters/peft_export.py)
 
 
 @dataclass
@@ -140,6 +141,9 @@ def load_rollouts(cfg: ExportConfig, engine: Engine) -> tuple[list[ObsRollout], 
 def export_policy(cfg: ExportConfig) -> ExportReport:
     """Run the export described by `cfg` (see module doc). Never raises for a failed verification:
     check `report.ok` (the CLI exits non-zero). Raises ExportError/ArtifactError for bad input."""
+    if cfg.peft:
+        from .peft_export import export_peft  # (it imports this module's result types)
+        return export_peft(cfg)
     torch.manual_seed(cfg.seed)
     engine = Engine.from_dir(cfg.policy_dir, device="cpu", mode="lora")
     agents, formats = check_config(cfg, engine)

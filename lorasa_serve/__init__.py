@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # what static tools see; at run time these load on first use
     from .engine import ActOutput, Engine
     from .errors import (ArtifactError, CorruptFileError, DigestMismatchError, FingerprintMismatchError,
                          FormatVersionError, InputError, KeyMismatchError, LorasaError, NonFiniteError,
-                         NotRegularFileError, OversizedFileError, RankAlphaMismatchError,
+                         NotRegularFileError, OversizedFileError, PeftFormatError, RankAlphaMismatchError,
                          ShapeMismatchError, SpecError, UnknownAgentError)
     from .network import init_adapter, init_backbone
     from .spec import AgentSpec, LoraSpec, PolicySpec
@@ -26,8 +26,8 @@ _WHERE = {
     **{name: "errors" for name in (
         "ArtifactError", "CorruptFileError", "DigestMismatchError", "FingerprintMismatchError",
         "FormatVersionError", "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError",
-        "NotRegularFileError", "OversizedFileError", "RankAlphaMismatchError", "ShapeMismatchError",
-        "SpecError", "UnknownAgentError")},
+        "NotRegularFileError", "OversizedFileError", "PeftFormatError", "RankAlphaMismatchError",
+        "ShapeMismatchError", "SpecError", "UnknownAgentError")},
 }
 __all__ = sorted(_WHERE)
 

@@ -123,6 +123,15 @@ class AdapterBank:
             return None
         return torch.ones(self.spec.act_max, dtype=torch.bool, device=self.obs_dims.device)
 
+    @cached_property
+    def onehot(self) -> Tensor | None:
+        """[S, agent_onehot] each slot's agent one-hot (policies trained with one), else None."""
+        K = self.spec.agent_onehot
+        if not K:
+            return None
+        cols = torch.tensor([self.spec.onehot_index(i) for i in range(self.n_slots)], device=self.obs_dims.device)
+        return torch.nn.functional.one_hot(cols, K).to(torch.float32)
+
     def log_std_rows(self, slots: np.ndarray) -> Tensor:
         """slots [B] -> the Gaussian log-std of each row's agent [B, act_max] (or the shared
         [act_max], broadcastable, when adapters carry no offsets)."""

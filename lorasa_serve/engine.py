@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import artifacts
+from . import artifacts, peft_format
 from . import validation as check
 from .backend import ActOutput
 from .bank import AdapterBank
@@ -137,7 +137,8 @@ class Engine:
         return ActOutput(actions, logp, h_next), bank, slots
 
     def _inputs(self, bank: AdapterBank, slots: np.ndarray, obs, state, reset):
-        """Checked tensors on the engine's device: obs [B, obs_max] (padding columns zeroed),
+        """Checked tensors on the engine's device: obs [B, input_width] (padding columns zeroed, the
+        agent one-hot appended when the policy has one),
         state [B, H] | None, reset [B] | None."""
         B, spec = len(slots), bank.spec
         obs_t = check.float_rows(obs, "obs", B, spec.obs_max, self.device)
@@ -148,6 +149,8 @@ class Engine:
             slots_t = torch.as_tensor(slots, device=self.device)
             col = torch.arange(spec.obs_max, device=self.device)
             obs_t = obs_t.masked_fill(col >= bank.obs_dims[slots_t].unsqueeze(1), 0.0)
+        if bank.onehot is not None:  # [B, obs_max] -> [B, obs_max + agent_onehot]: the agent's one-hot
+            obs_t = torch.cat([obs_t, bank.onehot.index_select(0, torch.as_tensor(slots, device=self.device))], 1)
         return obs_t, h, reset_t
 
     @torch.inference_mode()
@@ -162,7 +165,7 @@ class Engine:
 
     def _forward(self, bank: AdapterBank, slots: np.ndarray, obs: Tensor, h: Tensor | None,
                  reset: Tensor | None, mode: str) -> tuple[Tensor, Tensor | None, AdapterBank]:
-        """obs [B, obs_max], h [B, H] -> head [B, act_max], h' [B, H] (caller order), bank used."""
+        """obs [B, input_width], h [B, H] -> head [B, act_max], h' [B, H] (caller order), bank used."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         B = len(slots)
@@ -273,14 +276,17 @@ class Engine:
                                  "with this adapter (weights too large?); refused")
 
     def load_adapter(self, source: str | Path | bytes, agent_id: str | None = None,
-                     agent: AgentSpec | None = None) -> int:
-        """Hot-swap from a safetensors file or bytes (full validation: version, rank/alpha,
-        backbone fingerprint, keys, shapes, finite values). Returns the new version."""
+                     agent: AgentSpec | None = None, *, peft_config: bytes | str | dict | None = None) -> int:
+        """Hot-swap from our safetensors file or bytes, or a PEFT adapter: its directory
+        (adapter_config.json + adapter_model.safetensors), its safetensors file (the config read from
+        beside it) or bytes with `peft_config` (see `peft_format`). Full validation: version, rank/alpha,
+        backbone fingerprint, keys, shapes, finite values. Returns the new version."""
         spec = self.spec
         if isinstance(source, (bytes, bytearray)):
-            agent_id, tensors = artifacts.parse_adapter(bytes(source), spec, "uploaded adapter", agent_id)
+            agent_id, tensors = peft_format.parse_any(bytes(source), spec, "uploaded adapter", agent_id,
+                                                      peft_config)
         else:
-            agent_id, tensors = artifacts.load_adapter(source, spec, agent_id)
+            agent_id, tensors = peft_format.load_any(source, spec, agent_id)
         return self.set_adapter(agent_id, tensors, agent)
 
     def merge(self, agent_ids: Sequence[str] | None = None) -> None:

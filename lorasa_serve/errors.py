@@ -43,6 +43,11 @@ class NonFiniteError(ArtifactError):
     """A tensor contains NaN or inf."""
 
 
+class PeftFormatError(ArtifactError):
+    """A PEFT adapter this runtime cannot represent: no adapter_config.json (so no lora_alpha), a
+    LoraConfig option that changes the math (DoRA, rsLoRA, LoRA biases, ...), unknown target modules."""
+
+
 class SpecError(LorasaError, ValueError):
     """An invalid PolicySpec / AgentSpec value."""
 

@@ -84,7 +84,8 @@ def gru_cell(gx: Tensor, gh: Tensor, h: Tensor) -> Tensor:
 
 def actor_forward(spec: PolicySpec, p: ActorParams, obs: Tensor, h: Tensor | None,
                   reset: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """obs [C, M, obs_max], h [C, M, H], reset [C, M] bool -> (head out [C, M, act_max], h' or None).
+    """obs [C, M, input_width] (obs_max, plus the agent one-hot if the spec has one), h [C, M, H],
+    reset [C, M] bool -> (head out [C, M, act_max], h' or None).
 
     `reset` True zeroes that row's recurrent state before the GRU (episode start).
     """

@@ -29,6 +29,9 @@ class AgentSpec:
     agent_id: str
     obs_dim: int
     act_dim: int  # Gaussian: action dimensions; Categorical: number of discrete actions
+    # policies trained with an agent one-hot (PolicySpec.agent_onehot > 0): this agent's column of it.
+    # None: its position in PolicySpec.agents (a merged single-agent export keeps its team index)
+    onehot_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class PolicySpec:
     # Backbone input width when it exceeds every agent's obs_dim (a merged single-agent export of a
     # smaller agent of a heterogeneous team: ln_in normalises over the padded width). None: the max.
     obs_width: int | None = None
+    # "PS+ID" (the paper's code): the backbone's input is the observation zero-padded to obs_max, then
+    # a one-hot of the agent (agent_onehot columns, a 1 at the agent's onehot_index). The runtime
+    # appends it itself: clients send the agent's own observation. 0: no one-hot.
+    agent_onehot: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +86,16 @@ class PolicySpec:
     def agent_ids(self) -> list[str]:
         return [a.agent_id for a in self.agents]
 
+    @cached_property
+    def input_width(self) -> int:
+        """The backbone's input width: obs_max, plus the agent one-hot's columns."""
+        return self.obs_max + self.agent_onehot
+
+    def onehot_index(self, i: int) -> int:
+        """The one-hot column of agent number i (spec order)."""
+        a = self.agents[i]
+        return i if a.onehot_index is None else a.onehot_index
+
     def agent(self, agent_id: str) -> AgentSpec:
         for a in self.agents:
             if a.agent_id == agent_id:
@@ -95,7 +112,7 @@ class PolicySpec:
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """name -> (in_features, out_features)."""
         H = self.hidden
-        shapes = {"mlp.0": (self.obs_max, H)}
+        shapes = {"mlp.0": (self.input_width, H)}
         shapes.update({f"mlp.{i}": (H, H) for i in range(1, self.mlp_depth)})
         if self.recurrent:
             shapes["gru.x"] = (H, 3 * H)
@@ -110,7 +127,7 @@ class PolicySpec:
 
     def norm_shapes(self) -> dict[str, int]:
         H = self.hidden
-        shapes = {"ln_in": self.obs_max}
+        shapes = {"ln_in": self.input_width}
         shapes.update({f"mlp.{i}.ln": H for i in range(self.mlp_depth)})
         if self.recurrent:
             shapes["gru.ln"] = H
@@ -173,6 +190,16 @@ class PolicySpec:
             raise SpecError(f"obs_width must be a positive int or null, not {self.obs_width!r}")
         if self.lora.rank < 1 or not self.lora.alpha > 0:
             raise SpecError("lora rank must be >= 1 and alpha > 0")
+        if not isinstance(self.agent_onehot, int) or isinstance(self.agent_onehot, bool) or self.agent_onehot < 0:
+            raise SpecError(f"agent_onehot must be an int >= 0, not {self.agent_onehot!r}")
+        if self.agent_onehot:
+            cols = [self.onehot_index(i) for i in range(len(self.agents))]
+            if any(not isinstance(c, int) or not 0 <= c < self.agent_onehot for c in cols) or len(set(cols)) != len(cols):
+                raise SpecError(f"agents' one-hot indices {cols} must be distinct ints in 0 .. {self.agent_onehot - 1} "
+                                f"(agent_onehot {self.agent_onehot}): an agent added to a one-hot policy needs "
+                                "a free onehot_index")
+        elif any(a.onehot_index is not None for a in self.agents):
+            raise SpecError("onehot_index is set but agent_onehot is 0")
         if not isinstance(self.lora.log_std_offset, bool):
             raise SpecError(f"lora.log_std_offset must be true or false, not {self.lora.log_std_offset!r}")
         if self.lora.log_std_offset and self.action != "gaussian":
@@ -208,7 +235,11 @@ class PolicySpec:
     # --- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["agents"] = [asdict(a) for a in self.agents]
+        # keys at their defaults are left out: policies without them keep exactly the version-1 keys
+        d["agents"] = [{k: v for k, v in asdict(a).items() if k != "onehot_index" or v is not None}
+                       for a in self.agents]
+        if not self.agent_onehot:
+            del d["agent_onehot"]
         d["lora"]["layers"] = None if self.lora.layers is None else list(self.lora.layers)
         if d["obs_width"] is None:  # policies without it keep exactly the version-1 keys
             del d["obs_width"]

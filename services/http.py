@@ -20,11 +20,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from lorasa_serve import LorasaError
-from lorasa_serve.artifacts import parse_adapter
 from lorasa_serve.client import RETRY_SAFE
 from lorasa_serve.errors import ArtifactError
 
-from . import metrics
+from . import adapter_upload, metrics
 from .config import ServiceConfig
 from .runtime import PolicyRuntime
 from .schema import (BadRequest, act_response, check_session_id, clip, parse_act, parse_admin,
@@ -81,9 +80,9 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         if agent_id not in rt.applied:
             raise BadRequest(f"unknown agent_id {short(agent_id)}; serving {list(rt.applied)}", 404)
         data = await _body(request, cfg.max_upload_bytes)
-        # same validation as Engine.load_adapter(bytes), before anything is stored; every worker
-        # then loads the published bytes with Engine.load_adapter (services/state)
-        _, tensors = await asyncio.to_thread(parse_adapter, data, rt.spec, "uploaded adapter", agent_id)
+        # same validation as Engine.load_adapter, before anything is stored (a PEFT upload is converted
+        # to our layout first); every worker then loads the published bytes (services/state)
+        data, tensors = await adapter_upload.adapter_bytes(request, data, rt.spec, agent_id)
         # and its outputs on a probe batch must be finite (huge finite weights overflow): on the batcher
         # thread, which owns the engine; refused (400) before anything is stored
         await asyncio.wrap_future(rt.control(lambda: rt.engine.check_adapter(agent_id, tensors)))

@@ -8,6 +8,8 @@ Inference goes through the same array validator (services/act_check.py), batcher
              state FP32 [B, hidden], reset BOOL [B], avail BOOL [B, act_max]
     outputs  action FP32 [B, act_max] (Gaussian) | INT64 [B] (Categorical), log_prob FP32 [B],
              state_out FP32 [B, hidden], version INT64 [B]
+    request  id, parameters, inputs, outputs; model_name / model_version (kserve sends them) must
+             agree with the URL
     parameters  deterministic (default true), session_id, seed, binary_data_output; timeout and
                 priority (tritonclient's hints) accepted and ignored; Triton's sequence_id/_start/_end
                 refused (400 naming session_id)
@@ -40,7 +42,9 @@ from .schema import ActRequest, BadRequest, check_session_id, short
 MODEL_NAME = os.environ.get("LORASA_MODEL_NAME", "lorasa_policy")
 MODEL_VERSION = "1"
 PARSE_IN_THREAD_BYTES = 256 * 1024  # binary bodies parse in microseconds per MB; JSON does not
-REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs"}
+# `model_name` / `model_version` are not in the OIP request schema, but clients send them (kserve's
+# InferRequest.to_rest: model_name always): accepted when they agree with the URL, 400 when not
+REQUEST_FIELDS = {"id", "parameters", "inputs", "outputs", "model_name", "model_version"}
 PARAMETERS = {"deterministic", "session_id", "seed", "binary_data_output"}
 IGNORED_PARAMETERS = {"timeout", "priority"}  # tritonclient's scheduling hints: accepted, not acted on
 SEQUENCE_PARAMETERS = {"sequence_id", "sequence_start", "sequence_end"}  # Triton's sequence batcher
@@ -81,13 +85,16 @@ def model_metadata(spec: PolicySpec, name: str = MODEL_NAME) -> dict:
                            "backbone_fingerprint": spec.backbone_fingerprint}}
 
 
-def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_rows: int) -> InferCall:
-    """An infer request body -> the checked ActRequest and the outputs to return."""
+def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_rows: int,
+                model: str = MODEL_NAME, version: str = MODEL_VERSION) -> InferCall:
+    """An infer request body -> the checked ActRequest and the outputs to return.
+    `model`, `version`: what the URL names (a body's model_name/model_version must agree)."""
     try:
         head, binary = split_body(body, header_length)
         extra = sorted(set(head) - REQUEST_FIELDS)
         if extra:
             raise BadRequest(f"unknown request fields {extra}; allowed {sorted(REQUEST_FIELDS)}")
+        _check_model_fields(head, model, version)
         params = _check_params(head.get("parameters", {}))
         _check_shapes(head.get("inputs"), max_rows)
         tensors = decode(head, binary, "inputs", max_elements=max_rows * max_width(spec)).tensors
@@ -103,6 +110,17 @@ def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_ro
     if rid is not None and not isinstance(rid, str):
         raise BadRequest("'id' must be a string")
     return InferCall(req, outputs, rid)
+
+
+def _check_model_fields(head: dict, model: str, version: str) -> None:
+    for field, url in (("model_name", model), ("model_version", version)):
+        v = head.get(field)
+        if v is None:
+            continue
+        if not isinstance(v, str):
+            raise BadRequest(f"{field!r} must be a string")
+        if v != url:
+            raise BadRequest(f"request body {field} {short(v)} contradicts the URL's {url!r}")
 
 
 def max_width(spec: PolicySpec) -> int:
@@ -277,6 +295,7 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
         body = await _body(request, cfg.max_body_bytes)
         hlen = request.headers.get(HEADER)
         parse = lambda: parse_infer(body, hlen, rt.spec, cfg.max_rows_per_request)  # noqa: E731
+        # (model() checked that the URL names this model and version; the body must agree with them)
         # JSON tensors and binary BYTES ones (a Python loop per element unless all are one length)
         # are slow to parse: big bodies with either go off the event loop; other binary ones stay on it
         slow = len(body) > PARSE_IN_THREAD_BYTES and not (

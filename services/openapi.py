@@ -115,6 +115,8 @@ SCHEMAS: dict[str, dict] = {
         "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}},
     "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
         "id": {"type": "string"},
+        "model_name": {"type": "string", "description": "optional; must equal the URL's model"},
+        "model_version": {"type": "string", "description": "optional; must equal the URL's version (1)"},
         "parameters": {"type": "object", "additionalProperties": False, "properties": {
             "deterministic": {"type": "boolean", "default": True},
             "session_id": {"type": "string", "minLength": 1, "maxLength": 128},

@@ -27,6 +27,23 @@ def require_extra(extra: str, *modules: str) -> None:
                     f"(pip install 'lorasa-serve[{extra}]')", allow_module_level=True)
 
 
+KSERVE_CLIENT = Path(sys.prefix) / "kserve-client"  # `make install`: tests/kserve-client.txt
+
+
+def kserve_client():
+    """The real `kserve` package, from the folder `make install` puts beside the venv's site-packages
+    (kserve's pins would downgrade protobuf, psutil and pandas there: tests/kserve-client.txt). The
+    folder goes last on sys.path, so the venv's own packages always win."""
+    if str(KSERVE_CLIENT) not in sys.path and KSERVE_CLIENT.is_dir():
+        sys.path.append(str(KSERVE_CLIENT))
+    if _missing("kserve"):
+        pytest.skip(f"{MISSING_EXTRA} 'dev': the kserve client is not in {KSERVE_CLIENT} (make install runs "
+                    f"pip install --no-deps --target {KSERVE_CLIENT} -r tests/kserve-client.txt)",
+                    allow_module_level=True)
+    import kserve
+    return kserve
+
+
 def _missing(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is None
@@ -63,12 +80,13 @@ def pytest_make_collect_report(collector):
 
 def make_policy(directory, *, obs=(6, 6, 6), act=(2, 2, 2), recurrent=True, action="gaussian",
                 hidden=16, rank=4, alpha=8.0, layers=None, seed=0, b_std=0.2, adapters=True,
-                log_std_offset=False):
+                log_std_offset=False, agent_onehot=0, activation="relu"):
     """Write a tiny random policy with adapters that really differ (with `log_std_offset`, their
     per-agent log-std offsets too); returns (spec, backbone, adapters)."""
     agents = tuple(AgentSpec(f"agent_{i}", o, a) for i, (o, a) in enumerate(zip(obs, act)))
-    spec = PolicySpec(agents=agents, hidden=hidden, recurrent=recurrent, action=action,
-                      lora=LoraSpec(rank=rank, alpha=alpha, layers=layers, log_std_offset=log_std_offset))
+    spec = PolicySpec(agents=agents, hidden=hidden, recurrent=recurrent, action=action, activation=activation,
+                      lora=LoraSpec(rank=rank, alpha=alpha, layers=layers, log_std_offset=log_std_offset),
+                      agent_onehot=agent_onehot)
     g = torch.Generator().manual_seed(seed)
     backbone = init_backbone(spec, g, head_gain=1.0)
     if action == "gaussian":

@@ -24,8 +24,9 @@ def merged_linears(spec: PolicySpec, backbone: dict, adapter: dict | None) -> di
 
 
 def forward_row(spec: PolicySpec, backbone: dict, adapter: dict | None, obs_dim: int,
-                obs: torch.Tensor, h: torch.Tensor | None, reset: bool):
-    """obs [obs_max] (only the first obs_dim used), h [H] -> (head [act_max], h' [H]) in float64."""
+                obs: torch.Tensor, h: torch.Tensor | None, reset: bool, onehot: int | None = None):
+    """obs [obs_max] (only the first obs_dim used), h [H] -> (head [act_max], h' [H]) in float64.
+    `onehot`: the agent's one-hot column (specs with agent_onehot): input = [obs padded | e_onehot]."""
     lin = merged_linears(spec, backbone, adapter)
     act = torch.relu if spec.activation == "relu" else torch.tanh
 
@@ -37,8 +38,10 @@ def forward_row(spec: PolicySpec, backbone: dict, adapter: dict | None, obs_dim:
         w, b = lin[name]
         return w @ x + b
 
-    x = torch.zeros(spec.obs_max, dtype=torch.float64)
+    x = torch.zeros(spec.obs_max + spec.agent_onehot, dtype=torch.float64)
     x[:obs_dim] = obs[:obs_dim].double()
+    if spec.agent_onehot:
+        x[spec.obs_max + onehot] = 1.0
     x = ln(x, "ln_in")
     for i in range(spec.mlp_depth):
         x = ln(act(fc(x, f"mlp.{i}")), f"mlp.{i}.ln")
@@ -64,7 +67,8 @@ def forward_loop(spec: PolicySpec, backbone: dict, adapters: dict, agent_ids, ob
         ag = spec.agent(a)
         hi = None if h is None else h[i]
         ri = bool(reset[i]) if reset is not None else False
-        out, hn = forward_row(spec, backbone, adapters.get(a), ag.obs_dim, obs[i], hi, ri)
+        oh = spec.onehot_index(spec.agent_ids.index(a)) if spec.agent_onehot else None
+        out, hn = forward_row(spec, backbone, adapters.get(a), ag.obs_dim, obs[i], hi, ri, oh)
         heads.append(out)
         states.append(hn)
     return torch.stack(heads), (torch.stack(states) if spec.recurrent else None)

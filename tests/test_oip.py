@@ -3,13 +3,14 @@
 sessions and hot swap, every kind of bad input (4xx, nothing changes), and /docs.json."""
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import threading
 
 import numpy as np
 import pytest
-from conftest import make_policy, require_extra
+from conftest import kserve_client, make_policy, require_extra
 
 require_extra("serve", "starlette", "bentoml")
 require_extra("dev", "requests", "tritonclient", "openapi_spec_validator")
@@ -147,6 +148,89 @@ def test_v1_and_v2_agree_row_for_row(srv):
     np.testing.assert_allclose(v2.as_numpy("log_prob"), v1["log_probs"], atol=1e-6)
     np.testing.assert_allclose(v2.as_numpy("state_out"), v1["state"], atol=1e-6)
     assert v2.as_numpy("version").tolist() == v1["versions"]
+
+
+def kserve_infer(srv, ids, obs, state=None, reset=None, binary=True, params=None, outputs=None,
+                 model_name=MODEL, request_id=None, response_headers=None):
+    """The real kserve 0.21 client: InferenceRESTClient(...).infer(InferRequest) -> InferResponse."""
+    kserve = kserve_client()
+    ins = [kserve.InferInput("agent_id", [len(ids)], "BYTES")]
+    ins[0].set_data_from_numpy(np.array([a.encode() for a in ids], dtype=object), binary_data=binary)
+    for name, arr, dt in (("obs", obs, "FP32"), ("state", state, "FP32"), ("reset", reset, "BOOL")):
+        if arr is not None:
+            ins.append(kserve.InferInput(name, list(arr.shape), dt))
+            ins[-1].set_data_from_numpy(arr, binary_data=binary)
+    from kserve.protocol.infer_type import RequestedOutput
+    req_outputs = None if outputs is None else [RequestedOutput(o, {"binary_data": binary}) for o in outputs]
+    req = kserve.InferRequest(model_name, ins, request_id=request_id, parameters=params,
+                              request_outputs=req_outputs)
+
+    async def go():
+        client = kserve.InferenceRESTClient(kserve.RESTConfig(protocol="v2", timeout=30))
+        try:
+            return await client.infer(srv.url, req, model_name=MODEL, response_headers=response_headers)
+        finally:
+            await client.close()
+    return asyncio.run(go())
+
+
+def kserve_arrays(res) -> dict[str, np.ndarray]:
+    return {o.name: o.as_numpy() for o in res.outputs}
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_kserve_client_results_equal_engine_act(srv, binary):
+    ids, obs, state, reset = sample(srv.spec, 9, 11)
+    headers: dict = {}
+    res = kserve_infer(srv, ids, obs, state, reset, binary=binary, request_id="kserve-1",
+                       params={"binary_data_output": binary}, response_headers=headers)
+    assert res.model_name == MODEL and res.id == "kserve-1"
+    assert (HEADER.lower() in {k.lower() for k in headers}) == binary  # binary outputs came back
+    out = kserve_arrays(res)
+    want = engine_out(srv, ids, obs, state, reset)
+    np.testing.assert_allclose(out["action"], want[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["log_prob"], want[1], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["state_out"], want[2], atol=1e-5, rtol=0)
+    assert out["version"].tolist() == [srv.engine.versions()[a] for a in ids]
+    # request parameters as kserve sends them (typed InferParameter values) and a session
+    params = {"deterministic": False, "seed": 77}
+    a = kserve_arrays(kserve_infer(srv, ids, obs, state, reset, binary=binary, params=params))
+    want = engine_out(srv, ids, obs, state, reset, torch.Generator().manual_seed(77))
+    np.testing.assert_allclose(a["action"], want[0], atol=1e-5, rtol=0)
+    team = srv.spec.agent_ids  # a session step: each agent once
+    tobs = sample(srv.spec, 3, 13)[1] * (np.arange(srv.spec.obs_max) <
+                                        np.array([srv.spec.agent(a).obs_dim for a in team])[:, None])
+    sess = kserve_arrays(kserve_infer(srv, team, tobs, binary=binary, params={"session_id": f"ks-{binary}"}))
+    assert "state_out" not in sess
+    np.testing.assert_allclose(sess["action"], engine_out(srv, team, tobs)[0], atol=1e-5, rtol=0)
+    # requested outputs, each with its binary_data parameter
+    sub = kserve_arrays(kserve_infer(srv, ids, obs, state, binary=binary, outputs=("log_prob", "version")))
+    assert list(sub) == ["log_prob", "version"]
+    np.testing.assert_allclose(sub["log_prob"], engine_out(srv, ids, obs, state)[1], atol=1e-4, rtol=0)
+
+
+def test_kserve_model_name_in_the_body_must_match_the_url(srv):
+    """kserve puts model_name in every body: accepted when it is the URL's model, else a 400 naming it;
+    model_version likewise (raw requests: kserve's REST client sends no model_version)."""
+    ids, obs, _, _ = sample(srv.spec, 2, 12)
+    import httpx
+    with pytest.raises(httpx.HTTPStatusError) as e:
+        kserve_infer(srv, ids, obs, model_name="another_model")
+    assert e.value.response.status_code == 400
+    assert "model_name 'another_model' contradicts the URL's 'lorasa_policy'" in e.value.response.json()["error"]
+    body = {"model_name": MODEL, "model_version": "1", "id": "x", "inputs": [
+        {"name": "agent_id", "shape": [1], "datatype": "BYTES", "data": ["agent_0"],
+         "parameters": {"content_type": "str"}},
+        {"name": "obs", "shape": [1, 6], "datatype": "FP32", "data": [[0.5] * 6]}],
+        "outputs": [{"name": "action", "parameters": {"binary_data": False}}]}
+    r = requests.post(srv.url + INFER, json=body)
+    assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["action"], r.text
+    r = requests.post(srv.url + f"/v2/models/{MODEL}/versions/1/infer", json=body)
+    assert r.status_code == 200, r.text
+    for field, value, words in (("model_version", "2", "model_version '2' contradicts the URL's '1'"),
+                                ("model_name", 7, "'model_name' must be a string")):
+        r = requests.post(srv.url + INFER, json={**body, field: value})
+        assert r.status_code == 400 and words in r.json()["error"], r.text
 
 
 def test_sessions_and_hot_swap_through_v2(srv):

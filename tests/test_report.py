@@ -399,3 +399,40 @@ def test_scenario_budgets_and_their_errors(tmp_path):
                                       'ranks = [4]\n')
     with pytest.raises(UsageError, match="ablations"):
         Grid.load(tmp_path / "ab.toml")
+
+
+def test_plateau_rule_places_each_seeds_switch(tmp_path):
+    """A switch rule: base runs snapshot every `every` steps; a LoRA run's --init-from is filled in from
+    its own base run's curve once that has finished (never before), rounded up to a snapshot step."""
+    from training.grid import Grid, plateau_step, resolve_args, rule_switch
+    rising = [(i * 10, 100.0 * i) for i in range(1, 11)]  # +100 per evaluation: never < 2%
+    assert plateau_step(rising, 2, 0.02) is None
+    flat = rising[:6] + [(70, 600.0), (80, 601.0), (90, 602.0), (100, 603.0)]
+    # first at 90: mean(601, 602) = 601.5 < 1.02 * mean(600, 600) (at 80: 600.5 vs mean(500, 600) = 550)
+    assert plateau_step(flat, 2, 0.02) == 90
+    metrics = tmp_path / "m.csv"
+    rows = ["env_steps,eval_return"] + [f"{s},{v}" for s, v in flat]
+    metrics.write_text("\n".join(rows) + "\n")
+    assert rule_switch({"every": 20, "window": 2, "min_gain": 0.02, "latest": 100}, metrics) == 100  # 90 -> 100
+    assert rule_switch({"every": 50, "window": 2, "min_gain": 0.02, "latest": 50}, metrics) == 50  # capped
+    short = tmp_path / "short.csv"
+    short.write_text("\n".join(rows[:5]) + "\n")  # the base has not reached `latest` yet
+    assert rule_switch({"every": 20, "window": 2, "min_gain": 0.02, "latest": 100}, short) is None
+    (tmp_path / "g.toml").write_text(
+        'seeds = [1]\ntotal_steps = 3000000\nswitch_step = 2000000\n'
+        'switch_rule = { every = 100000, window = 5, min_gain = 0.02, latest = 2000000 }\n'
+        '[[scenarios]]\npreset = "halfcheetah_2x3"\nmethods = ["mappo:ps", "mappo:lorasa"]\n')
+    grid = Grid.load(tmp_path / "g.toml")
+    ps, lora = grid.runs
+    snaps = ps.args[ps.args.index("--snapshot-steps") + 1].split(",")
+    assert snaps[0] == "100000" and snaps[-1] == "2000000" and len(snaps) == 20
+    runs = tmp_path / "runs"
+    assert resolve_args(grid, lora, runs) is None  # base not run: no switch yet
+    base = runs / ps.key
+    base.mkdir(parents=True)
+    curve = [(s, 1000.0 * min(s, 1_000_000) / 1_000_000) for s in range(25_000, 3_000_001, 25_000)]
+    (base / "metrics.csv").write_text("env_steps,eval_return\n" + "".join(f"{s},{v}\n" for s, v in curve))
+    args = resolve_args(grid, lora, runs)
+    want = plateau_step(curve, 5, 0.02)
+    assert want is not None and 1_000_000 <= want <= 1_300_000
+    assert args[args.index("--init-from") + 1] == f"{base}/snapshots/{-(-want // 100000) * 100000}"

@@ -7,12 +7,13 @@ import os
 import struct
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
 import requests
 import torch
-from conftest import make_policy
+from conftest import make_policy, require_extra
 from safetensors.torch import save as st_save
 
 from lorasa_serve import Engine, PolicySpec, init_adapter
@@ -306,6 +307,69 @@ def test_bad_input_is_rejected_and_changes_nothing(srv):
     again = act(srv, good)
     assert_matches(again, (ref["actions"], ref["log_probs"], ref["state"]))
     assert requests.get(srv.url + "/readyz").status_code == 200
+
+
+def _peft_trained(srv, agent, out, **config):
+    """A few PEFT training steps on the shipped module of the served policy -> (PeftModel, saved dir)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorasa_serve.torch_module import ActorModule
+    spec = srv.spec
+    cfg = {"r": spec.lora.rank, "lora_alpha": spec.lora.alpha, "target_modules": spec.linear_names(), **config}
+    model = get_peft_model(ActorModule.from_dir(srv.policy, agent), LoraConfig(**cfg))
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    obs, target = torch.randn(16, spec.obs_max, generator=g), torch.randn(16, spec.act_max, generator=g)
+    for _ in range(5):
+        loss = ((model(obs).head - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with warnings.catch_warnings():  # PEFT: "could not find a config file in lorasa-backbone:<fp>"
+        warnings.simplefilter("ignore", UserWarning)
+        model.save_pretrained(out)
+    return model.eval(), out
+
+
+def _multipart(path, config_name="adapter_config"):
+    return {config_name: ("adapter_config.json", (path / "adapter_config.json").read_bytes()),
+            "adapter_model": ("adapter_model.safetensors", (path / "adapter_model.safetensors").read_bytes())}
+
+
+def test_peft_trained_adapter_uploads_over_http(srv, tmp_path):
+    require_extra("dev", "peft")
+    spec, agent = srv.spec, "agent_2"
+    model, saved = _peft_trained(srv, agent, tmp_path / "trained")
+    url = f"{srv.url}/v1/admin/adapters/{agent}"
+    ids, obs = sample(spec, 6, 31)
+    before = act(srv, {"rows": rows_for(spec, ids, obs)})
+    versions = requests.get(srv.url + "/v1/agents").json()
+    # refused, naming the problem, and nothing changes: PEFT's file alone (lora_alpha is only in the
+    # config), a part missing or misnamed, another rank, a malformed multipart body
+    _, r2 = _peft_trained(srv, agent, tmp_path / "r2", r=2)
+    bad = [({"data": (saved / "adapter_model.safetensors").read_bytes()}, 400, "adapter_config.json"),
+           ({"files": {"adapter_model": _multipart(saved)["adapter_model"]}}, 400, "multipart parts"),
+           ({"files": _multipart(saved, "config")}, 400, "multipart parts"),
+           ({"files": _multipart(r2)}, 400, "RankAlphaMismatchError"),
+           ({"data": b"--x\r\nnot a part", "headers": {"Content-Type": "multipart/form-data; boundary=x"}}, 400,
+            "multipart")]
+    for kw, status, words in bad:
+        r = requests.put(url, headers={**AUTH, **kw.pop("headers", {})}, timeout=30, **kw)
+        assert r.status_code == status and words in r.json()["error"], (words, r.status_code, r.text)
+    assert requests.get(srv.url + "/v1/agents").json() == versions
+    r = requests.put(url, files=_multipart(saved), headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.json()["served_version"] == r.json()["version"], r.text
+    srv.engine.load_adapter(saved, agent)  # the in-process mirror takes the same directory
+    after = act(srv, {"rows": rows_for(spec, ids, obs)})
+    assert_matches(after, expected(srv, ids, obs))
+    rows = [i for i, a in enumerate(ids) if a == agent]
+    assert rows
+    with torch.no_grad():  # the served actions are PEFT's own outputs
+        want = model(torch.as_tensor(obs[rows])).head[:, :spec.agent(agent).act_dim].numpy()
+    np.testing.assert_allclose([after["actions"][i] for i in rows], want, atol=1e-5, rtol=0)
+    assert not np.allclose([before["actions"][i] for i in rows], want, atol=1e-3)
+    assert [after["actions"][i] for i, a in enumerate(ids) if a != agent] == \
+        [before["actions"][i] for i, a in enumerate(ids) if a != agent]
 
 
 def test_bentoml_serve_with_no_arguments_serves_the_shipped_policy(tmp_path):

@@ -18,6 +18,9 @@ class ModelConfig:
     mlp_depth: int = 3
     recurrent: bool = True
     init_log_std: float = -0.7  # Gaussian only: initial state-independent log std (std ~0.5)
+    # "PS+ID": append a one-hot of the agent to every observation (the reference does; policy.json then
+    # records agent_onehot and the runtime appends it itself, clients send the plain observation)
+    agent_onehot: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,24 @@ def _smax(map_name: str, **kw) -> TrainConfig:
                        eval_episodes=32, save_every=200_000, **kw)
 
 
+def _reference(base: TrainConfig, n_envs: int, rollout: int, gae_lambda: float, lr: float,
+               epochs: int = 5, entropy_coef: float = 0.0, agent_obsk: int | None = None) -> TrainConfig:
+    """`base` with the paper's code's settings (ZBN111/ICML2025_LoRASA scripts and YAML): its rollout
+    shape (n_envs x rollout = 4,000 env steps per update for MuJoCo), GAE lambda, epochs, one learning
+    rate for actor, critic and adapters (fresh Adam at the switch, as ours), Adam eps 1e-5 (ours
+    always), LoRA init A = 0 / B = kaiming, the agent one-hot ("PS+ID") and the per-agent log-std offset
+    (our default already). Not reproduced: its tanh-squashed Gaussian with std = 0.5 sigmoid(log_std)
+    (ours: exp(log_std), actions clipped to the box by the env wrapper), its per-vector observation
+    standardisation before the input LayerNorm (ours: the input LayerNorm alone), a fresh value
+    normaliser at the switch (ours carries the PS run's)."""
+    env = replace(base.env, n_envs=n_envs, **({} if agent_obsk is None else {"agent_obsk": agent_obsk}))
+    ppo = replace(base.ppo, rollout=rollout, gae_lambda=gae_lambda, lr=lr, critic_lr=lr, epochs=epochs,
+                  minibatches=1, chunk=10, entropy_coef=entropy_coef)
+    return replace(base, env=env, ppo=ppo, model=replace(base.model, agent_onehot=True),
+                   lora=replace(base.lora, lr=lr, init="reference", train_log_std=True),
+                   out=base.out + "_reference")
+
+
 PRESETS: dict[str, TrainConfig] = {
     "halfcheetah_2x3": _mujoco("HalfCheetah", "2x3"),
     "walker2d_2x3": _mujoco("Walker2d", "2x3"),
@@ -163,6 +184,15 @@ PRESETS: dict[str, TrainConfig] = {
     "smax_3s5z": _smax("3s5z"),
     "smax_3s5z_vs_3s6z": _smax("3s5z_vs_3s6z"),
 }
+# the paper's code's settings (see _reference): HalfCheetah 16 envs x 250 steps, lambda 0.93, lr 3e-4;
+# Humanoid 25 x 160, lambda 0.9, 3 epochs, lr 3e-4, full observability (the reference's agent_obsk -1;
+# mamujoco_v1 has no -1: k = 3 is where its Humanoid 9|8 observations stop growing, 244 / 176);
+# SMAC 10 x 320, lambda 0.95, lr 5e-4, entropy 0.01 (here on SMAX)
+PRESETS.update({
+    "halfcheetah_2x3_reference": _reference(PRESETS["halfcheetah_2x3"], 16, 250, 0.93, 3e-4),
+    "humanoid_9_8_reference": _reference(PRESETS["humanoid_9_8"], 25, 160, 0.9, 3e-4, epochs=3, agent_obsk=3),
+    "smax_3s5z_reference": _reference(PRESETS["smax_3s5z"], 10, 320, 0.95, 5e-4, entropy_coef=0.01),
+})
 
 
 def preset(name: str) -> TrainConfig:

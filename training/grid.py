@@ -33,6 +33,9 @@ differ (move the old results aside, or restore the grid).
     continue_from_switch = true                  #   continues the same seed's PS run from its switch
     flags = ["--freeze-log-std"]                 #   snapshot (lorasa-train --mode ps --init-from)
     label = "PS continued (log-std frozen)"
+    switch_rule = { every = 100000, window = 5, min_gain = 0.02, latest = 2000000 }   # optional (also
+                                                 # per scenario): each seed's LoRA runs switch where its own
+                                                 # PS curve plateaus (see plateau_step), not at switch_step
     [ablations]                                  # optional; on one scenario, from its mappo:ps runs
     preset = "halfcheetah_2x3"
     ranks = [4, 16, 64]
@@ -73,6 +76,9 @@ class Run:
     needs: str | None = None  # key of the run whose snapshot this one starts from
     total_steps: int = 0  # env steps at the run's end (all phases)
     switch_step: int = 0  # LoRA runs: where they start from their base run's snapshot
+    # switch by rule (Grid.switch_rule): the base run's plateau decides the switch (its --init-from has
+    # "{switch}" until the base has finished, see resolve_args); switch_step is then the rule's `every`
+    switch_rule: tuple | None = None  # ((key, value), ...) of the rule table
 
     @property
     def trained_steps(self) -> int:
@@ -92,6 +98,7 @@ class Grid:
     final_eval_episodes: int = 16
     plan: dict | None = None
     variants: dict | None = None  # name -> {mode, flags, label, continue_from_switch}
+    switch_rule: dict | None = None  # {every, window, min_gain, latest}: see plateau_step
     pairs: list | None = None  # the report's paired comparisons [[A, B], ...] (modes or variants); None: default
     runs: list[Run] = field(default_factory=list)
     results: Path | None = None  # compact results root: <grid dir>/<grid name>/runs (set by load)
@@ -109,7 +116,7 @@ class Grid:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"{path} is not valid TOML ({e}); fix the file") from None
         known = {"seeds", "total_steps", "switch_step", "scenarios", "ablations", "eval_every",
-                 "eval_episodes", "final_eval_episodes", "plan", "variants", "pairs"}
+                 "eval_episodes", "final_eval_episodes", "plan", "variants", "pairs", "switch_rule"}
         if set(d) - known:
             raise UsageError(f"{path}: unknown keys {sorted(set(d) - known)}; use only {sorted(known)}")
         missing = sorted({"seeds", "total_steps", "switch_step", "scenarios"} - set(d))
@@ -171,9 +178,10 @@ class Grid:
                 raise UsageError(f"unknown preset {preset!r}; use one of {sorted(PRESETS)}")
             extra = override_flags(sc.get("overrides", {}))
             total, switch = self.budget(sc)
+            rule = check_rule(sc.get("switch_rule", self.switch_rule), total)
             for seed in self.seeds:
                 for m in sc["methods"]:
-                    runs.append(self._run(preset, "main", m, seed, extra, switch=switch, total=total))
+                    runs.append(self._run(preset, "main", m, seed, extra, switch=switch, total=total, rule=rule))
         ab = self.ablations
         if ab:
             if ab.get("preset") not in PRESETS:
@@ -203,7 +211,7 @@ class Grid:
         return runs
 
     def _run(self, preset: str, group: str, method: str, seed: int, extra: list[str],
-             switch: int | None = None, total: int | None = None) -> Run:
+             switch: int | None = None, total: int | None = None, rule: dict | None = None) -> Run:
         algo, _, mode = method.partition(":")
         variant = (self.variants or {}).get(mode)
         if algo not in ("mappo", "a2po") or (mode not in METHODS and variant is None):
@@ -223,10 +231,77 @@ class Grid:
         if mode in BASE_OF or (variant or {}).get("continue_from_switch"):
             base = (variant or {}).get("base", BASE_OF.get(mode, "ps"))
             needs = f"{preset}/{algo}-{base}/seed{seed}"
-            args += ["--init-from", f"{{runs}}/{needs}/snapshots/{switch}"]
+            args += ["--init-from", f"{{runs}}/{needs}/snapshots/{{switch}}" if rule else
+                     f"{{runs}}/{needs}/snapshots/{switch}"]
         elif mode in ("ps", "seps"):
-            args += ["--snapshot-steps", ",".join(map(str, self.switch_steps(preset, switch)))]
-        return Run(key, preset, group, method, seed, tuple(args), needs, total, switch)
+            steps = rule_snapshots(rule) if rule else self.switch_steps(preset, switch)
+            args += ["--snapshot-steps", ",".join(map(str, steps))]
+        return Run(key, preset, group, method, seed, tuple(args), needs, total,
+                   rule["every"] if rule else switch, tuple(sorted(rule.items())) if rule else None)
+
+
+# --- switching where PS plateaus -----------------------------------------------------------------
+def check_rule(rule: dict | None, total: int) -> dict | None:
+    if rule is None:
+        return None
+    need = {"every", "window", "min_gain", "latest"}
+    if not isinstance(rule, dict) or set(rule) != need:
+        raise UsageError(f"switch_rule needs exactly the keys {sorted(need)}")
+    every, window, latest = int(rule["every"]), int(rule["window"]), int(rule["latest"])
+    if every < 1 or window < 1 or not 0 < latest < total or latest % every:
+        raise UsageError(f"switch_rule: every and window >= 1, latest a multiple of every below total_steps "
+                         f"{total}")
+    return {"every": every, "window": window, "min_gain": float(rule["min_gain"]), "latest": latest}
+
+
+def rule_snapshots(rule: dict) -> list[int]:
+    """The base run's snapshot steps under a switch rule: every multiple of `every` up to `latest`."""
+    return list(range(rule["every"], rule["latest"] + 1, rule["every"]))
+
+
+def plateau_step(curve: list[tuple[int, float]], window: int, min_gain: float) -> int | None:
+    """The rule, stated before any run: the first evaluation step at which the mean of the last `window`
+    evaluations is less than `min_gain` (relative) above the mean of the `window` evaluations before
+    them; None if that never happens. curve: (env step, evaluation return), in step order."""
+    vals = [v for _, v in curve]
+    for k in range(2 * window - 1, len(curve)):
+        now = sum(vals[k - window + 1:k + 1]) / window
+        before = sum(vals[k - 2 * window + 1:k - window + 1]) / window
+        if now - before < min_gain * abs(before):
+            return curve[k][0]
+    return None
+
+
+def rule_switch(rule: dict, base_metrics: Path) -> int | None:
+    """The snapshot a dependent run starts from: the rule's plateau step rounded up to a multiple of
+    `every`, at most `latest` (also when the curve never plateaus); None if the base's metrics.csv is
+    missing or does not reach `latest` (the base has not finished)."""
+    curve = sorted(_eval_curve_float(base_metrics).items())
+    if not curve or curve[-1][0] < rule["latest"]:
+        return None
+    step = plateau_step(curve, rule["window"], rule["min_gain"])
+    if step is None:
+        return rule["latest"]
+    return min(rule["latest"], -(-step // rule["every"]) * rule["every"])
+
+
+def _eval_curve_float(path: Path) -> dict[int, float]:
+    return {s: float(v) for s, v in _eval_curve(path).items()}
+
+
+def resolve_args(grid: Grid, run: Run, runs_root: Path) -> list[str] | None:
+    """run.args with "{runs}" (and, under a switch rule, "{switch}") filled in; None while the rule's
+    switch cannot be known yet (the base run is not finished)."""
+    args = [a.replace("{runs}", str(runs_root)) for a in run.args]
+    if run.switch_rule is None or not run.needs:
+        return args
+    by_key = {r.key: r for r in grid.runs}
+    base = by_key[run.needs]
+    src = runs_root / base.key / "metrics.csv"
+    if not src.is_file() and compact_dir(grid, base) is not None:
+        src = compact_dir(grid, base) / "metrics.csv"
+    switch = rule_switch(dict(run.switch_rule), src)
+    return None if switch is None else [a.replace("{switch}", str(switch)) for a in args]
 
 
 def override_flags(overrides: dict) -> list[str]:
@@ -350,12 +425,15 @@ def is_done(runs_root: Path, run: Run, grid: Grid | None = None) -> bool:
     if not done or grid is None:
         return done
     waiting = [r for r in grid.runs if r.needs == run.key and not is_done(runs_root, r, grid)]
-    return all(_snapshot_of(runs_root, r).is_dir() for r in waiting)
+    return all(_snapshot_of(runs_root, r, grid).is_dir() for r in waiting)
 
 
-def _snapshot_of(runs_root: Path, run: Run) -> Path:
-    args = list(run.args)
-    return Path(args[args.index("--init-from") + 1].replace("{runs}", str(runs_root))) / "train_state"
+def _snapshot_of(runs_root: Path, run: Run, grid: Grid | None = None) -> Path:
+    args = resolve_args(grid, run, runs_root) if grid is not None else \
+        [a.replace("{runs}", str(runs_root)) for a in run.args]
+    if args is None:  # switch by rule, base unfinished: nothing to start from yet
+        return runs_root / run.needs / "snapshots" / "unknown"
+    return Path(args[args.index("--init-from") + 1]) / "train_state"
 
 
 class LocalLauncher:
@@ -371,8 +449,8 @@ class LocalLauncher:
     def free(self) -> bool:
         return len(self.running) < self.jobs
 
-    def launch(self, run: Run, out: Path, restart: list[str]) -> None:
-        args = [a.replace("{runs}", str(self.runs_root)) for a in run.args] + restart
+    def launch(self, run: Run, out: Path, args: list[str]) -> None:
+        """Start `run` in `out` with lorasa-train flags `args` (resolved against the runs root)."""
         log = open(out / "train.log", "w")
         cmd = [self.python, "-m", "training.cli", *args, "--out", str(out)]
         log.write(" ".join(cmd) + "\n")
@@ -423,15 +501,19 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
                     failed.append(run.key)
                     bar.update(1)
                 continue
-            todo.remove(run)
             if is_done(runs_root, run, grid):  # finished meanwhile (results copied in, another host)
+                todo.remove(run)
                 bar.update(1)
                 continue
+            resolved = resolve_args(grid, run, runs_root)
+            if resolved is None:  # its base has not finished: the rule cannot place the switch yet
+                continue
+            todo.remove(run)
             out = runs_root / run.key
             out.mkdir(parents=True, exist_ok=True)
-            restart = _restart_args(out, run)
+            args = resolved + _restart_args(out, run)
             write_run_json(run, out, commit)
-            launcher.launch(run, out, restart)
+            launcher.launch(run, out, args)
             bar.set_postfix_str(run.key)
         time.sleep(launcher.poll_s)
     bar.close()

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UsageError, one_line
-from .grid import Run, _snapshot_of, requested
+from .grid import Run, requested
 from .ray_support import connect
 
 SKIP = ("tb",)  # not shipped back (the grid trains with --no-tensorboard anyway)
@@ -82,9 +82,10 @@ def _remove_stale_dirs() -> None:
             pass
 
 
-def train_on_node(key: str, args: list[str], resume: bool, run_files: dict[str, bytes],
-                  base_rel: str | None, base_files: dict[str, bytes]) -> dict:
-    """The Ray task: run `key` in a temp runs root on this node -> {rc, files (its run directory), node}."""
+def train_on_node(key: str, args: list[str], run_files: dict[str, bytes], base_rel: str | None,
+                  base_files: dict[str, bytes]) -> dict:
+    """The Ray task: run `key` (lorasa-train flags `args`, paths under "{runs}") in a temp runs root on this
+    node -> {rc, files (its run directory), node}."""
     import ray
 
     import lorasa_serve
@@ -98,7 +99,7 @@ def train_on_node(key: str, args: list[str], resume: bool, run_files: dict[str, 
         if base_rel:
             write_tree(root / base_rel, base_files)
         cmd = [sys.executable, "-m", "training.cli", *[a.replace("{runs}", str(root)) for a in args],
-               *(["--resume", str(out)] if resume else []), "--out", str(out)]
+               "--out", str(out)]
         paths = {str(Path(m.__file__).parent.parent) for m in (training, lorasa_serve)}
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([*sorted(paths), os.environ.get("PYTHONPATH", "")])}
@@ -133,14 +134,18 @@ class RayLauncher:
     def free(self) -> bool:
         return True
 
-    def launch(self, run: Run, out: Path, restart: list[str]) -> None:
+    def launch(self, run: Run, out: Path, args: list[str]) -> None:
+        """Submit `run` with lorasa-train flags `args` (resolved against the runs root: its paths there are
+        mapped to the task's own runs root on its node)."""
+        root = str(self.runs_root)
+        node_args = ["{runs}" + a[len(root):] if a == root or a.startswith(root + "/") else a for a in args]
         base_rel, base_files = None, {}
-        if run.needs:
-            snap = _snapshot_of(self.runs_root, run).parent
+        if "--init-from" in args:
+            snap = Path(args[args.index("--init-from") + 1])
             base_rel, base_files = snap.relative_to(self.runs_root).as_posix(), read_tree(snap)
         self.running[run.key] = self.task.options(num_cpus=cpus_of(run), max_retries=self.retries,
                                                   name=f"lorasa-train {run.key}").remote(
-            run.key, list(run.args), bool(restart), read_tree(out), base_rel, base_files)
+            run.key, node_args, read_tree(out), base_rel, base_files)
 
     def poll(self) -> list[tuple[str, str | None]]:
         ended = []

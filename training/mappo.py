@@ -103,16 +103,29 @@ class Policy:
     actor: Actor
     info: EnvInfo
     dim_mask: Tensor  # [N, 1, A] bool: the agent's true action columns
+    onehot: Tensor | None = None  # [N, 1, K] each agent's one-hot (specs with agent_onehot), else None
 
     @classmethod
     def build(cls, actor: Actor, info: EnvInfo) -> "Policy":
-        return cls(actor, info, torch.as_tensor(info.dim_mask()).unsqueeze(1))
+        spec, onehot = actor.spec, None
+        if spec.agent_onehot:
+            cols = torch.tensor([spec.onehot_index(i) for i in range(len(spec.agents))])
+            onehot = torch.nn.functional.one_hot(cols, spec.agent_onehot).float().unsqueeze(1)
+        return cls(actor, info, torch.as_tensor(info.dim_mask()).unsqueeze(1), onehot)
+
+    def inputs(self, obs: Tensor, agents: slice = slice(None)) -> Tensor:
+        """obs [n, Q, obs_max] of agents `agents` -> the actor's input [n, Q, input_width] (the agent
+        one-hot appended when the spec has one; the same rule as the Engine's)."""
+        if self.onehot is None:
+            return obs
+        oh = self.onehot[agents]  # [n, 1, K]
+        return torch.cat([obs, oh.expand(-1, obs.shape[1], -1)], -1)
 
     def act(self, obs: Tensor, h: Tensor | None, reset: Tensor, avail: Tensor, deterministic: bool,
             g: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor | None]:
         """obs [N, E, D], h [N, E, H], reset [N, E], avail [N, E, A] -> actions, log-probs [N, E], h'."""
         a = self.actor
-        head, h_next = actor_forward(a.spec, a.params(), obs, h, reset)
+        head, h_next = actor_forward(a.spec, a.params(), self.inputs(obs), h, reset)
         if a.spec.action == "gaussian":
             actions, logp = gaussian_act(head, a.log_std(), self.dim_mask, deterministic, g)
         else:
@@ -126,7 +139,7 @@ class Policy:
         a = self.actor
         p, h, heads = slice_chunks(a.params(), agents), h0, []
         for t in range(obs.shape[0]):
-            head, h = actor_forward(a.spec, p, obs[t], h, reset[t])
+            head, h = actor_forward(a.spec, p, self.inputs(obs[t], agents), h, reset[t])
             heads.append(head)
         head = torch.stack(heads)  # [L, n, Q, A]
         dim_mask = self.dim_mask[agents]

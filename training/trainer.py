@@ -48,6 +48,7 @@ def build_spec(info: EnvInfo, cfg: TrainConfig) -> PolicySpec:
     m, lo = cfg.model, cfg.lora
     return PolicySpec(agents=info.agent_specs(), hidden=m.hidden, mlp_depth=m.mlp_depth,
                       recurrent=m.recurrent, action=info.action,
+                      agent_onehot=info.n_agents if m.agent_onehot else 0,
                       lora=LoraSpec(lo.rank, lo.alpha, None if lo.layers is None else tuple(lo.layers)))
 
 
