@@ -5,6 +5,7 @@ process on the machine, other users' too) and `processes(title)` finds this clus
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,7 +99,8 @@ class RayCluster:
                 pids = [p for p in pids if _alive(p)]
                 time.sleep(0.2)
             if not pids:
-                return
+                break
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> "RayCluster":
         return self.start()

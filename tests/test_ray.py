@@ -251,6 +251,10 @@ def test_grid_run_whose_worker_dies_is_retried_or_reported(cluster, tmp_path, ca
     out = runs / second.key
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]  # as before the launch: nothing half-written
     assert not (grid.results / second.key).exists()
+    from training.grid_ray import _remove_stale_dirs
+    left = [d for d in Path("/tmp").glob("lorasa-grid-*-*") if not Path(f"/proc/{d.name.split('-')[2]}").exists()]
+    _remove_stale_dirs()  # what the node's next task does first
+    assert left and not any(d.exists() for d in left)
 
 
 def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path, capsys):
