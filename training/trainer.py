@@ -261,7 +261,7 @@ class Trainer:
         cur, recent, last = self._start_cursor(), [], None
         next_eval = _next_multiple(c.env_steps, cfg.eval_every)
         next_save = _next_multiple(c.env_steps, cfg.save_every)
-        per = cfg.ppo.rollout * self.venv.n_envs  # env steps per update: the run moves in these
+        per = cfg.ppo.rollout * self.rollouts.n_envs  # env steps per update: the run moves in these
         total = -(-cfg.total_steps // per) * per
         notes = [f"--total-steps {cfg.total_steps:,} -> {total:,}"] if total != cfg.total_steps else []
         if cfg.mode in LORA_MODES and not cfg.init_from and cfg.switch_step % per:
