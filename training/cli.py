@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import rundir
 from .config import PRESETS, TrainConfig, check_config, check_init_mode, preset, with_overrides
-from .errors import OneLineParser, UsageError, exit_on_usage_error
+from .errors import OneLineParser, UsageError, WorkerLostError, exit_on_usage_error, one_line
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
@@ -144,7 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg, resume = parse_config(argv)
         from .trainer import Trainer
         trainer = Trainer(cfg, resume=resume)
-    summary = trainer.train()
+    try:
+        summary = trainer.train()
+    except WorkerLostError as e:  # a Ray rollout worker's node died: one line, the checkpoint is whole
+        print(f"lorasa-train: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
     print(json.dumps({"out": cfg.out, **summary}, indent=2))
 
 

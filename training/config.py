@@ -242,6 +242,11 @@ def check_config(cfg: TrainConfig) -> None:
                          "for every position)")
     if cfg.lora.init not in ("peft", "reference"):
         raise UsageError(f"--lora.init {cfg.lora.init} must be peft or reference")
+    if e.backend == "ray" and (e.kind == "smax" or e.workers < 1):
+        raise UsageError(f"--env.backend ray steps MaMuJoCo / SMAC envs in --env.workers Ray actors: pass "
+                         f"--env.workers >= 1 (got {e.workers})" if e.kind != "smax" else
+                         "--env.backend ray is for MaMuJoCo / SMAC (SMAX steps its envs with JAX vmap in one "
+                         "process): drop it")
     if not cfg.out:
         raise UsageError("--out is empty: pass the run directory to write")
     check_init_mode(cfg.init_from, cfg.mode)

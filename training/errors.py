@@ -63,3 +63,8 @@ class OneLineParser(argparse.ArgumentParser):
         known = [s for a in self._actions for s in a.option_strings]
         close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
         return f" (did you mean {close[0]}?)" if close else ""
+
+
+class WorkerLostError(RuntimeError):
+    """A remote rollout worker (its process or node) died mid-run: the message names it and says what was
+    kept (nothing of the failed update) and how to continue (resume from the last checkpoint)."""

@@ -312,9 +312,11 @@ def override_flags(overrides: dict) -> list[str]:
 
 # --- what a run was asked to do (run.json) -----------------------------------------------------
 RUN_JSON = "run.json"
-UNRECORDED = {"snapshot_steps"}  # where a base run is snapshotted does not change its results
+# where a base run is snapshotted, which Ray cluster rollouts ran on: neither changes the results
+UNRECORDED = {"snapshot_steps", "env.ray_address"}
 # config fields added after results were committed: a run.json without one was made with this value
-LEGACY = {"lora.train_log_std": False, "lora.init": "peft", "freeze_log_std": False}
+LEGACY = {"lora.train_log_std": False, "lora.init": "peft", "freeze_log_std": False, "env.backend": "local",
+          "env.ray_exact": True}
 
 
 def requested(run: Run) -> dict:
@@ -434,32 +436,64 @@ def _snapshot_of(runs_root: Path, run: Run, grid: Grid | None = None) -> Path:
     return Path(args[args.index("--init-from") + 1]) / "train_state"
 
 
-def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.executable) -> list[str]:
-    """Run every missing run (`jobs` at a time, each a 1-thread lorasa-train process) -> failed keys.
-    UsageError first if recorded results no longer match the grid (check_recorded)."""
+class LocalLauncher:
+    """Runs as lorasa-train processes on this host, `jobs` at a time (each 1 thread)."""
+
+    poll_s = 0.5
+
+    def __init__(self, runs_root: Path, jobs: int = 2, python: str = sys.executable):
+        self.runs_root, self.jobs, self.python = runs_root, jobs, python
+        self.running: dict[str, tuple[subprocess.Popen, object]] = {}
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def free(self) -> bool:
+        return len(self.running) < self.jobs
+
+    def launch(self, run: Run, out: Path, args: list[str]) -> None:
+        """Start `run` in `out` with lorasa-train flags `args` (resolved against the runs root)."""
+        log = open(out / "train.log", "w")
+        cmd = [self.python, "-m", "training.cli", *args, "--out", str(out)]
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        self.running[run.key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env), log)
+
+    def poll(self) -> list[tuple[str, str | None]]:
+        """The runs that ended since the last call: (key, None if it finished, else why it failed)."""
+        ended = []
+        for key, (proc, log) in list(self.running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del self.running[key]
+                why = None if proc.returncode == 0 else \
+                    f"exit {proc.returncode}; see {self.runs_root / key / 'train.log'}"
+                ended.append((key, why))
+        return ended
+
+
+def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.executable,
+             launcher=None) -> list[str]:
+    """Run every missing run -> failed keys: `jobs` at a time as 1-thread lorasa-train processes here, or
+    through `launcher` (training/grid_ray.py: Ray tasks across a cluster). A run starts once the run whose
+    snapshot it needs is done. UsageError first if recorded results no longer match the grid (check_recorded)."""
     check_recorded(grid, runs_root)
     commit = git_commit()
     sync_compact(grid, runs_root)
+    launcher = launcher or LocalLauncher(runs_root, jobs, python)
     todo = [r for r in grid.runs if not is_done(runs_root, r, grid)]
     by_key = {r.key: r for r in grid.runs}
     failed: list[str] = []
-    running: dict[str, tuple[subprocess.Popen, object]] = {}
     bar = tqdm(total=len(grid.runs), initial=len(grid.runs) - len(todo), unit="run", desc="grid")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    while todo or running:
-        for key, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                log.close()
-                del running[key]
-                if proc.returncode != 0:
-                    failed.append(key)
-                    tqdm.write(f"FAILED {key} (exit {proc.returncode}): see {runs_root / key / 'train.log'}")
-                elif grid.results is not None:
-                    keep_or_save_compact(grid, by_key[key], runs_root / key)
-                bar.update(1)
-        blocked = set(failed) | set(running) | {r.key for r in todo}
+    while todo or launcher.running:
+        for key, why in launcher.poll():
+            if why is not None:
+                failed.append(key)
+                tqdm.write(f"FAILED {key}: {why}")
+            elif grid.results is not None:
+                keep_or_save_compact(grid, by_key[key], runs_root / key)
+            bar.update(1)
+        blocked = set(failed) | set(launcher.running) | {r.key for r in todo}
         for run in list(todo):
-            if len(running) >= jobs:
+            if not launcher.free():
                 break
             if run.needs in blocked:
                 if run.needs in failed:
@@ -479,13 +513,9 @@ def run_grid(grid: Grid, runs_root: Path, jobs: int = 2, python: str = sys.execu
             out.mkdir(parents=True, exist_ok=True)
             args = resolved + _restart_args(out, run)
             write_run_json(run, out, commit)
-            log = open(out / "train.log", "w")
-            cmd = [python, "-m", "training.cli", *args, "--out", str(out)]
-            log.write(" ".join(cmd) + "\n")
-            log.flush()
-            running[run.key] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log)
+            launcher.launch(run, out, args)
             bar.set_postfix_str(run.key)
-        time.sleep(0.5)
+        time.sleep(launcher.poll_s)
     bar.close()
     return failed
 

@@ -9,6 +9,7 @@ treats every (chunk, env) pair as one sequence: `[L, N, Q, ...]` with Q = (T / L
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -189,22 +190,43 @@ class Cursor:
     reset: Tensor  # [E] bool
 
 
+ActFn = Callable[[Tensor, Tensor | None, Tensor, Tensor], tuple[Tensor, Tensor, Tensor | None]]
+ROLLOUT_KEYS = ("obs", "avail", "actions", "logp", "h", "reset", "state", "reward", "end")
+
+
+@dataclass
+class Segment:
+    """The acting part of T steps of E envs, before the critic (what a Ray rollout worker sends back)."""
+
+    data: dict[str, Tensor | None]  # ROLLOUT_KEYS: agent-major [T, N, E, ...], env-level [T, E, ...], h None
+    last_state: Tensor  # [E, S]: the state after the last step
+    cuts: list[tuple[int, np.ndarray, np.ndarray]]  # time-limit truncations: (t, env indices, final states [k, S])
+    episodes: list[tuple[int, int, float, int, float]]  # finished: (t, env, return, length, won), by (t, env)
+
+
 def collect(venv: VecEnv, policy: Policy, critic: Critic, vnorm: ValueNorm, cur: Cursor, T: int,
             gamma: float, g: torch.Generator) -> tuple[Rollout, Cursor, list[tuple[float, int, float]]]:
-    """T steps of every env. Returns the rollout, the new cursor and finished episodes (return, length, won).
+    """T steps of every env. Returns the rollout, the new cursor and finished episodes (return, length, won)."""
+    seg, cur = act_segment(venv, policy, cur, T, g)
+    ro, episodes = finish_rollout(seg, critic, vnorm, gamma)
+    return ro, cur, episodes
 
-    The critic does not influence acting, so it runs once over all T+1 states (and the final states of
-    truncated episodes) after the loop instead of once per step.
-    """
-    bufs: dict[str, list] = {k: [] for k in ("obs", "avail", "actions", "logp", "h", "reset", "state",
-                                             "reward", "end")}
-    episodes, cuts = [], []  # cuts: (t, env indices, final states) of time-limit truncations
+
+def act_segment(venv: VecEnv, policy: Policy, cur: Cursor, T: int, g: torch.Generator | None,
+                act: ActFn | None = None) -> tuple[Segment, Cursor]:
+    """T acting steps of every env of `venv`; `act(obs, h, reset, avail)` [N, E, ...] -> (actions, logp, h')
+    defaults to sampling from `policy` with generator `g`."""
+    bufs: dict[str, list] = {k: [] for k in ROLLOUT_KEYS}
+    episodes, cuts = [], []
     step, h, reset = cur.step, cur.h, cur.reset
     N = policy.info.n_agents
+    if act is None:
+        def act(obs, h, reset, avail):
+            return policy.act(obs, h, reset, avail, False, g)
     with torch.no_grad():
         for t in range(T):
             obs, avail, state = grouped(step.obs), grouped(step.avail), torch.from_numpy(step.state)
-            actions, logp, h_next = policy.act(obs, h, reset.expand(N, -1), avail, False, g)
+            actions, logp, h_next = act(obs, h, reset.expand(N, -1), avail)
             step = venv.step(env_actions(actions))
             trunc = step.done & ~step.terminated
             if trunc.any():
@@ -214,20 +236,45 @@ def collect(venv: VecEnv, policy: Policy, critic: Critic, vnorm: ValueNorm, cur:
                          ("reset", reset), ("state", state), ("reward", torch.from_numpy(step.reward)),
                          ("end", torch.from_numpy(step.done))):
                 bufs[k].append(v)
-            episodes += [(float(step.ep_return[e]), int(step.ep_length[e]), float(step.ep_won[e]))
+            episodes += [(t, int(e), float(step.ep_return[e]), int(step.ep_length[e]), float(step.ep_won[e]))
                          for e in np.flatnonzero(step.done)]
             h, reset = h_next, torch.from_numpy(step.done)
-        data = {k: (None if v[0] is None else torch.stack(v)) for k, v in bufs.items()}
-        values = vnorm.denormalize(critic(torch.cat([data["state"], torch.from_numpy(step.state)[None]])))
+    data = {k: (None if v[0] is None else torch.stack(v)) for k, v in bufs.items()}
+    return Segment(data, torch.from_numpy(step.state), cuts, episodes), Cursor(step, h, reset)
+
+
+def finish_rollout(seg: Segment, critic: Critic, vnorm: ValueNorm,
+                   gamma: float) -> tuple[Rollout, list[tuple[float, int, float]]]:
+    """The critic's part: values of all T+1 states (one pass, the critic does not influence acting) and
+    r + gamma * V(s_final) at each time-limit cut -> (rollout, finished episodes (return, length, won))."""
+    data = dict(seg.data)
+    with torch.no_grad():
+        values = vnorm.denormalize(critic(torch.cat([data["state"], seg.last_state[None]])))
         reward = data.pop("reward").float()
-        if cuts:  # bootstrap each time-limit cut: r + gamma * V(s_final)
-            v_final = vnorm.denormalize(critic(torch.from_numpy(np.concatenate([c[2] for c in cuts]))))
+        if seg.cuts:
+            v_final = vnorm.denormalize(critic(torch.from_numpy(np.concatenate([c[2] for c in seg.cuts]))))
             k = 0
-            for t, idx, _ in cuts:
+            for t, idx, _ in seg.cuts:
                 reward[t, idx] += gamma * v_final[k:k + len(idx)]
                 k += len(idx)
-    return (Rollout(**data, value=values[:-1], reward=reward, last_value=values[-1]),
-            Cursor(step, h, reset), episodes)
+    episodes = [(r, n, w) for _, _, r, n, w in seg.episodes]
+    return Rollout(**data, value=values[:-1], reward=reward, last_value=values[-1]), episodes
+
+
+def concat_segments(segs: list[Segment], offsets: list[int]) -> Segment:
+    """Segments of consecutive env slices (slice w starts at env offsets[w]) -> the segment of all envs,
+    exactly as one `act_segment` over all of them would have recorded it (cuts and episodes by step, env)."""
+    data = {k: None if segs[0].data[k] is None else
+            torch.cat([s.data[k] for s in segs], dim=2 if k in AGENT_KEYS or k == "h" else 1)
+            for k in ROLLOUT_KEYS}
+    by_t: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for s, off in zip(segs, offsets):
+        for t, idx, fs in s.cuts:
+            by_t.setdefault(t, []).append((idx + off, fs))
+    cuts = [(t, np.concatenate([i for i, _ in v]), np.concatenate([f for _, f in v])) for t, v in sorted(by_t.items())]
+    episodes = sorted(((t, e + off, r, n, w) for s, off in zip(segs, offsets) for t, e, r, n, w in s.episodes),
+                      key=lambda x: (x[0], x[1]))
+    return Segment(data, torch.cat([s.last_state for s in segs]), cuts, episodes)
 
 
 # --- PPO update ---------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from .envs import EnvConfig, EnvInfo, make_vec_env
 from .episodes import EpisodeStats, run_episodes
 from .errors import UsageError
 from .a2po import a2po_update
-from .mappo import Critic, Cursor, Policy, ValueNorm, collect, env_actions, grouped, ppo_update
+from .mappo import Critic, Cursor, Policy, ValueNorm, env_actions, grouped, ppo_update
+from .rollouts import make_rollouts
 
 SUMMARY_FILE = "summary.json"
 LORA_MODES = ("lorasa", "seps_lorasa")
@@ -82,21 +83,23 @@ def read_env_json(directory: Path) -> EnvConfig:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, env_factory=None):
+        """`env_factory`: an `EnvFactory` replacing the config's envs for rollouts (benchmarks, tests)."""
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         self.cfg, self.out, self.resumed = cfg, Path(cfg.out), resume
         if not resume:
             rundir.check_fresh_out(self.out)
         self.g = torch.Generator().manual_seed(cfg.seed)
-        self.venv = make_vec_env(cfg.env)
-        self.info = self.venv.info
+        self.rollouts = make_rollouts(cfg.env, env_factory)
+        self.venv = getattr(self.rollouts, "venv", None)  # the local backend's vector env
+        self.info = self.rollouts.info
         self._eval_env = None
         self._tb = None
         try:
             self._build(resume)
         except BaseException:  # e.g. --init-from a run of other agents: no worker processes left behind
-            self.venv.close()
+            self.rollouts.close()
             raise
         self.out.mkdir(parents=True, exist_ok=True)  # only once everything above checked out
 
@@ -258,7 +261,7 @@ class Trainer:
         cur, recent, last = self._start_cursor(), [], None
         next_eval = _next_multiple(c.env_steps, cfg.eval_every)
         next_save = _next_multiple(c.env_steps, cfg.save_every)
-        per = cfg.ppo.rollout * self.venv.n_envs  # env steps per update: the run moves in these
+        per = cfg.ppo.rollout * self.rollouts.n_envs  # env steps per update: the run moves in these
         total = -(-cfg.total_steps // per) * per
         notes = [f"--total-steps {cfg.total_steps:,} -> {total:,}"] if total != cfg.total_steps else []
         if cfg.mode in LORA_MODES and not cfg.init_from and cfg.switch_step % per:
@@ -288,7 +291,7 @@ class Trainer:
             for s in (s for s in cfg.snapshot_steps if prev_steps < s <= c.env_steps):
                 self._snapshot(s)
             prev_steps = c.env_steps
-            bar.update(cfg.ppo.rollout * self.venv.n_envs)
+            bar.update(cfg.ppo.rollout * self.rollouts.n_envs)
             bar.set_postfix(ret=f"{row['train_return']:.1f}", sps=f"{row['sps']:.0f}", phase=self.actor.kind)
         bar.close()
         writer.close()
@@ -299,6 +302,8 @@ class Trainer:
                    "final_eval": None if final is None else final.to_dict(),
                    "trainable_params": self.actor.n_trainable(), "actor_params": self.actor.n_total(),
                    "train_wall_s": round(time.perf_counter() - t_start, 2)}
+        if getattr(self.rollouts, "traffic", None):  # the Ray backend: bytes over the network per actor kind
+            summary["ray_traffic_bytes"] = self.rollouts.traffic
         atomic_write(self.out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
         self._finish()
         return summary
@@ -311,17 +316,16 @@ class Trainer:
 
     def _start_cursor(self) -> Cursor:
         """Fresh episodes in every env (a resumed run restarts its episodes), zero GRU states."""
-        E, spec = self.venv.n_envs, self.actor.spec
-        step = self.venv.reset(self.cfg.seed + self.counters.updates * 7919)
+        E, spec = self.rollouts.n_envs, self.actor.spec
         h0 = torch.zeros(self.info.n_agents, E, spec.hidden) if spec.recurrent else None
-        return Cursor(step, h0, torch.ones(E, dtype=torch.bool))
+        return self.rollouts.start(self.cfg.seed + self.counters.updates * 7919, h0)
 
     def _iteration(self, cur: Cursor, recent: list) -> tuple[dict, Cursor, list]:
         """One rollout + one PPO update -> (metrics row, new cursor, the last 20 finished episodes)."""
         cfg, c = self.cfg, self.counters
-        T, E = cfg.ppo.rollout, self.venv.n_envs
+        T, E = cfg.ppo.rollout, self.rollouts.n_envs
         t0 = time.perf_counter()
-        ro, cur, eps = collect(self.venv, self.policy, self.critic, self.vnorm, cur, T, cfg.ppo.gamma, self.g)
+        ro, cur, eps = self.rollouts.collect(self.policy, self.critic, self.vnorm, cur, T, cfg.ppo.gamma, self.g)
         t1 = time.perf_counter()
         if cfg.algo == "a2po":
             stats = a2po_update(self.policy, self.critic, self.vnorm, ro, cfg.ppo, cfg.a2po, self.actor_opt,
@@ -349,7 +353,7 @@ class Trainer:
         self.close()
 
     def close(self) -> None:
-        self.venv.close()
+        self.rollouts.close()
         if self._eval_env is not None:
             self._eval_env.close()
 

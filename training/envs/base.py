@@ -40,6 +40,15 @@ class EnvConfig:
     episode_limit: int = 1000  # MaMuJoCo: max_episode_steps; SMAX: max_steps; SMAC: only lowers the map's
     n_envs: int = 8  # environments stepped together
     workers: int = 2  # subprocesses for MaMuJoCo/SMAC (0: step in this process); SMAX uses JAX vmap
+    # where rollouts run: local (this process, `workers` env subprocesses, the actor acting here) or ray
+    # (`workers` Ray actors across the cluster, each stepping its share of the envs and acting with its own
+    # CPU copy of the actor; weights go out once per update; lorasa-serve[ray], training/ray_rollouts.py)
+    backend: Literal["local", "ray"] = "local"
+    ray_address: str = "auto"  # --env.backend ray: the cluster (auto, host:port of `ray start`, local)
+    # --env.backend ray: each worker acts at the whole batch's shape (its envs' rows in place, zeros
+    # elsewhere), so trajectories equal the local backend's bit for bit; False: on its own rows only, with
+    # its own seeded generator (less acting work per worker; the same distribution, other samples)
+    ray_exact: bool = True
 
     @property
     def name(self) -> str:

@@ -4,6 +4,7 @@ parameters, training throughput, inference time per decision, the ablations, and
 the LoRASA paper's qualitative claims computed from the numbers.
 
     lorasa-report run reports/grid.toml --runs runs/report --out reports [--jobs 2] [--notes NOTES.md]
+    lorasa-report run reports/grid.toml --runs runs/report --out reports --ray auto   # on a Ray cluster
     lorasa-report write reports/grid.toml --runs runs/report --out reports [--remeasure]
     lorasa-report plan reports/grid_budget.toml --runs runs/budget [--jobs 2]
 
@@ -42,7 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         s.add_argument("--remeasure", action="store_true", help="redo the cached inference timings")
         s.add_argument("--rounds", type=int, default=200, help="interleaved timing rounds")
         if name == "run":
-            s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
+            s.add_argument("--jobs", type=int, default=2, help="runs trained at a time (here; not with --ray)")
+            s.add_argument("--ray", metavar="ADDRESS", help="train the runs as Ray tasks on the cluster at "
+                           "ADDRESS (auto: the one `ray start` runs here; host:port) instead of here; needs the "
+                           "'ray' extra (training/grid_ray.py)")
     s = sub.add_parser("plan", help="print the expected wall time of the runs not yet done")
     s.add_argument("grid", type=Path, help="the grid TOML")
     s.add_argument("--runs", type=Path, required=True, help="runs root (finished runs there count too)")
@@ -56,13 +60,18 @@ def main(argv: list[str] | None = None) -> None:
                 raise UsageError("--jobs must be >= 1")
             print(plan_text(Grid.load(args.grid), args.runs, args.jobs, md_table))
         return
+    launcher = None
     with exit_on_usage_error("lorasa-report"):
         grid = _check(args)
         if args.command == "run":
             check_recorded(grid, args.runs.resolve())
+            if args.ray:
+                from ..grid_ray import RayLauncher, check_cluster_fits
+                launcher = RayLauncher(args.runs.resolve(), args.ray)
+                check_cluster_fits(grid.runs, launcher)
     failed: list[str] = []
     if args.command == "run":
-        failed = run_grid(grid, args.runs.resolve(), args.jobs)
+        failed = run_grid(grid, args.runs.resolve(), args.jobs, launcher=launcher)
     readme = write_report(grid, args.runs, args.out, args.notes, grid_path=args.grid, remeasure=args.remeasure,
                           failed=set(failed), rounds=args.rounds)
     print(readme)

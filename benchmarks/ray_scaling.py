@@ -1,0 +1,84 @@
+"""Rollout workers on Ray vs their number, on a fixed-cost environment (each step sleeps `--step-ms`,
+standing for a heavy simulator: training/envs/fixed_cost.py), so the scaling shows beyond this machine's
+cores: sleeping workers need no CPU.
+
+    python -m benchmarks.ray_scaling                              # a private local Ray; 1, 2, 4, 8, 16 workers
+    python -m benchmarks.ray_scaling --ray auto --workers 1,4,16 --out ray_scaling.json
+
+For each worker count K it trains a PS actor (MAPPO) for `--updates` updates with `--env.backend ray
+--env.workers K` over `--envs` envs, and reports env steps/s, the learner's share of the wall time (the
+PPO update; the rest is the rollout: env steps, acting, the object store round trip) and the bytes sent per
+update. `local` is the in-process backend over the same envs (stepped one after another) for reference.
+The first update (worker start, warm-up) is left out. Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from training.config import TrainConfig
+from training.envs import EnvConfig
+from training.envs.fixed_cost import FixedCost
+from training.errors import OneLineParser, exit_on_usage_error
+from training.plots import read_metrics
+
+
+def measure(workers: int | None, args) -> dict:
+    """One training run: workers None = the local backend, else K Ray rollout workers."""
+    from training.trainer import Trainer
+    env = EnvConfig(n_envs=args.envs, workers=0, episode_limit=args.episode_limit)
+    if workers is not None:
+        env = replace(env, backend="ray", workers=workers, ray_address=args.ray, ray_exact=not args.inexact)
+    factory = FixedCost(step_s=args.step_ms / 1e3, episode_limit=args.episode_limit)
+    with tempfile.TemporaryDirectory() as d:
+        cfg = replace(TrainConfig(env=env), mode="ps", out=d, total_steps=(args.updates + 1) * args.envs * args.rollout,
+                      eval_every=0, eval_episodes=0, final_eval_episodes=0, save_every=0, tensorboard=False)
+        cfg = replace(cfg, ppo=replace(cfg.ppo, rollout=args.rollout))
+        trainer = Trainer(cfg, env_factory=factory)
+        summary = trainer.train(progress=False)
+        rows = read_metrics(Path(d) / "metrics.csv")[1:]
+    roll = sum(float(r["rollout_s"]) for r in rows)
+    upd = sum(float(r["update_s"]) for r in rows)
+    return {"backend": "local" if workers is None else "ray", "workers": workers or 0,
+            "steps_per_s": round(len(rows) * args.rollout * args.envs / (roll + upd), 1),
+            "learner_share": round(upd / (roll + upd), 4), "rollout_s_per_update": round(roll / len(rows), 4),
+            "update_s_per_update": round(upd / len(rows), 4),
+            "bytes_per_update": summary.get("ray_traffic_bytes", {}).get("ps", {}).get("weights_per_update")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = OneLineParser(prog="python -m benchmarks.ray_scaling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", default="1,2,4,8,16", help="rollout worker counts")
+    p.add_argument("--envs", type=int, default=16, help="envs in the vector env (>= the largest worker count)")
+    p.add_argument("--step-ms", type=float, default=2.0, help="wall time of one env step")
+    p.add_argument("--rollout", type=int, default=100, help="steps per env per update")
+    p.add_argument("--updates", type=int, default=4, help="measured updates per worker count")
+    p.add_argument("--episode-limit", type=int, default=100)
+    p.add_argument("--ray", default="local", help="Ray cluster: local (a private one here), auto, host:port")
+    p.add_argument("--inexact", action="store_true", help="--no-env.ray-exact: workers act on their own rows")
+    p.add_argument("--no-local", action="store_true", help="skip the in-process reference")
+    p.add_argument("--out", type=Path, default=Path("ray_scaling.json"), help="JSON results")
+    args = p.parse_args(argv)
+    counts = [int(x) for x in args.workers.split(",") if x]
+    if not counts or min(counts) < 1 or max(counts) > args.envs:
+        p.error(f"--workers must be counts between 1 and --envs {args.envs}")
+    from training.ray_support import connect
+    with exit_on_usage_error("python -m benchmarks.ray_scaling"):
+        connect(args.ray, local_cpus=max(counts) + 1)  # sleeping workers: more of them than cores
+    results = ([] if args.no_local else [measure(None, args)]) + [measure(k, args) for k in counts]
+    print(f"fixed-cost env: {args.step_ms:g} ms/step, {args.envs} envs x {args.rollout} steps per update")
+    print(f"{'backend':8} {'workers':>7} {'steps/s':>10} {'learner share':>14} {'bytes/update':>13}")
+    for r in results:
+        print(f"{r['backend']:8} {r['workers']:>7} {r['steps_per_s']:>10,.0f} {r['learner_share']:>14.1%} "
+              f"{r['bytes_per_update'] or 0:>13,}")
+    args.out.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(args).items()}, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
