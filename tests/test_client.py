@@ -27,15 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client")
-    spec, _, _ = make_policy(root / "policy", obs=(7, 5), act=(4, 3), action="categorical")
-    env = {"LORASA_POLICY": str(root / "policy"), "LORASA_STATE_DIR": str(root / "state"),
-           "LORASA_MAX_ROWS_PER_REQUEST": "64"}
-    with ServerProcess(env, root / "server.log") as server:
-        server.spec = spec
-        server.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
-        yield server
+def srv(categorical_server):
+    return categorical_server  # tests/conftest.py: one server for the session
 
 
 def sample(spec, n, seed):
