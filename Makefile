@@ -14,10 +14,14 @@ install: $(STAMP)
 # torch is pinned to the local CPU wheel first so the project's range (torch>=2.2,<3) installs nothing more.
 # The kserve client (tests only) goes into a folder of its own, without its pins: tests/kserve-client.txt
 $(STAMP): pyproject.toml tests/kserve-client.txt
+	@echo "[1/4] creating $(VENV)"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	@echo "[2/4] torch 2.13.0 (CPU build)"
 	$(BIN)/pip install -q "torch==2.13.0"
+	@echo "[3/4] lorasa-serve with every extra (MuJoCo, JAX, ONNX, BentoML, test tools): 1-3 minutes"
 	$(BIN)/pip install -q -e ".[all]"
+	@echo "[4/4] the kserve test client (its own folder)"
 	rm -rf $(VENV)/kserve-client
 	$(BIN)/pip install -q --no-deps --target $(VENV)/kserve-client -r tests/kserve-client.txt
 	touch $(STAMP)

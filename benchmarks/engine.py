@@ -29,6 +29,7 @@ import torch.nn as nn
 from lorasa_serve.artifacts import atomic_write, save_policy
 from lorasa_serve.backend import ActBackend
 from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
+from lorasa_serve.errors import DeviceUnavailableError
 from lorasa_serve.engine import Engine, resolve_device
 from lorasa_serve.network import init_adapter, init_backbone
 from lorasa_serve.spec import AgentSpec, LoraSpec, PolicySpec
@@ -293,7 +294,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
     ap.add_argument("--methods", type=str, default=None, help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per cell")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--out", default="bench.json", help="JSON results file")
+    ap.add_argument("--out", default=None, help="also write the results as JSON to this file (default: print only)")
     args = ap.parse_args(argv)
     cfg = BenchConfig(device=_device(args.device))
     if args.quick:
@@ -318,8 +319,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
         cfg.min_time = args.min_time
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads}: pass 1 or more")
-    out = Path(args.out)
-    if out.is_dir() or not out.resolve().parent.is_dir():
+    out = None if args.out is None else Path(args.out)
+    if out is not None and (out.is_dir() or not out.resolve().parent.is_dir()):
         raise UsageError(f"--out {out}: pass a file path in an existing directory")
     return cfg, out, args.threads
 
@@ -327,7 +328,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
 def _device(name: str) -> str:
     try:
         dev = resolve_device(name)
-    except RuntimeError:
+    except (RuntimeError, DeviceUnavailableError):
         raise UsageError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
@@ -364,8 +365,9 @@ def run(argv: list[str] | None = None) -> int:
     for n, m in report.memory.items():
         print(f"memory per extra agent (N={n}): LoRASA {m['lorasa_bytes_per_agent']} B, "
               f"NPS {m['nps_bytes_per_agent']} B (x{m['nps_over_lorasa']:.1f})")
-    atomic_write(out, json.dumps(asdict(report), indent=1).encode())
-    print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
+    if out is not None:
+        atomic_write(out, json.dumps(asdict(report), indent=1).encode())
+        print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -14,6 +14,7 @@ place. A failed artifact leaves no file at its final path; the others are kept.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 import tempfile
@@ -153,6 +154,7 @@ def export_policy(cfg: ExportConfig) -> ExportReport:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"cannot create --out {out} ({e.strerror}): pass a writable directory") from None
+    earlier = _earlier_artifacts(out, engine)  # refuses an --out holding another policy's export
     atomic_write(out / SPEC_FILE, engine.spec.to_json().encode())
     tasks = [(a, f) for a in agents for f in formats] if cfg.merge else [(MULTI_AGENT, "onnx")]
     results = []
@@ -161,8 +163,26 @@ def export_policy(cfg: ExportConfig) -> ExportReport:
             bar.set_postfix_str(f"{agent} {kind}")
             results.append(_one(cfg, engine, rollouts, agent, kind, out))
     report = ExportReport(out, results, notes)
-    _write_manifest(cfg, engine, report)
+    _write_manifest(cfg, engine, report, earlier)
     return report
+
+
+def _earlier_artifacts(out: Path, engine: Engine) -> list[dict]:
+    """Exports are additive: the artifacts an earlier export of the same policy (same backbone
+    fingerprint and adapter versions) wrote into `out` stay listed unless re-exported now. An `out`
+    holding an export of another policy is refused (ExportError) before anything is written."""
+    try:
+        old = contract.read_manifest(out)
+    except LorasaError:
+        return []  # no (readable) manifest: nothing earlier to keep
+    same = (old.get("backbone_fingerprint") == engine.spec.backbone_fingerprint
+            and old.get("adapter_versions") == engine.versions())
+    if not same:
+        raise ExportError(f"--out {out} holds an export of another policy (or other adapter versions): pass "
+                          "an empty directory, or remove that export first")
+    arts = old.get("artifacts", [])
+    return [a for a in arts if isinstance(a, dict) and a.get("error") is None
+            and all((out / f).exists() for f in a.get("files", []))]
 
 
 def _one(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: str, kind: str,
@@ -174,6 +194,8 @@ def _one(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: s
     try:
         diff = _build_and_verify(cfg, engine, rollouts, agent, kind, tmp)
         staged = tmp if kind == "safetensors" else tmp / final.name
+        if staged.is_dir():  # mkdtemp's private 0700 would become the published directory's mode
+            os.chmod(staged, 0o777 & ~_umask())
         _publish(staged, final)
         files = sorted(str(p.relative_to(out)) for p in ([final] if final.is_file() else final.iterdir()))
         size = sum((out / f).stat().st_size for f in files)
@@ -242,6 +264,12 @@ def _onnx(cfg: ExportConfig, engine: Engine, agent: str):
     return data, rows, width, index, mode
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _publish(staged: Path, final: Path) -> None:
     """Rename into place; a directory replaces an older one via a side name."""
     if staged.is_file() or not final.exists():
@@ -252,6 +280,12 @@ def _publish(staged: Path, final: Path) -> None:
     final.replace(old)
     staged.replace(final)
     _remove(old)
+
+
+def _kept(earlier: list[dict], report: ExportReport) -> list[dict]:
+    """Earlier artifacts not re-exported by this run (same agent and kind)."""
+    now = {(r.agent, r.kind) for r in report.results}
+    return [a for a in earlier if (a.get("agent"), a.get("kind")) not in now]
 
 
 def _remove(p: Path) -> None:
@@ -272,7 +306,7 @@ def _manifest_log_std(engine: Engine) -> list | None:
     return [np.asarray(engine.log_std(a).cpu(), dtype=np.float32).tolist() for a in spec.agent_ids]
 
 
-def _write_manifest(cfg: ExportConfig, engine: Engine, report: ExportReport) -> None:
+def _write_manifest(cfg: ExportConfig, engine: Engine, report: ExportReport, earlier: list[dict] = ()) -> None:
     spec = engine.spec
     manifest = {
         "source": str(Path(cfg.policy_dir).resolve()),
@@ -285,6 +319,6 @@ def _write_manifest(cfg: ExportConfig, engine: Engine, report: ExportReport) -> 
         "log_std": _manifest_log_std(engine),
         "verification": {"tol": cfg.verify.tol, "steps": cfg.steps, "envs": cfg.envs,
                          "observations": sorted({n for n in report.notes})},
-        "artifacts": [asdict(r) for r in report.results],
+        "artifacts": _kept(earlier, report) + [asdict(r) for r in report.results],
     }
     contract.write_manifest(report.out, manifest)

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what static tools see; at run time these load on first use
     from .artifacts import load_policy, save_adapter, save_policy
     from .engine import Engine
-    from .errors import (ArtifactError, CorruptFileError, DigestMismatchError, FingerprintMismatchError,
+    from .errors import (ArtifactError, CorruptFileError, DeviceUnavailableError, DigestMismatchError,
+                         FingerprintMismatchError,
                          FormatVersionError, InputError, KeyMismatchError, LorasaError, NonFiniteError,
                          NotRegularFileError, OversizedFileError, PeftFormatError, RankAlphaMismatchError,
                          ShapeMismatchError, SpecError, UnknownAgentError)
@@ -27,7 +28,7 @@ _WHERE = {
     "PolicySpec": "spec",
     **{name: "errors" for name in (
         "ArtifactError", "CorruptFileError", "DigestMismatchError", "FingerprintMismatchError",
-        "FormatVersionError", "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError",
+        "DeviceUnavailableError", "FormatVersionError", "InputError", "KeyMismatchError", "LorasaError", "NonFiniteError",
         "NotRegularFileError", "OversizedFileError", "PeftFormatError", "RankAlphaMismatchError",
         "ShapeMismatchError", "SpecError", "UnknownAgentError")},
 }

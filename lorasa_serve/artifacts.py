@@ -273,6 +273,9 @@ def load_policy(directory: str | Path) -> tuple[PolicySpec, dict[str, Tensor],
     """-> (spec, backbone, adapters). A directory without adapters is a plain (PS/merged) policy;
     one with adapters must have exactly one per agent of the spec."""
     d = Path(directory)
+    if not d.is_dir():
+        raise NotRegularFileError(d, "no such directory: pass a policy directory (policy.json, "
+                                     "backbone.safetensors, adapters/)")
     if not (d / SPEC_FILE).is_file():
         raise CorruptFileError(d / SPEC_FILE, "missing: not a policy directory")
     spec = PolicySpec.load(d / SPEC_FILE)

@@ -172,6 +172,15 @@ class PolicyClient:
         self._meta = meta
         return meta
 
+    def policy_spec(self):
+        """The served policy's spec (`GET /v1/policy`, policy.json) as a `lorasa_serve.PolicySpec`."""
+        from .errors import ArtifactError, SpecError
+        from .spec import PolicySpec
+        try:
+            return PolicySpec.from_dict(self._json("GET", "/v1/policy"), "GET /v1/policy")
+        except (ArtifactError, SpecError) as e:
+            raise ResponseError(200, f"the policy spec does not parse: {e}") from None
+
     def ready(self) -> bool:
         """The model is loaded (no retries)."""
         try:
@@ -388,6 +397,9 @@ def _checked_result(out: dict, rows: int, state_width: int | None, meta: dict | 
 
 
 def _agent_tensor(agent_ids, index_of) -> tuple[str, str, np.ndarray, bool]:
+    if isinstance(agent_ids, (str, bytes)):
+        raise ClientInputError(f"agent_ids must be a list of ids (one per row), not the string {agent_ids!r}: "
+                               f"pass [{agent_ids!r}]")
     ids = agent_ids if isinstance(agent_ids, np.ndarray) else np.asarray(list(agent_ids), dtype=object)
     if ids.dtype.kind in "iu" or (ids.dtype == object and ids.size and all(map(_is_int, ids.reshape(-1)))):
         return "agent_index", "INT64", ids.astype(np.int64, copy=False).reshape(-1), True

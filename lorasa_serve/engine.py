@@ -18,7 +18,7 @@ from . import protocol
 from .protocol import ActRequest, ActResult
 from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
-from .errors import InputError, NonFiniteError, UnknownAgentError
+from .errors import DeviceUnavailableError, InputError, NonFiniteError, UnknownAgentError
 from .layout import Layout, plan
 from .merge_policy import MergedSet, auto_mode
 from . import traced
@@ -32,9 +32,21 @@ BLOCK_ROWS = 8192  # rows per forward block: larger batches run block by block (
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" (CUDA when available, else CPU), or a torch device that exists here: DeviceUnavailableError
+    (one line) for an unknown name or a CUDA device this torch build or machine does not have."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceUnavailableError(f"unknown device {device!r} ({e}): pass 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            why = "this torch is a CPU build" if torch.version.cuda is None else f"{n} CUDA device(s) visible"
+            raise DeviceUnavailableError(f"device {str(device)!r} is not available ({why}): pass device='cpu' "
+                                         "or 'auto'")
+    return dev
 
 
 class Engine:
@@ -70,6 +82,15 @@ class Engine:
     def versions(self) -> dict[str, int]:
         bank = self._bank
         return {a: bank.versions[s] for a, s in bank.slot_of.items()}
+
+    @property
+    def pinned_agents(self) -> list[str]:
+        """Agents merged by `merge()` (kept until `unmerge()`); `merged_agents` adds those the auto mode
+        merged on demand (a bounded cache)."""
+        with self._write_lock:
+            pinned = set(self._merges.pinned)
+        bank = self._bank
+        return [a for a, s in bank.slot_of.items() if s in pinned]
 
     @property
     def merged_agents(self) -> list[str]:

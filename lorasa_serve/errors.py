@@ -78,3 +78,7 @@ class OversizedFileError(CorruptFileError):
 
 class DigestMismatchError(ArtifactError):
     """A file's sha256 differs from the digest recorded for it (digests.json, a state manifest)."""
+
+
+class DeviceUnavailableError(LorasaError, ValueError):
+    """The requested torch device does not exist here (e.g. "cuda" with a CPU build of torch)."""

@@ -75,7 +75,7 @@ SCHEMAS: dict[str, dict] = {
         "agents": {"type": "array", "items": {"type": "object", "properties": {
             "agent_id": {"type": "string"}, "obs_dim": {"type": "integer"}, "act_dim": {"type": "integer"},
             "version": {"type": "integer"}, "adapter_fingerprint": {"type": "string"},
-            "merged": {"type": "boolean"}}}}}},
+            "merged": {"type": "boolean"}, "auto_merged": {"type": "boolean"}}}}}},
     "PolicySpec": {"type": "object", "description": "policy.json: sizes, agents, LoRA spec",
                    "additionalProperties": True},
     "AdapterPublished": {"type": "object", "properties": {"agent_id": {"type": "string"},

@@ -451,7 +451,8 @@ class PolicyRuntime:
 
     # --- snapshots for the read-only endpoints (run as control jobs) ----------------------------
     def agents_info(self) -> list[dict]:
-        merged = set(self.engine.merged_agents) if self.engine is not None else set()
+        cached = set(self.engine.merged_agents) if self.engine is not None else set()
+        pinned = set(self.engine.pinned_agents) if self.engine is not None else set()
         out = []
         for a in self.spec.agents:
             v = self.applied[a.agent_id]
@@ -461,7 +462,8 @@ class PolicyRuntime:
                 self._fp_cache[key] = "" if ad is None else fingerprint({n: t.cpu() for n, t in ad.items()})
             out.append({"agent_id": a.agent_id, "obs_dim": a.obs_dim, "act_dim": a.act_dim,
                         "version": v, "adapter_fingerprint": self._fp_cache[key],
-                        "merged": a.agent_id in merged, "load_error": self._load_error(a.agent_id)})
+                        "merged": a.agent_id in pinned, "auto_merged": a.agent_id in cached - pinned,
+                        "load_error": self._load_error(a.agent_id)})
         return out
 
     def _load_error(self, agent_id: str) -> dict | None:

@@ -458,3 +458,32 @@ def test_report_bad_grid_keys_and_arguments(tmp_path, capsys):
     usage_error(capsys, tmp_path, report_main, ["write", str(g), "--out", str(tmp_path / "r")],
                 "the following arguments are required: --runs", "see lorasa-report write --help")
     usage_error(capsys, tmp_path, report_main, ["wrte", str(g)], "invalid choice: 'wrte'")
+
+
+def test_eval_url_with_the_server_down_is_one_line(tmp_path, capsys):
+    import socket
+    with socket.socket() as s:  # a free port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    shipped = str(Path(__file__).resolve().parents[1] / "policies" / "halfcheetah_2x3")
+    usage_error(capsys, tmp_path, eval_main, [shipped, "--episodes", "1", "--url", f"http://127.0.0.1:{port}"],
+                "--url", "cannot use the service", "make serve")
+
+
+def test_runtime_user_errors_are_typed_one_liners(tmp_path):
+    """Engine on a device that is not there, a policy directory that does not exist, a bare string as
+    agent ids to the client: typed errors with one-line messages (no AssertionError, no silent split)."""
+    from lorasa_serve import DeviceUnavailableError, Engine, NotRegularFileError
+    from lorasa_serve.client import ClientInputError, PolicyClient
+    import torch
+    make_policy(tmp_path / "p")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceUnavailableError, match="not available") as e:
+            Engine.from_dir(tmp_path / "p", device="cuda")
+        assert "\n" not in str(e.value)
+    with pytest.raises(DeviceUnavailableError, match="unknown device"):
+        Engine.from_dir(tmp_path / "p", device="tpu:0")
+    with pytest.raises(NotRegularFileError, match="no such directory"):
+        Engine.from_dir(tmp_path / "nope")
+    with pytest.raises(ClientInputError, match=r"pass \['agent_0'\]"):
+        PolicyClient("http://127.0.0.1:9").act("agent_0", [[0.0] * 6])

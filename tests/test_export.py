@@ -310,3 +310,31 @@ def test_real_smax_observations_and_action_masks(tmp_path):
     report = export_policy(ExportConfig(tmp_path / "p", tmp_path / "out", progress=False, envs=2,
                                         steps=STEPS))
     assert report.ok and "real smax 2s3z observations" in report.notes[0], report.notes
+
+
+def test_exports_into_one_out_are_additive_and_other_policies_refused(tmp_path):
+    """A second export into the same --out keeps what the first wrote (listed in the manifest), a
+    merged directory gets the usual permissions (not mkdtemp's 0700), and an --out holding another
+    policy's export is refused before anything is written."""
+    import os
+    from exporters import ExportError
+    make_policy(tmp_path / "p", **HETERO)
+    out = tmp_path / "out"
+
+    def run(agents, policy=tmp_path / "p"):
+        rep = export_policy(ExportConfig(policy, out, merge=True, agents=agents, formats=("safetensors",),
+                                         progress=False, envs=2, steps=STEPS))
+        assert rep.ok, rep.table()
+
+    run(("agent_0", "agent_1"))
+    run(("agent_0",))
+    listed = {(a["agent"], a["kind"]) for a in json.loads((out / "manifest.json").read_text())["artifacts"]}
+    assert listed == {("agent_0", "safetensors"), ("agent_1", "safetensors")}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "merged" / "agent_1").stat().st_mode & 0o777 == 0o777 & ~umask
+    make_policy(tmp_path / "other", seed=5, **HETERO)
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(ExportError, match="another policy"):
+        run(("agent_0",), tmp_path / "other")
+    assert sorted(p.name for p in out.rglob("*")) == before

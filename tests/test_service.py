@@ -198,6 +198,9 @@ def test_merge_and_unmerge_keep_outputs(srv):
     assert r.status_code == 200 and r.json()["merged"] == []
     assert_matches(act(srv, {"rows": rows_for(spec, ids, obs)}),
                    (base["actions"], base["log_probs"], base["state"]))
+    # right after unmerge nothing is reported pinned; what mode auto merged on its own is told apart
+    agents = requests.get(srv.url + "/v1/agents").json()["agents"]
+    assert not any(a["merged"] for a in agents) and all(isinstance(a["auto_merged"], bool) for a in agents)
 
 
 def test_health_metrics_and_spec(srv):
@@ -459,3 +462,26 @@ def test_trailing_slash_is_404_not_a_redirect_from_host(srv):
                              headers={"Host": "evil.example"}, timeout=10)
         assert r.status_code == 404, (path, r.status_code, r.headers)
         assert "location" not in r.headers and "evil" not in r.text and r.json()["error"]
+
+
+def test_env_loop_adapter_over_http_equals_in_process(srv):
+    """lorasa_serve.envloop.TeamPolicy on a PolicyClient (state carried per request) gives the
+    in-process Engine's actions step for step, clipped to each agent's box."""
+    from gymnasium import spaces
+    from lorasa_serve.client import PolicyClient
+    from lorasa_serve.envloop import TeamPolicy
+    boxes = {a.agent_id: spaces.Box(-0.5, 0.5, (a.act_dim,)) for a in srv.spec.agents}
+    with PolicyClient(srv.url) as client:
+        assert client.policy_spec().agent_ids == srv.spec.agent_ids
+        remote = TeamPolicy(client, action_spaces=boxes, n_envs=2)
+        local = TeamPolicy(srv.engine, action_spaces=boxes, n_envs=2)
+        rng = np.random.default_rng(0)
+        for t in range(5):
+            obs = [{a.agent_id: rng.standard_normal(a.obs_dim) for a in srv.spec.agents} for _ in range(2)]
+            if t == 3:
+                remote.reset(0), local.reset(0)
+            got, want = remote.act(obs), local.act(obs)
+            for e in range(2):
+                for a, v in want[e].items():
+                    np.testing.assert_allclose(got[e][a], v, atol=1e-5)
+                    assert np.all(np.abs(v) <= 0.5)

@@ -31,45 +31,52 @@ from .episodes import ActFn, EpisodeStats, random_act, run_episodes
 from .errors import OneLineParser, UsageError, exit_on_usage_error
 
 
-def engine_act_fn(engine: ActBackend, info: EnvInfo, n_envs: int) -> ActFn:
-    """Every env's team in one mixed `engine.act` batch of E*N rows (env-major); any backend
-    (`Engine`, `OnnxEngine`) implementing `lorasa_serve.backend.ActBackend`."""
-    import torch
-    ids = np.tile(engine.agent_index(list(info.agent_ids)), n_envs)  # [E*N]
-    N, categorical = info.n_agents, info.action == "categorical"
+def team_act_fn(backend, info: EnvInfo, n_envs: int) -> ActFn:
+    """Every env's team in one `lorasa_serve.envloop.TeamPolicy` batch (the env-loop adapter users
+    call with PettingZoo dicts): rows in the policy's agent order, obs padded per agent, recurrent state
+    kept per (env, agent) and zeroed where `reset`, actions split back at each agent's size. Any backend:
+    `Engine`, `OnnxEngine`, `PolicyClient` (HTTP). The vector env clips actions to the box itself."""
+    from lorasa_serve.envloop import TeamPolicy
+    ids, categorical = list(info.agent_ids), info.action == "categorical"
+    team = [TeamPolicy(backend, n_envs=n_envs, agent_map={a: a for a in ids})]
 
     def act(obs, avail, state, reset):
-        E = obs.shape[0]
-        out = engine.act(ids, torch.from_numpy(obs.reshape(E * N, -1)), state, torch.from_numpy(np.repeat(reset, N)),
-                         torch.from_numpy(avail.reshape(E * N, -1)) if categorical else None,
-                         deterministic=True)
-        actions = out.actions.numpy()
-        return (actions.reshape(E, N) if categorical else actions.reshape(E, N, -1)), out.state
+        E = obs.shape[0]  # obs [E, N, obs_max], avail [E, N, act_max]
+        for e in np.flatnonzero(reset):
+            team[0].reset(int(e))
+        dicts = [{a: obs[e, n, :info.obs_dims[n]] for n, a in enumerate(ids)} for e in range(E)]
+        masks = [{a: avail[e, n, :info.act_dims[n]] for n, a in enumerate(ids)} for e in range(E)] \
+            if categorical else None
+        out = team[0].act(dicts, masks)
+        width = 0 if categorical else info.act_max
+        actions = np.zeros((E, len(ids)) if categorical else (E, len(ids), width),
+                           np.int64 if categorical else np.float32)
+        for e in range(E):
+            for n, a in enumerate(ids):
+                if categorical:
+                    actions[e, n] = out[e][a]
+                else:
+                    actions[e, n, :info.act_dims[n]] = out[e][a]
+        return actions, None  # the state lives in the TeamPolicy
 
     return act
 
 
-def http_act_fn(url: str, info: EnvInfo, timeout: float = 30.0) -> ActFn:
+def engine_act_fn(engine: ActBackend, info: EnvInfo, n_envs: int) -> ActFn:
+    """In-process: `engine.act` (`Engine`, `OnnxEngine`) through the env-loop adapter (team_act_fn)."""
+    return team_act_fn(engine, info, n_envs)
+
+
+def http_act_fn(url: str, info: EnvInfo, n_envs: int, timeout: float = 30.0) -> ActFn:
     """Act through the HTTP service (services/, README "HTTP service") with `lorasa_serve.client`:
     one binary Open Inference Protocol request per step with every env's agents as rows, each row
-    carrying its recurrent state and reset flag (the stateless form; the next state comes back)."""
-    from lorasa_serve.client import PolicyClient
-    client = PolicyClient(url, timeout=timeout)
-    N, categorical = info.n_agents, info.action == "categorical"
-    obs_max, act_max = max(info.obs_dims), max(info.act_dims)
-    own_obs = np.arange(obs_max) < np.asarray(info.obs_dims)[:, None]  # [N, obs_max]
-    own_act = np.arange(act_max) < np.asarray(info.act_dims)[:, None]  # [N, act_max]
-
-    def act(obs, avail, state, reset):
-        E = obs.shape[0]
-        obs = np.where(own_obs, obs[:, :, :obs_max], 0).reshape(E * N, obs_max)
-        mask = (avail[:, :, :act_max].astype(bool) & own_act).reshape(E * N, act_max) if categorical else None
-        out = client.act(np.tile(np.asarray(info.agent_ids, dtype=object), E), obs.astype(np.float32),
-                         None if state is None else np.asarray(state, np.float32), np.repeat(reset, N), mask)
-        actions = out.actions.reshape(E, N) if categorical else out.actions.reshape(E, N, -1)
-        return actions, out.state
-
-    return act
+    carrying its recurrent state and reset flag (the stateless form; the next state comes back).
+    A service that cannot be reached (or answers no policy) is a UsageError: one line, exit 2."""
+    from lorasa_serve.client import ClientError, PolicyClient
+    try:
+        return team_act_fn(PolicyClient(url, timeout=timeout), info, n_envs)
+    except (ClientError, ValueError) as e:
+        raise UsageError(f"--url {url}: cannot use the service ({e}); start it (make serve) or fix --url") from None
 
 
 def actor_only_run(directory: Path) -> bool:
@@ -105,7 +112,7 @@ def resolve_actor(args, info: EnvInfo, target: targets.Target):
         spec, engines = targets.load_merged_team(target.path)
         targets.check_policy_fits_env(spec, info, target)
         if args.url:
-            return spec, http_act_fn(args.url, info), f"HTTP {args.url}"
+            return spec, http_act_fn(args.url, info, args.episodes), f"HTTP {args.url}"
         return spec, targets.merged_team_act_fn(engines, info), \
             "merged per-agent policies (merged/<agent>), Engine.act in-process"
     if actor_only_run(args.policy_dir):
@@ -119,7 +126,7 @@ def resolve_actor(args, info: EnvInfo, target: targets.Target):
     targets.check_policy_fits_env(engine.spec, info, target)
     kind = "PS+LoRA" if engine.adapter(engine.agent_ids[0]) is not None else "PS"
     if args.url:
-        return engine.spec, http_act_fn(args.url, info), f"{kind}, HTTP {args.url}"
+        return engine.spec, http_act_fn(args.url, info, args.episodes), f"{kind}, HTTP {args.url}"
     return engine.spec, engine_act_fn(engine, info, args.episodes), f"{kind}, Engine.act in-process"
 
 

@@ -258,7 +258,15 @@ class Trainer:
         cur, recent, last = self._start_cursor(), [], None
         next_eval = _next_multiple(c.env_steps, cfg.eval_every)
         next_save = _next_multiple(c.env_steps, cfg.save_every)
-        bar = tqdm(total=cfg.total_steps, initial=c.env_steps, unit="step", disable=not progress,
+        per = cfg.ppo.rollout * self.venv.n_envs  # env steps per update: the run moves in these
+        total = -(-cfg.total_steps // per) * per
+        notes = [f"--total-steps {cfg.total_steps:,} -> {total:,}"] if total != cfg.total_steps else []
+        if cfg.mode in LORA_MODES and not cfg.init_from and cfg.switch_step % per:
+            notes.append(f"--switch-step {cfg.switch_step:,} -> {-(-cfg.switch_step // per) * per:,}")
+        if notes and progress:
+            tqdm.write(f"note: {', '.join(notes)} (rounded up to multiples of {per:,} env steps per update: "
+                       f"--env.n-envs x --ppo.rollout)")
+        bar = tqdm(total=total, initial=c.env_steps, unit="step", disable=not progress,
                    desc=f"{cfg.mode} {self.info.name}", dynamic_ncols=True)
         t_start, prev_steps = time.perf_counter() - c.wall_s, c.env_steps  # wall_s continues on resume
         while c.env_steps < cfg.total_steps:

@@ -57,8 +57,10 @@ def plan_rows(grid: Grid, runs_root: Path) -> list[PlanRow]:
     for run in grid.runs:
         key = (run.preset, run.method)
         if key not in known:
-            raise UsageError(f"no env-steps/s for {run.preset} {run.method}: add it to [plan] steps_per_s "
-                             f"in the grid file (measured, e.g. from a report's Env-steps/s column)")
+            raise UsageError(f"no env-steps/s for {run.preset} {run.method}: add to the grid file a measured "
+                             f"rate (e.g. a report's Env-steps/s column, or one short run's summary.json "
+                             f"env_steps / train_wall_s): [plan] then steps_per_s = {{ {run.preset} = "
+                             f"{{ \"{run.method}\" = 2500 }} }}")
         rate, source = known[key]
         row = rows.setdefault((run.preset, run.method, run.trained_steps),
                               PlanRow(run.preset, run.method, 0, 0, run.trained_steps, rate, source))
