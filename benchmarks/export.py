@@ -58,7 +58,10 @@ def time_act(backends: dict[str, ActBackend], spec: PolicySpec, rows: list[int],
     for B in tqdm(rows, desc="timing", unit="batch size"):
         ids = np.asarray(torch.randint(len(spec.agents), (B,), generator=g))  # agent indices, mixed
         obs = torch.randn(B, spec.obs_max, generator=g)
-        h, reset = torch.randn(B, spec.hidden, generator=g), torch.zeros(B, dtype=torch.bool)
+        dims = torch.tensor([a.obs_dim for a in spec.agents])[torch.as_tensor(ids)]  # [B]
+        obs[torch.arange(spec.obs_max) >= dims[:, None]] = 0.0  # each row its agent's obs, zero-padded
+        h = torch.randn(B, spec.hidden, generator=g) if spec.recurrent else None
+        reset = torch.zeros(B, dtype=torch.bool)
         calls = {name: (lambda be=be: be.act(ids, obs, h, reset)) for name, be in backends.items()}
         result[B] = {k: t.seconds for k, t in time_round_robin(calls, repeats, warmup=3).items()}
     return result

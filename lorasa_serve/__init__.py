@@ -9,19 +9,21 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what static tools see; at run time these load on first use
-    from .artifacts import load_policy, save_policy
-    from .engine import ActOutput, Engine
+    from .artifacts import load_policy, save_adapter, save_policy
+    from .engine import Engine
     from .errors import (ArtifactError, CorruptFileError, DeviceUnavailableError, DigestMismatchError,
                          FingerprintMismatchError,
                          FormatVersionError, InputError, KeyMismatchError, LorasaError, NonFiniteError,
                          NotRegularFileError, OversizedFileError, PeftFormatError, RankAlphaMismatchError,
                          ShapeMismatchError, SpecError, UnknownAgentError)
     from .network import init_adapter, init_backbone
+    from .protocol import ActOutput, ActRequest, ActResult, BadRequest
     from .spec import AgentSpec, LoraSpec, PolicySpec
 
 __version__ = "0.1.0"
 _WHERE = {
-    "load_policy": "artifacts", "save_policy": "artifacts", "ActOutput": "engine", "Engine": "engine",
+    "load_policy": "artifacts", "save_adapter": "artifacts", "save_policy": "artifacts", "Engine": "engine",
+    "ActOutput": "protocol", "ActRequest": "protocol", "ActResult": "protocol", "BadRequest": "protocol",
     "init_adapter": "network", "init_backbone": "network", "AgentSpec": "spec", "LoraSpec": "spec",
     "PolicySpec": "spec",
     **{name: "errors" for name in (

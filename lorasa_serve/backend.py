@@ -2,26 +2,19 @@
 
 Code that only acts (the benchmarks, `lorasa-eval`, the exporters' verification) takes an
 `ActBackend`, so any backend can be swapped in. Both backends check their inputs with
-`lorasa_serve.validation`: the same bad input gives the same typed error from either.
+`lorasa_serve.protocol` (as the service does): the same bad input gives the same typed error from
+either; `act_checked` takes a request that protocol already checked (no second check).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .protocol import ActOutput, ActRequest, ActResult  # noqa: F401 (ActOutput: the old name)
 from .spec import PolicySpec
-
-
-@dataclass
-class ActOutput:
-    actions: Tensor  # Gaussian [B, act_max] float (zero past each agent's act_dim); Categorical [B] int64
-    log_probs: Tensor  # [B]
-    state: Tensor | None  # [B, hidden] next recurrent state (None for a feed-forward policy)
-    versions: list[int] | None = None  # adapter version used for each row (act_session only)
 
 
 @runtime_checkable
@@ -43,7 +36,11 @@ class ActBackend(Protocol):
         ...
 
     def act(self, agent_ids, obs, state=None, reset=None, avail=None, *, deterministic: bool = True,
-            generator: torch.Generator | None = None) -> ActOutput:
+            generator: torch.Generator | None = None) -> ActResult:
         """agent_ids [B] (ids or indices); obs [B, <=obs_max]; state [B, H] or None (zeros);
         reset [B] bool; avail [B, <=act_max] (Categorical only) -> actions, log-probs, next state."""
+        ...
+
+    def act_checked(self, req: ActRequest, *, generator: torch.Generator | None = None) -> ActResult:
+        """`act` on a request `lorasa_serve.protocol.check_act` made (no second check)."""
         ...

@@ -31,13 +31,13 @@ import select
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Sequence
 from urllib.parse import quote, urlsplit
 
 import numpy as np
 
 from .oip_codec import HEADER, TensorError, decode_body, encode_parts
+from .protocol import ActResult  # numpy arrays here: actions, log_probs, state (None in a session), versions
 
 DEFAULT_MODEL = "lorasa_policy"
 RETRY_SAFE = "X-Lorasa-Retry-Safe"  # the server's mark on a 503 after which re-sending is safe
@@ -95,14 +95,6 @@ class ClientInputError(ClientError, ValueError):
 
 class _NotSent(OSError):
     """The request did not fully leave this process (connect or send failed): safe to send again."""
-
-
-@dataclass
-class ActResult:
-    actions: np.ndarray  # [B, act_max] float32 (Gaussian) or [B] int64 (Categorical)
-    log_probs: np.ndarray  # [B] float32
-    state: np.ndarray | None  # [B, hidden] float32 next state (None: feed-forward, or a session)
-    versions: np.ndarray  # [B] int64 adapter version that served each row
 
 
 class PolicyClient:

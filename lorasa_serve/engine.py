@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from . import artifacts, peft_format
-from . import validation as check
-from .backend import ActOutput
+from . import protocol
+from .protocol import ActRequest, ActResult
 from .bank import AdapterBank
 from .distributions import categorical_act, gaussian_act
 from .errors import DeviceUnavailableError, InputError, NonFiniteError, UnknownAgentError
@@ -62,6 +62,7 @@ class Engine:
         self._merges = MergedSet()  # pinned and auto-merged agents (guarded by the write lock)
         self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device)
         self.sessions = SessionStore(spec.hidden, max_sessions, self.device)
+        self._agents: protocol.AgentTable | None = None  # the validator's view of the bank (see _table)
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "auto", mode: Mode = "auto",
@@ -100,17 +101,17 @@ class Engine:
         """Agent ids -> integer indices accepted by `act` in place of ids (skips the lookup)."""
         if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
             raise InputError("agent_index takes agent id strings, not indices")
-        return check.agent_slots(agent_ids, self._bank.slot_of)
+        return protocol.agent_indices(self._table(self._bank), _host(agent_ids))
 
     def adapter(self, agent_id: str) -> dict[str, Tensor] | None:
         """The agent's current adapter tensors (PEFT layout, on the engine's device)."""
         bank = self._bank
-        return bank.adapters[check.agent_slot(agent_id, bank.slot_of)]
+        return bank.adapters[protocol.agent_index(self._table(bank), agent_id)]
 
     def merged_weights(self, agent_id: str) -> dict[str, Tensor]:
         """Every Linear of the agent with its adapter merged: name -> W0 + (alpha/r) B A [out, in]."""
         bank = self._bank
-        merged = bank.merged_weights(check.agent_slot(agent_id, bank.slot_of))
+        merged = bank.merged_weights(protocol.agent_index(self._table(bank), agent_id))
         return {n: merged.get(n, bank.backbone[f"{n}.weight"]) for n in bank.spec.linear_names()}
 
     def backbone(self) -> dict[str, Tensor]:
@@ -120,68 +121,92 @@ class Engine:
         """The agent's Gaussian log-std [act_max]: backbone `log_std` plus its adapter's
         `log_std_offset` (when the policy's adapters carry one)."""
         bank = self._bank
-        slot = check.agent_slot(agent_id, bank.slot_of)
+        slot = protocol.agent_index(self._table(bank), agent_id)
         return bank.log_std_rows(np.array([slot]))[0] if bank.log_std is not None else bank.backbone["log_std"]
 
     # --- acting -------------------------------------------------------------------------------
     def act(self, agent_ids: Sequence[str] | np.ndarray | Tensor, obs, state=None, reset=None,
             avail=None, *, deterministic: bool = True, generator: torch.Generator | None = None,
-            mode: Mode | None = None) -> ActOutput:
-        """One forward over a mixed batch.
+            mode: Mode | None = None) -> ActResult:
+        """One forward over a mixed batch, inputs checked by `lorasa_serve.protocol` (its rules).
 
-        agent_ids [B] (ids, or indices from `agent_index`); obs [B, <=obs_max] (zero-padded per agent);
-        state [B, hidden] or None (zeros); reset [B] bool (True zeroes the state: episode start);
-        avail [B, <=act_max] available-action mask (Categorical only). Returns actions, log-probs and
-        the next state. Sampling draws from `generator` (seedable) when not deterministic.
+        agent_ids [B] (ids, or indices from `agent_index`); obs [B, <=obs_max] (each row the agent's
+        observation zero-padded; non-zero values past its obs_dim are an error); state [B, hidden] or
+        None (zeros); reset [B] bool (True zeroes the state: episode start); avail [B, <=act_max]
+        available-action mask (Categorical only). Returns actions, log-probs and the next state.
+        Sampling draws from `generator` (seedable) when not deterministic.
         """
         # one bank snapshot for the whole call: hot-swaps never show half an adapter
-        return self._act(self._bank, agent_ids, obs, state, reset, avail, deterministic,
-                         generator, mode)[0]
+        bank = self._bank
+        req = self._check(bank, agent_ids, obs, state, reset, avail)
+        return self._act(bank, req, self._tensor(obs, req.obs), deterministic, generator, mode)[0]
+
+    def act_checked(self, req: ActRequest, *, generator: torch.Generator | None = None) -> ActResult:
+        """`act` on a request `protocol.check_act` already checked (the service's batches): no second
+        check. `req.deterministic` chooses argmax or sampling."""
+        return self._act(self._bank, req, None, req.deterministic, generator, None)[0]
+
+    def _table(self, bank: AdapterBank) -> protocol.AgentTable:
+        """The validator's view of the bank's agents (rebuilt when an agent is added)."""
+        table = self._agents
+        if table is None or table.spec is not bank.spec:
+            table = self._agents = protocol.AgentTable(bank.spec)
+        return table
+
+    def _check(self, bank: AdapterBank, agent_ids, obs, state, reset, avail) -> ActRequest:
+        """The thin torch step before the protocol's checks: tensors are read as numpy arrays."""
+        return protocol.check_act(self._table(bank), _host(agent_ids), _host(obs), _host(state),
+                                  _host(reset), _host(avail))
 
     @torch.inference_mode()
-    def _act(self, bank: AdapterBank, agent_ids, obs, state, reset, avail, deterministic: bool,
-             generator: torch.Generator | None, mode: Mode | None
-             ) -> tuple[ActOutput, AdapterBank, np.ndarray]:
-        slots = check.agent_slots(agent_ids, bank.slot_of)
-        B, spec = len(slots), bank.spec
-        check.check_avail_kind(spec.action, avail)
-        avail_t = check.bool_rows(avail, "avail", B, spec.act_max, self.device)
-        obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
+    def _act(self, bank: AdapterBank, req: ActRequest, obs_t: Tensor | None, deterministic: bool,
+             generator: torch.Generator | None, mode: Mode | None, h: Tensor | None = None
+             ) -> tuple[ActResult, AdapterBank]:
+        """A checked request -> result, the bank used. obs_t: the caller's obs tensor when it can be
+        used as is; h: a state to use instead of req.state (a session's)."""
+        slots, spec = req.idx, bank.spec
+        obs_t, h, reset_t = self._inputs(bank, req, obs_t, h)
         head, h_next, bank = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
         dim_mask = bank.dim_mask(slots)  # [B, act_max] or [act_max] (all agents: every action)
         if spec.action == "gaussian":
             actions, logp = gaussian_act(head, bank.log_std_rows(slots), dim_mask, deterministic,
                                          generator)
         else:
-            valid = check.valid_actions(dim_mask, avail_t)
+            valid = dim_mask if req.avail is None else dim_mask & self._tensor(None, req.avail)
             actions, logp = categorical_act(head, valid, deterministic, generator)
-        return ActOutput(actions, logp, h_next), bank, slots
+        return ActResult(actions, logp, h_next), bank
 
-    def _inputs(self, bank: AdapterBank, slots: np.ndarray, obs, state, reset):
-        """Checked tensors on the engine's device: obs [B, input_width] (padding columns zeroed, the
-        agent one-hot appended when the policy has one),
-        state [B, H] | None, reset [B] | None."""
-        B, spec = len(slots), bank.spec
-        obs_t = check.float_rows(obs, "obs", B, spec.obs_max, self.device)
-        h = check.float_rows(state, "state", B, spec.hidden, self.device, exact=True) \
-            if spec.recurrent else None
-        reset_t = check.bool_rows(reset, "reset", B, None, self.device)
-        if not bank.obs_uniform:
-            slots_t = torch.as_tensor(slots, device=self.device)
-            col = torch.arange(spec.obs_max, device=self.device)
-            obs_t = obs_t.masked_fill(col >= bank.obs_dims[slots_t].unsqueeze(1), 0.0)
+    def _inputs(self, bank: AdapterBank, req: ActRequest, obs_t: Tensor | None, h: Tensor | None):
+        """Tensors on the engine's device: obs [B, input_width] (the agent one-hot appended when the
+        policy has one), state [B, H] | None, reset [B] | None."""
+        spec = bank.spec
+        obs_t = self._tensor(None, req.obs) if obs_t is None else obs_t
+        if h is None and spec.recurrent:
+            h = self._tensor(None, req.state) if req.state is not None else \
+                torch.zeros(req.n, spec.hidden, device=self.device)
+        reset_t = None if req.reset is None else self._tensor(None, req.reset)
         if bank.onehot is not None:  # [B, obs_max] -> [B, obs_max + agent_onehot]: the agent's one-hot
-            obs_t = torch.cat([obs_t, bank.onehot.index_select(0, torch.as_tensor(slots, device=self.device))], 1)
+            obs_t = torch.cat([obs_t, bank.onehot.index_select(0, torch.as_tensor(req.idx, device=self.device))], 1)
         return obs_t, h, reset_t
+
+    def _tensor(self, given, checked: np.ndarray) -> Tensor | None:
+        """The checked array on the engine's device; the caller's own tensor when it already is that
+        (float32 on the device, same shape: no copy back and forth)."""
+        if given is None or not (isinstance(given, Tensor) and given.dtype == torch.float32
+                                 and given.device == self.device and given.shape == checked.shape):
+            if not checked.flags.writeable:
+                checked = checked.copy()  # torch.from_numpy wants a writable array
+            return torch.from_numpy(checked).to(self.device)
+        return given.detach()  # a view: a caller's tensor that requires grad reads like any other
 
     @torch.inference_mode()
     def forward(self, agent_ids, obs, state=None, reset=None, mode: Mode | None = None
                 ) -> tuple[Tensor, Tensor | None]:
         """Raw head output [B, act_max] (Gaussian means or logits before masking) and next state."""
         bank = self._bank
-        slots = check.agent_slots(agent_ids, bank.slot_of)
-        obs_t, h, reset_t = self._inputs(bank, slots, obs, state, reset)
-        head, h_next, _ = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
+        req = self._check(bank, agent_ids, obs, state, reset, None)
+        obs_t, h, reset_t = self._inputs(bank, req, self._tensor(obs, req.obs), None)
+        head, h_next, _ = self._forward(bank, req.idx, obs_t, h, reset_t, mode or self.mode)
         return head, h_next
 
     def _forward(self, bank: AdapterBank, slots: np.ndarray, obs: Tensor, h: Tensor | None,
@@ -236,16 +261,16 @@ class Engine:
     # --- sessions -----------------------------------------------------------------------------
     def act_session(self, session_id: str, agent_ids: Sequence[str], obs, avail=None, *,
                     deterministic: bool = True, generator: torch.Generator | None = None,
-                    reset=None) -> ActOutput:
+                    reset=None) -> ActResult:
         """`act` with the recurrent state kept by the engine per (session, agent)."""
-        ids = check.distinct_agents(agent_ids)
-        check.agent_slots(ids, self._bank.slot_of)  # unknown agents fail before any state is touched
-        state, _ = self.sessions.get(session_id, ids) if self.spec.recurrent else (None, None)
-        out, bank, slots = self._act(self._bank, ids, obs, state, reset, avail, deterministic,
-                                     generator, None)
+        ids = protocol.distinct_agents(agent_ids)
+        bank = self._bank
+        req = self._check(bank, ids, obs, None, reset, avail)  # fails before any state is touched
+        state = self.sessions.get(session_id, ids)[0] if self.spec.recurrent else None
+        out, bank = self._act(bank, req, self._tensor(obs, req.obs), deterministic, generator, None, state)
         if out.state is not None:
             self.sessions.put(session_id, ids, out.state)
-        out.versions = [bank.versions[s] for s in slots.tolist()]
+        out.versions = [bank.versions[s] for s in req.idx.tolist()]
         return out
 
     def reset_session(self, session_id: str) -> bool:
@@ -287,10 +312,14 @@ class Engine:
         agent on a fixed probe batch (zero and standard-normal observations, zero and random states)
         and refuse the adapter unless every action, log-prob and next state is finite."""
         spec, g = bank.spec, torch.Generator().manual_seed(0)
+        slot = bank.slot_of[agent_id]
         obs = torch.cat([torch.zeros(2, spec.obs_max), torch.randn(6, spec.obs_max, generator=g)])
+        obs[:, spec.agents[slot].obs_dim:] = 0.0  # the agent's own observation, zero-padded
         state = torch.cat([torch.zeros(4, spec.hidden), torch.rand(4, spec.hidden, generator=g) * 2 - 1]) \
             if spec.recurrent else None
-        out = self._act(bank, np.full(8, bank.slot_of[agent_id]), obs, state, None, None, True, None, "lora")[0]
+        req = protocol.check_act(protocol.AgentTable(spec), np.full(8, slot), obs.numpy(),
+                                 None if state is None else state.numpy())
+        out = self._act(bank, req, None, True, None, "lora")[0]
         parts = [out.actions.float(), out.log_probs] + ([out.state] if out.state is not None else [])
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             raise NonFiniteError(f"adapter {agent_id!r}", "the policy's outputs on a probe batch are NaN or inf "
@@ -322,7 +351,7 @@ class Engine:
         with self._write_lock:
             bank = self._bank
             ids = bank.spec.agent_ids if agent_ids is None else list(agent_ids)
-            slots = [check.agent_slot(a, bank.slot_of) for a in ids]
+            slots = [protocol.agent_index(self._table(bank), a) for a in ids]
             self._merges.pin(slots, merge)
             self._bank = bank.with_merged(slots, merge)
 
@@ -391,3 +420,13 @@ def _cat_blocks(blocks: list, dim: int) -> tuple[Tensor, Tensor | None]:
 
 def _opt(x: Tensor | None, dim: int) -> Tensor | None:
     return None if x is None else x.unsqueeze(dim)
+
+
+def _host(x):
+    """A tensor argument as a numpy array for the protocol's checks (others pass as they are)."""
+    if not isinstance(x, Tensor):
+        return x
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        x = x.float()
+    return x.cpu().numpy() if x.device.type != "cpu" else x.numpy()

@@ -53,7 +53,14 @@ class SpecError(LorasaError, ValueError):
 
 
 class InputError(LorasaError, ValueError):
-    """Bad arguments to `Engine.act` (shapes, dtypes, non-finite values, empty action masks)."""
+    """Bad input to an act entry point (shapes, dtypes, non-finite values, empty action masks; see
+    `lorasa_serve.protocol`), or any other bad request to the service (`BadRequest` is this class).
+    `status`: the HTTP status the service answers with (4xx); `message`: its text."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
 
 
 class UnknownAgentError(InputError):

@@ -1,7 +1,7 @@
 """Serve an exported ONNX directory through onnxruntime with the Engine's `act` interface.
 
     eng = OnnxEngine.from_dir("export/")               # written by `lorasa-export`
-    out = eng.act(["agent_0", "agent_1"], obs, state, reset)   # ActOutput, as Engine.act
+    out = eng.act(["agent_0", "agent_1"], obs, state, reset)   # ActResult, as Engine.act
 
 When the export's manifest lists a verified `onnx/multi_agent.onnx`, that one graph serves mixed
 batches natively; otherwise rows are grouped per agent over `onnx/<agent_id>.onnx` (merged weights). The graphs return
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from . import onnx_contract as contract
-from . import validation as check
-from .backend import ActOutput
+from . import protocol
+from .protocol import ActRequest, ActResult
 from .distributions import categorical_act, gaussian_act
 from .errors import ArtifactError, CorruptFileError, InputError, LorasaError
 from .onnx_contract import MANIFEST, SPEC_FILE
@@ -101,8 +101,7 @@ class OnnxEngine:
         self.spec = spec
         self.multi_agent = multi_agent
         self._sessions = sessions  # contract.MULTI_AGENT or agent id -> InferenceSession
-        self._slot_of = {a: i for i, a in enumerate(spec.agent_ids)}
-        self._obs_dims = np.array([a.obs_dim for a in spec.agents])
+        self._table = protocol.AgentTable(spec)  # what the protocol's checks read
         self._act_dims = torch.tensor([a.act_dim for a in spec.agents])
         self._log_std = None if log_std is None else torch.from_numpy(log_std)
         self.device = CPU
@@ -140,20 +139,29 @@ class OnnxEngine:
         """Agent ids -> integer indices accepted by `act` in place of ids (skips the lookup)."""
         if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
             raise InputError("agent_index takes agent id strings, not indices")
-        return check.agent_slots(agent_ids, self._slot_of)
+        return protocol.agent_indices(self._table, _host(agent_ids))
 
     # --- acting -------------------------------------------------------------------------------
     def forward(self, agent_ids, obs, state=None, reset=None, avail=None
                 ) -> tuple[Tensor, Tensor | None]:
         """Head [B, act_max] (Gaussian means; Categorical logits, unavailable at float32 min) and h'."""
-        slots, obs_n, h, reset_n, avail_n = self._inputs(agent_ids, obs, state, reset, avail)
-        head, h_next = self._run(slots, obs_n, h, reset_n, avail_n)
+        req = self._check(agent_ids, obs, state, reset, avail)
+        head, h_next = self._run(req.idx, *self._feeds(req))
         return torch.from_numpy(head), None if h_next is None else torch.from_numpy(h_next)
 
     def act(self, agent_ids, obs, state=None, reset=None, avail=None, *, deterministic: bool = True,
-            generator: torch.Generator | None = None) -> ActOutput:
-        slots, obs_n, h, reset_n, avail_n = self._inputs(agent_ids, obs, state, reset, avail)
-        head_n, h_next = self._run(slots, obs_n, h, reset_n, avail_n)
+            generator: torch.Generator | None = None) -> ActResult:
+        """As `Engine.act`: inputs checked by `lorasa_serve.protocol` (the same rules and errors)."""
+        return self._act(self._check(agent_ids, obs, state, reset, avail), deterministic, generator)
+
+    def act_checked(self, req: ActRequest, *, generator: torch.Generator | None = None) -> ActResult:
+        """`act` on a request `protocol.check_act` already checked (no second check)."""
+        return self._act(req, req.deterministic, generator)
+
+    def _act(self, req: ActRequest, deterministic: bool, generator: torch.Generator | None) -> ActResult:
+        slots = req.idx
+        obs, h, reset, avail = self._feeds(req)
+        head_n, h_next = self._run(slots, obs, h, reset, avail)
         head = torch.from_numpy(head_n)
         dims = dim_mask(self._act_dims, torch.from_numpy(slots), self.spec.act_max)  # [B, act_max]
         if self.spec.action == "gaussian":
@@ -161,9 +169,9 @@ class OnnxEngine:
                 self._log_std.index_select(0, torch.from_numpy(slots))  # [B, act_max]: each row's agent
             actions, logp = gaussian_act(head, log_std, dims, deterministic, generator)
         else:
-            valid = dims & torch.from_numpy(avail_n)
+            valid = dims & torch.from_numpy(avail)
             actions, logp = categorical_act(head, valid, deterministic, generator)
-        return ActOutput(actions, logp, None if h_next is None else torch.from_numpy(h_next))
+        return ActResult(actions, logp, None if h_next is None else torch.from_numpy(h_next))
 
     def _run(self, slots: np.ndarray, obs: np.ndarray, h: np.ndarray | None, reset: np.ndarray | None,
              avail: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -196,29 +204,29 @@ class OnnxEngine:
         head, h_next = sess.run([self._head, contract.STATE_OUT], feeds)
         return head, h_next
 
-    # --- input checking: lorasa_serve.validation, the same rules and errors as Engine -------------
-    def _inputs(self, agent_ids, obs, state, reset, avail):
-        """-> numpy slots [B], obs [B, obs_max] (padding zeroed), h [B, H] | None, reset [B] | None,
-        avail [B, act_max] bool | None (Categorical: every row has an action)."""
-        spec = self.spec
-        slots = check.agent_slots(agent_ids, self._slot_of)
-        B = len(slots)
-        check.check_avail_kind(spec.action, avail)
-        avail_t = check.bool_rows(avail, "avail", B, spec.act_max, CPU)
-        obs_n = check.float_rows(obs, "obs", B, spec.obs_max, CPU).numpy()
-        cols = np.arange(spec.obs_max)
-        obs_n = np.where(cols < self._obs_dims[slots][:, None], obs_n, 0.0).astype(np.float32)
-        h = reset_n = avail_n = None
-        if spec.recurrent:  # checked in Engine's order: obs, state, reset
-            h_t = check.float_rows(state, "state", B, spec.hidden, CPU, exact=True)
-            h = np.ascontiguousarray(h_t.numpy())
-        reset_t = check.bool_rows(reset, "reset", B, None, CPU)
+    # --- input checking: lorasa_serve.protocol, the same rules and errors as Engine ----------------
+    def _check(self, agent_ids, obs, state, reset, avail) -> ActRequest:
+        return protocol.check_act(self._table, *(_host(x) for x in (agent_ids, obs, state, reset, avail)))
+
+    def _feeds(self, req: ActRequest):
+        """A checked request -> the graphs' numpy inputs: obs [B, obs_max], h [B, H] | None,
+        reset [B] | None, avail [B, act_max] bool | None (recurrent / Categorical policies only)."""
+        spec, B = self.spec, req.n
+        h = reset = avail = None
         if spec.recurrent:
-            reset_n = np.zeros(B, bool) if reset_t is None else reset_t.numpy()
+            h = np.zeros((B, spec.hidden), np.float32) if req.state is None else np.ascontiguousarray(req.state)
+            reset = np.zeros(B, bool) if req.reset is None else req.reset
         if spec.action == "categorical":
-            check.valid_actions(dim_mask(self._act_dims, torch.from_numpy(slots), spec.act_max), avail_t)
-            avail_n = np.ones((B, spec.act_max), bool) if avail_t is None else avail_t.numpy()
-        return slots, obs_n, h, reset_n, avail_n
+            avail = np.ones((B, spec.act_max), bool) if req.avail is None else req.avail
+        return np.ascontiguousarray(req.obs), h, reset, avail
+
+
+def _host(x):
+    """A tensor argument as a numpy array (others pass as they are)."""
+    if not isinstance(x, Tensor):
+        return x
+    x = x.detach()
+    return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
 
 
 def _check_graph_spec(path: Path, sess, spec: PolicySpec) -> None:

@@ -50,7 +50,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         _require_json(request)
         rt = await get_runtime()
         body = await _body(request, cfg.max_body_bytes)
-        parse = lambda: parse_act(parse_json(body), rt.spec, cfg.max_rows_per_request)  # noqa: E731
+        parse = lambda: parse_act(parse_json(body), rt.table, cfg.max_rows_per_request)  # noqa: E731
         # big bodies are parsed off the event loop so they do not stall other requests
         req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
         res = await asyncio.wrap_future(rt.submit(req))

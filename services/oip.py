@@ -1,11 +1,12 @@
 """The Open Inference Protocol (KServe v2) REST API: a Starlette app mounted by the service at /v2.
 
 One model (`LORASA_MODEL_NAME`, default `lorasa_policy`), with the binary tensor data extension.
-Inference goes through the same array validator (services/act_check.py), batcher and Engine as
-/v1: a request becomes the `ActRequest` that `PolicyRuntime.submit` takes.
+Inference goes through the same validator (`lorasa_serve.protocol.check_act`), batcher and Engine as
+/v1: a request becomes the `ActRequest` that `PolicyRuntime.submit` takes. Here: the wire (field
+names, datatypes, numbers of dimensions, element limits); the protocol: every rule on the values.
 
-    inputs   agent_id BYTES [B] | agent_index INT64 [B], obs FP32 [B, obs_max],
-             state FP32 [B, hidden], reset BOOL [B], avail BOOL [B, act_max]
+    inputs   agent_id BYTES [B] | agent_index INT64 [B], obs FP32 [B, <=obs_max] (zero past each
+             agent's obs_dim), state FP32 [B, hidden], reset BOOL [B], avail BOOL [B, <=act_max]
     outputs  action FP32 [B, act_max] (Gaussian) | INT64 [B] (Categorical), log_prob FP32 [B],
              state_out FP32 [B, hidden], version INT64 [B]
     request  id, parameters, inputs, outputs; model_name / model_version (kserve sends them) must
@@ -30,14 +31,14 @@ from starlette.routing import Route
 
 import lorasa_serve
 from lorasa_serve.oip_codec import HEADER, Tensor, TensorError, decode, encode, split_body
+from lorasa_serve.protocol import ActRequest, ActResult, AgentTable, BadRequest, check_act, short, unknown_agent
 from lorasa_serve.spec import PolicySpec
 
 from . import metrics
-from .act_check import agent_table, check_act
 from .config import ServiceConfig
 from .http import NotReady, _body, _guard, _http_error
-from .runtime import ActResult, PolicyRuntime
-from .schema import ActRequest, BadRequest, check_session_id, short
+from .runtime import PolicyRuntime
+from .schema import check_session_id
 
 MODEL_NAME = os.environ.get("LORASA_MODEL_NAME", "lorasa_policy")
 MODEL_VERSION = "1"
@@ -85,10 +86,12 @@ def model_metadata(spec: PolicySpec, name: str = MODEL_NAME) -> dict:
                            "backbone_fingerprint": spec.backbone_fingerprint}}
 
 
-def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_rows: int,
+def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec | AgentTable, max_rows: int,
                 model: str = MODEL_NAME, version: str = MODEL_VERSION) -> InferCall:
-    """An infer request body -> the checked ActRequest and the outputs to return.
-    `model`, `version`: what the URL names (a body's model_name/model_version must agree)."""
+    """An infer request body -> the checked ActRequest and the outputs to return. `spec`: the policy
+    or its AgentTable; `model`, `version`: what the URL names (a body's must agree)."""
+    table = AgentTable.of(spec)
+    spec = table.spec
     try:
         head, binary = split_body(body, header_length)
         extra = sorted(set(head) - REQUEST_FIELDS)
@@ -104,7 +107,7 @@ def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec, max_ro
     seed = _param(params, "seed", int, None)
     if seed is not None and not 0 <= seed < 1 << 63:
         raise BadRequest("parameter 'seed' must be an integer in [0, 2**63)")
-    req = _act_request(tensors, spec, max_rows, det, check_session_id(params.get("session_id")), seed)
+    req = _act_request(tensors, table, max_rows, det, check_session_id(params.get("session_id")), seed)
     outputs = _requested(head.get("outputs"), spec, req, _param(params, "binary_data_output", bool, False))
     rid = head.get("id")
     if rid is not None and not isinstance(rid, str):
@@ -171,7 +174,7 @@ def _param(params: dict, name: str, typ: type, default):
     return v
 
 
-def _act_request(tensors: dict[str, Tensor], spec: PolicySpec, max_rows: int, det: bool,
+def _act_request(tensors: dict[str, Tensor], table: AgentTable, max_rows: int, det: bool,
                  sid: str | None, seed: int | None) -> ActRequest:
     unknown = sorted(set(tensors) - set(INPUT_TYPES))
     if unknown:
@@ -183,33 +186,17 @@ def _act_request(tensors: dict[str, Tensor], spec: PolicySpec, max_rows: int, de
         raise BadRequest("send exactly one of the inputs 'agent_id' (BYTES) and 'agent_index' (INT64)")
     if "obs" not in tensors:
         raise BadRequest("input 'obs' is required")
-    idx = _agent_index(tensors, spec)  # [B]
-    n = len(idx)
     arr = {k: t.array for k, t in tensors.items()}
-    for name in ("obs", "state", "avail"):
-        if name in arr and (arr[name].ndim != 2 or arr[name].shape[0] != n):
-            raise BadRequest(f"input {name!r} has shape {list(arr[name].shape)}; the agent input says "
-                             f"{n} rows, so it must be [{n}, ...]")
-    if "reset" in arr and arr["reset"].shape != (n,):
-        raise BadRequest(f"input 'reset' has shape {list(arr['reset'].shape)}, expected [{n}]")
-    state = arr.get("state")
-    if state is not None and not state.flags.writeable:
-        state = state.copy()  # torch.from_numpy wants a writable array; [B, hidden] is small
-    return check_act(spec, max_rows, idx, arr["obs"], state, arr.get("reset"), arr.get("avail"),
-                     sid, det, seed)
+    return check_act(table, _agent_index(tensors, table), arr["obs"], arr.get("state"), arr.get("reset"),
+                     arr.get("avail"), session_id=sid, deterministic=det, seed=seed, max_rows=max_rows)
 
 
-def _agent_index(tensors: dict[str, Tensor], spec: PolicySpec) -> np.ndarray:
+def _agent_index(tensors: dict[str, Tensor], table: AgentTable) -> np.ndarray:
+    """[B] int64 indices (the validator checks their range) from agent_index, or from agent_id."""
     if "agent_index" in tensors:
-        idx = tensors["agent_index"].array
-        if idx.ndim != 1:
-            raise BadRequest(f"input 'agent_index' must be 1-D [B], not {list(idx.shape)}")
-        return idx.astype(np.int64, copy=False)
+        return tensors["agent_index"].array.astype(np.int64, copy=False)
     ids = tensors["agent_id"].array
-    if ids.ndim != 1:
-        raise BadRequest(f"input 'agent_id' must be 1-D [B], not {list(ids.shape)}")
-    lut = agent_table(spec).byte_index
-    idx = np.fromiter((lut.get(b, -1) for b in ids), dtype=np.int64, count=len(ids))
+    idx = np.fromiter((table.byte_index.get(b, -1) for b in ids), dtype=np.int64, count=len(ids))
     bad = np.flatnonzero(idx < 0)
     if len(bad):
         raw = ids[bad[0]]
@@ -217,7 +204,7 @@ def _agent_index(tensors: dict[str, Tensor], spec: PolicySpec) -> np.ndarray:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest(f"row {int(bad[0])}: agent_id {raw[:64]!r} is not UTF-8") from None
-        raise BadRequest(f"row {int(bad[0])}: unknown agent_id {name!r}; serving {spec.agent_ids}")
+        raise unknown_agent(table, int(bad[0]), name)
     return idx
 
 
@@ -294,7 +281,7 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
         rt = await get_runtime()
         body = await _body(request, cfg.max_body_bytes)
         hlen = request.headers.get(HEADER)
-        parse = lambda: parse_infer(body, hlen, rt.spec, cfg.max_rows_per_request)  # noqa: E731
+        parse = lambda: parse_infer(body, hlen, rt.table, cfg.max_rows_per_request)  # noqa: E731
         # (model() checked that the URL names this model and version; the body must agree with them)
         # JSON tensors and binary BYTES ones (a Python loop per element unless all are one length)
         # are slow to parse: big bodies with either go off the event loop; other binary ones stay on it

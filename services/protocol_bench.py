@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per cell, protocol and round")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (background load hits all)")
     ap.add_argument("--pieces", action="store_true", help="also time the server's per-request steps")
-    ap.add_argument("--out", default="services/results")
+    ap.add_argument("--out", default="reports/service")
     args = ap.parse_args(argv)
     import torch
     from lorasa_serve import Engine

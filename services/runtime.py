@@ -34,10 +34,10 @@ import torch
 from lorasa_serve import Engine, LorasaError
 from lorasa_serve.artifacts import adapter_bytes, fingerprint
 from lorasa_serve.backend import ActBackend
+from lorasa_serve.protocol import ActRequest, ActResult, AgentTable, BadRequest, concat
 
 from . import metrics
 from .config import ServiceConfig
-from .schema import ActRequest, BadRequest
 from .state import (SessionBusy, SessionLimits, SessionStep, StateBackend, StateConfigError, StateUnavailable,
                     open_backend)
 from .state.base import StateOutcomeUnknown
@@ -54,15 +54,6 @@ class LoadFailure:
     version: int
     retry_at: float  # monotonic
     error: str
-
-
-@dataclass
-class ActResult:
-    actions: np.ndarray  # [n, act_max] float32 (Gaussian) or [n] int64 (categorical)
-    log_probs: np.ndarray  # [n]
-    state: np.ndarray | None  # [n, hidden] next state (None: feed-forward)
-    versions: np.ndarray  # [n] int64 adapter version used per row (global, from the state backend)
-    batch: dict  # {"requests": k, "rows": m} of the engine forward that served this request
 
 
 @dataclass
@@ -88,6 +79,7 @@ class PolicyRuntime:
         self.backend = backend or open_act_backend(cfg, policy_dir)  # every forward goes through it
         self.engine = self.backend if isinstance(self.backend, Engine) else None  # hot swap and merge
         self.spec = self.backend.spec
+        self.table = AgentTable(self.spec)  # what the request parsers check against
         slots = self.backend.agent_index(self.spec.agent_ids)  # requests carry indices in the spec's order
         if not np.array_equal(slots, np.arange(len(slots))):
             raise RuntimeError(f"the backend's agent order {slots.tolist()} is not its spec's")
@@ -315,20 +307,12 @@ class PolicyRuntime:
         """One Engine.act over the rows of every request (same `deterministic` flag). No side effects.
         Per request its ActResult, or a 422 BadRequest naming its rows whose output is NaN/inf (never
         stored: _close_sessions only releases the lease of a failed step)."""
-        idx = np.concatenate([r.idx for r in reqs])  # [B] agent indices (the backend's slots): always a
-        # fresh array, as the engine may keep it in its layout cache
-        obs = torch.from_numpy(_cat([r.obs for r in reqs]))  # [B, obs_max]
-        reset = torch.from_numpy(_cat([r.reset for r in reqs]))  # [B]
         state = self._states(reqs, steps)  # [B, H] | None
-        avail = None
-        if any(r.avail is not None for r in reqs):
-            avail = torch.from_numpy(_cat([
-                r.avail if r.avail is not None else np.ones((r.n, self.spec.act_max), dtype=bool)
-                for r in reqs]))  # [B, act_max]
-        seed = reqs[0].seed if len(reqs) == 1 and not reqs[0].deterministic else None
-        gen = None if seed is None else torch.Generator().manual_seed(seed)
-        out = self.backend.act(idx, obs, state, reset, avail, deterministic=reqs[0].deterministic,
-                               generator=gen)
+        batch_req = concat(reqs, state, self.spec.act_max)  # checked when each request was parsed
+        idx = batch_req.idx  # [B] agent indices (the backend's slots): a fresh array (a layout cache may keep it)
+        seeded = batch_req.seed is not None and not batch_req.deterministic  # a lone seeded request
+        gen = torch.Generator().manual_seed(batch_req.seed) if seeded else None
+        out = self.backend.act_checked(batch_req, generator=gen)
         versions = np.asarray([self.applied[a] for a in self.spec.agent_ids], dtype=np.int64)[idx]  # [B]
         batch = {"requests": len(reqs), "rows": len(idx)}
         metrics.batch_rows.observe(len(idx))
@@ -351,18 +335,19 @@ class PolicyRuntime:
             lo = hi
         return results
 
-    def _states(self, reqs: list[ActRequest], steps: list[SessionStep | None]) -> torch.Tensor | None:
+    def _states(self, reqs: list[ActRequest], steps: list[SessionStep | None]) -> np.ndarray | None:
+        """[B, H] float32: each request's session state, explicit state, or zeros (None: feed-forward)."""
         if not self.spec.recurrent:
             return None
         parts = []
         for r, step in zip(reqs, steps):
             if step is not None:
-                parts.append(torch.from_numpy(step.state))
+                parts.append(step.state)
             elif r.state is not None:
-                parts.append(torch.from_numpy(r.state))
+                parts.append(r.state)
             else:
-                parts.append(torch.zeros(r.n, self.spec.hidden))
-        return torch.cat(parts)  # [B, H]
+                parts.append(np.zeros((r.n, self.spec.hidden), np.float32))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # --- state sync (batcher thread, or __init__ before it starts) ------------------------------
     def _check(self) -> None:
@@ -485,15 +470,6 @@ class PolicyRuntime:
         """The published version this worker cannot load for `agent_id` (it serves an older one)."""
         f = self.load_failures.get(agent_id)
         return None if f is None else {"version": f.version, "error": f.error}
-
-
-def _cat(parts: list[np.ndarray]) -> np.ndarray:
-    """The rows of a batch's requests, one array (a lone request's own array: no copy, if writable and
-    C-contiguous, as torch.from_numpy wants; a binary /v2 body's tensors are read-only views of the body).
-    Neither backend writes into its inputs."""
-    if len(parts) == 1 and parts[0].flags.writeable and parts[0].flags.c_contiguous:
-        return parts[0]
-    return np.concatenate(parts)
 
 
 def _nonfinite_rows(actions: np.ndarray, logp: np.ndarray, h: np.ndarray | None) -> np.ndarray:

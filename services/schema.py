@@ -1,23 +1,23 @@
-"""JSON request parsing and validation for the v1 API: bad input -> `BadRequest` (HTTP 4xx), never
-an exception inside the batched forward.
+"""JSON request parsing for the v1 API: bad input -> `BadRequest` (HTTP 4xx), never an exception
+inside the batched forward.
 
-Checks are per row and name the row: unknown agent, obs length != the agent's obs_dim, non-numbers,
-NaN/inf (also float32 overflow), action masks of the wrong length or with no available action, state
-of the wrong length, state together with a session, too many rows, unknown fields (typos), duplicate
-JSON keys, session ids outside `SESSION_ID_RULE`. Client input echoed in a message is cut to
-`ECHO_CHARS` characters (with its length), so an error is always one short line. The array-level
-checks (finite values, padding, avail, state, sessions, row limit) are the ones /v2 uses too:
-services/act_check.py.
+The JSON checks name the row: unknown fields (typos), duplicate JSON keys, non-numbers, an obs of
+fewer numbers than the agent's obs_dim or more than obs_max (a row may carry the agent's obs_dim
+numbers, or more up to obs_max with zeros past obs_dim), avail_actions of fewer values than the
+agent's act_dim or more than act_max, a state of other than `hidden` numbers, session ids outside
+`SESSION_ID_RULE`. The rows then become arrays checked by THE validator,
+`lorasa_serve.protocol.check_act` (finite values, zero padding, available actions, state rules,
+sessions, row limit): the same rules and messages as /v2 and the in-process backends. Client input
+echoed in a message is cut to `ECHO_CHARS` characters (with its length): an error is one short line.
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
+from lorasa_serve.protocol import ECHO_CHARS, ActRequest, AgentTable, BadRequest, check_act, short, unknown_agent
 from lorasa_serve.spec import PolicySpec
 
 ROW_FIELDS = {"agent_id", "obs", "avail_actions", "state", "reset"}
@@ -29,51 +29,11 @@ MAX_SESSION_ID = 128
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,%d}" % (MAX_SESSION_ID - 1), re.ASCII)
 SESSION_ID_RULE = (f"1-{MAX_SESSION_ID} characters from A-Z a-z 0-9 . _ : @ -, "
                    "starting with a letter or digit")
-ECHO_CHARS = 64
-
-
-class BadRequest(Exception):
-    """Client error: `status` (4xx) and a message for the JSON body."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class ActRequest:
-    idx: np.ndarray  # [n] int64 agent indices (the spec's order, which is the backend's)
-    names: np.ndarray  # [n_agents] object: the spec's agent ids (index -> id)
-    obs: np.ndarray  # [n, obs_max] float32, zero-padded past each agent's obs_dim
-    state: np.ndarray | None  # [n, hidden] float32 explicit state (None: zeros or session)
-    reset: np.ndarray  # [n] bool: episode start (state zeroed)
-    avail: np.ndarray | None  # [n, act_max] bool (categorical only; None: all actions available)
-    session_id: str | None
-    deterministic: bool
-    seed: int | None = None  # sampling seed: the request is served alone with its own generator
-
-    @property
-    def n(self) -> int:
-        return len(self.idx)
-
-    @cached_property
-    def agent_ids(self) -> list[str]:
-        """[n] the agent id of each row (made on first use: a 4096-row stateless request never needs it)."""
-        return self.names[self.idx].tolist()
 
 
 def clip(text: str) -> str:
     """Client text (a path, a header) for an error message, cut to ECHO_CHARS characters."""
     return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
-
-
-def short(x: object) -> str:
-    """repr of client input for an error message, cut to ECHO_CHARS characters (naming its length)."""
-    r = repr(x)
-    if len(r) <= ECHO_CHARS:
-        return r
-    return f"{r[:ECHO_CHARS]}... ({len(x) if isinstance(x, str) else len(r)} characters)"
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
@@ -93,7 +53,11 @@ def parse_json(body: bytes) -> object:
         raise BadRequest(f"malformed JSON body: {type(e).__name__}: {str(e)[:200]}") from None
 
 
-def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
+def parse_act(d: object, spec: PolicySpec | AgentTable, max_rows: int) -> ActRequest:
+    """A /v1/act body (parsed JSON) -> the checked ActRequest. `spec`: the policy, or its AgentTable
+    (the service passes the one it owns)."""
+    table = AgentTable.of(spec)
+    spec = table.spec
     if not isinstance(d, dict):
         raise BadRequest("body must be a JSON object with 'rows'")
     _no_unknown(d, ACT_FIELDS, "request")
@@ -106,22 +70,22 @@ def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
     if not isinstance(det, bool):
         raise BadRequest("'deterministic' must be true or false")
     sid = check_session_id(d.get("session_id"))
-    agents = {a.agent_id: a for a in spec.agents}
     n = len(rows)
+    idx = np.empty(n, dtype=np.int64)
     obs = np.zeros((n, spec.obs_max), dtype=np.float32)
     reset = np.zeros(n, dtype=bool)
     state = avail = None
-    ids: list[str] = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise BadRequest(f"row {i}: must be an object {{agent_id, obs, ...}}")
         _no_unknown(row, ROW_FIELDS, f"row {i}")
-        agent = agents.get(row.get("agent_id")) if isinstance(row.get("agent_id"), str) else None
-        if agent is None:
-            raise BadRequest(f"row {i}: unknown agent_id {short(row.get('agent_id'))}; "
-                             f"serving {list(agents)}")
-        ids.append(agent.agent_id)
-        obs[i, :agent.obs_dim] = _floats(row.get("obs"), agent.obs_dim, f"row {i}: obs")
+        a = row.get("agent_id")
+        idx[i] = table.index.get(a, -1) if isinstance(a, str) else -1
+        if idx[i] < 0:
+            raise unknown_agent(table, i, a)
+        agent = spec.agents[idx[i]]
+        x = _floats(row.get("obs"), (agent.obs_dim, spec.obs_max), f"row {i}: obs")
+        obs[i, :len(x)] = x
         r = row.get("reset", False)
         if not isinstance(r, bool):
             raise BadRequest(f"row {i}: 'reset' must be true or false")
@@ -129,10 +93,11 @@ def parse_act(d: object, spec: PolicySpec, max_rows: int) -> ActRequest:
         if row.get("avail_actions") is not None:
             avail = _avail(avail, n, spec, agent.act_dim, row["avail_actions"], i)
         if row.get("state") is not None:
-            state = _state(state, n, spec, row["state"], i, sid)
-    from .act_check import agent_table, check_act  # the array checks shared with /v2
-    idx = np.fromiter((agent_table(spec).index[a] for a in ids), dtype=np.int64, count=n)
-    return check_act(spec, max_rows, idx, obs, state, reset, avail, sid, det, ids=ids)
+            if state is None:
+                state = np.zeros((n, spec.hidden), dtype=np.float32)
+            state[i] = _floats(row["state"], (spec.hidden, spec.hidden), f"row {i}: state")
+    return check_act(table, idx, obs, state, reset, avail, session_id=sid, deterministic=det,
+                     max_rows=max_rows)
 
 
 def parse_admin(body: bytes, served: list[str]) -> list[str]:
@@ -173,46 +138,37 @@ def check_session_id(sid: object) -> str | None:
     return sid
 
 
-def _floats(x: object, n: int, where: str) -> np.ndarray:
-    """A JSON list of exactly n numbers -> float32 [n]."""
+def _floats(x: object, lengths: tuple[int, int], where: str) -> np.ndarray:
+    """A JSON list of lengths[0] .. lengths[1] numbers -> float32 [n] (NaN, inf and values beyond
+    float32 are refused by the validator, naming the row)."""
+    lo, hi = lengths
+    want = f"{lo}" if lo == hi else f"{lo} to {hi}"
     if not isinstance(x, list) or any(isinstance(v, (bool, str)) or v is None for v in x):
-        raise BadRequest(f"{where} must be a list of {n} numbers")
+        raise BadRequest(f"{where} must be a list of {want} numbers")
     try:
         a = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):
-        raise BadRequest(f"{where} must be a flat list of {n} finite numbers") from None
-    if a.shape != (n,):
-        raise BadRequest(f"{where} has shape {list(a.shape)}, expected [{n}]")
+        raise BadRequest(f"{where} must be a flat list of {want} finite numbers") from None
+    if a.ndim != 1 or not lo <= len(a) <= hi:
+        raise BadRequest(f"{where} has shape {list(a.shape)}, expected {want} numbers")
     with np.errstate(over="ignore"):
-        return a.astype(np.float32)  # NaN/inf/overflow rejected by act_check.check_act
+        return a.astype(np.float32)
 
 
 def _avail(avail: np.ndarray | None, n: int, spec: PolicySpec, act_dim: int, x: object,
            i: int) -> np.ndarray:
+    """Row i's avail_actions: act_dim .. act_max values 0/1 or booleans (past act_dim: ignored)."""
     if spec.action != "categorical":
-        raise BadRequest(f"row {i}: avail_actions only apply to categorical policies")
-    if not isinstance(x, list) or len(x) != act_dim or not all(
+        raise BadRequest("avail (action masks) only apply to categorical policies")
+    if not isinstance(x, list) or not act_dim <= len(x) <= spec.act_max or not all(
             v in (0, 1) and not isinstance(v, float) for v in x):
-        raise BadRequest(f"row {i}: avail_actions must be a list of {act_dim} values 0/1 or booleans")
-    if not any(x):
-        raise BadRequest(f"row {i}: avail_actions has no available action (all zero)")
+        want = f"{act_dim}" if act_dim == spec.act_max else f"{act_dim} to {spec.act_max}"
+        raise BadRequest(f"row {i}: avail_actions must be a list of {want} values 0/1 or booleans")
     if avail is None:
         avail = np.ones((n, spec.act_max), dtype=bool)
     avail[i] = False
-    avail[i, :act_dim] = np.asarray(x, dtype=bool)
+    avail[i, :len(x)] = np.asarray(x, dtype=bool)
     return avail
-
-
-def _state(state: np.ndarray | None, n: int, spec: PolicySpec, x: object, i: int,
-           sid: str | None) -> np.ndarray:
-    if sid is not None:
-        raise BadRequest(f"row {i}: send either 'state' per row or a 'session_id', not both")
-    if not spec.recurrent:
-        raise BadRequest(f"row {i}: this policy is feed-forward and takes no 'state'")
-    if state is None:
-        state = np.zeros((n, spec.hidden), dtype=np.float32)
-    state[i] = _floats(x, spec.hidden, f"row {i}: state")
-    return state
 
 
 def act_response(req: ActRequest, spec: PolicySpec, actions: np.ndarray, log_probs: np.ndarray,

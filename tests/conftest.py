@@ -118,3 +118,20 @@ def redis_server(tmp_path_factory):
     from services.redis_server import RedisServer
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def categorical_server(tmp_path_factory):
+    """One real `bentoml serve` for the whole session (tests that share it must not change its
+    adapters): a recurrent Categorical policy of two agents, obs 7 | 5, act 4 | 3, hidden 16, at most
+    64 rows per request; `.policy` its directory, `.engine` the same policy in-process (lora mode)."""
+    from lorasa_serve import Engine
+    from services.launch import ServerProcess
+    root = tmp_path_factory.mktemp("categorical_server")
+    spec, _, _ = make_policy(root / "policy", obs=(7, 5), act=(4, 3), action="categorical")
+    env = {"LORASA_POLICY": str(root / "policy"), "LORASA_STATE_DIR": str(root / "state"),
+           "LORASA_MAX_ROWS_PER_REQUEST": "64"}
+    with ServerProcess(env, root / "server.log") as server:
+        server.spec, server.policy = spec, root / "policy"
+        server.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
+        yield server

@@ -72,3 +72,13 @@ def forward_loop(spec: PolicySpec, backbone: dict, adapters: dict, agent_ids, ob
         heads.append(out)
         states.append(hn)
     return torch.stack(heads), (torch.stack(states) if spec.recurrent else None)
+
+
+def zero_padding(spec: PolicySpec, agent_ids, obs):
+    """obs [B, obs_max] (torch or numpy) with each row zeroed past its agent's obs_dim: random full-width
+    test inputs made valid under the protocol's rule (non-zero padding is a wrong agent's row)."""
+    obs = obs.clone() if isinstance(obs, torch.Tensor) else obs.copy()
+    ids = [spec.agent_ids[int(a)] if not isinstance(a, str) else a for a in agent_ids]
+    for i, a in enumerate(ids):
+        obs[i, spec.agent(a).obs_dim:] = 0
+    return obs

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_policy, require_extra
-from reference import forward_loop
+from reference import forward_loop, zero_padding
 
 from lorasa_serve import Engine, PolicySpec, load_policy
 from lorasa_serve.errors import SpecError
@@ -46,7 +46,7 @@ def test_engine_appends_the_one_hot(onehot_policy, mode):
     eng = Engine.from_dir(d, device="cpu", mode=mode)
     g = torch.Generator().manual_seed(0)
     ids = [spec.agent_ids[i] for i in torch.randint(3, (33,), generator=g).tolist()]
-    obs = torch.randn(33, spec.obs_max, generator=g)
+    obs = zero_padding(spec, ids, torch.randn(33, spec.obs_max, generator=g))
     h = torch.randn(33, spec.hidden, generator=g) * 0.5
     head, h_next = eng.forward(ids, obs, h)
     ref_head, ref_h = forward_loop(spec, backbone, ads, ids, obs, h)

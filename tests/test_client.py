@@ -27,15 +27,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def srv(tmp_path_factory):
-    root = tmp_path_factory.mktemp("client")
-    spec, _, _ = make_policy(root / "policy", obs=(7, 5), act=(4, 3), action="categorical")
-    env = {"LORASA_POLICY": str(root / "policy"), "LORASA_STATE_DIR": str(root / "state"),
-           "LORASA_MAX_ROWS_PER_REQUEST": "64"}
-    with ServerProcess(env, root / "server.log") as server:
-        server.spec = spec
-        server.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
-        yield server
+def srv(categorical_server):
+    return categorical_server  # tests/conftest.py: one server for the session
 
 
 def sample(spec, n, seed):
@@ -85,7 +78,7 @@ def test_integer_agent_indices_as_list_range_or_tuple(srv):
             out = c.act(agents, obs, avail=avail)
             np.testing.assert_array_equal(out.actions, want.actions.numpy())
             np.testing.assert_allclose(out.log_probs, want.log_probs.numpy(), atol=1e-5)
-        with pytest.raises(ClientError, match="unknown agent_id 'True'"):  # a bool is not an index
+        with pytest.raises(ClientError, match="unknown agent id 'True'"):  # a bool is not an index
             c.act([True], obs[:1])
 
 
@@ -122,11 +115,11 @@ def test_sessions(srv):
 def test_typed_errors(srv):
     with PolicyClient(srv.url) as c:
         with pytest.raises(ClientError) as e:
-            c.act(["agent_0"], np.zeros((1, 3), np.float32))
-        assert e.value.status == 400 and "expected [1, 7]" in e.value.message
+            c.act(["agent_0"], np.zeros((1, 8), np.float32))
+        assert e.value.status == 400 and "expected [1, <=7]" in e.value.message
         with pytest.raises(ClientError) as e:
             c.act(["nobody"], np.zeros((1, 7), np.float32))
-        assert e.value.status == 400 and "unknown agent_id 'nobody'" in e.value.message
+        assert e.value.status == 400 and "unknown agent id 'nobody'" in e.value.message
         with pytest.raises(ClientError) as e:
             c.act(["agent_0"] * 65, np.zeros((65, 7), np.float32))
         assert e.value.status == 413

@@ -1,11 +1,13 @@
 """Engine vs the per-row reference loop, merge/unmerge, sampling, input errors."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from conftest import make_policy
-from reference import forward_loop
+from reference import forward_loop, zero_padding
 
 from lorasa_serve import Engine, InputError, UnknownAgentError
 from lorasa_serve.layout import plan
@@ -21,7 +23,7 @@ def mixed_batch(spec, B, seed=1, order="random"):
     else:  # env-major: a, b, c, a, b, c, ...
         idx = [i % len(ids) for i in range(B)]
     agent_ids = [ids[i] for i in idx]
-    obs = torch.randn(B, spec.obs_max, generator=g)
+    obs = zero_padding(spec, agent_ids, torch.randn(B, spec.obs_max, generator=g))
     h = torch.randn(B, spec.hidden, generator=g) * 0.5
     reset = torch.rand(B, generator=g) < 0.3
     return agent_ids, obs, h, reset
@@ -63,11 +65,14 @@ def test_heterogeneous_sizes(hetero_policy, mode):
     act_dims = torch.tensor([spec.agent(a).act_dim for a in ids])
     assert out.actions.shape == (40, 9)
     assert (out.actions[act_dims == 8, 8] == 0).all()  # the 170/8 agent never gets a 9th action
-    # obs columns beyond an agent's size are ignored (zeroed), not fed to the backbone
+    # obs columns beyond an agent's size must be zero (a wrong agent's row): refused, naming the row
     narrow = [i for i, a in enumerate(ids) if spec.agent(a).obs_dim == 170]
     obs2 = obs.clone()
-    obs2[narrow, 170:] = 123.0
-    torch.testing.assert_close(eng.forward(ids, obs2, h, reset)[0], head)
+    obs2[narrow[1:], 170:] = 123.0
+    msg = f"row {narrow[1]} (agent_1, obs_dim 170): non-zero values past its obs_dim: wrong agent's row?"
+    for call in (eng.forward, eng.act):
+        with pytest.raises(InputError, match=re.escape(msg)):
+            call(ids, obs2, h, reset)
 
 
 @pytest.mark.parametrize("recurrent", [True, False])

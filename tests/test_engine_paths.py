@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_policy
-from reference import forward_loop
+from reference import forward_loop, zero_padding
 
 import lorasa_serve.engine as engine_mod
 import lorasa_serve.layout as layout_mod
@@ -29,7 +29,7 @@ def batch(spec, B, seed=1, counts=None):
         idx = [i for i, c in enumerate(counts) for _ in range(c)]
         idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
     B = len(idx)
-    obs = torch.randn(B, spec.obs_max, generator=g)
+    obs = zero_padding(spec, [ids[i] for i in idx], torch.randn(B, spec.obs_max, generator=g))
     h = torch.randn(B, spec.hidden, generator=g) * 0.5
     reset = torch.rand(B, generator=g) < 0.3
     return [ids[i] for i in idx], obs, h, reset

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from reference import zero_padding
 from conftest import make_policy, require_extra
 
 from lorasa_serve import Engine, PolicySpec, load_policy
@@ -66,7 +67,7 @@ def test_engine_log_probs_use_each_agents_log_std(offset_policy, mode):
     eng = Engine.from_dir(d, device="cpu", mode=mode)
     g = torch.Generator().manual_seed(3)
     ids = [spec.agent_ids[i] for i in torch.randint(3, (40,), generator=g).tolist()]
-    obs = torch.randn(40, spec.obs_max, generator=g)
+    obs = zero_padding(spec, ids, torch.randn(40, spec.obs_max, generator=g))
     out = eng.act(ids, obs, deterministic=False, generator=torch.Generator().manual_seed(1))
     mean, _ = eng.forward(ids, obs)
     for i, a in enumerate(ids):
@@ -76,7 +77,7 @@ def test_engine_log_probs_use_each_agents_log_std(offset_policy, mode):
         assert torch.all(out.actions[i, spec.agent(a).act_dim:] == 0)
     # the sampled noise has each agent's own scale: many rows of one agent, std of (action - mean)
     big = ["agent_1"] * 4000
-    o = torch.randn(4000, spec.obs_max, generator=g)
+    o = zero_padding(spec, big, torch.randn(4000, spec.obs_max, generator=g))
     out = eng.act(big, o, deterministic=False, generator=torch.Generator().manual_seed(2))
     m, _ = eng.forward(big, o)
     std = (out.actions - m)[:, :2].std(0).double()

@@ -12,7 +12,7 @@ from conftest import make_policy, require_extra
 
 require_extra("serve", "starlette")
 from lorasa_serve.oip_codec import TensorError, decode_body, encode, encode_parts  # noqa: E402
-from services.act_check import check_act  # noqa: E402
+from lorasa_serve.protocol import AgentTable, check_act  # noqa: E402
 from services.oip import parse_infer  # noqa: E402
 from services.schema import BadRequest, parse_act  # noqa: E402
 
@@ -113,12 +113,14 @@ def test_check_act_padding_and_avail_match_row_by_row_reference(tmp_path):
         own = np.array([[c < spec.agents[k].act_dim for c in range(spec.act_max)] for k in idx])
         empty = [i for i in range(n) if not (avail[i] & own[i]).any()]
         try:
-            req = check_act(spec, 64, idx, obs, avail=avail)
+            req = check_act(AgentTable(spec), idx, obs, avail=avail, max_rows=64)
         except BadRequest as e:
             if want is not None:
-                assert f"row {want[0]} " in e.message and f"obs column {want[1]} " in e.message
+                k = idx[want[0]]
+                assert e.message == (f"row {want[0]} (agent_{k}, obs_dim {spec.agents[k].obs_dim}): non-zero "
+                                     "values past its obs_dim: wrong agent's row?")
             else:
-                assert empty and f"row {empty[0]}: avail has no available action" in e.message
+                assert empty and e.message.startswith(f"rows {empty[:10]}: no available action")
             continue
         assert want is None and not empty
         np.testing.assert_array_equal(req.avail, avail & own)
@@ -130,7 +132,7 @@ def test_v1_parse_act_uses_the_shared_checks(tmp_path):
     row = {"agent_id": "agent_1", "obs": [0.5] * 5, "state": [0.0] * spec.hidden}
     req = parse_act({"rows": [row]}, spec, 8)
     assert req.obs.shape == (1, 6) and req.obs[0, 5] == 0 and req.state.shape == (1, spec.hidden)
-    for bad, msg in [({**row, "obs": [1e39] + [0.0] * 4}, "row 0: obs contains NaN, inf or a value outside float32"),
+    for bad, msg in [({**row, "obs": [1e39] + [0.0] * 4}, "row 0: obs contains NaN or inf \\(or a value beyond float32"),
                      ({**row, "state": [float("nan")] * spec.hidden}, "row 0: state contains NaN")]:
         with pytest.raises(BadRequest, match=msg):
             parse_act({"rows": [bad]}, spec, 8)

@@ -1,5 +1,5 @@
 """One set of input rules for every backend: the same hostile inputs give the same typed errors,
-with the same messages, from `Engine` and from `OnnxEngine` (lorasa_serve/validation.py)."""
+with the same messages, from `Engine` and from `OnnxEngine` (lorasa_serve/protocol.py)."""
 from __future__ import annotations
 
 import subprocess
@@ -51,7 +51,7 @@ CATEGORICAL_CASES = [
     ("bare string id", lambda b: b.act("agent_0", _obs(1), _h(1)), InputError, "not one string"),
     ("bytes id", lambda b: b.act(b"agent_0", _obs(1), _h(1)), InputError, "not one string"),
     ("unknown id", lambda b: b.act(["agent_0", "nobody"], _obs(), _h()), UnknownAgentError, "'nobody'"),
-    ("huge unknown id", lambda b: b.act(["x" * 100_000], _obs(1), _h(1)), UnknownAgentError, "100002 chars"),
+    ("huge unknown id", lambda b: b.act(["x" * 100_000], _obs(1), _h(1)), UnknownAgentError, "100000 characters"),
     ("unhashable ids", lambda b: b.act([["agent_0"]], _obs(1), _h(1)), InputError, "sequence of agent ids"),
     ("index out of range", lambda b: b.act(np.array([0, 2]), _obs(), _h()), UnknownAgentError, r"\[0, 2\)"),
     ("negative index", lambda b: b.act(torch.tensor([-1, 0]), _obs(), _h()), UnknownAgentError, "indices"),
@@ -74,7 +74,7 @@ CATEGORICAL_CASES = [
     ("reset shape", lambda b: b.act(IDS, _obs(), _h(), [True]), InputError, "reset has shape"),
     ("reset strings", lambda b: b.act(IDS, _obs(), _h(), ["yes", "no"]), InputError, "reset must be numeric"),
     ("avail empty row", lambda b: b.act(IDS, _obs(), _h(), avail=[[1, 0, 0, 0], [0, 0, 0, 1]]), InputError,
-     r"rows \[1\] have no available action"),
+     r"rows \[1\]: no available action"),
     ("avail too wide", lambda b: b.act(IDS, _obs(), _h(), avail=np.ones((2, 5))), InputError,
      "avail has shape"),
     ("avail 3", lambda b: b.act(IDS, _obs(), _h(), avail=np.full((2, 4), 3)), InputError, "avail must hold 0/1"),
@@ -131,6 +131,7 @@ def test_inputs_that_require_grad_act_like_plain_ones(categorical, gaussian, dty
     backends exactly like the same values without it."""
     rng = np.random.default_rng(1)
     obs = torch.tensor(rng.standard_normal((2, 7)), dtype=dtype)
+    obs[1, 5:] = 0  # agent_1's obs_dim is 5
     state = torch.tensor(rng.standard_normal((2, H)), dtype=dtype)
     for backends, recurrent in ((categorical, True), (gaussian, False)):
         for name, be in backends.items():
@@ -153,7 +154,7 @@ def test_session_calls_reject_a_bare_string(categorical):
 
 def test_runtime_never_imports_exporters():
     code = ("import sys, lorasa_serve, lorasa_serve.onnx_backend, lorasa_serve.onnx_contract, "
-            "lorasa_serve.validation, lorasa_serve.backend, lorasa_serve.engine\n"
+            "lorasa_serve.protocol, lorasa_serve.backend, lorasa_serve.engine\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('exporters', 'training', 'benchmarks'))\n"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

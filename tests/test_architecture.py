@@ -1,0 +1,59 @@
+"""docs/ARCHITECTURE.md's import rule, checked by parsing every module of the installed packages with
+`ast` (every import statement, also those inside functions)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALLED = ("lorasa_serve", "training", "exporters", "services", "benchmarks")
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute module names a file imports (relative imports resolved against its package)."""
+    package = path.relative_to(REPO).with_suffix("").parts[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[:len(package) - node.level + 1]) if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            out.add(mod)
+            out |= {f"{mod}.{a.name}" for a in node.names}  # `from . import x` names a module
+    return out
+
+
+def _modules(package: str) -> dict[str, set[str]]:
+    return {str(p.relative_to(REPO)): _imports(p) for p in sorted((REPO / package).rglob("*.py"))}
+
+
+def _top(names: set[str]) -> set[str]:
+    return {n.split(".")[0] for n in names}
+
+
+def test_the_runtime_library_imports_no_layer_above_it():
+    for path, names in _modules("lorasa_serve").items():
+        bad = _top(names) & {"services", "training", "exporters", "benchmarks", "tests"}
+        assert not bad, f"{path} imports {sorted(bad)}"
+
+
+def test_the_protocol_never_imports_torch():
+    todo, seen = ["lorasa_serve.protocol"], set()
+    while todo:
+        mod = todo.pop()
+        path = REPO / (mod.replace(".", "/") + ".py")
+        if mod in seen or not path.is_file():
+            continue
+        seen.add(mod)
+        names = _imports(path)
+        assert "torch" not in _top(names), f"{mod} (imported by the protocol) imports torch"
+        todo += [n for n in names if n.startswith("lorasa_serve.")]
+    assert "lorasa_serve.errors" in seen and "lorasa_serve.spec" in seen
+
+
+def test_nothing_installed_imports_tests_or_benchmarks():
+    for package in INSTALLED:
+        for path, names in _modules(package).items():
+            bad = _top(names) & ({"tests"} if package == "benchmarks" else {"tests", "benchmarks"})
+            assert not bad, f"{path} imports {sorted(bad)}"
