@@ -51,6 +51,7 @@ def engine_decision(run_dir: Path) -> Callable[[], object]:
     ids = engine.agent_index(engine.agent_ids)
     N = len(ids)
     obs = torch.randn(N, spec.obs_max, generator=torch.Generator().manual_seed(0))
+    obs *= torch.arange(spec.obs_max) < torch.tensor([a.obs_dim for a in spec.agents]).unsqueeze(1)  # zero padding
     state = torch.zeros(N, spec.hidden) if spec.recurrent else None
     avail = torch.ones(N, spec.act_max, dtype=torch.bool) if spec.action == "categorical" else None
     return lambda: engine.act(ids, obs, state, None, avail, deterministic=True)
