@@ -68,6 +68,11 @@ def session_limits(cfg: ServiceConfig) -> SessionLimits:
                          max_bytes=cfg.max_session_bytes, lease_s=cfg.timeout_s)
 
 
+class SeedWait(StateUnavailable):
+    """A never-synced worker waits for a server that served the (empty) backend to re-seed it: on a
+    first deployment that is normal, so it is logged at INFO, not WARNING."""
+
+
 class PolicyRuntime:
     def __init__(self, cfg: ServiceConfig, policy_dir: Path, state: StateBackend | None = None,
                  backend: ActBackend | None = None):
@@ -91,6 +96,7 @@ class PolicyRuntime:
         self.state_error: str | None = None  # why the last check with the backend failed
         self._retry_at = 0.0  # monotonic time of the next check after a failed one
         self._synced = False  # a sync with this backend succeeded (this process may re-seed it)
+        self._seed_wait = False  # the last failed sync was a first start's wait for a re-seed (SeedWait)
         self._lost_since: float | None = None  # fresh process: when it first saw the backend lost
         self.load_failures: dict[str, LoadFailure] = {}  # agent -> the published version it cannot load
         self._seen_gen: object = None  # never seen: the first sync loads everything published
@@ -108,7 +114,9 @@ class PolicyRuntime:
             raise
         except Exception as e:  # unreachable, or transient (a blob pruned meanwhile...): retried
             self.state_error, self._retry_at = _reason(e), time.monotonic() + RETRY_S
-            log.warning("state sync failed at start (not ready, retrying): %s", self.state_error)
+            self._seed_wait = isinstance(e, SeedWait)
+            level = logging.INFO if self._seed_wait else logging.WARNING  # a first start waits
+            log.log(level, "state sync failed at start (not ready, retrying): %s", self.state_error)
         self._stopped: str | None = None  # why the batcher thread ended (it should never)
         self._thread = threading.Thread(target=self._loop, name="lorasa-batcher", daemon=True)
         self._thread.start()
@@ -357,9 +365,14 @@ class PolicyRuntime:
             return
         try:
             self._sync()
-            if self.state_error is not None:
-                log.warning("state backend reachable again: %s", self.state.description)
+            if self.state_error is not None:  # after a seeding wait at start (normal): info only
+                log.log(logging.INFO if self._seed_wait else logging.WARNING, "state backend reachable again: %s",
+                        self.state.description)
+            self._seed_wait = False
             self.ready, self.state_error = True, None
+        except SeedWait as e:  # a first deployment: waiting SEED_GRACE_S for a server that served it
+            self._seed_wait = True
+            self.state_error, self._retry_at = str(e), time.monotonic() + RETRY_S
         except StateUnavailable as e:
             if self.state_error != str(e):
                 log.error("state backend unavailable (serving the adapters last applied): %s", e)
@@ -389,12 +402,15 @@ class PolicyRuntime:
         if pub.lost and not self._synced:
             self._lost_since = now if self._lost_since is None else self._lost_since
             if now - self._lost_since < SEED_GRACE_S:
-                raise StateUnavailable(f"{self.state.description} has no published state: waiting for a "
-                                       "server that served it to re-seed it")
-            log.warning("%s: no server re-seeded it within %g s (a first deployment, or every server that "
-                        "served it is gone)", self.state.description, SEED_GRACE_S)
+                raise SeedWait(f"{self.state.description} has no published state: waiting for a "
+                               "server that served it to re-seed it")
+            log.info("%s: no server re-seeded it within %g s (a first deployment, or every server that "
+                     "served it is gone)", self.state.description, SEED_GRACE_S)
         if pub.lost or any(pub.version(a) < v for a, v in self.applied.items()):
-            log.warning("%s %s: seeding it with the versions this worker serves %s", self.state.description,
+            # a first deployment seeds an empty backend (info); a backend that lost or rolled back the
+            # versions this worker had synced with is worth a warning
+            log.log(logging.WARNING if self._synced else logging.INFO,
+                    "%s %s: seeding it with the versions this worker serves %s", self.state.description,
                         "has no published state (new, or restarted without its data)" if pub.lost
                         else "holds older versions than this worker serves", self.applied)
             self.state.reseed(dict(self.applied), self._served_adapter, set(self._merged_pub))

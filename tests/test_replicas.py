@@ -34,6 +34,7 @@ def pair(tmp_path_factory, redis_server):
     b = ServerProcess({**env, "LORASA_STATE_DIR": str(root / "state_b")}, root / "b.log")
     with a:
         post(a, {"rows": rows(spec, spec.agent_ids, obs_for(spec, 0))})  # a counter B must not wipe
+        a.first_start_log = (root / "a.log").read_text(errors="replace")  # a first deployment on Redis
         with b:
             a.spec = b.spec = spec
             a.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
@@ -233,3 +234,11 @@ def test_kill_one_replica_under_load_the_other_is_unaffected(pair):
         requests.get(a.url + "/livez", timeout=2)
     assert set(lb.codes["stateless"]) == {200} and set(lb.codes["session"]) == {200}, lb.codes
     assert sum(lb.codes["stateless"].values()) > 10
+
+
+def test_a_first_deployment_starts_quietly(pair):
+    """An empty Redis seen by the first replica is normal: no WARNING (issue 23), while the wait and
+    the seeding are still logged (INFO)."""
+    a, _, _ = pair
+    lines = [ln for ln in a.first_start_log.splitlines() if "lorasa" in ln.lower()]
+    assert not [ln for ln in lines if "WARNING" in ln], lines
