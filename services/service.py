@@ -12,6 +12,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import replace
@@ -46,7 +47,17 @@ def _shared_state_dir() -> str:
     return d
 
 
-CONFIG = replace(ServiceConfig.from_env(), state_dir=_shared_state_dir())
+def _config() -> ServiceConfig:
+    """LORASA_* settings; a bad value is one line on stderr and exit 2 (not BentoML's import traceback)."""
+    try:
+        return replace(ServiceConfig.from_env(), state_dir=_shared_state_dir())
+    except ValueError as e:
+        sys.stderr.write(f"lorasa-serve: {e}\n")
+        sys.stderr.flush()
+        os._exit(2)  # BentoML would catch SystemExit while importing the service and print a traceback
+
+
+CONFIG = _config()
 configure_server(CONFIG.metrics_dir, CONFIG.arbiter_check_s)  # in the `bentoml serve` parent only
 bound_http_metrics()  # every process: metrics labelled by route template, never the raw path
 

@@ -100,3 +100,19 @@ def test_503s_are_marked_retry_safe_only_when_nothing_happened(exc, safe):
     assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"
     assert resp.headers.get(http.RETRY_SAFE) == ("1" if safe else None)
     assert issubclass(StateOutcomeUnknown, StateUnavailable)
+
+
+def test_a_bad_setting_stops_bentoml_serve_with_one_line():
+    """LORASA_MODE=fast (any invalid LORASA_* value): one line on stderr naming it, exit 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    bentoml = Path(sys.executable).parent / "bentoml"
+    env = {**os.environ, "LORASA_MODE": "fast"}
+    r = subprocess.run([str(bentoml), "serve", "--port", "0"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and err == ["lorasa-serve: LORASA_MODE must be auto, lora or merged, not 'fast'"], \
+        (r.returncode, r.stderr[-2000:])
