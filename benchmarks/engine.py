@@ -327,12 +327,15 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
 
 def _device(name: str) -> str:
     try:
-        dev = resolve_device(name)
-    except (RuntimeError, DeviceUnavailableError):
+        dev = torch.device(name) if name != "auto" else resolve_device(name)
+    except (RuntimeError, TypeError):
         raise UsageError(f"--device {name!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
-    return str(dev)
+    try:
+        return str(resolve_device(dev))
+    except DeviceUnavailableError as e:  # a CUDA index past the devices present
+        raise UsageError(f"--device {name}: {e}") from None
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:

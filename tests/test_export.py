@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import make_policy as _make_policy
 from conftest import require_extra
-from reference import forward_loop, merged_linears
+from reference import forward_loop, merged_linears, zero_padding
 
 from exporters import ExportConfig, export_policy, onnx_engine_from_policy
 from exporters.merged import merged_policy, write_merged
@@ -177,7 +177,7 @@ def _same_as_engine(oe: OnnxEngine, eng: Engine, B: int = 40):
     spec = eng.spec
     g = torch.Generator().manual_seed(3)
     ids = [spec.agent_ids[i] for i in torch.randint(len(spec.agents), (B,), generator=g)]
-    obs = torch.randn(B, spec.obs_max, generator=g)
+    obs = zero_padding(spec, ids, torch.randn(B, spec.obs_max, generator=g))
     h, reset = torch.randn(B, spec.hidden, generator=g), torch.rand(B, generator=g) < 0.3
     if not spec.recurrent:
         h = reset = None
