@@ -121,3 +121,12 @@ def test_bench_cuda_missing(tmp_path, capsys):
         pytest.skip("this machine has CUDA: the error path needs a machine without it")
     assert bench_cli.main(["--device", "cuda", "--out", str(tmp_path / "b.json")]) == 2
     assert "CUDA is not available here; use --device cpu" in _one_error_line(capsys, "lorasa-bench")
+
+
+def test_bench_writes_no_file_unless_asked():
+    """lorasa-bench prints its table; JSON goes to a file only with --out (issue 23: no bench.json in
+    the cwd by default)."""
+    _, out, _ = bench_cli.parse_args(["--quick"])
+    assert out is None
+    _, out, _ = bench_cli.parse_args(["--quick", "--out", "b.json"])
+    assert str(out) == "b.json"
