@@ -24,6 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_START_SHIM = (
+    "import sys; import ray._private.ray_constants as c; import ray._private.services as s; "
+    "c.ENABLE_RAY_CLUSTER = True; s.get_node_ip_address = lambda address=None: '127.0.0.1'; "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()")
+
+
 class RayCluster:
     def __init__(self, cpus_per_node: int = 1, nodes: int = 2, temp_dir: str | None = None):
         self.id = uuid.uuid4().hex[:12]
@@ -32,12 +38,15 @@ class RayCluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # workers import the shipped code
+        # loopback only: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 Ray takes 127.0.0.1 as every process's node
+        # address (else it swaps 127.0.0.1 for the machine's network address: traffic off the loopback)
         self.env = {**env, MARKER: self.id, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-                    "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+                    "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
     def _ray(self, *args: str) -> None:
-        ray_bin = str(Path(sys.executable).with_name("ray"))
-        cmd = [ray_bin, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus),
+        # `ray start` through a shim: a second node must pass ray's "multi-node on Windows/OSX" guard (which
+        # that env var also turns on) and resolve its 127.0.0.1 to itself, not the network address
+        cmd = [sys.executable, "-c", _START_SHIM, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", str(self.cpus),
                "--disable-usage-stats", "--object-store-memory", str(200 << 20), "--dashboard-agent-listen-port", str(free_port()),
                "--metrics-export-port", str(free_port()), *args]
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
