@@ -107,7 +107,9 @@ def test_bad_env_configs_raise_clear_errors():
 
 def test_every_mamujoco_preset_builds():
     from training.config import PRESETS
-    sizes = {"halfcheetah_2x3": 2, "walker2d_2x3": 2, "ant_4x2": 4, "humanoid_9_8": 2}
+    sizes = {"halfcheetah_2x3": 2, "walker2d_2x3": 2, "ant_4x2": 4, "humanoid_9_8": 2,
+             "halfcheetah_2x3_reference": 2, "humanoid_9_8_reference": 2}
+    obs = {"humanoid_9_8": 242, "humanoid_9_8_reference": 244}  # the reference's full observability: k=3
     for name, cfg in PRESETS.items():
         if cfg.env.kind != "mamujoco":
             assert cfg.env.kind == "smax" and cfg.env.scenario in ("3s5z", "3s5z_vs_3s6z")
@@ -116,6 +118,7 @@ def test_every_mamujoco_preset_builds():
         assert env.info.n_agents == sizes[name], name
         tr = env.reset(0)
         assert tr.obs.shape == (env.info.n_agents, env.info.obs_max)
+        assert env.info.obs_max == obs.get(name, env.info.obs_max), name
         env.close()
 
 
