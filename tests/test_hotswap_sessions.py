@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from reference import forward_loop
+from reference import forward_loop, zero_padding
 
 from lorasa_serve import (AgentSpec, Engine, FingerprintMismatchError, InputError, NonFiniteError,
                           UnknownAgentError, init_adapter)
@@ -97,7 +97,7 @@ def test_add_agent_at_run_time(tiny_policy):
     assert eng.set_adapter("newbie", new, AgentSpec("newbie", 4, 1)) == 1
     assert eng.agent_ids[-1] == "newbie"
     ids = ["newbie", "agent_0", "newbie", "agent_1"] * 4
-    obs = torch.randn(16, spec.obs_max)
+    obs = zero_padding(eng.spec, ids, torch.randn(16, spec.obs_max))
     head, _ = eng.forward(ids, obs)
     ref = forward_loop(eng.spec, backbone, {**ads, "newbie": new}, ids, obs)[0]
     torch.testing.assert_close(head.double(), ref, atol=1e-5, rtol=0)

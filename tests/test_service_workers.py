@@ -123,7 +123,7 @@ def test_sessions_are_shared_across_workers(srv):
 
 def test_hot_swap_reaches_every_worker(srv):
     spec, agent = srv.spec, "agent_1"
-    obs = np.repeat(team_obs(spec, 7), 4, axis=0)
+    obs = np.tile(team_obs(spec, 7), (4, 1))  # row k is agent k % 3's (the protocol refuses another agent's row)
     ids = spec.agent_ids * 4
     new = init_adapter(spec, torch.Generator().manual_seed(5), b_std=0.8)
     r = requests.put(srv.url + f"/v1/admin/adapters/{agent}", data=adapter_bytes(spec, agent, new),
