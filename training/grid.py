@@ -316,7 +316,7 @@ RUN_JSON = "run.json"
 UNRECORDED = {"snapshot_steps", "env.ray_address"}
 # config fields added after results were committed: a run.json without one was made with this value
 LEGACY = {"lora.train_log_std": False, "lora.init": "peft", "freeze_log_std": False, "env.backend": "local",
-          "env.ray_exact": True}
+          "env.ray_exact": True, "model.agent_onehot": False}
 
 
 def requested(run: Run) -> dict:
