@@ -7,7 +7,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 DEFAULT_POLICY ?= policies/halfcheetah_2x3
 
-.PHONY: install demo test serve bench clean
+.PHONY: install demo test serve bench peers-venv clean
 
 install: $(STAMP)
 
@@ -37,6 +37,16 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/lorasa-bench --quick
+
+# MLServer, the peer of benchmarks/peers.py, in a venv of its own (its pins would downgrade starlette and
+# OpenTelemetry under BentoML): python -m benchmarks.peers
+peers-venv: $(VENV)/peers/.installed
+$(VENV)/peers/.installed: $(STAMP)
+	$(PY) -m venv $(VENV)/peers
+	$(VENV)/peers/bin/pip install -q --upgrade pip
+	$(VENV)/peers/bin/pip install -q "torch==2.13.0"
+	$(VENV)/peers/bin/pip install -q "mlserver==1.7.1" -e .
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -10,6 +10,12 @@ For each worker count K it trains a PS actor (MAPPO) for `--updates` updates wit
 PPO update; the rest is the rollout: env steps, acting, the object store round trip) and the bytes sent per
 update. `local` is the in-process backend over the same envs (stepped one after another) for reference.
 The first update (worker start, warm-up) is left out. Prints a table and writes JSON.
+
+    python -m benchmarks.ray_scaling --presets halfcheetah_2x3,humanoid_9_8 --workers 2
+
+`--presets` instead compares, on real MuJoCo envs at equal worker counts, the Ray backend with the
+subprocess backend (`--env.workers K`) on this machine: Ray's overhead where both have the same cores.
+Runs alternate backend by backend, `--repeats` times, so load changes hit both alike.
 """
 from __future__ import annotations
 
@@ -49,6 +55,42 @@ def measure(workers: int | None, args) -> dict:
             "bytes_per_update": summary.get("ray_traffic_bytes", {}).get("ps", {}).get("weights_per_update")}
 
 
+def measure_preset(name: str, backend: str, workers: int, args) -> dict:
+    """lorasa-train's PS run of preset `name` for `--updates` + 1 updates, rollouts on `backend`."""
+    from training.config import preset
+    from training.trainer import Trainer
+    base = preset(name)
+    env = replace(base.env, workers=workers, backend=backend,
+                  **({"ray_address": args.ray} if backend == "ray" else {}))
+    per_update = base.ppo.rollout * env.n_envs
+    with tempfile.TemporaryDirectory() as d:
+        cfg = replace(base, env=env, mode="ps", out=d, total_steps=(args.updates + 1) * per_update, eval_every=0,
+                      eval_episodes=0, final_eval_episodes=0, save_every=0, tensorboard=False)
+        summary = Trainer(cfg).train(progress=False)
+        rows = read_metrics(Path(d) / "metrics.csv")[1:]
+    roll = sum(float(r["rollout_s"]) for r in rows)
+    upd = sum(float(r["update_s"]) for r in rows)
+    return {"preset": name, "backend": backend, "workers": workers,
+            "steps_per_s": round(len(rows) * per_update / (roll + upd), 1),
+            "rollout_s_per_update": round(roll / len(rows), 4), "update_s_per_update": round(upd / len(rows), 4),
+            "bytes_per_update": summary.get("ray_traffic_bytes", {}).get("ps", {}).get("weights_per_update")}
+
+
+def compare_backends(presets: list[str], workers: int, args) -> list[dict]:
+    """Per preset: local (K env subprocesses) vs Ray (K actors) at `workers` rollout workers, alternating, `--repeats` pairs."""
+    out = []
+    for name in presets:
+        runs = {"local": [], "ray": []}  # local: K env subprocesses, acting in this process
+        for _ in range(args.repeats):
+            for backend in runs:
+                runs[backend].append(measure_preset(name, backend, workers, args))
+        for backend, rs in runs.items():
+            sps = sorted(r["steps_per_s"] for r in rs)
+            out.append({**rs[0], "steps_per_s": sps[len(sps) // 2], "steps_per_s_all": sps})
+        out[-1]["ray_over_local"] = round(out[-1]["steps_per_s"] / out[-2]["steps_per_s"], 3)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = OneLineParser(prog="python -m benchmarks.ray_scaling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,8 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ray", default="local", help="Ray cluster: local (a private one here), auto, host:port")
     p.add_argument("--inexact", action="store_true", help="--no-env.ray-exact: workers act on their own rows")
     p.add_argument("--no-local", action="store_true", help="skip the in-process reference")
+    p.add_argument("--presets", default="", help="compare Ray vs subprocess rollouts on these presets instead")
+    p.add_argument("--repeats", type=int, default=3, help="--presets: alternating runs per backend")
     p.add_argument("--out", type=Path, default=Path("ray_scaling.json"), help="JSON results")
     args = p.parse_args(argv)
+    if args.presets:
+        return _main_presets(args, p)
     counts = [int(x) for x in args.workers.split(",") if x]
     if not counts or min(counts) < 1 or max(counts) > args.envs:
         p.error(f"--workers must be counts between 1 and --envs {args.envs}")
@@ -75,6 +121,23 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         print(f"{r['backend']:8} {r['workers']:>7} {r['steps_per_s']:>10,.0f} {r['learner_share']:>14.1%} "
               f"{r['bytes_per_update'] or 0:>13,}")
+    args.out.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
+                                                  for k, v in vars(args).items()}, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+def _main_presets(args, p) -> None:
+    counts = [int(x) for x in args.workers.split(",") if x]
+    if len(counts) != 1 or counts[0] < 1:
+        p.error("--presets takes one --workers count (rollout workers for both backends)")
+    from training.ray_support import connect
+    with exit_on_usage_error("python -m benchmarks.ray_scaling"):
+        connect(args.ray, local_cpus=counts[0] + 1)
+        results = compare_backends([x for x in args.presets.split(",") if x], counts[0], args)
+    print(f"{'preset':16} {'backend':10} {'workers':>7} {'steps/s (median)':>17} {'runs':>24}")
+    for r in results:
+        print(f"{r['preset']:16} {r['backend']:10} {r['workers']:>7} {r['steps_per_s']:>17,.0f} "
+              f"{str(r['steps_per_s_all']):>24} {r.get('ray_over_local', '')}")
     args.out.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {args.out}")

@@ -24,6 +24,7 @@ from torch import Tensor
 from .errors import (CorruptFileError, DigestMismatchError, FingerprintMismatchError, FormatVersionError,
                      KeyMismatchError, NonFiniteError, NotRegularFileError, RankAlphaMismatchError,
                      ShapeMismatchError)
+from . import strict_json
 from .files import read_file
 from .spec import FORMAT_VERSION, PolicySpec, check_agent_id
 
@@ -68,13 +69,6 @@ def _short(x: object) -> str:
     return r if len(r) <= 64 else f"{r[:64]}... ({len(r)} characters)"
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate key in a JSON object")
-    return d
-
-
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -89,7 +83,7 @@ def _check_header(data: bytes, source: str) -> dict:
         raise CorruptFileError(source, f"header length {n} does not fit the file "
                                        f"({len(data)} bytes): truncated or not safetensors")
     try:
-        header = json.loads(data[8:8 + n], object_pairs_hook=_unique_keys)
+        header = strict_json.loads(data[8:8 + n])
     except (ValueError, RecursionError) as e:  # not UTF-8/JSON, duplicate keys, too deep, huge ints
         raise CorruptFileError(source, f"header is not valid JSON ({type(e).__name__}): "
                                        "not a safetensors file") from None
@@ -317,7 +311,7 @@ def load_digests(d: Path) -> dict[str, str] | None:
     if not os.path.lexists(path):
         return None
     try:
-        doc = json.loads(_read_file(path, MAX_JSON_BYTES), object_pairs_hook=_unique_keys)
+        doc = strict_json.loads(_read_file(path, MAX_JSON_BYTES))
     except (ValueError, RecursionError) as e:  # not UTF-8 / JSON, duplicate keys, too deep
         raise CorruptFileError(path, f"not valid JSON ({type(e).__name__})") from None
     if not isinstance(doc, dict) or doc.get("format_version") != FORMAT_VERSION:

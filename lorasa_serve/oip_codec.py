@@ -16,12 +16,13 @@ adding up to it, duplicate names, duplicate keys in a JSON object, a header leng
 """
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import strict_json
 
 HEADER = "Inference-Header-Content-Length"
 MAX_DIMS = 16
@@ -72,19 +73,12 @@ def split_body(body: bytes, header_length: str | int | None) -> tuple[dict, memo
         if n > len(body):
             raise TensorError(f"{HEADER} {n} is past the end of the {len(body)}-byte body")
     try:
-        head = json.loads(bytes(body[:n]) if n < len(body) else body, object_pairs_hook=_unique_keys)
+        head = strict_json.loads(memoryview(body)[:n] if n < len(body) else body)
     except (ValueError, RecursionError) as e:  # not UTF-8 or JSON, a duplicate key, nested too deep
         raise TensorError(f"malformed JSON header: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(head, dict):
         raise TensorError("the JSON header must be an object")
     return head, memoryview(body)[n:]
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError(f"duplicate key in a JSON object: {sorted({k for k, _ in pairs if k in d})[:3]}"[:200])
-    return d
 
 
 def decode(head: dict, binary: memoryview, key: str, max_elements: int | None = None) -> Message:
@@ -191,12 +185,13 @@ def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
 
 def _from_json(data: object, datatype: str, shape: list[int], name: str) -> np.ndarray:
     """`data`: flat (row-major) or nested exactly like `shape`; element types must fit the datatype
-    (no booleans among numbers, no numbers among booleans, BYTES as valid Unicode strings)."""
+    (no booleans among numbers, no numbers among booleans, BYTES as valid Unicode strings). The type
+    checks are one C-level pass (`set(map(type, ...))`), then numpy converts."""
     if not isinstance(data, list):
         raise TensorError(f"tensor {name!r}: 'data' must be a list")
-    flat = _flat_values(data, shape, name)
+    flat, kinds = _flat_values(data, shape, name)
     if datatype == "BYTES":
-        if not all(isinstance(v, str) for v in flat):
+        if not kinds <= {str}:
             raise TensorError(f"tensor {name!r}: BYTES data must be strings")
         arr = np.empty(len(flat), dtype=object)
         try:
@@ -206,7 +201,7 @@ def _from_json(data: object, datatype: str, shape: list[int], name: str) -> np.n
                               "(a lone surrogate)") from None
         return arr.reshape(shape)
     dt = DTYPES[datatype]
-    if dt.kind != "b" and any(type(v) is bool for v in flat):
+    if dt.kind != "b" and bool in kinds:
         raise TensorError(f"tensor {name!r}: 'data' holds booleans, not {datatype} numbers")
     try:
         arr = np.asarray(flat)
@@ -223,27 +218,30 @@ def _from_json(data: object, datatype: str, shape: list[int], name: str) -> np.n
     return arr.reshape(shape)
 
 
-def _flat_values(data: list, shape: list[int], name: str) -> list:
-    """The row-major values of `data`: a flat list of prod(shape) values, or lists nested exactly like
-    `shape` (every level of the right length, scalars only at the last)."""
+def _flat_values(data: list, shape: list[int], name: str) -> tuple[list, set[type]]:
+    """(the row-major values of `data`, the set of their Python types): a flat list of prod(shape)
+    values, or lists nested exactly like `shape` (every level of the right length, scalars only at
+    the last)."""
     count = math.prod(shape)
-    if not any(isinstance(v, list) for v in data):
+    kinds = set(map(type, data))
+    if list not in kinds:
         if len(data) != count:
             raise TensorError(f"tensor {name!r}: 'data' has {len(data)} elements, but shape is {shape}")
-        return data
+        return data, kinds
     level = data
     for k, d in enumerate(shape):
         if k == 0:
             ok = len(level) == d
         else:
-            ok = all(isinstance(v, list) and len(v) == d for v in level)
+            ok = all(type(v) is list and len(v) == d for v in level)
             level = [x for v in level for x in v] if ok else level
         if not ok:
             raise TensorError(f"tensor {name!r}: nested 'data' is ragged or unlike its shape at depth {k} "
                               f"(shape is {shape})")
-    if any(isinstance(v, list) for v in level):
+    kinds = set(map(type, level))
+    if list in kinds:
         raise TensorError(f"tensor {name!r}: nested 'data' is ragged or deeper than its shape (shape is {shape})")
-    return level
+    return level, kinds
 
 
 def _kind_name(dt: np.dtype) -> str:
@@ -265,10 +263,16 @@ def tensor_bytes(arr: np.ndarray, datatype: str) -> bytes:
 
 def tensor_json(arr: np.ndarray, datatype: str) -> list:
     """The JSON `data` of one tensor: flat, row-major."""
+    return _json_data(arr, datatype).tolist() if datatype != "BYTES" else _json_data(arr, datatype)
+
+
+def _json_data(arr: np.ndarray, datatype: str) -> list | np.ndarray:
+    """tensor_json for encoding: numbers stay a flat array of the datatype's dtype (strict_json.dumps
+    writes it without building a Python list)."""
     flat = arr.reshape(-1)
     if datatype == "BYTES":
         return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in flat]
-    return flat.tolist()
+    return np.ascontiguousarray(flat, dtype=DTYPES[datatype])
 
 
 def encode_parts(head: dict, key: str, tensors: list[tuple[str, str, np.ndarray, bool]]
@@ -286,9 +290,9 @@ def encode_parts(head: dict, key: str, tensors: list[tuple[str, str, np.ndarray,
             t["parameters"] = {"binary_data_size": len(b)}
             chunks.append(b)
         else:
-            t["data"] = tensor_json(arr, datatype)
+            t["data"] = _json_data(arr, datatype)
         specs.append(t)
-    header = json.dumps({**head, key: specs}, separators=(",", ":")).encode()
+    header = strict_json.dumps({**head, key: specs})
     return [header, *chunks], (len(header) if chunks else None)
 
 

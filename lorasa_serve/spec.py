@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import CorruptFileError, FormatVersionError, SpecError
+from . import strict_json
 from .files import read_file
 
 FORMAT_VERSION = 1
@@ -271,7 +272,7 @@ class PolicySpec:
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "<json>") -> "PolicySpec":
         try:
-            d = json.loads(text, object_pairs_hook=_unique_keys)
+            d = strict_json.loads(text)
         except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, duplicate keys, nested too deep
             raise CorruptFileError(source, f"not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
         if not isinstance(d, dict):
@@ -285,13 +286,6 @@ class PolicySpec:
 
     def with_agents(self, agents: tuple[AgentSpec, ...]) -> "PolicySpec":
         return replace(self, agents=agents)
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        raise ValueError("duplicate key in a JSON object")
-    return d
 
 
 def check_agent_id(agent_id: str) -> None:

@@ -16,10 +16,10 @@ from typing import Awaitable, Callable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from lorasa_serve import LorasaError
+from lorasa_serve import LorasaError, strict_json
 from lorasa_serve.client import RETRY_SAFE
 from lorasa_serve.errors import ArtifactError
 
@@ -55,8 +55,9 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
         res = await asyncio.wrap_future(rt.submit(req))
         metrics.act_requests.labels(outcome="ok").inc()
-        return JSONResponse(act_response(req, rt.spec, res.actions, res.log_probs, res.state,
-                                         res.versions, res.batch))
+        body = strict_json.dumps(act_response(req, rt.table, res.actions, res.log_probs, res.state,
+                                              res.versions, res.batch))
+        return Response(body, media_type="application/json")
 
     async def reset_session(request: Request) -> JSONResponse:
         rt = await get_runtime()

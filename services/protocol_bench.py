@@ -176,6 +176,8 @@ def time_pieces(spec, spec_d: dict, rows: int, repeat: int) -> dict:
     from lorasa_serve.oip_codec import encode
     from .oip import InferCall, encode_result, parse_infer
     from .runtime import ActResult
+    from lorasa_serve import strict_json
+    from lorasa_serve.protocol import AgentTable
     from .schema import act_response, parse_act, parse_json
     p = payload(spec_d, rows)
     v1 = _v1_body(spec_d, p)
@@ -196,11 +198,12 @@ def time_pieces(spec, spec_d: dict, rows: int, repeat: int) -> dict:
         return round(min(ts) * 1e3, 3)
 
     req1 = parse_act(parse_json(v1), spec, big)
+    table = AgentTable(spec)
     call_j = parse_infer(v2j, None, spec, big)
     call_b = parse_infer(v2b, str(hl), spec, big)
     return {"rows": rows,
             "v1_parse_ms": best(lambda: parse_act(parse_json(v1), spec, big)),
-            "v1_encode_ms": best(lambda: json.dumps(act_response(req1, spec, res.actions, res.log_probs,
+            "v1_encode_ms": best(lambda: strict_json.dumps(act_response(req1, table, res.actions, res.log_probs,
                                                                  res.state, res.versions, res.batch))),
             "v2_json_parse_ms": best(lambda: parse_infer(v2j, None, spec, big)),
             "v2_json_encode_ms": best(lambda: encode_result(InferCall(call_j.req, [(o, False) for o, _ in

@@ -12,11 +12,11 @@ echoed in a message is cut to `ECHO_CHARS` characters (with its length): an erro
 """
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np
 
+from lorasa_serve import strict_json
 from lorasa_serve.protocol import ECHO_CHARS, ActRequest, AgentTable, BadRequest, check_act, short, unknown_agent
 from lorasa_serve.spec import PolicySpec
 
@@ -36,19 +36,12 @@ def clip(text: str) -> str:
     return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    d = dict(pairs)
-    if len(d) != len(pairs):
-        seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise BadRequest(f"duplicate key {short(dup)} in a JSON object")
-    return d
-
-
 def parse_json(body: bytes) -> object:
     """JSON (UTF-8) -> Python; duplicate keys in any object are rejected (400)."""
     try:
-        return json.loads(body, object_pairs_hook=_no_duplicates)
+        return strict_json.loads(body)
+    except strict_json.DuplicateKeyError as e:
+        raise BadRequest(str(e)) from None
     except (ValueError, RecursionError) as e:  # bad JSON/UTF-8, too-deep nesting, huge int literals
         raise BadRequest(f"malformed JSON body: {type(e).__name__}: {str(e)[:200]}") from None
 
@@ -171,15 +164,18 @@ def _avail(avail: np.ndarray | None, n: int, spec: PolicySpec, act_dim: int, x: 
     return avail
 
 
-def act_response(req: ActRequest, spec: PolicySpec, actions: np.ndarray, log_probs: np.ndarray,
+def act_response(req: ActRequest, table: AgentTable, actions: np.ndarray, log_probs: np.ndarray,
                  state: np.ndarray | None, versions: np.ndarray, batch: dict) -> dict:
-    """Actions per row sliced to each agent's act_dim (Gaussian) or an int (categorical)."""
-    dims = {a.agent_id: a.act_dim for a in spec.agents}
-    if spec.action == "gaussian":
-        acts = [actions[i, :dims[a]].tolist() for i, a in enumerate(req.agent_ids)]
+    """Actions per row sliced to each agent's act_dim (Gaussian) or an int (categorical). Arrays stay
+    numpy (strict_json.dumps writes them); rows are lists only when agents' act_dims differ."""
+    if table.spec.action == "categorical":
+        acts: object = actions
+    elif table.act_uniform:
+        acts = actions
     else:
-        acts = actions.tolist()
-    out = {"actions": acts, "log_probs": log_probs.tolist(), "versions": versions.tolist(), "batch": batch}
+        dims = table.act_dims[req.idx].tolist()  # [B]
+        acts = [actions[i, :k].tolist() for i, k in enumerate(dims)]
+    out = {"actions": acts, "log_probs": log_probs, "versions": np.asarray(versions), "batch": batch}
     if req.session_id is None and state is not None:
-        out["state"] = state.tolist()
+        out["state"] = state
     return out
