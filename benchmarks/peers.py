@@ -10,8 +10,10 @@ through `benchmarks/mlserver_runtime.py` (a custom runtime calling `Engine.act`,
 `parallel_workers` 0); ours is `bentoml serve` with 1 worker. Both run 1 torch thread.
 
 Every cell (rows per request x clients) times the same stateless, deterministic OIP request
-(agent_index INT64, obs FP32, state FP32), interleaved target by target within each client so a change
-in machine load hits all alike:
+(agent_index INT64, obs FP32, state FP32). Targets are interleaved in blocks of --block requests per
+client, all clients on the same target at once (they meet at a barrier before each block) and the
+block order rotating, so a change in machine load hits all alike and no target is timed while the
+others load a server:
   ours_json       POST /v2/models/lorasa_policy/infer on `bentoml serve`, JSON tensors
   mlserver_json   the same request on MLServer
   ours_binary     ours with binary tensors (the binary tensor data extension)
@@ -50,6 +52,7 @@ class PeerConfig:
     clients: tuple[int, ...] = (1, 8)  # concurrent client processes
     requests: int = 400  # requests per target and cell, all clients together
     warmup: int = 10  # untimed requests per target and client before each cell
+    block: int = 10  # requests per client in a row on one target (all clients on the same target)
     mlserver: Path = REPO / ".venv" / "peers" / "bin" / "mlserver"  # `make peers-venv` installs it
     out: Path = REPO / "reports" / "service"
     meta: dict = field(default_factory=dict)
@@ -124,9 +127,13 @@ def _inputs(arrays: dict[str, np.ndarray], binary: bool) -> list:
     return out
 
 
-def client_loop(urls: dict[str, str], spec_d: dict, rows: int, n: int, warmup: int, seed: int
-                ) -> dict[str, list[float]]:
-    """One client process: `n` rounds, each target once per round (rotated), -> seconds per request."""
+def client_loop(urls: dict[str, str], spec_d: dict, rows: int, n: int, warmup: int, seed: int,
+                block: int, barrier) -> dict[str, list[float]]:
+    """One client process: `n` requests per target, in blocks of `block` -> seconds per request.
+
+    Before each block every client waits at `barrier`, so all clients load the same target at once
+    (with several clients, interleaving target by target within each client would load our server
+    with the other targets' requests while one client times MLServer). The block order rotates."""
     import tritonclient.http as th
     clients = {t: th.InferenceServerClient(urls[t], connection_timeout=120, network_timeout=120) for t in TARGETS}
     arrays = _arrays(spec_d, rows, seed)
@@ -143,12 +150,14 @@ def client_loop(urls: dict[str, str], spec_d: dict, rows: int, n: int, warmup: i
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {t: [] for t in TARGETS}
-    for i in range(n):
-        order = TARGETS[i % len(TARGETS):] + TARGETS[:i % len(TARGETS)]
-        for t in order:
-            t0 = time.perf_counter()
-            calls[t]()
-            times[t].append(time.perf_counter() - t0)
+    for b in range(-(-n // block)):
+        k = b % len(TARGETS)
+        for t in TARGETS[k:] + TARGETS[:k]:
+            barrier.wait()
+            for _ in range(min(block, n - b * block)):
+                t0 = time.perf_counter()
+                calls[t]()
+                times[t].append(time.perf_counter() - t0)
     return times
 
 
@@ -170,9 +179,11 @@ def _ok(response) -> None:
         raise RuntimeError(f"{response.status_code}: {response.read()[:200]!r}")
 
 
-def run_cell(pool, urls: dict, spec_d: dict, rows: int, clients: int, cfg: PeerConfig) -> dict:
+def run_cell(pool, manager, urls: dict, spec_d: dict, rows: int, clients: int, cfg: PeerConfig) -> dict:
     n = max(1, cfg.requests // clients)
-    jobs = [pool.apply_async(client_loop, (urls, spec_d, rows, n, cfg.warmup, 17 + c)) for c in range(clients)]
+    barrier = manager.Barrier(clients)
+    jobs = [pool.apply_async(client_loop, (urls, spec_d, rows, n, cfg.warmup, 17 + c, cfg.block, barrier))
+            for c in range(clients)]
     times: dict[str, list[float]] = {t: [] for t in TARGETS}
     for j in jobs:
         for t, v in j.get(timeout=3600).items():
@@ -237,10 +248,11 @@ def run(cfg: PeerConfig) -> list[dict]:
         try:
             ours_url = ours.url.removeprefix("http://")
             urls = {t: ml_url if t.startswith("mlserver") else ours_url for t in TARGETS}
-            with mp.get_context("spawn").Pool(max(cfg.clients)) as pool:
+            ctx = mp.get_context("spawn")
+            with ctx.Pool(max(cfg.clients)) as pool, ctx.Manager() as manager:
                 for k in cfg.clients:
                     for r in cfg.rows:
-                        cells.append(run_cell(pool, urls, spec_d, r, k, cfg))
+                        cells.append(run_cell(pool, manager, urls, spec_d, r, k, cfg))
                         print(f"rows {r:5d} clients {k}: JSON ours/MLServer {cells[-1]['json_ratio']:.2f}, "
                               f"ours JSON / livez {cells[-1]['json_over_livez']:.2f}", flush=True)
         finally:
@@ -255,13 +267,14 @@ def parse_args(argv: list[str] | None) -> PeerConfig:
     p.add_argument("--rows", type=ints, default=d.rows, help="rows per request, comma-separated (default 2,64,512,1024)")
     p.add_argument("--clients", type=ints, default=d.clients, help="client processes, comma-separated (default 1,8)")
     p.add_argument("--requests", type=int, default=d.requests, help="requests per target and cell (default 400)")
+    p.add_argument("--block", type=int, default=d.block, help="requests per client in a row on one target (default 10)")
     p.add_argument("--policy", type=Path, default=d.policy, help="policy directory (default: the shipped one)")
     p.add_argument("--mlserver", type=Path, default=d.mlserver, help="the mlserver executable (make peers-venv)")
     p.add_argument("--out", type=Path, default=d.out, help="folder for peers.json and peers.png")
     a = p.parse_args(argv)
-    if a.requests < 1 or min(a.rows) < 1 or min(a.clients) < 1:
-        p.error("--rows, --clients and --requests must be positive")
-    return PeerConfig(policy=a.policy, rows=a.rows, clients=a.clients, requests=a.requests,
+    if a.requests < 1 or a.block < 1 or min(a.rows) < 1 or min(a.clients) < 1:
+        p.error("--rows, --clients, --requests and --block must be positive")
+    return PeerConfig(policy=a.policy, rows=a.rows, clients=a.clients, requests=a.requests, block=a.block,
                       mlserver=a.mlserver, out=a.out)
 
 

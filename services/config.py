@@ -32,6 +32,8 @@ class ServiceConfig:
     backend: str = "engine"  # LORASA_BACKEND: "engine" (policy dir, hot swap) | "onnx" (a lorasa-export dir)
     max_rows_per_request: int = 1024  # LORASA_MAX_ROWS_PER_REQUEST
     max_batch_rows: int = 4096  # LORASA_MAX_BATCH_ROWS: rows batched into one engine forward
+    inline_max_rows: int = 64  # LORASA_INLINE_MAX_ROWS: a lone stateless request up to this many rows runs
+    # on the handler's thread when the batcher is idle (no thread hand-off); 0 = always through the batcher
     max_body_bytes: int = 8 << 20  # LORASA_MAX_BODY_BYTES: JSON request bodies
     max_upload_bytes: int = 16 << 20  # LORASA_MAX_UPLOAD_BYTES: adapter uploads
     max_sessions: int = 10_000  # LORASA_MAX_SESSIONS: live sessions before LRU eviction
@@ -45,6 +47,8 @@ class ServiceConfig:
                      "max_upload_bytes", "max_sessions", "max_session_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} must be >= 1")
+        if self.inline_max_rows < 0:
+            raise ValueError(f"{ENV_PREFIX}INLINE_MAX_ROWS must be >= 0")
         if self.max_batch_rows < self.max_rows_per_request:
             raise ValueError("LORASA_MAX_BATCH_ROWS must be >= LORASA_MAX_ROWS_PER_REQUEST")
         for name in ("access_log", "trace_act"):

@@ -49,11 +49,13 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
     async def act(request: Request) -> JSONResponse:
         _require_json(request)
         rt = await get_runtime()
-        body = await _body(request, cfg.max_body_bytes)
-        parse = lambda: parse_act(parse_json(body), rt.table, cfg.max_rows_per_request)  # noqa: E731
-        # big bodies are parsed off the event loop so they do not stall other requests
-        req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
-        res = await asyncio.wrap_future(rt.submit(req))
+        with rt.handling():  # counted from before the body is read: the fast path's 'lone' test
+            body = await _body(request, cfg.max_body_bytes)
+            parse = lambda: parse_act(parse_json(body), rt.table, cfg.max_rows_per_request)  # noqa: E731
+            # big bodies are parsed off the event loop so they do not stall other requests
+            req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
+            fut = rt.submit(req)  # done already when the lone-request fast path served it
+            res = fut.result() if fut.done() else await asyncio.wrap_future(fut)
         metrics.act_requests.labels(outcome="ok").inc()
         body = strict_json.dumps(act_response(req, rt.table, res.actions, res.log_probs, res.state,
                                               res.versions, res.batch))

@@ -22,6 +22,8 @@ batch_rows = Histogram(
 batch_requests = Histogram(
     name="lorasa_batch_requests", documentation="HTTP requests merged into one engine forward",
     buckets=BATCH_BUCKETS)
+inline_requests = Counter(
+    name="lorasa_inline_requests", documentation="Act requests served on the handler's thread (the lone-request fast path)")
 adapter_version = Gauge(
     name="lorasa_adapter_version", documentation="Adapter version served, per agent (max over live workers)",
     labelnames=["agent_id"], multiprocess_mode="livemax")

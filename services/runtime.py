@@ -8,6 +8,9 @@ loads what was published since, (2) runs control jobs, (3) takes every queued re
 sessions of the batch (lease + state), forward, then, as a separate step, store the new states of the
 steps that succeeded and release the leases. Batches form adaptively: while a forward runs, new
 requests queue up and go together into the next one; an idle server answers a lone request at once.
+Fast path: a lone small stateless request (<= `inline_max_rows`, nothing queued, no cycle running, a
+local state backend) runs that same cycle on the handler's thread instead, saving the thread hand-off;
+the cycle lock keeps every engine call and sync serialised, so versions and errors are the batcher's.
 If the backend is unreachable, stateless requests keep being served with the adapters last applied,
 session steps fail with StateUnavailable (503), and the check is retried every batch (and every
 second while idle) until it succeeds. An idle worker checks once a second, so it notices a Redis that
@@ -23,10 +26,11 @@ import logging
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -105,6 +109,8 @@ class PolicyRuntime:
         self._queue: deque[_Job] = deque()
         self._inflight: set[str] = set()  # sessions with a step queued or running in this worker
         self._cv = threading.Condition()
+        self._cycle_lock = threading.Lock()  # held for every cycle: the batcher's and the inline ones
+        self._handling = 0  # act requests in this worker's HTTP handlers (see handling())
         for a, v in self.applied.items():
             metrics.adapter_version.labels(agent_id=a).set(v)
         try:
@@ -127,7 +133,7 @@ class PolicyRuntime:
         worker or replica refuses it through the backend's lease instead)."""
         sid = req.session_id if self.spec.recurrent else None
         if sid is None:
-            return self._put(_Job(req))
+            return self._inline(req) or self._put(_Job(req))
         with self._cv:
             if sid in self._inflight:
                 raise SessionBusy(f"session {sid!r} has another step in flight")
@@ -139,6 +145,41 @@ class PolicyRuntime:
             raise
         fut.add_done_callback(lambda _: self._done(sid))
         return fut
+
+    @contextmanager
+    def handling(self) -> Iterator[None]:
+        """An HTTP act handler's span (on the event loop thread), from before its body is read to its
+        result: while another one is open, requests go to the batcher, which merges them (serial
+        inline forwards would lose the batcher's overlap with the event loop)."""
+        self._handling += 1
+        try:
+            yield
+        finally:
+            self._handling -= 1
+
+    def _inline(self, req: ActRequest) -> Future | None:
+        """The lone-request fast path: run one cycle for `req` on the calling thread and return its
+        (done) future, or None when the batcher must take it: too many rows, another request being
+        handled, a Redis backend (its check is a network round trip that must never block the event
+        loop), something queued (it goes first), or a cycle running."""
+        if req.n > self.cfg.inline_max_rows or self._handling > 1 or not self.state.local_check:
+            return None
+        if not self._cycle_lock.acquire(blocking=False):
+            return None
+        try:
+            with self._cv:
+                if self._queue or self._stopped is not None:
+                    return None
+            job = _Job(req)
+            job.future.set_running_or_notify_cancel()
+            try:
+                self._cycle([job])
+            except Exception as e:
+                _fail_all([job], e, "an inline cycle failed")
+            metrics.inline_requests.inc()
+            return job.future
+        finally:
+            self._cycle_lock.release()
 
     def _done(self, session_id: str) -> None:
         with self._cv:
@@ -163,10 +204,11 @@ class PolicyRuntime:
         try:
             while True:
                 jobs = self._take(IDLE_CHECK_S)
-                try:
-                    self._cycle(jobs)
-                except Exception as e:
-                    _fail_all(jobs, e, "a batcher cycle failed")
+                with self._cycle_lock:
+                    try:
+                        self._cycle(jobs)
+                    except Exception as e:
+                        _fail_all(jobs, e, "a batcher cycle failed")
         finally:
             with self._cv:
                 self._stopped = "the batcher thread of this worker stopped (see its log)"

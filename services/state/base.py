@@ -76,6 +76,7 @@ class SessionStep:
 
 class StateBackend(Protocol):
     description: str  # for logs; never contains a password
+    local_check: bool  # generation() is a local file stat (never a network round trip): see PolicyRuntime.submit
 
     # --- adapters and merged flags ---
     def generation(self) -> object:

@@ -62,6 +62,8 @@ SESSIONS_DB = "sessions.sqlite"
 
 
 class LocalState:
+    local_check = True  # generation() is one stat
+
     def __init__(self, state_dir: str | Path, fingerprint: str, hidden: int, limits: SessionLimits):
         self.root = Path(state_dir)
         (self.root / "adapters").mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,8 @@ return existed
 
 
 class RedisState:
+    local_check = False  # generation() is a network round trip (it may stall)
+
     def __init__(self, url: str, fingerprint: str, hidden: int, limits: SessionLimits,
                  timeout_s: float = 1.0):
         if urlsplit(url).scheme not in ("redis", "rediss"):
