@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-local", action="store_true", help="skip the in-process reference")
     p.add_argument("--presets", default="", help="compare Ray vs subprocess rollouts on these presets instead")
     p.add_argument("--repeats", type=int, default=3, help="--presets: alternating runs per backend")
-    p.add_argument("--out", type=Path, default=Path("ray_scaling.json"), help="JSON results")
+    p.add_argument("--out", type=Path, default=Path("ray_scaling.json"), help="JSON results (a PNG beside it)")
+    p.add_argument("--plot", default="", help="only redraw: comma-separated JSON files of earlier runs -> --out's PNG")
     args = p.parse_args(argv)
+    if args.plot:
+        return plot([json.loads(Path(f).read_text()) for f in args.plot.split(",") if f], args.out.with_suffix(".png"))
     if args.presets:
         return _main_presets(args, p)
     counts = [int(x) for x in args.workers.split(",") if x]
@@ -123,7 +126,38 @@ def main(argv: list[str] | None = None) -> None:
               f"{r['bytes_per_update'] or 0:>13,}")
     args.out.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()}, "results": results}, indent=2))
-    print(f"wrote {args.out}")
+    plot([json.loads(args.out.read_text())], args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    """Env steps/s against rollout workers, one line per fixed-cost report, with ideal linear scaling
+    from 1 worker dotted; the learner's share of the wall time in a second panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for rep in reports:
+        rows = [r for r in rep["results"] if r["backend"] == "ray"]
+        if not rows:
+            continue
+        k = [r["workers"] for r in rows]
+        sps = [r["steps_per_s"] for r in rows]
+        label = f"{rep['settings']['step_ms']:g} ms/step" + (" (inexact)" if rep["settings"].get("inexact") else "")
+        line, = ax.plot(k, sps, "o-", label=label)
+        ax.plot(k, [sps[0] * w / k[0] for w in k], ":", color=line.get_color())
+        bx.plot(k, [100 * r["learner_share"] for r in rows], "o-", color=line.get_color(), label=label)
+    for a in (ax, bx):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("Ray rollout workers")
+        a.legend()
+    ax.set_yscale("log")
+    ax.set_ylabel("env steps/s (dotted: linear from 1 worker)")
+    bx.set_ylabel("learner share of wall time (%)")
+    fig.suptitle("Fixed-cost env, 16 envs, MAPPO PS (benchmarks/ray_scaling.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _main_presets(args, p) -> None:
