@@ -54,8 +54,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
             parse = lambda: parse_act(parse_json(body), rt.table, cfg.max_rows_per_request)  # noqa: E731
             # big bodies are parsed off the event loop so they do not stall other requests
             req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
-            fut = rt.submit(req)  # done already when the lone-request fast path served it
-            res = fut.result() if fut.done() else await asyncio.wrap_future(fut)
+            res = await rt.act(req)
         metrics.act_requests.labels(outcome="ok").inc()
         body = strict_json.dumps(act_response(req, rt.table, res.actions, res.log_probs, res.state,
                                               res.versions, res.batch))

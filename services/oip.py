@@ -291,8 +291,7 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
                 and int(hlen) <= PARSE_IN_THREAD_BYTES
                 and b"BYTES" not in body[:int(hlen)])
             call = await asyncio.to_thread(parse) if slow else parse()
-            fut = rt.submit(call.req)  # done already when the lone-request fast path served it
-            res = fut.result() if fut.done() else await asyncio.wrap_future(fut)
+            res = await rt.act(call.req)
         metrics.act_requests.labels(outcome="ok").inc()
         out, header_len = encode_result(call, rt.spec, res)
         if header_len is None:

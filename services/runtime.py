@@ -22,6 +22,7 @@ and its answer is discarded.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -146,6 +147,15 @@ class PolicyRuntime:
         fut.add_done_callback(lambda _: self._done(sid))
         return fut
 
+    async def act(self, req: ActRequest) -> ActResult:
+        """An HTTP handler's call (on the event loop, inside `handling()`): the request's result. A
+        request the fast path could take yields to the loop once first, so that the handlers of requests
+        that arrived with it check in (`handling`): then they all go to the batcher, which merges them."""
+        if self._may_inline(req):
+            await asyncio.sleep(0)
+        fut = self.submit(req)  # done already when the fast path served it
+        return fut.result() if fut.done() else await asyncio.wrap_future(fut)
+
     @contextmanager
     def handling(self) -> Iterator[None]:
         """An HTTP act handler's span (on the event loop thread), from before its body is read to its
@@ -162,7 +172,7 @@ class PolicyRuntime:
         (done) future, or None when the batcher must take it: too many rows, another request being
         handled, a Redis backend (its check is a network round trip that must never block the event
         loop), something queued (it goes first), or a cycle running."""
-        if req.n > self.cfg.inline_max_rows or self._handling > 1 or not self.state.local_check:
+        if not self._may_inline(req):
             return None
         if not self._cycle_lock.acquire(blocking=False):
             return None
@@ -180,6 +190,10 @@ class PolicyRuntime:
             return job.future
         finally:
             self._cycle_lock.release()
+
+    def _may_inline(self, req: ActRequest) -> bool:
+        return (req.n <= self.cfg.inline_max_rows and self._handling <= 1 and self.state.local_check
+                and (req.session_id is None or not self.spec.recurrent))
 
     def _done(self, session_id: str) -> None:
         with self._cv:

@@ -129,6 +129,25 @@ def test_concurrent_requests_are_merged_and_each_answer_is_right(srv):
     assert max(resp["batch"]["requests"] for *_, resp in results) > 1, "no request was ever batched"
 
 
+def _inline_count(srv) -> float:
+    text = requests.get(srv.url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("lorasa_inline_requests_total"))
+
+
+def test_a_lone_client_is_served_by_the_fast_path(srv):
+    """One kept-alive client sending small stateless requests one after another: each is served on the
+    handler's thread (the counter grows by one per request), and each answer is still right."""
+    before = _inline_count(srv)
+    with requests.Session() as s:
+        for j in range(20):
+            ids, obs = sample(srv.spec, 2, 900 + j)
+            r = s.post(srv.url + "/v1/act", json={"rows": rows_for(srv.spec, ids, obs)}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert_matches(r.json(), expected(srv, ids, obs))
+    assert _inline_count(srv) - before >= 18  # an idle check of the batcher may take one or two
+
+
 def test_sessions_carry_state_and_reset(srv):
     spec = srv.spec
     ids = spec.agent_ids
