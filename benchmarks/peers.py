@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.timing import percentile
 from training.errors import OneLineParser, UsageError, exit_on_usage_error
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ class PeerConfig:
 
 # --- servers --------------------------------------------------------------------------------------
 def start_mlserver(cfg: PeerConfig, workdir: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    from services.launch import free_port
+    from benchmarks.servers import free_port
     port, grpc, metrics = free_port(), free_port(), free_port()
     (workdir / "settings.json").write_text(json.dumps(
         {"http_port": port, "grpc_port": grpc, "metrics_port": metrics, "parallel_workers": 0,
@@ -191,7 +192,7 @@ def run_cell(pool, manager, urls: dict, spec_d: dict, rows: int, clients: int, c
     cell = {"rows": rows, "clients": clients, "requests": n * clients}
     for t, v in times.items():
         ms = np.asarray(v) * 1e3
-        cell[t] = {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90))}
+        cell[t] = {"p50_ms": float(percentile(ms, 50)), "p90_ms": float(percentile(ms, 90))}
     cell["json_ratio"] = cell["ours_json"]["p50_ms"] / cell["mlserver_json"]["p50_ms"]
     cell["binary_ratio"] = cell["ours_binary"]["p50_ms"] / cell["mlserver_json"]["p50_ms"]
     cell["v1_over_livez"] = cell["ours_v1"]["p50_ms"] / cell["ours_livez"]["p50_ms"]
@@ -237,7 +238,7 @@ def plot(cells: list[dict], path: Path) -> None:
 
 def run(cfg: PeerConfig) -> list[dict]:
     from lorasa_serve.spec import PolicySpec
-    from services.launch import ServerProcess
+    from benchmarks.servers import ServerProcess
     spec_d = PolicySpec.load(cfg.policy / "policy.json").to_dict()
     cfg.out.mkdir(parents=True, exist_ok=True)
     env = {"LORASA_POLICY": str(cfg.policy), "LORASA_WORKERS": "1", "LORASA_TORCH_THREADS": "1",

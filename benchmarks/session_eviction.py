@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from benchmarks.timing import percentile
 from services.state import SessionLimits
 from services.state.local import LocalState
 
@@ -39,7 +40,7 @@ def main() -> None:
         new = [_step(st, f"new-{i}", h) for i in range(args.steps)]  # each evicts one
         same = [_step(st, "new-0", h) for _ in range(args.steps)]
         stats = st.session_stats()
-    q = lambda xs: f"median {statistics.median(xs):.3f} ms, p95 {np.percentile(xs, 95):.3f} ms"  # noqa: E731
+    q = lambda xs: f"median {statistics.median(xs):.3f} ms, p95 {percentile(xs, 95):.3f} ms"  # noqa: E731
     print(f"fill {args.sessions} sessions: {fill_s:.1f} s (last 300 steps below the bound: {q(below[-300:])})")
     print(f"new session at the bound (evicts one): {q(new)}")
     print(f"existing session at the bound:         {q(same)}")

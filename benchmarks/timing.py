@@ -4,7 +4,7 @@ Timing one method after another lets a change in machine load (a shared CI box, 
 throttles) favour whichever ran in the quiet part. Every function here runs the methods in turn
 within each round, so load changes hit all of them alike, and reports medians and ratios per round.
 Pure standard library (callers pass a `sync`, e.g. `torch.cuda.synchronize`), so the HTTP load
-benchmark (`services/load_bench.py`) can use it too.
+benchmark (`benchmarks/load_bench.py`) can use it too.
 """
 from __future__ import annotations
 

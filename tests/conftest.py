@@ -115,7 +115,7 @@ def hetero_policy(tmp_path):
 def redis_server(tmp_path_factory):
     """A real redis-server on a free loopback port (module-scoped: tests use distinct key prefixes or
     flush it); `.restart()` brings it back empty, `.stop()`/`.start()` simulate an outage."""
-    from services.redis_server import RedisServer
+    from benchmarks.servers import RedisServer
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
@@ -126,7 +126,7 @@ def categorical_server(tmp_path_factory):
     adapters): a recurrent Categorical policy of two agents, obs 7 | 5, act 4 | 3, hidden 16, at most
     64 rows per request; `.policy` its directory, `.engine` the same policy in-process (lora mode)."""
     from lorasa_serve import Engine
-    from services.launch import ServerProcess
+    from benchmarks.servers import ServerProcess
     root = tmp_path_factory.mktemp("categorical_server")
     spec, _, _ = make_policy(root / "policy", obs=(7, 5), act=(4, 3), action="categorical")
     env = {"LORASA_POLICY": str(root / "policy"), "LORASA_STATE_DIR": str(root / "state"),

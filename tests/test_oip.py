@@ -21,7 +21,7 @@ import tritonclient.http as th  # noqa: E402
 from lorasa_serve import Engine, init_adapter  # noqa: E402
 from lorasa_serve.artifacts import adapter_bytes  # noqa: E402
 from lorasa_serve.oip_codec import HEADER, encode  # noqa: E402
-from services.launch import ServerProcess  # noqa: E402
+from benchmarks.servers import ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "oip-token-0123456789"

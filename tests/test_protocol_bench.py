@@ -1,4 +1,4 @@
-"""services/protocol_bench.py without a server: its payloads are valid requests for every protocol, the
+"""benchmarks/protocol_bench.py without a server: its payloads are valid requests for every protocol, the
 per-request pieces it times run on both benchmark policies, and the goals are computed from the cells."""
 from pathlib import Path
 
@@ -12,7 +12,7 @@ require_extra("serve", "starlette")
 from lorasa_serve import Engine  # noqa: E402
 from lorasa_serve.oip_codec import encode  # noqa: E402
 from services.oip import parse_infer  # noqa: E402
-from services.protocol_bench import _v2_tensors, goals, payload, smax_policy, time_pieces  # noqa: E402
+from benchmarks.protocol_bench import _v2_tensors, goals, payload, smax_policy, time_pieces  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "halfcheetah_2x3"
 

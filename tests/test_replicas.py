@@ -16,7 +16,7 @@ from conftest import make_policy
 
 from lorasa_serve import Engine, init_adapter
 from lorasa_serve.artifacts import adapter_bytes
-from services.launch import ServerProcess
+from benchmarks.servers import ServerProcess
 from services.state import SessionLimits, open_backend
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY  # noqa: E402
 
 from services import runtime as runtime_mod  # noqa: E402
 from services.config import ServiceConfig  # noqa: E402
-from services.redis_server import RedisServer  # noqa: E402
+from benchmarks.servers import RedisServer  # noqa: E402
 from services.runtime import PolicyRuntime  # noqa: E402
 from services.schema import parse_act  # noqa: E402
 from services.state import SessionBusy, SessionLimits, SessionStep, open_backend  # noqa: E402

@@ -18,7 +18,7 @@ from safetensors.torch import save as st_save
 
 from lorasa_serve import Engine, PolicySpec, init_adapter
 from lorasa_serve.artifacts import adapter_bytes, fingerprint
-from services.launch import REPO, ServerProcess
+from benchmarks.servers import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123456789"
@@ -441,7 +441,7 @@ def test_not_ready_until_loaded_and_admin_disabled_without_token(tmp_path):
 
 def _worker_rss_kb(srv) -> int:
     """Resident memory of the server's processes (arbiter and workers), from /proc."""
-    from services.launch import descendants
+    from benchmarks.servers import descendants
     total = 0
     for pid in [srv.proc.pid, *descendants(srv.proc.pid)]:
         try:

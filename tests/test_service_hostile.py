@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from lorasa_serve import Engine  # noqa: E402
-from services.launch import ServerProcess  # noqa: E402
+from benchmarks.servers import ServerProcess  # noqa: E402
 from services.schema import SESSION_ID_RE  # noqa: E402
 
 pytestmark = pytest.mark.slow

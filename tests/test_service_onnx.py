@@ -17,7 +17,7 @@ require_extra("serve", "starlette", "bentoml", "prometheus_client")
 from exporters import ExportConfig, export_policy  # noqa: E402
 from lorasa_serve.client import PolicyClient  # noqa: E402
 from services.config import ServiceConfig  # noqa: E402
-from services.launch import ServerProcess  # noqa: E402
+from benchmarks.servers import ServerProcess  # noqa: E402
 from services.runtime import PolicyRuntime  # noqa: E402
 from services.state import SessionLimits, open_backend  # noqa: E402
 

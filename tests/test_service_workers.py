@@ -16,7 +16,7 @@ from conftest import make_policy
 
 from lorasa_serve import Engine, init_adapter
 from lorasa_serve.artifacts import adapter_bytes
-from services.launch import REPO, ServerProcess
+from benchmarks.servers import REPO, ServerProcess
 
 pytestmark = pytest.mark.slow
 TOKEN = "workers-token"

@@ -16,8 +16,8 @@ from conftest import make_policy
 
 from lorasa_serve import Engine, init_adapter
 from lorasa_serve.artifacts import adapter_bytes
-from services.launch import ServerProcess, free_port
-from services.redis_server import RedisServer
+from benchmarks.servers import ServerProcess, free_port
+from benchmarks.servers import RedisServer
 
 pytestmark = pytest.mark.slow
 TOKEN = "restart-token"

@@ -141,7 +141,7 @@ def test_nps_trains_per_agent_networks(tmp_path):
 def test_eval_through_http_service_equals_in_process(tmp_path):
     """lorasa-eval --url against a real `bentoml serve` of a freshly trained policy gives the same
     deterministic episodes as acting through Engine.act in-process."""
-    from services.launch import ServerProcess
+    from benchmarks.servers import ServerProcess
     out = tmp_path / "run"
     Trainer(tiny(out, CHEETAH, total_steps=80, switch_step=40, eval_every=0, eval_episodes=0)).train(progress=False)
     local = _eval_json(out, tmp_path)

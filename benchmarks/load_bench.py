@@ -1,7 +1,7 @@
 """HTTP load benchmark (loopback only, bounded in requests and seconds).
 
-    python -m services.load_bench                     # the shipped policy (policies/halfcheetah_2x3)
-    python -m services.load_bench --random-team 12x3,12x3 --clients 8 --requests 150
+    python -m benchmarks.load_bench                     # the shipped policy (policies/halfcheetah_2x3)
+    python -m benchmarks.load_bench --random-team 12x3,12x3 --clients 8 --requests 150
 
 Starts two real `bentoml serve` processes, then N concurrent clients each step a team of agents
 through its own session (one request per team step, keep-alive connections). Three conditions, run
@@ -12,11 +12,11 @@ side by side in interleaved rounds (so background load on a shared machine hits 
   threadsN (with --threads-compare N) a third server like the first but with N torch threads
   stateless, bentoml_batching (with --compare-bentoml-batching) stateless deterministic clients (state
            passed back) against the first server and against the same Engine behind BentoML's
-           `@bentoml.api(batchable=True)` (services/bentoml_batching_probe.py)
+           `@bentoml.api(batchable=True)` (benchmarks/bentoml_batching_probe.py)
 Reports requests/s, p50/p99 latency, batch sizes seen (from the responses), errors, version
 regressions, and the ratios swap/batched p99 and batched/single throughput; writes JSON and a PNG.
 
-    python -m services.load_bench --replicas          # scale-out: 2 replicas on Redis vs 1 local server
+    python -m benchmarks.load_bench --replicas          # scale-out: 2 replicas on Redis vs 1 local server
 
 With --replicas, two conditions in interleaved rounds, both with an adapter hot-swapped every
 --swap-interval s: `local_1` (one server, local state dir) and `redis_2` (two `bentoml serve` replicas
@@ -45,8 +45,9 @@ from tqdm import tqdm
 from lorasa_serve import AgentSpec, PolicySpec, init_adapter, init_backbone, save_policy
 from lorasa_serve.artifacts import adapter_bytes, load_policy
 
-from .config import DEFAULT_POLICY
-from .launch import ServerProcess
+from services.config import DEFAULT_POLICY
+from .servers import ServerProcess
+from .timing import percentile
 
 
 @dataclass
@@ -68,8 +69,8 @@ class RunResult:
         return {"name": self.name, "requests": self.requests, "errors": self.errors,
                 "version_regressions": self.version_regressions, "swaps": self.swaps,
                 "seconds": round(self.seconds, 2), "req_per_s": round(self.requests / self.seconds, 1),
-                "p50_ms": round(float(np.percentile(lat, 50)), 2),
-                "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                "p50_ms": round(float(percentile(lat, 50)), 2),
+                "p99_ms": round(float(percentile(lat, 99)), 2),
                 "mean_ms": round(float(lat.mean()), 2), "max_ms": round(float(lat.max()), 2),
                 "mean_requests_per_forward": round(float(br.mean()), 2) if has_batches else None,
                 "max_requests_per_forward": int(br.max()) if has_batches else None,
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="also run a server with this many torch threads per worker (default 1)")
     ap.add_argument("--compare-bentoml-batching", action="store_true",
                     help="also run stateless clients against the service and against BentoML's own "
-                         "adaptive batching (services/bentoml_batching_probe.py)")
+                         "adaptive batching (benchmarks/bentoml_batching_probe.py)")
     ap.add_argument("--replicas", action="store_true",
                     help="scale-out mode: 2 replicas sharing Redis vs 1 server on the local backend")
     ap.add_argument("--out", default="runs/load_bench")
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         conditions.append((name, name, False, "session"))
     if args.compare_bentoml_batching:
         servers["probe"] = serve(policy, token, 1, {}, out / "server_probe.log",
-                                 target="services.bentoml_batching_probe:BatchableProbe")
+                                 target="benchmarks.bentoml_batching_probe:BatchableProbe")
         conditions += [("stateless", "shipped", False, "stateless"),
                        ("bentoml_batching", "probe", False, "probe")]
     totals = {name: RunResult(name) for name, *_ in conditions}
@@ -316,7 +317,7 @@ def check_cost(servers: list[ServerProcess]) -> tuple[float, float]:
 
 def replicas_main(args, policy: Path, spec: PolicySpec, token: str, out: Path) -> None:
     """2 replicas on Redis vs 1 server on the local backend, both with a hot swap every interval."""
-    from .redis_server import RedisServer
+    from .servers import RedisServer
     redis_srv = RedisServer(out / "redis").start()
     env = {"LORASA_REDIS_URL": redis_srv.url}
     servers = {"local_1": [serve(policy, token, args.workers, {}, out / "server_local.log")],

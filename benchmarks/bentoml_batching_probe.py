@@ -1,7 +1,7 @@
 """Benchmark-only probe: the same Engine behind BentoML's own adaptive batching, to measure it
-against the service's micro-batcher (`python -m services.load_bench --compare-bentoml-batching`).
+against the service's micro-batcher (`python -m benchmarks.load_bench --compare-bentoml-batching`).
 
-    LORASA_POLICY=... bentoml serve services.bentoml_batching_probe:BatchableProbe
+    LORASA_POLICY=... bentoml serve benchmarks.bentoml_batching_probe:BatchableProbe
 
 BentoML batching merges the one list argument of concurrent requests and splits the returned list
 back, so only stateless, deterministic rows fit (no sessions, no per-request options, no versions),
@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from lorasa_serve import Engine
 
-from .config import ServiceConfig
+from services.config import ServiceConfig
 
 CONFIG = ServiceConfig.from_env()
 

