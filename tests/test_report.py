@@ -249,11 +249,13 @@ def test_paired_section_from_synthetic_compact_results(tmp_path):
         assert _png_ok(tmp_path / "out" / "assets" / png) and f"](assets/{png})" in readme
 
 
-def test_lora_phase_auc_starts_where_the_lora_runs_really_switched(tmp_path):
+@pytest.mark.parametrize("switches,expected", [({1: 250, 2: 250}, (12.5, 12.5)), ({1: 250, 2: 200}, (12.5, 10.0))])
+def test_lora_phase_auc_starts_where_the_lora_runs_really_switched(tmp_path, switches, expected):
     """The grid says switch at 200, but the runs switched at their update boundary 250 (summary.json's
     phase_switch_step): the LoRA-phase AUC window starts there. PS 10+s .. 40+s at 100..400; PS+LoRA
     continues PS (100, 200) with 40+s at 300 and 60+s at 400. From 250: PS (50 * 27.5 + 100 * 35) / 150
-    = 32.5 + s, PS+LoRA (50 * 35 + 100 * 50) / 150 = 45 + s: +12.5 (from 200 it would be +10)."""
+    = 32.5 + s, PS+LoRA (50 * 35 + 100 * 50) / 150 = 45 + s: +12.5 (from 200 it would be +10). Under a
+    switch rule seeds switch at different steps: each seed's window starts at its own switch."""
     from training.report.paired import paired_rows
     from training.report.results import load_results
     (tmp_path / "g.toml").write_text("\n".join([
@@ -269,10 +271,10 @@ def test_lora_phase_auc_starts_where_the_lora_runs_really_switched(tmp_path):
                                                         "phase_switch_step": -1, "final_eval": final},
                        [(100, "ps", 10 + s), (200, "ps", 20 + s), (300, "ps", 30 + s), (400, "ps", 40 + s)])
         _write_compact(root / "mappo-lorasa" / f"seed{s}", {**base, "mode": "lorasa", "seed": s, "init_from": "x",
-                                                            "phase_switch_step": 250, "final_eval": final},
+                                                            "phase_switch_step": switches[s], "final_eval": final},
                        [(300, "lora", 40 + s), (400, "lora", 60 + s)])
     (row,) = paired_rows(grid, load_results(grid, tmp_path / "gone"))
-    assert tuple(row.diffs["auc_phase2"].values) == pytest.approx((12.5, 12.5))
+    assert tuple(row.diffs["auc_phase2"].values) == pytest.approx(expected)
 
 
 def test_budget_grid_switches_at_update_boundaries():

@@ -27,12 +27,17 @@ def run_measures(res: RunResult, switch: int) -> dict[str, float]:
     return out
 
 
-def recorded_switch(cells: list[Cell], nominal: int) -> int:
-    """Where the phase-2 runs of `cells` really switched (summary.json's phase_switch_step: the first
-    update boundary at or after the grid's switch step; the latest if seeds differ), else `nominal`."""
-    steps = [int(r.summary["phase_switch_step"]) for c in cells for r in c.done
-             if r.summary.get("init_from") and int(r.summary.get("phase_switch_step", -1)) >= 0]
-    return max(steps, default=nominal)
+def recorded_switches(cells: list[Cell], nominal: int) -> dict[int, int]:
+    """seed -> where that seed's phase-2 runs of `cells` really switched (summary.json's
+    phase_switch_step: the first update boundary at or after the switch step, which a grid's switch_rule
+    sets per seed; the latest if that seed's phase-2 runs differ); seeds without one are absent
+    (`nominal` applies to them)."""
+    out: dict[int, int] = {}
+    for c in cells:
+        for r in c.done:
+            if r.summary.get("init_from") and int(r.summary.get("phase_switch_step", -1)) >= 0:
+                out[r.run.seed] = max(out.get(r.run.seed, 0), int(r.summary["phase_switch_step"]))
+    return out
 
 
 @dataclass
@@ -67,8 +72,9 @@ def paired_rows(grid: Grid, results: dict[str, RunResult]) -> list[PairedRow]:
         env = next((r.summary["env"] for c in cells for r in c.done), sc["preset"])
         for algo in dict.fromkeys(c.algo for c in cells):
             by_mode = {c.mode: c for c in cells if c.algo == algo}
-            start = recorded_switch(list(by_mode.values()), switch)
-            measures = {m: {r.run.seed: run_measures(r, start) for r in c.done} for m, c in by_mode.items()}
+            starts = recorded_switches(list(by_mode.values()), switch)
+            measures = {m: {r.run.seed: run_measures(r, starts.get(r.run.seed, switch)) for r in c.done}
+                        for m, c in by_mode.items()}
             for a, b in grid.pairs or PAIRED:
                 if a in by_mode and b in by_mode:
                     diffs = {k: paired_differences({s: v[k] for s, v in measures[a].items()},
@@ -106,9 +112,9 @@ def paired_section(grid: Grid, results: dict[str, RunResult], md_table, assets: 
              "the same evaluation episodes; PS+LoRA − PS also shares phase 1 (the LoRA run starts from that "
              "seed's PS snapshot), so only the phase after the switch differs. AUC = area under the "
              "evaluation-return curve divided by its steps (the mean return over training; trapezoid rule, "
-             "PS+LoRA's curve continues its PS run's); 'LoRA phase' = the same from the step where the LoRA "
-             "runs really switched (their first update boundary at or after the grid's switch step) to the "
-             "end.", "",
+             "PS+LoRA's curve continues its PS run's); 'LoRA phase' = the same from the step where that seed's "
+             "LoRA runs really switched (their first update boundary at or after the switch step: the grid's, "
+             "or that seed's own under a switch rule) to the end, for both sides of the pair.", "",
              md_table(["Scenario", "Algo", "A − B", "Seeds", "Final return", "AUC (all steps)",
                        "AUC (LoRA phase)"], [r.cells() for r in rows]), "", *figure,
              "Final-evaluation noise: standard error of a run's final mean from its own episodes, divided "

@@ -65,6 +65,7 @@ def setup_section(grid: Grid, results: dict[str, RunResult], runs_root: Path, ou
     lines = ["## Setup", "",
              f"- Budget: {_budget_text(grid)} env steps per run (all phases); PS+LoRA / SePS+LoRA runs start "
              f"phase 2 from their PS / SePS run's snapshot at the switch step (same seed).",
+             *_switch_rule_lines(grid, results),
              f"- Seeds: {', '.join(map(str, grid.seeds))}; {n_done} of {len(results)} runs finished.",
              f"- Evaluation: deterministic actions, {_plural(grid.eval_episodes, 'episode')} every "
              f"{grid.eval_every:,} steps (learning curves); final performance = "
@@ -93,6 +94,29 @@ def setup_section(grid: Grid, results: dict[str, RunResult], runs_root: Path, ou
               f"lorasa-report write {g} --runs {_rel(runs_root)} --out {_rel(out)}   # report only",
               "```", ""]
     return "\n".join(lines)
+
+
+def _switch_rule_lines(grid: Grid, results: dict[str, RunResult]) -> list[str]:
+    """Under a switch rule, the rule (stated in the grid before any run) and where each seed switched."""
+    rules = [sc.get("switch_rule", grid.switch_rule) for sc in grid.scenarios]
+    if not any(rules):
+        return []
+    rule = next(r for r in rules if r)
+    lines = [f"- Switch rule (stated in the grid before any run, `training/grid.py` plateau_step): each seed's "
+             f"phase-2 runs switch at the first evaluation where the mean of its PS run's last {rule['window']} "
+             f"evaluations is less than {rule['min_gain']:.0%} above the mean of the {rule['window']} before "
+             f"them, rounded up to the next snapshot (every {rule['every']:,} steps), at {rule['latest']:,} at the "
+             f"latest; the budget's switch step above is only that latest bound."]
+    for sc in grid.scenarios:
+        seen: dict[int, int] = {}
+        for r in results.values():
+            if r.done and r.run.preset == sc["preset"] and r.summary.get("init_from"):
+                seen[r.run.seed] = int(r.summary["phase_switch_step"])
+        if seen:
+            per_seed = ", ".join(f"seed {k}: {v:,}" for k, v in sorted(seen.items()))
+            lines.append(f"- Switches of `{sc['preset']}` (first update boundary at or after the rule's step): "
+                         f"{per_seed}.")
+    return lines
 
 
 def _budget_text(grid: Grid) -> str:
