@@ -226,3 +226,46 @@ def test_lora_init_starts_at_zero_delta(init):
     assert torch.all(zero == 0) and rand.abs().max() > 0
     if init == "reference":  # kaiming-uniform(a=sqrt(5)) over B [out, r]: bound 1/sqrt(r)
         assert rand.abs().max() <= 1 / math.sqrt(2) + 1e-7
+
+
+@pytest.fixture(scope="module")
+def offset_server(tmp_path_factory):
+    """A real `bentoml serve` on an offset policy (mode lora: no merge cache in the way)."""
+    require_extra("serve", "bentoml")
+    from benchmarks.servers import ServerProcess
+    root = tmp_path_factory.mktemp("offset_server")
+    spec, backbone, ads = make_policy(root / "p", log_std_offset=True, b_std=0.3, **HETERO)
+    env = {"LORASA_POLICY": str(root / "p"), "LORASA_STATE_DIR": str(root / "state"), "LORASA_MODE": "lora"}
+    with ServerProcess(env, root / "server.log") as srv:
+        srv.spec, srv.backbone, srv.ads = spec, backbone, ads
+        srv.engine = Engine.from_dir(root / "p", device="cpu", mode="lora")
+        yield srv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["v1", "v2"])
+def test_http_log_probs_of_sampled_actions_use_each_agents_log_std(offset_server, route):
+    """/v1 and /v2 sample with each agent's own log-std: every row's log_prob is the hand-written Normal
+    log-density of its action under the Engine's mean and that agent's log_std + offset."""
+    import requests
+    from lorasa_serve.client import PolicyClient
+    srv, spec = offset_server, offset_server.spec
+    g = torch.Generator().manual_seed(11)
+    ids = [spec.agent_ids[i] for i in torch.randint(3, (24,), generator=g).tolist()]
+    obs = zero_padding(spec, ids, torch.randn(24, spec.obs_max, generator=g)).numpy()
+    if route == "v1":
+        rows = [{"agent_id": a, "obs": obs[i, :spec.agent(a).obs_dim].tolist()} for i, a in enumerate(ids)]
+        r = requests.post(srv.url + "/v1/act", json={"rows": rows, "deterministic": False}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        actions = [np.asarray(a, np.float64) for a in body["actions"]]
+        log_probs = body["log_probs"]
+    else:
+        with PolicyClient(srv.url) as client:
+            res = client.act(ids, obs, deterministic=False, seed=5)
+        actions, log_probs = [np.asarray(a, np.float64) for a in res.actions], res.log_probs
+    mean, _ = srv.engine.forward(ids, torch.from_numpy(obs))
+    for i, a in enumerate(ids):
+        ls = own_log_std(srv.backbone, srv.ads[a])
+        want = normal_log_prob(mean[i], ls, actions[i], spec.agent(a).act_dim)
+        assert abs(float(log_probs[i]) - want) < 1e-3, (route, i, a)
