@@ -6,6 +6,7 @@ rank/alpha mismatches, adapters trained on another backbone, NaN/inf.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -332,13 +333,26 @@ def _check_digest(path: Path, data: bytes, want: str | None) -> None:
                                         f"{DIGESTS_FILE}: the file was modified or corrupted")
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it; done once, at import
+@functools.cache
+def umask() -> int:
+    """The process umask, read once, on first use: from /proc/self/status (Linux; reading it changes
+    nothing), else by setting and restoring it (the only portable way, briefly process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-_UMASK = _read_umask()
+def default_mode(directory: bool = False) -> int:
+    """The permissions a new file (0666) or directory (0777) gets under the umask: what a file written
+    through a private temp file (mkstemp 0600, mkdtemp 0700) is given before it is published."""
+    return (0o777 if directory else 0o666) & ~umask()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -349,7 +363,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
