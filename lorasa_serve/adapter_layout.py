@@ -16,28 +16,29 @@ so unmerging is dropping W (exact; PEFT's in-place `W -= dW` rounds).
 
 Layouts (S slots = agents of the bank, C chunks of M rows, P agents per chunk, N agents in training):
 
-| where                      | tensor                     | shape                         | scaled | built by           |
-|----------------------------|----------------------------|-------------------------------|--------|--------------------|
-| adapter file, PEFT, Engine | `<layer>.lora_A.weight`    | [r, in]                       | no     | (the file)         |
-|                            | `<layer>.lora_B.weight`    | [out, r]                      | no     |                    |
-|                            | `log_std_offset`           | [act_max] (Gaussian, optional)| -      |                    |
-| bank (`AdapterBank`)       | `a_r[layer]`               | [S, r, in] (A as stored)      | no     | `stack_adapters`   |
-|                            | `b_t[layer]`               | [S, r, out] (B^T)             | yes    | `stack_adapters`   |
-|                            | `log_std`                  | [S, act_max] (shared + offset)| -      | `stack_log_std`    |
-| forward (`LinearP`)        | `lora_a`                   | [C, in, P*r] (P blocks of A^T)| no     | `chunk_lora`       |
-|                            | `lora_b`                   | [C, P*r, out]                 | yes    | `chunk_lora`       |
-|                            | `lora_mask`                | [C, M, P*r] 0/1               | -      | `block_mask`       |
-|                            | `weight`, per chunk        | [C, in, out] (W^T per chunk)  | -      | `per_chunk_weight` |
-|                            | `weight`, shared           | [out, in] (PyTorch's Linear)  | -      | (the backbone)     |
-| merged weights             | W0 + dW                    | [out, in]                     | yes    | `merge_weight`     |
-| training (`Actor`)         | `<layer>.lora_a`           | [N, in, r]                    | no     | `to_training`      |
-|                            | `<layer>.lora_b`           | [N, r, out] (B^T)             | no: `scaled_b` at each forward, so gradients reach B |
-|                            | `log_std_offset`           | [N, 1, act_max]               | -      | `to_training`      |
-| ONNX graph, dense          | A                          | [in, S*r] (slot-major blocks) | no     | `onnx_lora`        |
-|                            | B                          | [S*r, out]                    | yes    | `onnx_lora`        |
-| ONNX graph, gather         | A                          | [S, in, r]                    | no     | `onnx_lora`        |
-|                            | B                          | [S, r, out]                   | yes    | `onnx_lora`        |
+| where                | tensor                  | shape                           | scaled | built by           |
+|----------------------|-------------------------|---------------------------------|--------|--------------------|
+| adapter file, PEFT,  | `<layer>.lora_A.weight` | [r, in]                         | no     | (the file)         |
+| `Engine.adapter`     | `<layer>.lora_B.weight` | [out, r]                        | no     |                    |
+|                      | `log_std_offset`        | [act_max] (Gaussian, optional)  | -      |                    |
+| bank (`AdapterBank`) | `a_r[layer]`            | [S, r, in] (A as stored)        | no     | `stack_adapters`   |
+|                      | `b_t[layer]`            | [S, r, out] (B^T)               | yes    | `stack_adapters`   |
+|                      | `log_std`               | [S, act_max] (shared + offset)  | -      | `stack_log_std`    |
+| forward (`LinearP`)  | `lora_a`                | [C, in, P*r] (P blocks of A^T)  | no     | `chunk_lora`       |
+|                      | `lora_b`                | [C, P*r, out]                   | yes    | `chunk_lora`       |
+|                      | `lora_mask`             | [C, M, P*r] 0/1                 | -      | `block_mask`       |
+|                      | `weight`, per chunk     | [C, in, out] (W^T per chunk)    | -      | `per_chunk_weight` |
+|                      | `weight`, shared        | [out, in] (PyTorch's Linear)    | -      | (the backbone)     |
+| merged weights       | W0 + dW                 | [out, in]                       | yes    | `merge_weight`     |
+| training (`Actor`)   | `<layer>.lora_a`        | [N, in, r]                      | no     | `to_training`      |
+|                      | `<layer>.lora_b`        | [N, r, out] (B^T)               | (1)    | `to_training`      |
+|                      | `log_std_offset`        | [N, 1, act_max]                 | -      | `to_training`      |
+| ONNX graph, dense    | A                       | [in, S*r] (agent-major columns) | no     | `onnx_lora`        |
+|                      | B                       | [S*r, out]                      | yes    | `onnx_lora`        |
+| ONNX graph, gather   | A                       | [S, in, r]                      | no     | `onnx_lora`        |
+|                      | B                       | [S, r, out]                     | yes    | `onnx_lora`        |
 
+(1) stored unscaled; `scaled_b` scales it at every forward, so gradients reach B itself.
 A missing adapter (None) is zeros in every stacked layout: that agent runs the backbone alone.
 """
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 Every cache belongs to the object that uses it, none is a module global:
 
-| cache                                   | owner                        | bounded by                         |
-|-----------------------------------------|------------------------------|------------------------------------|
-| row layouts by agent order              | the Engine (`layout.Planner`)| `plans`                            |
-| assembled parameters per (mode, layout) | each bank (`bank.BankCache`) | `params`, `params_bytes`           |
-| plan counts per layout (mode auto)      | each bank (`bank.BankCache`) | `seen_layouts`                     |
-| traced forwards of small batches        | each bank (`traced.TraceCache`) | `traced_graphs` (0: never trace) |
-| agents merged on demand (mode auto)     | the Engine (`merge_policy.MergedSet`) | `auto_merged_bytes`       |
-| recurrent state of `act_session`        | the Engine (`sessions.SessionStore`) | `sessions`, `session_bytes`, `session_ttl_s` |
+| cache                                   | owner                            | bounded by                 |
+|-----------------------------------------|----------------------------------|----------------------------|
+| row layouts by agent order              | Engine (`layout.Planner`)        | `plans`                    |
+| assembled parameters per (mode, layout) | each bank (`bank.BankCache`)     | `params`, `params_bytes`   |
+| plan counts per layout (mode auto)      | each bank (`bank.BankCache`)     | `seen_layouts`             |
+| traced forwards of small batches        | each bank (`traced.TraceCache`)  | `traced_graphs` (0: off)   |
+| agents merged on demand (mode auto)     | Engine (`merge_policy.MergedSet`)| `auto_merged_bytes`        |
+| recurrent state of `act_session`        | Engine (`sessions.SessionStore`) | `sessions`, `session_bytes`, `session_ttl_s` |
 
 A new bank (hot swap, merge) starts with empty caches of its own, bounded by the same limits.
 """
