@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from lorasa_serve.adapter_layout import adapter_shapes
 from lorasa_serve.artifacts import atomic_write, save_policy
 from lorasa_serve.backend import ActBackend
 from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
@@ -220,7 +221,7 @@ def _no_grad(fn, *args):
 
 def memory_per_agent(spec: PolicySpec) -> dict:
     """Bytes each extra agent costs: its adapter (LoRASA) vs a whole actor (NPS), fp32."""
-    lora = sum(int(np.prod(s)) for s in spec.adapter_shapes().values()) * 4
+    lora = sum(int(np.prod(s)) for s in adapter_shapes(spec).values()) * 4
     full = sum(int(np.prod(s)) for s in spec.backbone_shapes().values()) * 4
     return {"lorasa_bytes_per_agent": lora, "nps_bytes_per_agent": full, "nps_over_lorasa": full / lora}
 

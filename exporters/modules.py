@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from lorasa_serve.network import LN_EPS, gru_cell
 from lorasa_serve.spec import AgentSpec, PolicySpec
-from lorasa_serve.stacking import dim_mask, stack_adapters, stack_log_std
+from lorasa_serve.adapter_layout import dense_columns, onnx_lora, stack_adapters, stack_log_std
+from lorasa_serve.distributions import dim_mask
 
 LoraImpl = Literal["auto", "dense", "gather"]
 DENSE_MAX_COLS = 512  # "auto": dense one-hot LoRA while agents * rank stays this narrow
@@ -140,16 +141,12 @@ class MultiAgentActor(_Actor):
             self.register_buffer(_key(n) + "_b", backbone[f"{n}.bias"].detach().clone())
         any_adapter = any(adapters.get(a) is not None for a in spec.agent_ids)
         self.adapted = spec.adapted_layers if any_adapter else []  # a plain policy: backbone only
-        for n in self.adapted:
-            a, b = stack_adapters(spec, n, [adapters.get(x) for x in spec.agent_ids], "cpu")
-            # a [S, r, in], b [S, r, out] (scaled by alpha/r)
-            a = a.transpose(1, 2)  # [S, in, r]
-            if self.impl == "dense":
-                a = a.permute(1, 0, 2).reshape(a.shape[1], S * r)  # [in, S*r]
-                b = b.reshape(S * r, b.shape[2])  # [S*r, out]
-            self.register_buffer(_key(n) + "_a", a.contiguous())
-            self.register_buffer(_key(n) + "_bb", b.contiguous())
-        self.register_buffer("col_agent", torch.arange(S).repeat_interleave(r))  # [S*r]
+        for n in self.adapted:  # dense: A [in, S*r], B [S*r, out]; gather: A [S, in, r], B [S, r, out]
+            a_r, b_t = stack_adapters(spec, n, [adapters.get(x) for x in spec.agent_ids], "cpu")
+            a, b = onnx_lora(a_r, b_t, dense=self.impl == "dense")
+            self.register_buffer(_key(n) + "_a", a)
+            self.register_buffer(_key(n) + "_bb", b)
+        self.register_buffer("col_agent", dense_columns(S, r))  # [S*r]
         self.register_buffer("obs_dims", torch.tensor([a.obs_dim for a in spec.agents]))
         self.register_buffer("act_dims", torch.tensor([a.act_dim for a in spec.agents]))
         self.register_buffer("obs_cols", torch.arange(spec.obs_max))
@@ -157,10 +154,12 @@ class MultiAgentActor(_Actor):
         if self.onehot:  # [S, K]: row s = agent s's one-hot
             cols = torch.tensor([spec.onehot_index(i) for i in range(S)])
             self.register_buffer("p_onehot", F.one_hot(cols, spec.agent_onehot).float())
+        self.per_agent_log_std = False  # p_log_std [S, act_max] (True) or the shared [act_max]
         if spec.action == "gaussian":  # [S, act_max] per agent when adapters carry offsets, else [act_max]
             per_agent = stack_log_std(spec, backbone["log_std"], [adapters.get(x) for x in spec.agent_ids])
             self.register_buffer("p_log_std", (backbone["log_std"] if per_agent is None else per_agent
                                                ).detach().clone())
+            self.per_agent_log_std = per_agent is not None
 
     def forward(self, agent_index: Tensor, obs: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         h, reset, avail = self._unpack(inputs)
@@ -184,6 +183,6 @@ class MultiAgentActor(_Actor):
             obs = torch.cat([obs, self.p_onehot[rows]], 1)  # [B, obs_max + K]
         head, h_next = self._trunk(linear, obs, h, reset)
         log_std = getattr(self, "p_log_std", None)
-        if log_std is not None and log_std.dim() == 2:
+        if self.per_agent_log_std:
             log_std = log_std[rows]  # [B, act_max]: each row's agent's own
         return self._outputs(head, h_next, dim_mask(self.act_dims, rows, self.spec.act_max), avail, log_std)

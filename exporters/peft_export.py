@@ -60,7 +60,7 @@ def _one(engine: Engine, agent: str, root: Path) -> ArtifactResult:
     t0 = time.perf_counter()
     final = root / agent
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{agent}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~artifacts._UMASK)  # the usual permissions, not mkdtemp's private 0700
+    os.chmod(tmp, artifacts.default_mode(directory=True))  # the usual permissions, not mkdtemp's 0700
     try:
         ours = {k: v.cpu() for k, v in engine.adapter(agent).items()}
         peft_format.save_peft(tmp, engine.spec, agent, ours)

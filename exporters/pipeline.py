@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from lorasa_serve import Engine
 from lorasa_serve import onnx_contract as contract
-from lorasa_serve.artifacts import SPEC_FILE, atomic_write
+from lorasa_serve.artifacts import SPEC_FILE, atomic_write, default_mode
 from lorasa_serve.errors import LorasaError
 from lorasa_serve.onnx_contract import MULTI_AGENT, input_names, output_names
 
@@ -195,7 +195,7 @@ def _one(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: s
         diff = _build_and_verify(cfg, engine, rollouts, agent, kind, tmp)
         staged = tmp if kind == "safetensors" else tmp / final.name
         if staged.is_dir():  # mkdtemp's private 0700 would become the published directory's mode
-            os.chmod(staged, 0o777 & ~_umask())
+            os.chmod(staged, default_mode(directory=True))
         _publish(staged, final)
         files = sorted(str(p.relative_to(out)) for p in ([final] if final.is_file() else final.iterdir()))
         size = sum((out / f).stat().st_size for f in files)
@@ -262,12 +262,6 @@ def _onnx(cfg: ExportConfig, engine: Engine, agent: str):
                         cfg.opset, meta)
     index = engine.agent_index(rows.agent_ids) if multi else None
     return data, rows, width, index, mode
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _publish(staged: Path, final: Path) -> None:

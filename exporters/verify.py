@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from lorasa_serve import Engine
-from lorasa_serve.distributions import masked_logits
+from lorasa_serve.distributions import dim_mask, masked_logits
 from lorasa_serve import onnx_contract as contract
 from lorasa_serve.onnx_backend import make_session
-from lorasa_serve.stacking import dim_mask
 
 from .errors import VerificationError
 from .observations import ObsRollout

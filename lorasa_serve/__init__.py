@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what static tools see; at run time these load on first use
     from .artifacts import load_policy, save_adapter, save_policy
+    from .caches import CacheLimits
     from .engine import Engine
     from .errors import (ArtifactError, CorruptFileError, DeviceUnavailableError, DigestMismatchError,
                          FingerprintMismatchError,
@@ -23,6 +24,7 @@ if TYPE_CHECKING:  # what static tools see; at run time these load on first use
 __version__ = "0.1.0"
 _WHERE = {
     "load_policy": "artifacts", "save_adapter": "artifacts", "save_policy": "artifacts", "Engine": "engine",
+    "CacheLimits": "caches",
     "ActOutput": "protocol", "ActRequest": "protocol", "ActResult": "protocol", "BadRequest": "protocol",
     "init_adapter": "network", "init_backbone": "network", "AgentSpec": "spec", "LoraSpec": "spec",
     "PolicySpec": "spec",

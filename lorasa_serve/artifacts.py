@@ -6,6 +6,7 @@ rank/alpha mismatches, adapters trained on another backbone, NaN/inf.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -25,6 +26,7 @@ from .errors import (CorruptFileError, DigestMismatchError, FingerprintMismatchE
                      KeyMismatchError, NonFiniteError, NotRegularFileError, RankAlphaMismatchError,
                      ShapeMismatchError)
 from . import strict_json
+from .adapter_layout import adapter_shapes
 from .files import read_file
 from .spec import FORMAT_VERSION, PolicySpec, check_agent_id
 
@@ -192,7 +194,7 @@ def load_backbone(path: str | Path, spec: PolicySpec) -> dict[str, Tensor]:
 def adapter_bytes(spec: PolicySpec, agent_id: str, tensors: dict[str, Tensor]) -> bytes:
     """Serialise one agent's adapter (validated against the spec)."""
     check_agent_id(agent_id)
-    tensors = _check_tensors(tensors, spec.adapter_shapes(), f"adapter {agent_id!r}")
+    tensors = _check_tensors(tensors, adapter_shapes(spec), f"adapter {agent_id!r}")
     meta = {"format_version": str(FORMAT_VERSION), "agent_id": agent_id,
             "rank": str(spec.lora.rank), "alpha": repr(float(spec.lora.alpha)),
             "layers": json.dumps(spec.adapted_layers),
@@ -229,13 +231,13 @@ def parse_adapter(data: bytes, spec: PolicySpec, source: str,
     if fp != spec.backbone_fingerprint:
         raise FingerprintMismatchError(source, f"adapter was trained against backbone {fp[:12]!r}, "
                                                f"this policy's is {spec.backbone_fingerprint[:12]!r}")
-    return agent_id, _check_tensors(tensors, spec.adapter_shapes(), source)
+    return agent_id, _check_tensors(tensors, adapter_shapes(spec), source)
 
 
 def load_adapter(path: str | Path, spec: PolicySpec,
                  agent_id: str | None = None) -> tuple[str, dict[str, Tensor]]:
     path = Path(path)
-    return parse_adapter(_read_file(path, max_file_bytes(spec.adapter_shapes())), spec, str(path), agent_id)
+    return parse_adapter(_read_file(path, max_file_bytes(adapter_shapes(spec))), spec, str(path), agent_id)
 
 
 # --- whole directory ---------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def load_policy(directory: str | Path) -> tuple[PolicySpec, dict[str, Tensor],
     for f in files:
         if f.stem not in spec.agent_ids:
             raise KeyMismatchError(f, f"adapter for agent {f.stem!r}, which policy.json does not list")
-        data = _read_file(f, max_file_bytes(spec.adapter_shapes()))
+        data = _read_file(f, max_file_bytes(adapter_shapes(spec)))
         agent_id, tensors = parse_adapter(data, spec, str(f), f.stem)
         if digests is not None:  # None: a policy directory from before digests.json (validated only)
             _check_digest(f, data, digests.pop(f"{ADAPTER_DIR}/{f.name}", None))
@@ -332,13 +334,26 @@ def _check_digest(path: Path, data: bytes, want: str | None) -> None:
                                         f"{DIGESTS_FILE}: the file was modified or corrupted")
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it; done once, at import
+@functools.cache
+def umask() -> int:
+    """The process umask, read once, on first use: from /proc/self/status (Linux; reading it changes
+    nothing), else by setting and restoring it (the only portable way, briefly process-wide)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-_UMASK = _read_umask()
+def default_mode(directory: bool = False) -> int:
+    """The permissions a new file (0666) or directory (0777) gets under the umask: what a file written
+    through a private temp file (mkstemp 0600, mkdtemp 0700) is given before it is published."""
+    return (0o777 if directory else 0o666) & ~umask()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -349,7 +364,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

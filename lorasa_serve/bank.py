@@ -1,18 +1,18 @@
 """AdapterBank: an immutable snapshot of everything a forward reads.
 
 Backbone, per-agent adapters stacked into fixed-shape slots (vLLM style: `a_r[layer] [S, r, in]`,
-the PEFT lora_A layout, and `b_t[layer] [S, r, out]` with alpha/r folded into B), merged weights for
-merged agents, versions.
+the PEFT lora_A layout, and `b_t[layer] [S, r, out]` with alpha/r folded into B; every layout and
+transpose: `lorasa_serve.adapter_layout`), merged weights for merged agents, versions.
 Writers (hot-swap, add agent, merge) build a new bank and publish it with one reference
 assignment, so a forward that started on the old bank finishes on it: nobody sees half an adapter.
 A bank is never modified after construction (its dicts included); what forwards derive from it
 (assembled parameters per layout, traced graphs) lives in its own `BankCache`, which every new
-bank gets empty (`init=False`: `dataclasses.replace` never carries it over).
+bank gets empty (`init=False`: `dataclasses.replace` never carries it over), bounded by the bank's
+`CacheLimits`.
 """
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 
@@ -20,60 +20,47 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import adapter_layout
+from .adapter_layout import agent_log_std, stack_adapters, stack_log_std
+from .caches import LRU, CacheLimits
+from .distributions import dim_mask
 from .layout import Layout
 from .network import ActorParams, LinearP, NormP
 from .traced import TraceCache
 from .spec import AgentSpec, PolicySpec
-from .stacking import agent_log_std, dim_mask, stack_adapters, stack_log_std
-
-PARAMS_CACHE_SIZE = 4  # assembled ActorParams per (mode, layout) kept per bank ...
-PARAMS_CACHE_MAX_BYTES = 256 << 20  # ... holding at most this many bytes of per-layout copies
-# (gathered adapters, masks, stacked merged weights; the newest entry is always kept)
 
 
 class BankCache:
-    """What forwards derive from one bank: assembled ActorParams per (mode, layout), bounded by
-    PARAMS_CACHE_SIZE entries and PARAMS_CACHE_MAX_BYTES of copies (LRU), how often each layout
-    was planned, and traced graphs of small batches. Thread-safe; owned by exactly one bank."""
+    """What forwards derive from one bank: assembled ActorParams per (mode, layout) (LRU, bounded by
+    `limits.params` entries and `limits.params_bytes` of copies), how often each layout was planned
+    (`limits.seen_layouts`), and traced graphs of small batches (`limits.traced_graphs`).
+    Thread-safe; owned by exactly one bank."""
 
-    SEEN_LAYOUTS = 64  # layouts whose plan counts are kept (LRU)
-
-    def __init__(self):
+    def __init__(self, limits: CacheLimits):
         self.lock = threading.Lock()
-        self.params: OrderedDict[tuple, ActorParams] = OrderedDict()
-        self.bytes: dict[tuple, int] = {}  # copied bytes of each params entry
-        self.seen: OrderedDict[bytes, int] = OrderedDict()
-        self.traced = TraceCache()
+        self.params: LRU[tuple, ActorParams] = LRU(limits.params, limits.params_bytes)  # sized in copied bytes
+        self.seen: LRU[bytes, int] = LRU(limits.seen_layouts)
+        self.traced = TraceCache(limits.traced_graphs)
 
     def count_seen(self, key: bytes) -> int:
         """Count one more plan of layout `key` -> how often it was planned on this bank."""
         with self.lock:
-            n = self.seen.pop(key, 0) + 1
-            self.seen[key] = n
-            while len(self.seen) > self.SEEN_LAYOUTS:
-                self.seen.popitem(last=False)
+            n = self.seen.get(key, 0) + 1
+            self.seen.put(key, n)
         return n
 
     def get(self, key: tuple) -> ActorParams | None:
         with self.lock:
-            hit = self.params.get(key)
-            if hit is not None:
-                self.params.move_to_end(key)
-            return hit
+            return self.params.get(key)
 
     def put(self, key: tuple, p: ActorParams, copied_bytes: int) -> None:
         with self.lock:
-            self.params[key] = p
-            self.bytes[key] = copied_bytes
-            while len(self.params) > 1 and (len(self.params) > PARAMS_CACHE_SIZE
-                                            or sum(self.bytes.values()) > PARAMS_CACHE_MAX_BYTES):
-                old, _ = self.params.popitem(last=False)
-                del self.bytes[old]
+            for old, _ in self.params.put(key, p, copied_bytes):
                 self.traced.drop(old)  # traced graphs hold the same tensors as constants
 
     def copied_bytes(self) -> int:
         with self.lock:
-            return sum(self.bytes.values())
+            return self.params.nbytes
 
 
 @dataclass(frozen=True)
@@ -92,7 +79,11 @@ class AdapterBank:
     # Gaussian policies whose adapters carry log-std offsets: [S, act_max] each agent's own log-std
     # (backbone log_std + offset); None: every agent uses backbone["log_std"] [act_max]
     log_std: Tensor | None = None
-    cache: BankCache = field(default_factory=BankCache, init=False, compare=False, repr=False)
+    limits: CacheLimits = field(default_factory=CacheLimits, compare=False, repr=False)
+    cache: BankCache = field(init=False, compare=False, repr=False)  # a new, empty one per bank
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cache", BankCache(self.limits))
 
     @property
     def n_slots(self) -> int:
@@ -149,8 +140,8 @@ class AdapterBank:
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
-    def build(cls, spec: PolicySpec, backbone: dict[str, Tensor],
-              adapters: dict[str, dict[str, Tensor]], device: torch.device) -> "AdapterBank":
+    def build(cls, spec: PolicySpec, backbone: dict[str, Tensor], adapters: dict[str, dict[str, Tensor]],
+              device: torch.device, limits: CacheLimits = CacheLimits()) -> "AdapterBank":
         backbone = {k: v.to(device) for k, v in backbone.items()}
         ids = spec.agent_ids
         per_slot = tuple(_to(adapters.get(a), device) for a in ids)
@@ -159,7 +150,7 @@ class AdapterBank:
             a_r[layer], b_t[layer] = stack_adapters(spec, layer, per_slot, device)
         log_std = stack_log_std(spec, backbone["log_std"], per_slot) if spec.action == "gaussian" else None
         return cls(spec, backbone, {a: i for i, a in enumerate(ids)}, per_slot,
-                   tuple(1 for _ in ids), a_r, b_t, {}, *_dims(spec, device), log_std)
+                   tuple(1 for _ in ids), a_r, b_t, {}, *_dims(spec, device), log_std, limits)
 
     def with_adapter(self, agent_id: str, adapter: dict[str, Tensor] | None,
                      agent: AgentSpec | None = None) -> "AdapterBank":
@@ -195,7 +186,7 @@ class AdapterBank:
             log_std = torch.cat([log_std[:slot], row, log_std[slot + 1:]])
         merged = dict(self.merged)
         if slot in merged:  # keep a merged agent merged, with its new weights
-            merged[slot] = merge_adapter(spec, self.backbone, adapter)
+            merged[slot] = adapter_layout.merge(spec, self.backbone, adapter)
         dims = dict(zip(("obs_dims", "act_dims"), _dims(spec, dev))) if agent is not None else {}
         return replace(self, spec=spec, slot_of=slot_of, adapters=adapters, versions=versions,
                        a_r=a_r, b_t=b_t, merged=merged, log_std=log_std, **dims)
@@ -211,7 +202,7 @@ class AdapterBank:
 
     def merged_weights(self, slot: int) -> dict[str, Tensor]:
         """Adapted layer -> W0 + (alpha/r) B A, [out, in]. The backbone is never modified."""
-        return merge_adapter(self.spec, self.backbone, self.adapters[slot])
+        return adapter_layout.merge(self.spec, self.backbone, self.adapters[slot])
 
     # --- per-forward parameters -------------------------------------------------------------
     def params(self, mode: str, lay: Layout | None = None) -> ActorParams:
@@ -233,8 +224,8 @@ class AdapterBank:
         own = {t.untyped_storage().data_ptr() for t in (*self.a_r.values(), *self.b_t.values())}
         seen, total = set(own), 0
         for q in p.linears.values():
-            for t in (q.weight, q.lora_a, q.lora_b, q.lora_mask):
-                if t is None or t.dim() != 3:
+            for t in (q.weight if q.per_chunk else None, q.lora_a, q.lora_b, q.lora_mask):
+                if t is None:
                     continue
                 ptr = t.untyped_storage().data_ptr()
                 if ptr not in seen:
@@ -261,8 +252,9 @@ class AdapterBank:
             lp = linears[layer]
             if len(chunk_slot) == 1:  # one chunk: a plain shared GEMM with merged weights
                 lp.weight = self.merged[int(chunk_slot[0])][layer]
-            else:
-                lp.weight = torch.stack([self.merged[int(s)][layer].T for s in chunk_slot])
+            else:  # [C, in, out], the shared bias as a [C, 1, out] view (no copy)
+                lp.weight = adapter_layout.per_chunk_weight([self.merged[int(s)][layer] for s in chunk_slot])
+                lp.bias, lp.per_chunk = lp.bias.expand(len(chunk_slot), 1, -1), True
         return ActorParams(linears, norms)
 
     def _stacked_lora(self, layer: str, lay: Layout) -> tuple[Tensor, Tensor]:
@@ -272,43 +264,20 @@ class AdapterBank:
         stored [C, r, in] (a batched GEMV, 1.6-2x faster than over [C, in, r] at r = 8, measured);
         chunks of several rows get a contiguous [C, in, P*r] copy (a GEMM, 1.4x faster that way)."""
         C, P = lay.chunk_slots.shape
-        a_r, b_t = self.a_r[layer], self.b_t[layer]  # [S, r, in], [S, r, out]
-        if P == 1 and C == self.n_slots and (lay.chunk_slots[:, 0] == np.arange(C)).all():
-            a, b = a_r, b_t  # identity: no gather
-        else:
-            idx = torch.as_tensor(lay.chunk_slots.reshape(-1), device=a_r.device)
-            a = a_r.index_select(0, idx).view(C, P * a_r.shape[1], a_r.shape[2])  # [C, P*r, in]
-            b = b_t.index_select(0, idx).view(C, P * b_t.shape[1], b_t.shape[2])  # [C, P*r, out]
-        a = a.transpose(1, 2)  # [C, in, P*r]
-        return (a if lay.M == 1 else a.contiguous()), b
+        identity = P == 1 and C == self.n_slots and bool((lay.chunk_slots[:, 0] == np.arange(C)).all())
+        return adapter_layout.chunk_lora(self.a_r[layer], self.b_t[layer], lay.chunk_slots, identity,
+                                         contiguous=lay.M != 1)
 
     def _lora_mask(self, lay: Layout) -> Tensor | None:
         """[C, M, P*r] 0/1 float: row m of chunk c keeps the r columns of its own agent's block."""
         if lay.row_block is None:
             return None
-        r = self.spec.lora.rank
         rb = torch.as_tensor(lay.row_block, device=self.obs_dims.device)  # [C, M], -1 = dead row
-        blocks = torch.arange(lay.P, device=rb.device)
-        mask = (rb.unsqueeze(-1) == blocks).to(torch.float32)  # [C, M, P]
-        return mask.repeat_interleave(r, dim=-1).contiguous()  # [C, M, P*r]
+        return adapter_layout.block_mask(rb, lay.P, self.spec.lora.rank)
 
 
 def _to(adapter: dict[str, Tensor] | None, device: torch.device) -> dict[str, Tensor] | None:
     return None if adapter is None else {k: v.to(device, torch.float32) for k, v in adapter.items()}
-
-
-def merge_adapter(spec: PolicySpec, backbone: dict[str, Tensor], adapter: dict[str, Tensor] | None
-                  ) -> dict[str, Tensor]:
-    """Adapted layer -> W0 + (alpha/r) B A [out, in] (W0 itself, copied, without an adapter)."""
-    out = {}
-    for layer in spec.adapted_layers:
-        w0 = backbone[f"{layer}.weight"]
-        if adapter is None:
-            out[layer] = w0.clone()
-        else:
-            delta = adapter[f"{layer}.lora_B.weight"] @ adapter[f"{layer}.lora_A.weight"]  # [out, in]
-            out[layer] = w0 + spec.lora.scale * delta
-    return out
 
 
 def _dims(spec: PolicySpec, device: torch.device) -> tuple[Tensor, Tensor]:

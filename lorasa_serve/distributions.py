@@ -14,6 +14,13 @@ from torch import Tensor
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def dim_mask(act_dims: Tensor, rows: Tensor, act_max: int) -> Tensor:
+    """act_dims [S] int, rows [B] slot of each row -> [B, act_max] bool: the row's agent has that
+    action dimension (columns past its act_dim are padding)."""
+    cols = torch.arange(act_max, device=act_dims.device)
+    return cols < act_dims[rows].unsqueeze(1)
+
+
 def gaussian_log_prob(mean: Tensor, log_std: Tensor, action: Tensor, dim_mask: Tensor) -> Tensor:
     """mean, action [B, A]; log_std [A]; dim_mask [B, A] bool -> [B]."""
     z = (action - mean) * torch.exp(-log_std)

@@ -2,6 +2,9 @@
 
     eng = Engine.from_dir("policies/halfcheetah_2x3")
     out = eng.act(["agent_0", "agent_1"], obs, state, reset)   # out.actions, out.log_probs, out.state
+
+Its caches (row layouts, per-layout parameters, traced graphs, merged agents, sessions) belong to it
+and its banks, bounded by `limits` (`lorasa_serve.caches.CacheLimits`).
 """
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ from torch import Tensor
 from . import artifacts, peft_format
 from . import protocol
 from .protocol import ActRequest, ActResult
+from .adapter_layout import adapter_shapes
 from .bank import AdapterBank
+from .caches import CacheLimits
 from .distributions import categorical_act, gaussian_act
 from .errors import DeviceUnavailableError, InputError, NonFiniteError, UnknownAgentError
-from .layout import Layout, plan
+from .layout import Layout, Planner
 from .merge_policy import MergedSet, auto_mode
 from . import traced
 from .network import ActorParams, actor_forward, slice_chunks
@@ -53,22 +58,25 @@ class Engine:
     def __init__(self, spec: PolicySpec, backbone: dict[str, Tensor],
                  adapters: dict[str, dict[str, Tensor]] | None = None, *,
                  device: str | torch.device = "auto", mode: Mode = "auto",
-                 max_sessions: int = 10_000):
+                 limits: CacheLimits = CacheLimits()):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.device = resolve_device(device)
         self.mode = mode
+        self.limits = limits
         self._write_lock = threading.Lock()
-        self._merges = MergedSet()  # pinned and auto-merged agents (guarded by the write lock)
-        self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device)
-        self.sessions = SessionStore(spec.hidden, max_sessions, self.device)
+        self._merges = MergedSet(limits.auto_merged_bytes)  # pinned and auto-merged agents (write lock)
+        self._planner = Planner(limits.plans)  # row layouts by agent order
+        self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device, limits)
+        self.sessions = SessionStore(spec.hidden, limits.sessions, self.device, limits.session_bytes,
+                                     limits.session_ttl_s)
         self._agents: protocol.AgentTable | None = None  # the validator's view of the bank (see _table)
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "auto", mode: Mode = "auto",
-                 max_sessions: int = 10_000) -> "Engine":
+                 limits: CacheLimits = CacheLimits()) -> "Engine":
         spec, backbone, adapters = artifacts.load_policy(path)
-        return cls(spec, backbone, adapters, device=device, mode=mode, max_sessions=max_sessions)
+        return cls(spec, backbone, adapters, device=device, mode=mode, limits=limits)
 
     # --- introspection ------------------------------------------------------------------------
     @property
@@ -227,13 +235,13 @@ class Engine:
                       for i in range(0, B, BLOCK_ROWS)]
             out, h_next = _cat_blocks(blocks, dim=1)
             return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
-        lay = plan(slots)  # one agent per chunk
+        lay = self._planner.plan(slots)  # one agent per chunk
         if mode == "auto":
             mode = auto_mode(bank, lay, B, self.device)
         if mode == "merged":
             bank = self._ensure_merged(bank, lay)
         else:
-            lay = plan(slots, mixed=True)  # chunks may hold several agents (if cheaper)
+            lay = self._planner.plan(slots, mixed=True)  # chunks may hold several agents (if cheaper)
         p = bank.params(mode, lay)
         pos, src = lay.index_tensors(obs.device)
         k = max(1, BLOCK_ROWS // lay.M)  # chunks per block: big batches run in cache-sized blocks
@@ -250,11 +258,10 @@ class Engine:
     @staticmethod
     def _run(bank: AdapterBank, p: ActorParams, key: tuple, x: Tensor, h: Tensor | None,
              reset: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """actor_forward on one small block [C, M, D], traced (lazily, see traced.py) if enabled."""
+        """actor_forward on one small block [C, M, D], traced (lazily, see traced.py) unless the
+        limits turn tracing off."""
         def forward(x: Tensor, h: Tensor | None, reset: Tensor | None):
             return actor_forward(bank.spec, p, x, h, reset)
-        if not traced.TRACE_ENABLED:
-            return forward(x, h, reset)
         return bank.cache.traced.run((*key, tuple(x.shape), h is None, reset is None), forward,
                                (x, h, reset))
 
@@ -287,7 +294,7 @@ class Engine:
         check_agent_id(agent_id)
         spec = self.spec
         if tensors is not None:
-            tensors = artifacts._check_tensors(tensors, spec.adapter_shapes(), f"adapter {agent_id!r}")
+            tensors = artifacts._check_tensors(tensors, adapter_shapes(spec), f"adapter {agent_id!r}")
         with self._write_lock:
             bank = self._bank
             if agent_id not in bank.slot_of:
@@ -368,7 +375,7 @@ class Engine:
         with self._write_lock:
             if self._bank is not bank:  # a writer got in first: merge for this forward only
                 return bank.with_merged(missing, True)
-            self._merges.admit(missing)
+            self._merges.admit(missing, bank.merged_bytes_per_agent)
             merged = bank.with_merged(missing, True)
             evict = self._merges.evictions(bank, need)
             self._bank = merged.with_merged(evict, False) if evict else merged

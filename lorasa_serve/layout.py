@@ -4,7 +4,8 @@ A batch of B rows with slot ids `slots[B]` becomes `[C, M]` chunks. The network 
 GEMMs over all C*M rows and per-chunk low-rank or merged weights with `bmm`, instead of one gather
 of adapter matrices per row (slow) or one Python loop per agent (slower).
 
-Two kinds of plan:
+Two kinds of plan (`plan`; the Engine's `Planner` caches them, since an environment loop sends the
+same agent order every step):
 - `plan(slots)`: every chunk holds one agent (each agent's rows padded to a multiple of M with dead
   rows). Needed by merged weights (one weight matrix per chunk). M trades padding against chunks.
 - `plan(slots, mixed=True)`: rows sorted by agent and cut into windows of M rows without per-agent
@@ -16,13 +17,14 @@ Two kinds of plan:
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .caches import LRU
 
 CHUNK_COST_ROWS = 8  # one extra chunk costs about as much as this many padded rows
 MAX_TILE = 4096  # rows per chunk at most, so big batches can run in cache-sized blocks of chunks
@@ -92,31 +94,37 @@ class Layout:
                 + self.chunk_slots.tobytes() + rb)
 
 
-_CACHE: OrderedDict[tuple[bytes, bool], Layout] = OrderedDict()
-_CACHE_SIZE = 16
-_CACHE_LOCK = threading.Lock()
+class Planner:
+    """Plans row layouts and keeps the last `max_entries` (LRU by the batch's agent order). Thread-safe."""
+
+    def __init__(self, max_entries: int):
+        self._plans: LRU[tuple[bytes, bool], Layout] = LRU(max_entries)
+        self._lock = threading.Lock()
+
+    def plan(self, slots: np.ndarray, mixed: bool = False) -> Layout:
+        """`plan(slots, mixed)`, cached."""
+        key = (slots.tobytes(), mixed)
+        with self._lock:
+            lay = self._plans.get(key)
+        if lay is not None:
+            return lay
+        lay = plan_mixed(slots, self.plan(slots)) if mixed else plan_single(slots)
+        with self._lock:
+            self._plans.put(key, lay)
+        return lay
 
 
 def plan(slots: np.ndarray, mixed: bool = False) -> Layout:
-    """slots [B] int64 -> Layout, cached: an environment loop sends the same agent order every step.
+    """slots [B] int64 -> Layout (uncached: `Planner` caches).
 
     `mixed` allows chunks holding several agents (low-rank path only, see the module docstring)."""
-    key = (slots.tobytes(), mixed)
-    with _CACHE_LOCK:
-        lay = _CACHE.get(key)
-        if lay is not None:
-            _CACHE.move_to_end(key)
-            return lay
-    lay = plan_mixed(slots) if mixed else plan_uncached(slots)
-    with _CACHE_LOCK:
-        _CACHE[key] = lay
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return lay
+    single = plan_single(slots)
+    return plan_mixed(slots, single) if mixed else single
 
 
-def plan_uncached(slots: np.ndarray) -> Layout:
-    """slots [B] int64 -> Layout. Identity layouts (no copy) when rows are already grouped."""
+def plan_single(slots: np.ndarray) -> Layout:
+    """slots [B] int64 -> Layout with one agent per chunk. Identity layouts (no copy) when rows are
+    already grouped."""
     B = len(slots)
     counts = np.bincount(slots)
     present = np.flatnonzero(counts)
@@ -139,10 +147,9 @@ def plan_uncached(slots: np.ndarray) -> Layout:
     return Layout(len(chunk_slot), M, chunk_slot[:, None], pos)
 
 
-def plan_mixed(slots: np.ndarray) -> Layout:
-    """slots [B] int64 -> the cheapest (by `plan_cost`) of the one-agent-per-chunk plan and the mixed
-    plans with M = 2, 4, ... MAX_MIXED_TILE rows per chunk."""
-    single = plan(slots)  # the one-agent plan, usually cached already (the engine plans it first)
+def plan_mixed(slots: np.ndarray, single: Layout) -> Layout:
+    """slots [B] int64, `single` (its one-agent-per-chunk plan) -> the cheapest (by `plan_cost`) of it
+    and the mixed plans with M = 2, 4, ... MAX_MIXED_TILE rows per chunk."""
     if single.C == len(slots):  # one row per agent: 1-row chunks are cheapest (measured)
         return single
     best, best_cost = single, plan_cost(single)

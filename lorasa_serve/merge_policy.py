@@ -5,24 +5,23 @@ delta) when the stacked per-chunk weights are cheap to read per row and either s
 rebuild or reused from the per-layout cache; else the shared GEMM plus low-rank term.
 
 `MergedSet` tracks the merged agents: pinned ones (`Engine.merge()`, never evicted) and those
-`auto` merged on demand, kept in an LRU of at most `max_bytes` of merged weights. It decides;
-the Engine publishes the resulting bank under its write lock.
+`auto` merged on demand, kept in an LRU of at most `max_bytes` of merged weights
+(`CacheLimits.auto_merged_bytes`). It decides; the Engine publishes the resulting bank under its
+write lock. The thresholds below are the cost rule's, not cache bounds.
 """
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 
 from . import traced
 from .bank import AdapterBank
+from .caches import LRU
 from .layout import Layout
 
 MERGED_SMALL_BYTES = 2 << 20  # stacks up to this size: always merged (they stay in cache)
 MERGED_MAX_BYTES = 64 << 20  # never stack more than this per forward
 MERGED_MAX_BYTES_PER_ROW = 1 << 10  # weight bytes read per row; beyond it the low-rank path wins
 SMALL_LORA_MIN_CHUNKS = 8  # see auto_mode
-AUTO_MERGED_MAX_BYTES = 64 << 20  # default bound of the auto-merged LRU
 
 
 def auto_mode(bank: AdapterBank, lay: Layout, rows: int, device: torch.device) -> str:
@@ -45,40 +44,32 @@ def auto_mode(bank: AdapterBank, lay: Layout, rows: int, device: torch.device) -
 class MergedSet:
     """Pinned and auto-merged slots. Not thread-safe: the Engine calls it under its write lock."""
 
-    def __init__(self, max_bytes: int = AUTO_MERGED_MAX_BYTES):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int):
         self.pinned: set[int] = set()  # merged by `Engine.merge()`: never evicted
-        self.lru: OrderedDict[int, None] = OrderedDict()  # merged by auto, oldest first
+        self.lru: LRU[int, None] = LRU(max_bytes=max_bytes)  # merged by auto, sized in merged bytes
         self.last_key: bytes | None = None  # layout whose slots were touched last
 
     def pin(self, slots: list[int], merge: bool) -> None:
         for s in slots:
-            self.lru.pop(s, None)
+            self.lru.pop(s)
             (self.pinned.add if merge else self.pinned.discard)(s)
 
     def touch(self, lay: Layout) -> None:
         """Mark the layout's slots most recently used (an env loop repeats its layout: once)."""
         self.last_key = lay.key
-        for s in lay.slot_set & self.lru.keys():
-            self.lru.move_to_end(s)
+        for s in lay.slot_set:
+            self.lru.touch(s)
 
-    def admit(self, slots: list[int]) -> None:
+    def admit(self, slots: list[int], nbytes: int) -> None:
+        """Track `slots` (merged weights of `nbytes` each) as the most recently used (eviction waits
+        for `evictions`)."""
         for s in slots:
             if s not in self.pinned:
-                self.lru[s] = None
+                self.lru.add(s, None, nbytes)
 
     def evictions(self, bank: AdapterBank, need: set[int]) -> list[int]:
         """Least recently used auto-merged slots beyond the byte budget (never those in `need`)."""
-        limit = max(len(need), self.max_bytes // max(1, bank.merged_bytes_per_agent))
-        lru = self.lru
-        for s in [s for s in bank.merged if s not in self.pinned and s not in lru]:
-            lru[s] = None  # merged but untracked (e.g. after a concurrent writer): track it
-            lru.move_to_end(s, last=False)
-        out = []
-        for s in list(lru):
-            if len(lru) <= limit:
-                break
-            if s not in need:
-                del lru[s]
-                out.append(s)
-        return out
+        for s in [s for s in bank.merged if s not in self.pinned and s not in self.lru]:
+            # merged but untracked (e.g. after a concurrent writer): track it as the oldest
+            self.lru.put_oldest(s, None, bank.merged_bytes_per_agent)
+        return [s for s, _ in self.lru.evict(keep=need)]

@@ -2,10 +2,11 @@
 
 Rows are laid out as `[C, M, D]`: C chunks of M rows, every row of a chunk belonging to one agent
 (or one group). Each Linear's parameters are either shared (one `[out, in]` weight for all chunks,
-the PS backbone) or per chunk (`[C, in, out]`, merged or NPS weights), plus an optional low-rank
-delta per chunk (`lora_a [C, in, r]`, `lora_b [C, r, out]` with alpha/r folded in). The same
-function therefore runs PS, NPS, SePS, PS+LoRA (training) and both serving modes (unmerged LoRA,
-merged), and the engine only has to decide the layout and which tensors to pass.
+the PS backbone) or per chunk (`[C, in, out]`, merged or NPS weights), as its `per_chunk` flag says,
+plus an optional low-rank delta per chunk (`lora_a [C, in, r]`, `lora_b [C, r, out]` with alpha/r
+folded in; the layouts: `lorasa_serve.adapter_layout`). The same function therefore runs PS, NPS,
+SePS, PS+LoRA (training) and both serving modes (unmerged LoRA, merged), and the engine only has to
+decide the layout and which tensors to pass.
 
 Actor (DESIGN.md): LayerNorm(obs) -> [Linear -> act -> LayerNorm] x mlp_depth -> GRU (gru.x, gru.h)
 -> LayerNorm -> Linear (post) -> act -> LayerNorm -> head (Gaussian mean or Categorical logits).
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .spec import LOG_STD_OFFSET, PolicySpec
+from .adapter_layout import LOG_STD_OFFSET, adapter_shapes, lora_a_key, lora_b_key
+from .spec import PolicySpec
 
 LN_EPS = 1e-5
 
@@ -27,17 +29,19 @@ LN_EPS = 1e-5
 class LinearP:
     weight: Tensor  # shared [out, in], or per chunk [C, in, out]
     bias: Tensor  # shared [out], or per chunk [C, 1, out]
-    lora_a: Tensor | None = None  # [C, in, r]
+    lora_a: Tensor | None = None  # [C, in, r] (always per chunk)
     lora_b: Tensor | None = None  # [C, r, out], already scaled by alpha / r
     # chunks holding several agents: lora_a [C, in, P*r], lora_b [C, P*r, out] (the P adapters side
     # by side) and lora_mask [C, M, P*r] 0/1 keeping each row's own agent's r columns
     lora_mask: Tensor | None = None
+    per_chunk: bool = False  # weight and bias per chunk (True) or shared by every chunk (False)
 
 
 @dataclass
 class NormP:
     weight: Tensor  # shared [D], or per chunk [C, 1, D]
-    bias: Tensor
+    bias: Tensor  # shared [D], or per chunk [C, 1, D]
+    per_chunk: bool = False  # weight and bias per chunk (True) or shared (False)
 
 
 @dataclass
@@ -48,7 +52,7 @@ class ActorParams:
 
 def linear(x: Tensor, p: LinearP) -> Tensor:
     """x [C, M, in] -> [C, M, out]."""
-    if p.weight.dim() == 2:
+    if not p.per_chunk:
         C, M, i = x.shape
         y = torch.addmm(p.bias, x.reshape(C * M, i), p.weight.T).view(C, M, -1)
     else:
@@ -65,7 +69,7 @@ def linear(x: Tensor, p: LinearP) -> Tensor:
 def norm(x: Tensor, p: NormP) -> Tensor:
     """LayerNorm over the last dim with shared or per-chunk affine."""
     d = x.shape[-1]
-    if p.weight.dim() == 1:
+    if not p.per_chunk:
         return F.layer_norm(x, (d,), p.weight, p.bias, LN_EPS)
     return torch.addcmul(p.bias, F.layer_norm(x, (d,), None, None, LN_EPS), p.weight)
 
@@ -106,11 +110,14 @@ def actor_forward(spec: PolicySpec, p: ActorParams, obs: Tensor, h: Tensor | Non
 
 def slice_chunks(p: ActorParams, sl: slice) -> ActorParams:
     """The parameters of chunks `sl` (per-chunk tensors sliced along C; shared ones as they are)."""
-    def cut(t: Tensor | None) -> Tensor | None:
-        return t[sl] if t is not None and t.dim() == 3 else t
-    linears = {n: LinearP(cut(q.weight), cut(q.bias), cut(q.lora_a), cut(q.lora_b), cut(q.lora_mask))
+    def cut(t: Tensor | None, per_chunk: bool = True) -> Tensor | None:
+        return t[sl] if t is not None and per_chunk else t
+    linears = {n: LinearP(cut(q.weight, q.per_chunk), cut(q.bias, q.per_chunk), cut(q.lora_a),
+                          cut(q.lora_b), cut(q.lora_mask), q.per_chunk)
                for n, q in p.linears.items()}
-    return ActorParams(linears, {n: NormP(cut(q.weight), cut(q.bias)) for n, q in p.norms.items()})
+    norms = {n: NormP(cut(q.weight, q.per_chunk), cut(q.bias, q.per_chunk), q.per_chunk)
+             for n, q in p.norms.items()}
+    return ActorParams(linears, norms)
 
 
 def shared_params(spec: PolicySpec, backbone: dict[str, Tensor]) -> ActorParams:
@@ -163,15 +170,15 @@ def init_adapter(spec: PolicySpec, generator: torch.Generator | None = None,
     `b_std > 0` draws B from N(0, b_std) instead (tests and demos need adapters that differ), and
     a `log_std_offset` (when the spec's adapters carry one, else 0) from N(0, b_std) too.
     """
-    out: dict[str, Tensor] = {}
-    for key, shape in spec.adapter_shapes().items():
-        if key == LOG_STD_OFFSET:  # drawn only when asked: a zero offset consumes no random numbers
-            out[key] = torch.randn(shape, generator=generator) * b_std if b_std else torch.zeros(shape)
-        elif key.endswith("lora_A.weight"):
-            bound = 1.0 / shape[1] ** 0.5  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
-            out[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        else:
-            out[key] = torch.randn(shape, generator=generator) * b_std
+    shapes, out = adapter_shapes(spec), {}
+    for layer in spec.adapted_layers:
+        a, b = lora_a_key(layer), lora_b_key(layer)
+        bound = 1.0 / shapes[a][1] ** 0.5  # kaiming_uniform with a=sqrt(5) gives 1/sqrt(fan_in)
+        out[a] = (torch.rand(shapes[a], generator=generator) * 2 - 1) * bound
+        out[b] = torch.randn(shapes[b], generator=generator) * b_std
+    if LOG_STD_OFFSET in shapes:  # drawn only when asked: a zero offset consumes no random numbers
+        shape = shapes[LOG_STD_OFFSET]
+        out[LOG_STD_OFFSET] = torch.randn(shape, generator=generator) * b_std if b_std else torch.zeros(shape)
     return out
 
 
@@ -179,11 +186,12 @@ def init_adapter_reference(spec: PolicySpec, generator: torch.Generator | None =
     """A fresh adapter as the paper's code draws it (lora_v3/linear.py): A = 0, B ~ kaiming-uniform
     (a=sqrt(5)) over B's [out, r] (bound 1/sqrt(r)); dW = B A starts at 0 either way, but the first
     gradient step moves A (not B). The log-std offset starts at 0."""
-    out: dict[str, Tensor] = {}
-    for key, shape in spec.adapter_shapes().items():
-        if key.endswith("lora_B.weight"):
-            bound = 1.0 / shape[1] ** 0.5
-            out[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
-        else:
-            out[key] = torch.zeros(shape)
+    shapes, out = adapter_shapes(spec), {}
+    for layer in spec.adapted_layers:
+        a, b = lora_a_key(layer), lora_b_key(layer)
+        out[a] = torch.zeros(shapes[a])
+        bound = 1.0 / shapes[b][1] ** 0.5
+        out[b] = (torch.rand(shapes[b], generator=generator) * 2 - 1) * bound
+    if LOG_STD_OFFSET in shapes:
+        out[LOG_STD_OFFSET] = torch.zeros(shapes[LOG_STD_OFFSET])
     return out

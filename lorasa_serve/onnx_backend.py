@@ -25,11 +25,10 @@ from torch import Tensor
 from . import onnx_contract as contract
 from . import protocol
 from .protocol import ActRequest, ActResult
-from .distributions import categorical_act, gaussian_act
+from .distributions import categorical_act, dim_mask, gaussian_act
 from .errors import ArtifactError, CorruptFileError, InputError, LorasaError
 from .onnx_contract import MANIFEST, SPEC_FILE
 from .spec import PolicySpec
-from .stacking import dim_mask
 
 log = logging.getLogger("lorasa_serve.onnx")
 CPU = torch.device("cpu")
@@ -165,7 +164,7 @@ class OnnxEngine:
         head = torch.from_numpy(head_n)
         dims = dim_mask(self._act_dims, torch.from_numpy(slots), self.spec.act_max)  # [B, act_max]
         if self.spec.action == "gaussian":
-            log_std = self._log_std if self._log_std.dim() == 1 else \
+            log_std = self._log_std if not self.spec.lora.log_std_offset else \
                 self._log_std.index_select(0, torch.from_numpy(slots))  # [B, act_max]: each row's agent
             actions, logp = gaussian_act(head, log_std, dims, deterministic, generator)
         else:

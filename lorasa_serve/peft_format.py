@@ -32,7 +32,8 @@ from torch import Tensor
 from . import artifacts
 from .errors import (CorruptFileError, FingerprintMismatchError, KeyMismatchError, PeftFormatError,
                      RankAlphaMismatchError)
-from .spec import LOG_STD_OFFSET, PolicySpec
+from .adapter_layout import LOG_STD_OFFSET, adapter_shapes, lora_a_key, lora_b_key
+from .spec import PolicySpec
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -85,13 +86,14 @@ def adapter_name(key: str, spec: PolicySpec, source: str) -> str:
     if rest == OFFSET_KEY:
         return LOG_STD_OFFSET
     module, dot, leaf = rest.rpartition(".lora_")
-    if not dot or leaf not in ("A.weight", "B.weight"):
+    name = {"A.weight": lora_a_key, "B.weight": lora_b_key}.get(leaf) if dot else None
+    if name is None:
         raise PeftFormatError(source, f"tensor {key[:64]!r} is not a LoRA A/B weight of this actor "
                                       "(only lora_A.weight / lora_B.weight, and std.offset, are representable)")
     if module not in spec.linear_names():
         raise PeftFormatError(source, f"unknown target module {module[:64]!r}; this actor's Linears are "
                                       f"{spec.linear_names()}")
-    return f"{module}.lora_{leaf}"
+    return name(module)
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class PeftFiles:
 
 def to_peft(spec: PolicySpec, agent_id: str, tensors: dict[str, Tensor]) -> PeftFiles:
     """One agent's adapter (validated against the spec) -> PEFT's two files."""
-    tensors = artifacts._check_tensors(tensors, spec.adapter_shapes(), f"adapter {agent_id!r}")
+    tensors = artifacts._check_tensors(tensors, adapter_shapes(spec), f"adapter {agent_id!r}")
     meta = {"format": "pt", META_AGENT: agent_id}
     model = st_save({peft_key(k): v.contiguous() for k, v in tensors.items()}, metadata=meta)
     return PeftFiles(json.dumps(lora_config(spec), indent=2, sort_keys=True).encode(), model)
@@ -169,7 +171,7 @@ def parse_peft(data: bytes, config: bytes | str | dict | None, spec: PolicySpec,
     if LOG_STD_OFFSET not in tensors and spec.lora.log_std_offset:
         raise KeyMismatchError(source, f"missing {PREFIX}{OFFSET_KEY}: this policy's adapters carry a log-std "
                                        f"offset (LoraConfig modules_to_save=[{STD_MODULE!r}])")
-    return agent_id, artifacts._check_tensors(tensors, spec.adapter_shapes(), source)
+    return agent_id, artifacts._check_tensors(tensors, adapter_shapes(spec), source)
 
 
 def check_config(cfg: dict, spec: PolicySpec, source: str) -> None:
@@ -213,7 +215,7 @@ def read_dir(path: Path, spec: PolicySpec) -> tuple[bytes, bytes | None]:
     if path.is_dir() and not model.is_file():
         raise CorruptFileError(path, f"not a PEFT adapter directory: no {MODEL_FILE} (a .bin one is pickled: "
                                      "re-save with save_pretrained(safe_serialization=True))")
-    data = artifacts._read_file(model, artifacts.max_file_bytes(spec.adapter_shapes()))
+    data = artifacts._read_file(model, artifacts.max_file_bytes(adapter_shapes(spec)))
     if not config.is_file():
         return data, None
     return data, artifacts._read_file(config, artifacts.MAX_JSON_BYTES)

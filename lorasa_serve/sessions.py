@@ -1,20 +1,21 @@
 """Recurrent state per (session, agent) for in-process callers that do not keep it (`Engine.act_session`).
 
-Bounded three ways: at most `max_sessions` sessions, at most `max_bytes` bytes of stored state, and a
-session untouched for `ttl_s` seconds is forgotten; past a bound the least recently used session is
-evicted first (the one just written is always kept). Stored rows are copies with their own storage
+Bounded three ways (the Engine's `CacheLimits.sessions`, `session_bytes`, `session_ttl_s`): at most
+`max_sessions` sessions, at most `max_bytes` bytes of stored state, and a session untouched for
+`ttl_s` seconds is forgotten; past a bound the least recently used session is evicted first (the one just written is always kept). Stored rows are copies with their own storage
 (a view of one row of a batch's output would keep the whole batch tensor alive), so `nbytes` is the
-memory the store really holds. Thread-safe: one lock around the ordered dict; tensors are replaced,
+memory the store really holds. Thread-safe: one lock around its `caches.LRU`; tensors are replaced,
 never mutated in place.
 """
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 
 import torch
 from torch import Tensor
+
+from .caches import LRU
 
 
 class SessionStore:
@@ -28,11 +29,15 @@ class SessionStore:
         self.max_sessions, self.max_bytes, self.ttl_s = max_sessions, max_bytes, ttl_s
         self.device = torch.device(device)
         self._lock = threading.Lock()
-        self._sessions: OrderedDict[str, dict[str, Tensor]] = OrderedDict()  # least recently used first
+        # session -> agent -> state row [H], sized in stored bytes; least recently used first
+        self._sessions: LRU[str, dict[str, Tensor]] = LRU(max_sessions, max_bytes)
         self._touched: dict[str, float] = {}
-        self._bytes: dict[str, int] = {}
-        self.nbytes = 0  # bytes of state held (sum over stored rows)
         self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of state held (sum over stored rows)."""
+        return self._sessions.nbytes
 
     def __len__(self) -> int:
         with self._lock:
@@ -50,9 +55,8 @@ class SessionStore:
         with self._lock:
             now = time.monotonic()
             self._expire(now)
-            sess = self._sessions.get(session_id)
+            sess = self._sessions.get(session_id)  # now the most recently used
             if sess is not None:
-                self._sessions.move_to_end(session_id)
                 self._touched[session_id] = now
             rows = [sess.get(a) if sess is not None else None for a in agent_ids]
         state = torch.stack([zero if r is None else r for r in rows]) if rows else \
@@ -67,17 +71,12 @@ class SessionStore:
         with self._lock:
             now = time.monotonic()
             self._expire(now)
-            sess = self._sessions.setdefault(session_id, {})
-            self._sessions.move_to_end(session_id)
+            sess = self._sessions.get(session_id) or {}
+            sess.update(zip(agent_ids, copies))
             self._touched[session_id] = now
-            for a, row in zip(agent_ids, copies):
-                sess[a] = row
             size = sum(t.untyped_storage().nbytes() for t in sess.values())
-            self.nbytes += size - self._bytes.get(session_id, 0)
-            self._bytes[session_id] = size
-            while len(self._sessions) > 1 and (len(self._sessions) > self.max_sessions
-                                                or self.nbytes > self.max_bytes):
-                self._drop(next(iter(self._sessions)))
+            for old, _ in self._sessions.put(session_id, sess, size):
+                del self._touched[old]
                 self.evictions += 1
 
     def reset(self, session_id: str) -> bool:
@@ -88,13 +87,6 @@ class SessionStore:
             self._drop(session_id)
             return True
 
-    def clear(self) -> None:
-        with self._lock:
-            self._sessions.clear()
-            self._touched.clear()
-            self._bytes.clear()
-            self.nbytes = 0
-
     def session_ids(self) -> list[str]:
         with self._lock:
             self._expire(time.monotonic())
@@ -103,13 +95,12 @@ class SessionStore:
     def _expire(self, now: float) -> None:
         if self.ttl_s is None:
             return
-        while self._sessions:
-            oldest = next(iter(self._sessions))
+        while len(self._sessions):
+            oldest = self._sessions.oldest()
             if now - self._touched[oldest] < self.ttl_s:
                 return
             self._drop(oldest)
 
     def _drop(self, session_id: str) -> None:
-        del self._sessions[session_id]
+        self._sessions.pop(session_id)
         del self._touched[session_id]
-        self.nbytes -= self._bytes.pop(session_id)

@@ -1,7 +1,8 @@
 """Policy spec: typed dataclasses, serialised to `policy.json`.
 
 The spec is the contract between training, serving and exporters. Every tensor name and shape of a
-backbone or an adapter follows from it (see `backbone_shapes` / `adapter_shapes`).
+backbone follows from it (`backbone_shapes`); an adapter's from it and `lorasa_serve.adapter_layout`
+(`adapter_shapes`, the one home of the adapter layout).
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from .files import read_file
 FORMAT_VERSION = 1
 MAX_SPEC_BYTES = 1 << 20  # policy.json is a few KB
 MAX_SIZE = 1 << 20  # any layer width, observation or action size, rank
-LOG_STD_OFFSET = "log_std_offset"  # adapter tensor [act_max]: agent log-std = backbone log_std + it
 ActionKind = Literal["gaussian", "categorical"]
 Activation = Literal["relu", "tanh"]
 
@@ -37,7 +37,8 @@ class AgentSpec:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """Per-agent low-rank adapters: dW = (alpha / rank) * B @ A on each layer in `layers`."""
+    """Per-agent low-rank adapters: dW = (alpha / rank) * B @ A on each layer in `layers`
+    (`lorasa_serve.adapter_layout`: the update, its scaling and every tensor layout)."""
 
     rank: int = 8
     alpha: float = 8.0
@@ -46,10 +47,6 @@ class LoraSpec:
     # shared `log_std` (the agent's own exploration noise, as the paper's code trains in phase 2).
     # False (policies written before it): the offset is 0, adapters hold only lora_A / lora_B.
     log_std_offset: bool = False
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
 
 @dataclass(frozen=True)
@@ -153,20 +150,6 @@ class PolicySpec:
             out[f"{name}.bias"] = (o,)
         if self.action == "gaussian":
             out["log_std"] = (self.act_max,)
-        return out
-
-    def adapter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """PEFT naming: `<layer>.lora_A.weight` [r, in], `<layer>.lora_B.weight` [out, r]; plus
-        `log_std_offset` [act_max] when `lora.log_std_offset` (the agent's log-std minus the shared one)."""
-        shapes = self.linear_shapes()
-        r = self.lora.rank
-        out: dict[str, tuple[int, ...]] = {}
-        for name in self.adapted_layers:
-            i, o = shapes[name]
-            out[f"{name}.lora_A.weight"] = (r, i)
-            out[f"{name}.lora_B.weight"] = (o, r)
-        if self.lora.log_std_offset:
-            out[LOG_STD_OFFSET] = (self.act_max,)
         return out
 
     # --- validation ----------------------------------------------------------------------

@@ -7,51 +7,52 @@ constants of the graph) and replays it without Python. It is lazy and safe:
 - the traced graph is checked against the eager result of the same call before it is used;
 - any failure (tracing unsupported, a mismatch, a future torch without `torch.jit`) marks the key
   as eager for good. Device-agnostic: the same trace runs on CPU and CUDA tensors.
+Each bank owns one `TraceCache` (`CacheLimits.traced_graphs` entries; 0 turns tracing off).
 """
 from __future__ import annotations
 
 import threading
 import warnings
-from collections import OrderedDict
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .caches import LRU
+
 TRACE_MAX_ROWS = 64  # batches up to this many rows are traced (bigger ones are arithmetic-bound)
-TRACE_ENABLED = True
 _EAGER = "eager"  # marker: this key stays eager (tracing failed or did not match)
 
 Forward = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 class TraceCache:
-    """Bounded LRU of traced forwards, keyed by anything hashable that fixes shapes and weights."""
+    """Bounded LRU of traced forwards, keyed by anything hashable that fixes shapes and weights.
+    `max_entries` 0: every forward runs eager."""
 
-    def __init__(self, max_entries: int = 16):
+    def __init__(self, max_entries: int):
         self.max_entries = max_entries
-        self._entries: OrderedDict[object, object] = OrderedDict()  # key -> 1 (seen) | fn | _EAGER
+        self._entries: LRU[object, object] = LRU(max_entries)  # key -> 1 (seen) | fn | _EAGER
         self._lock = threading.Lock()
 
     def run(self, key: object, forward: Forward, args: tuple[Tensor | None, ...]
             ) -> tuple[Tensor, Tensor | None]:
         """forward(*args), traced from the second call with this key on. `None` args are allowed
         (they are fixed by the key: the trace sees only the tensors)."""
+        if not self.max_entries:
+            return forward(*args)
         with self._lock:
-            entry = self._entries.get(key)
-            self._entries[key] = 1 if entry is None else entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            entry = self._entries.get(key)  # now the most recently used
+            if entry is None:
+                self._entries.put(key, 1)
         if callable(entry):
             return entry(*args)
         out = forward(*args)
         if entry == 1:  # second sighting: trace now (the eager result is returned either way)
             fn = _trace(forward, args, out)
             with self._lock:
-                self._entries[key] = _EAGER if fn is None else fn
+                self._entries.put(key, _EAGER if fn is None else fn)
         return out
-
 
     def drop(self, prefix: tuple) -> None:
         """Forget the traces whose key starts with `prefix` (their graphs hold the weights of a
@@ -59,7 +60,7 @@ class TraceCache:
         n = len(prefix)
         with self._lock:
             for key in [k for k in self._entries if isinstance(k, tuple) and k[:n] == prefix]:
-                del self._entries[key]
+                self._entries.pop(key)
 
 
 def _trace(forward: Forward, args: tuple[Tensor | None, ...],

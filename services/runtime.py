@@ -573,7 +573,7 @@ def open_act_backend(cfg: ServiceConfig, policy_dir: Path) -> ActBackend:
         from lorasa_serve.onnx_backend import OnnxEngine
         return OnnxEngine.from_dir(policy_dir, providers="cpu" if cfg.device == "cpu" else "auto",
                                    threads=cfg.torch_threads)
-    return Engine.from_dir(policy_dir, device=cfg.device, mode=cfg.mode, max_sessions=cfg.max_sessions)
+    return Engine.from_dir(policy_dir, device=cfg.device, mode=cfg.mode)  # sessions: the state backend's
 
 
 def _fail_all(jobs: list[_Job], error: Exception, what: str) -> None:

@@ -57,9 +57,31 @@ def _config() -> ServiceConfig:
         os._exit(2)  # BentoML would catch SystemExit while importing the service and print a traceback
 
 
-CONFIG = _config()
-configure_server(CONFIG.metrics_dir, CONFIG.arbiter_check_s)  # in the `bentoml serve` parent only
-bound_http_metrics()  # every process: metrics labelled by route template, never the raw path
+_SETUP: ServiceConfig | None = None
+
+
+def setup() -> ServiceConfig:
+    """All this module does to the process, in one place, once: later calls return the first call's
+    config. It runs at import (below) because BentoML needs each part before anything of ours is
+    constructed (docs/ARCHITECTURE.md, "What the service does at import"):
+    - the LORASA_* settings: the `@bentoml.service` decorator reads workers, timeout, access log and
+      tracing from them when the class is defined;
+    - the shared state dir (`_shared_state_dir`): the `bentoml serve` parent, which never constructs
+      LorasaPolicy, creates it and exports LORASA_STATE_DIR so that every worker it spawns inherits it;
+    - `configure_server`: the parent's metrics dir and arbiter check delay, before `bentoml serve`
+      empties that dir and starts its arbiter (workers skip it);
+    - `bound_http_metrics`: every process's traffic metrics labelled by route template, before a worker
+      builds its ASGI app (BentoML reads the middleware class then, before it constructs LorasaPolicy)."""
+    global _SETUP
+    if _SETUP is None:
+        cfg = _config()
+        configure_server(cfg.metrics_dir, cfg.arbiter_check_s)
+        bound_http_metrics()
+        _SETUP = cfg
+    return _SETUP
+
+
+CONFIG = setup()  # the one import-time step (see setup); the decorator below needs its config
 
 
 async def _runtime() -> PolicyRuntime:
@@ -90,7 +112,7 @@ oip_app = build_oip_app(CONFIG, _runtime)  # the Open Inference Protocol (KServe
                  tracing={"excluded_urls": [] if CONFIG.trace_act else list(UNTRACED_PATHS)})
 class LorasaPolicy:
     def __init__(self) -> None:
-        self.cfg = CONFIG
+        self.cfg = setup()  # done at import already: the same config
         self.runtime: PolicyRuntime | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()  # set when loading has finished (or failed)

@@ -10,7 +10,8 @@ from conftest import make_policy
 from reference import forward_loop, zero_padding
 
 from lorasa_serve import Engine, InputError, UnknownAgentError
-from lorasa_serve.layout import plan
+from lorasa_serve.caches import CacheLimits
+from lorasa_serve.layout import Planner
 
 MODES = ["lora", "merged", "auto"]
 
@@ -108,7 +109,7 @@ def test_merge_unmerge_restores_bitwise(tiny_policy):
     eng.merge(["agent_0", "agent_2"])
     assert eng.merged_agents == ["agent_0", "agent_2"]
     merged = eng.merged_weights("agent_0")
-    w = backbone["mlp.0.weight"] + spec.lora.scale * ads["agent_0"]["mlp.0.lora_B.weight"] @ \
+    w = backbone["mlp.0.weight"] + (spec.lora.alpha / spec.lora.rank) * ads["agent_0"]["mlp.0.lora_B.weight"] @ \
         ads["agent_0"]["mlp.0.lora_A.weight"]
     torch.testing.assert_close(merged["mlp.0"], w)
     torch.testing.assert_close(eng.forward(ids, obs, h, reset, mode="merged")[0], out_before,
@@ -200,8 +201,9 @@ def test_layout_plans_cover_every_row():
         for skew in [False, True]:
             p = rng.dirichlet(np.ones(S) * (0.05 if skew else 10.0))
             slots = rng.choice(S, size=B, p=p).astype(np.int64)
-            lay = plan(slots)
-            assert plan(slots) is lay  # cached: an env loop repeats its agent order every step
+            planner = Planner(CacheLimits().plans)
+            lay = planner.plan(slots)
+            assert planner.plan(slots) is lay  # cached: an env loop repeats its agent order every step
             pos = np.arange(B) if lay.pos is None else lay.pos
             assert len(np.unique(pos)) == B and pos.max() < lay.C * lay.M
             assert (lay.chunk_slot[pos // lay.M] == slots).all()
@@ -214,8 +216,7 @@ def test_blocked_forward_matches_reference(tiny_policy, monkeypatch, mode):
     import lorasa_serve.engine as engine_mod
     import lorasa_serve.layout as layout_mod
     monkeypatch.setattr(engine_mod, "BLOCK_ROWS", 24)
-    monkeypatch.setattr(layout_mod, "MAX_TILE", 8)
-    layout_mod._CACHE.clear()  # layouts planned with the normal tile cap must not be reused
+    monkeypatch.setattr(layout_mod, "MAX_TILE", 8)  # the engine's own plan cache starts empty
     d, spec, backbone, ads = tiny_policy
     eng = Engine.from_dir(d, device="cpu", mode=mode)
     ids, obs, h, reset = mixed_batch(spec, 301)

@@ -13,10 +13,10 @@ from conftest import make_policy
 from reference import forward_loop, zero_padding
 
 import lorasa_serve.engine as engine_mod
-import lorasa_serve.layout as layout_mod
 import lorasa_serve.traced as traced_mod
 from lorasa_serve import Engine
-from lorasa_serve.layout import mixed_candidates, plan, plan_uncached
+from lorasa_serve.caches import CacheLimits
+from lorasa_serve.layout import Planner, mixed_candidates, plan, plan_single
 
 
 def batch(spec, B, seed=1, counts=None):
@@ -51,12 +51,12 @@ def check(eng, spec, backbone, ads, ids, obs, h, reset, mode=None):
 def force_plan(monkeypatch):
     """force_plan(M): lora-mode forwards use the mixed plan with M rows per chunk."""
     def force(M: int):
-        def fake(slots, mixed=False):
+        def fake(self, slots, mixed=False):
             if not mixed:
-                return plan_uncached(slots)
+                return plan_single(slots)
             cands = {lay.M: lay for lay in mixed_candidates(slots)}
-            return cands.get(M) or plan_uncached(slots)
-        monkeypatch.setattr(engine_mod, "plan", fake)
+            return cands.get(M) or plan_single(slots)
+        monkeypatch.setattr(Planner, "plan", fake)
     return force
 
 
@@ -133,10 +133,11 @@ def test_mixed_plan_chosen_for_many_small_agents():
     rng = np.random.default_rng(0)
     slots = np.concatenate([np.arange(100), rng.integers(0, 100, 1500)])
     rng.shuffle(slots)
-    lay = plan(slots, mixed=True)
+    planner = Planner(CacheLimits().plans)
+    lay = planner.plan(slots, mixed=True)
     assert lay.P > 1 and lay.C * lay.M < 1.1 * len(slots)  # no per-agent padding
-    assert plan(slots, mixed=True) is lay
-    assert plan(slots).P == 1  # merged weights still get one agent per chunk
+    assert planner.plan(slots, mixed=True) is lay
+    assert planner.plan(slots).P == 1  # merged weights still get one agent per chunk
 
 
 # --- mixed chunks against the reference ---------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_trace_failure_falls_back_to_eager(tmp_path, monkeypatch):
     assert traced_mod._EAGER in eng._bank.traced._entries.values()
 
 
-def test_tracing_disabled_and_hot_swap_retraces(tmp_path, monkeypatch):
+def test_tracing_disabled_and_hot_swap_retraces(tmp_path):
     spec, backbone, ads = make_policy(tmp_path / "s")
     eng = Engine.from_dir(tmp_path / "s", device="cpu", mode="lora")
     args = batch(spec, 6)
@@ -238,17 +239,20 @@ def test_tracing_disabled_and_hot_swap_retraces(tmp_path, monkeypatch):
     ads2 = {**ads, "agent_1": new}
     for _ in range(3):
         check(eng, spec, backbone, ads2, *args)
-    monkeypatch.setattr(traced_mod, "TRACE_ENABLED", False)
-    check(eng, spec, backbone, ads2, *args)
+    eager = Engine.from_dir(tmp_path / "s", device="cpu", mode="lora", limits=CacheLimits(traced_graphs=0))
+    eager.set_adapter("agent_1", new)
+    for _ in range(3):
+        check(eager, spec, backbone, ads2, *args)
+    assert len(eng._bank.cache.traced._entries) and not len(eager._bank.cache.traced._entries)
 
 
 # --- LRU of auto-merged agents ------------------------------------------------------------------------
-def test_auto_merged_agents_are_bounded(tmp_path, monkeypatch):
+def test_auto_merged_agents_are_bounded(tmp_path):
     n = 12
     spec, backbone, ads = make_policy(tmp_path / "lru", obs=(6,) * n, act=(2,) * n)
-    eng = Engine.from_dir(tmp_path / "lru", device="cpu", mode="auto")
-    per_agent = eng._bank.merged_bytes_per_agent
-    eng._merges.max_bytes = 4 * per_agent
+    per_agent = Engine.from_dir(tmp_path / "lru", device="cpu")._bank.merged_bytes_per_agent
+    eng = Engine.from_dir(tmp_path / "lru", device="cpu", mode="auto",
+                          limits=CacheLimits(auto_merged_bytes=4 * per_agent))
     eng.merge(["agent_0"])  # pinned: never evicted
     for start in range(1, n - 2):  # teams of 3 agents drift over the population
         team = spec.agent_ids[start:start + 3]
@@ -275,10 +279,9 @@ def test_single_thread_team_step_uses_lora_and_matches(tmp_path, monkeypatch):
     assert len(eng.merged_agents) == n
 
 
-def test_params_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
+def test_params_cache_is_bounded_in_bytes(tmp_path):
     """Per-layout copies (gathered adapters, masks, stacked merged weights) stay under the byte
     budget; evicted layouts are rebuilt on demand with the same results."""
-    import lorasa_serve.bank as bank_mod
     spec, backbone, ads = make_policy(tmp_path / "p")
     eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
     batches = [batch(spec, 0, seed=s, counts=c)
@@ -289,8 +292,7 @@ def test_params_cache_is_bounded_in_bytes(tmp_path, monkeypatch):
         sizes.append(eng._bank.cached_params_bytes())
     assert sizes[0] > 0 and sizes[-1] > sizes[0]  # each layout adds its copies
     limit = max(sizes[i + 1] - sizes[i] for i in range(len(sizes) - 1)) + 1  # about one layout
-    monkeypatch.setattr(bank_mod, "PARAMS_CACHE_MAX_BYTES", limit)
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora", limits=CacheLimits(params_bytes=limit))
     for _ in range(2):
         for ids, obs, h, reset in batches:
             check(eng, spec, backbone, ads, ids, obs, h, reset)

@@ -14,6 +14,7 @@ from conftest import make_policy, require_extra
 from safetensors.torch import save as st_save
 
 from lorasa_serve import init_adapter
+from lorasa_serve.adapter_layout import adapter_shapes
 from lorasa_serve.artifacts import adapter_bytes, parse_adapter
 from lorasa_serve.errors import ArtifactError, CorruptFileError
 from services.schema import (ECHO_CHARS, BadRequest, check_session_id, parse_act, parse_admin,
@@ -163,7 +164,7 @@ def test_upload_parser_raises_only_artifact_errors(policy, data):
     except ArtifactError as e:
         assert "\n" not in str(e) and len(str(e)) < 600
         return
-    assert agent == "agent_0" and {k: tuple(t.shape) for k, t in tensors.items()} == spec.adapter_shapes()
+    assert agent == "agent_0" and {k: tuple(t.shape) for k, t in tensors.items()} == adapter_shapes(spec)
 
 
 @SETTINGS

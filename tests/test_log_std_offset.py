@@ -15,7 +15,8 @@ from conftest import make_policy, require_extra
 
 from lorasa_serve import Engine, PolicySpec, load_policy
 from lorasa_serve.errors import KeyMismatchError, NonFiniteError, ShapeMismatchError, SpecError
-from lorasa_serve.spec import LOG_STD_OFFSET, AgentSpec, LoraSpec
+from lorasa_serve.adapter_layout import LOG_STD_OFFSET, adapter_shapes
+from lorasa_serve.spec import AgentSpec, LoraSpec
 
 HETERO = dict(obs=(12, 8, 10), act=(3, 2, 3), hidden=16)
 
@@ -45,7 +46,7 @@ def test_format_round_trip(offset_policy, tmp_path):
     raw = json.loads((d / "policy.json").read_text())
     assert raw["lora"]["log_std_offset"] is True
     spec2, _, ads2 = load_policy(d)
-    assert spec2.lora.log_std_offset and spec2.adapter_shapes()[LOG_STD_OFFSET] == (spec.act_max,)
+    assert spec2.lora.log_std_offset and adapter_shapes(spec2)[LOG_STD_OFFSET] == (spec.act_max,)
     for a in spec.agent_ids:
         torch.testing.assert_close(ads2[a][LOG_STD_OFFSET], ads[a][LOG_STD_OFFSET])
     # offsets really differ per agent (else the per-row checks below could pass with agent 0's)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lorasa_serve import AgentSpec, Engine, LoraSpec, PolicySpec, save_policy
+from lorasa_serve.adapter_layout import adapter_shapes
 from lorasa_serve.network import actor_forward, shared_params
 from training.actor import Actor, param_counts
 from training.cli import parse_config
@@ -135,7 +136,7 @@ def test_trained_lora_actor_equals_served_policy(tmp_path):
 def test_param_counts():
     c = param_counts(HETERO)
     n_backbone = sum(int(np.prod(s)) for s in HETERO.backbone_shapes().values())
-    n_adapter = sum(int(np.prod(s)) for s in HETERO.adapter_shapes().values())
+    n_adapter = sum(int(np.prod(s)) for s in adapter_shapes(HETERO).values())
     assert c["ps_total"] == n_backbone and c["nps_total"] == 3 * n_backbone
     assert c["lorasa_total"] == n_backbone + 3 * n_adapter
     g = torch.Generator().manual_seed(0)

@@ -13,7 +13,9 @@ i's group. The modes are just choices of which tensors are per group and how age
          and, by default, a per-agent Gaussian log-std offset (`log_std_offset [N, 1, A]`, zero at the
          switch, added to the frozen shared log-std: the paper's code, lora_v3/distributions.py).
 PS / PS+LoRA parameters convert losslessly to a policy directory (PEFT layout A [r, in], B [out, r],
-plus `log_std_offset` [A] per adapter).
+plus `log_std_offset` [A] per adapter); every adapter layout and conversion: `lorasa_serve.adapter_layout`.
+Which tensors are per group is decided once, at construction (`per_group`: those not of the
+backbone's shared shape), and handed to the forward as each layer's `per_chunk` flag.
 
 Per-group tensors are gathered to per agent by `groups` (SePS: several agents share a group's row);
 per-agent tensors (adapters, log-std offsets: leading dim N) are never gathered, row i is agent i's.
@@ -25,14 +27,14 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lorasa_serve import adapter_layout
+from lorasa_serve.adapter_layout import LOG_STD_OFFSET, adapter_shapes
 from lorasa_serve.network import (ActorParams, LinearP, NormP, init_adapter, init_adapter_reference,
                                   init_backbone)
-from lorasa_serve.spec import LOG_STD_OFFSET, PolicySpec
-from lorasa_serve.stacking import stack_adapters
+from lorasa_serve.spec import PolicySpec
 
 Kind = Literal["ps", "nps", "seps", "mtl", "lora"]
 LoraInit = Literal["peft", "reference"]
-PER_AGENT_SUFFIXES = (".lora_a", ".lora_b")  # plus LOG_STD_OFFSET: leading dim N, row i = agent i
 MTL_HEAD = ("post", "post.ln", "head")  # MTL: the per-agent layers (plus log-std)
 
 
@@ -47,6 +49,9 @@ class Actor:
         # sorted: the optimiser's parameter order must not depend on how the tensors were loaded
         self.trainable = {k: trainable[k].detach().clone().requires_grad_(True) for k in sorted(trainable)}
         self.frozen = {k: v.detach().clone() for k, v in (frozen or {}).items()}
+        shared = spec.backbone_shapes()  # a backbone tensor of another shape is per group: [G, ...]
+        self.per_group = frozenset(k for k, v in {**self.frozen, **self.trainable}.items()
+                                   if k in shared and tuple(v.shape) != shared[k])
         self._index = torch.tensor(self.groups, dtype=torch.long)
         self._identity = self.groups == tuple(range(self.n))
         self._acting: tuple[tuple[int, ...], ActorParams, Tensor | None] | None = None  # see params()
@@ -84,7 +89,7 @@ class Actor:
         for name, value in per_group[0].items():
             layer = name.rsplit(".", 1)[0]
             if layers is None or layer in layers or name == "log_std":
-                t[name] = torch.stack([_as_group_tensor(b[name]) for b in per_group])
+                t[name] = _per_group(spec, name, [b[name] for b in per_group])
         return cls(spec, kind, t, groups=tuple(groups))
 
     @classmethod
@@ -109,14 +114,7 @@ class Actor:
     def lora_from_adapters(cls, spec: PolicySpec, base: dict[str, Tensor],
                            adapters: dict[str, dict[str, Tensor]],
                            groups: tuple[int, ...] | None = None) -> "Actor":
-        t = {}
-        for name in spec.adapted_layers:
-            a_r, b_t = stack_adapters(spec, name, [adapters[x] for x in spec.agent_ids], scaled=False)
-            t[f"{name}.lora_a"] = a_r.transpose(1, 2).contiguous()  # [N, in, r]
-            t[f"{name}.lora_b"] = b_t  # [N, r, out]
-        if spec.lora.log_std_offset:
-            t[LOG_STD_OFFSET] = torch.stack([adapters[x][LOG_STD_OFFSET] for x in spec.agent_ids]
-                                            ).unsqueeze(1)  # [N, 1, A]
+        t = adapter_layout.to_training(spec, [adapters[x] for x in spec.agent_ids])
         return cls(spec, "lora", t, base, groups or (0,) * len(spec.agents))
 
     # --- forward parameters ---------------------------------------------------------------------
@@ -125,7 +123,7 @@ class Actor:
         t = self.trainable.get(name)
         if t is None:
             t = self.frozen[name]
-        if t.dim() == 3 and not self._identity:
+        if name in self.per_group and not self._identity:
             t = t.index_select(0, self._index)  # [G, ...] -> [N, ...] (differentiable)
         return t
 
@@ -137,8 +135,13 @@ class Actor:
         are then not gathered again at every environment step."""
         return self._acting_params()[0] if not torch.is_grad_enabled() else self._params()
 
+    @property
+    def per_agent_log_std(self) -> bool:
+        """`log_std()` is [N, 1, A] (per group, or with per-agent offsets), not the shared [A]."""
+        return "log_std" in self.per_group or LOG_STD_OFFSET in self.trainable
+
     def log_std(self) -> Tensor:
-        """[A] shared or [N, 1, A] per agent (broadcasts against [N, M, A])."""
+        """[A] shared or [N, 1, A] per agent (`per_agent_log_std`; broadcasts against [N, M, A])."""
         return self._acting_params()[1] if not torch.is_grad_enabled() else self._log_std()
 
     def _log_std(self) -> Tensor:
@@ -160,24 +163,26 @@ class Actor:
         return self._acting[1], self._acting[2]
 
     def _params(self) -> ActorParams:
-        spec, scale = self.spec, self.spec.lora.scale
+        spec, per_group = self.spec, self.per_group
         linears = {}
         for n in spec.linear_names():
-            w, b = self._get(f"{n}.weight"), self._get(f"{n}.bias")  # shared 2-D or per agent 3-D
-            la = self.trainable.get(f"{n}.lora_a")
-            lb = self.trainable.get(f"{n}.lora_b")
-            linears[n] = LinearP(w, b, la, None if lb is None else lb * scale)
-        norms = {n: NormP(self._get(f"{n}.weight"), self._get(f"{n}.bias")) for n in spec.norm_names()}
+            w, b = self._get(f"{n}.weight"), self._get(f"{n}.bias")  # shared, or per agent [N, ...]
+            la = self.trainable.get(adapter_layout.training_a_key(n))
+            lb = self.trainable.get(adapter_layout.training_b_key(n))
+            linears[n] = LinearP(w, b, la, None if lb is None else adapter_layout.scaled_b(spec, lb),
+                                 per_chunk=f"{n}.weight" in per_group)
+        norms = {n: NormP(self._get(f"{n}.weight"), self._get(f"{n}.bias"), f"{n}.weight" in per_group)
+                 for n in spec.norm_names()}
         return ActorParams(linears, norms)
 
     def group_rows(self) -> dict[str, Tensor]:
         """For each per-group / per-agent trainable tensor, which leading index belongs to which agent:
         name -> [N] long (the group of agent i; identity for adapters). Shared tensors are absent."""
         out = {}
-        for k, v in self.trainable.items():
-            if k.endswith(PER_AGENT_SUFFIXES) or k == LOG_STD_OFFSET:
+        for k in self.trainable:
+            if adapter_layout.is_training_adapter_key(k):
                 out[k] = torch.arange(self.n)
-            elif v.dim() == 3:
+            elif k in self.per_group:
                 out[k] = self._index
         return out
 
@@ -197,21 +202,12 @@ class Actor:
         """Per agent PEFT tensors: `<layer>.lora_A.weight` [r, in], `<layer>.lora_B.weight` [out, r]."""
         if self.kind != "lora":
             return None
-        t = self.trainable
-        out = {a: {**{f"{n}.lora_A.weight": t[f"{n}.lora_a"][i].detach().T.contiguous()
-                      for n in self.spec.adapted_layers},
-                   **{f"{n}.lora_B.weight": t[f"{n}.lora_b"][i].detach().T.contiguous()
-                      for n in self.spec.adapted_layers}}
-               for i, a in enumerate(self.spec.agent_ids)}
-        if LOG_STD_OFFSET in t:
-            for i, a in enumerate(self.spec.agent_ids):
-                out[a][LOG_STD_OFFSET] = t[LOG_STD_OFFSET][i, 0].detach().clone()  # [A]
-        return out
+        return dict(zip(self.spec.agent_ids, adapter_layout.from_training(self.spec, self.trainable)))
 
     def servable(self) -> bool:
         """A policy directory needs one shared backbone: PS, or LoRA over a PS base."""
         base = self.frozen if self.kind == "lora" else self.trainable
-        return all(v.dim() < 3 for v in base.values())
+        return not self.per_group & base.keys()
 
     def n_trainable(self) -> int:
         return sum(v.numel() for v in self.trainable.values() if v.requires_grad)
@@ -228,9 +224,12 @@ def _fresh_backbone(spec: PolicySpec, g: torch.Generator, init_log_std: float) -
     return bb
 
 
-def _as_group_tensor(t: Tensor) -> Tensor:
-    """One group's copy of a shared tensor in the per-group layout: [out, in] -> [in, out], [D] -> [1, D]."""
-    return t.T if t.dim() == 2 else t.unsqueeze(0)
+def _per_group(spec: PolicySpec, name: str, copies: list[Tensor]) -> Tensor:
+    """G groups' copies of shared tensor `name` -> its per-group layout: a Linear weight [out, in] each
+    -> [G, in, out] (`adapter_layout.per_chunk_weight`), any other [D] each -> [G, 1, D]."""
+    if name.endswith(".weight") and name.removesuffix(".weight") in spec.linear_names():
+        return adapter_layout.per_chunk_weight(copies)
+    return torch.stack([c.unsqueeze(0) for c in copies])
 
 
 def param_counts(spec: PolicySpec) -> dict[str, int]:
@@ -241,7 +240,7 @@ def param_counts(spec: PolicySpec) -> dict[str, int]:
     """
     import math
     backbone = sum(math.prod(s) for s in spec.backbone_shapes().values())
-    adapter = sum(math.prod(s) for s in spec.adapter_shapes().values())
+    adapter = sum(math.prod(s) for s in adapter_shapes(spec).values())
     n = len(spec.agents)
     return {"agents": n, "backbone": backbone, "ps_total": backbone, "nps_per_agent": backbone,
             "nps_total": n * backbone, "lorasa_adapter_per_agent": adapter,

@@ -145,7 +145,7 @@ class Policy:
         dim_mask = self.dim_mask[agents]
         if a.spec.action == "gaussian":
             log_std = a.log_std()
-            log_std = log_std[agents] if log_std.dim() == 3 else log_std
+            log_std = log_std[agents] if a.per_agent_log_std else log_std  # [n, 1, A] or [A]
             logp = gaussian_log_prob(head, log_std, actions, dim_mask)
             ent = gaussian_entropy(log_std, dim_mask).expand_as(logp)
         else:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lorasa_serve import AgentSpec, LoraSpec, PolicySpec, save_policy
-from lorasa_serve.spec import LOG_STD_OFFSET
+from lorasa_serve.adapter_layout import LOG_STD_OFFSET, lora_a_key, lora_b_key, scaling
 
 from .errors import OneLineParser, UsageError, exit_on_usage_error
 
@@ -141,8 +141,7 @@ def _adapter(sd: dict, spec: PolicySpec, linears: dict, i: int, cfg: ImportConfi
         if bias is not None and bool(bias.abs().max() > 0):
             raise ImportRefused(f"{ref}: agent {i} has a per-agent bias (lora_bias_lst, train_lora_bias=1): our "
                                 "adapters have none")
-        out[f"{ours}.lora_A.weight"], out[f"{ours}.lora_B.weight"] = _factors(sd, ref, i, r, cfg.lora_alpha,
-                                                                              spec.lora.scale)
+        out[lora_a_key(ours)], out[lora_b_key(ours)] = _factors(sd, ref, i, r, cfg.lora_alpha, scaling(spec.lora))
     if spec.lora.log_std_offset:  # full rank [A, 1] (r >= min(shape) = 1 in the reference): scaling 1
         out[LOG_STD_OFFSET] = sd[f"{LOG_STD_LORA}.lora_A_lst.{i}"].reshape(-1)
     return out
