@@ -132,20 +132,25 @@ class AdapterBank:
         cols = torch.tensor([self.spec.onehot_index(i) for i in range(self.n_slots)], device=self.obs_dims.device)
         return torch.nn.functional.one_hot(cols, K).to(torch.float32)
 
-    def log_std_rows(self, slots: np.ndarray) -> Tensor:
-        """slots [B] -> the Gaussian log-std of each row's agent [B, act_max] (or the shared
-        [act_max], broadcastable, when adapters carry no offsets)."""
+    @cached_property
+    def needs_rows(self) -> bool:
+        """A forward reads each row's slot on the device (`rows` below): for the agent one-hot, per-agent
+        log-stds or action masks. Else the caller need not plan or copy them at all."""
+        return self.onehot is not None or self.log_std is not None or self._all_actions is None
+
+    def log_std_rows(self, rows: Tensor | None) -> Tensor:
+        """rows [B] int64 each row's slot, on the bank's device -> the Gaussian log-std of each row's
+        agent [B, act_max] (or the shared [act_max], broadcastable, when adapters carry no offsets)."""
         if self.log_std is None:
             return self.backbone["log_std"]
-        return self.log_std.index_select(0, torch.as_tensor(slots, device=self.log_std.device))
+        return self.log_std.index_select(0, rows)
 
-    def dim_mask(self, slots: np.ndarray) -> Tensor:
-        """slots [B] -> [B, act_max] bool: the row's agent has that action dimension
-        ([act_max] all True, broadcastable, when every agent has them all)."""
+    def dim_mask(self, rows: Tensor | None) -> Tensor:
+        """rows [B] int64 on the bank's device -> [B, act_max] bool: the row's agent has that action
+        dimension ([act_max] all True, broadcastable, when every agent has them all)."""
         if self._all_actions is not None:
             return self._all_actions
-        slots_t = torch.as_tensor(slots, device=self.act_dims.device)
-        return dim_mask(self.act_dims, slots_t, self.spec.act_max)
+        return dim_mask(self.act_dims, rows, self.spec.act_max)
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -276,7 +281,7 @@ class AdapterBank:
         if P == 1 and C == self.n_slots and (lay.chunk_slots[:, 0] == np.arange(C)).all():
             a, b = a_r, b_t  # identity: no gather
         else:
-            idx = torch.as_tensor(lay.chunk_slots.reshape(-1), device=a_r.device)
+            idx = lay.on_device("chunk_slots", a_r.device).reshape(-1)  # [C*P]
             a = a_r.index_select(0, idx).view(C, P * a_r.shape[1], a_r.shape[2])  # [C, P*r, in]
             b = b_t.index_select(0, idx).view(C, P * b_t.shape[1], b_t.shape[2])  # [C, P*r, out]
         a = a.transpose(1, 2)  # [C, in, P*r]
@@ -287,7 +292,7 @@ class AdapterBank:
         if lay.row_block is None:
             return None
         r = self.spec.lora.rank
-        rb = torch.as_tensor(lay.row_block, device=self.obs_dims.device)  # [C, M], -1 = dead row
+        rb = lay.on_device("row_block", self.obs_dims.device)  # [C, M], -1 = dead row
         blocks = torch.arange(lay.P, device=rb.device)
         mask = (rb.unsqueeze(-1) == blocks).to(torch.float32)  # [C, M, P]
         return mask.repeat_interleave(r, dim=-1).contiguous()  # [C, M, P*r]
