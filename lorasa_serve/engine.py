@@ -140,6 +140,11 @@ class Engine:
         None (zeros); reset [B] bool (True zeroes the state: episode start); avail [B, <=act_max]
         available-action mask (Categorical only). Returns actions, log-probs and the next state.
         Sampling draws from `generator` (seedable) when not deterministic.
+
+        On a GPU: host data (numpy, lists, CPU tensors) is checked on the host and copied without
+        waiting for the GPU; tensors already on the engine's device are checked there and read back
+        once (device_inputs.py); agent ids are host data. The results stay on the device: the call
+        never waits for the forward (the caller's first read of a result does).
         """
         # one bank snapshot for the whole call: hot-swaps never show half an adapter
         bank = self._bank
@@ -194,7 +199,8 @@ class Engine:
     def _act(self, bank: AdapterBank, x: Inputs, deterministic: bool, generator: torch.Generator | None,
              mode: Mode | None, h: Tensor | None = None) -> tuple[ActResult, AdapterBank]:
         """Checked inputs -> result, the bank used. h: a state to use instead of x.state (a session's).
-        Queues device work only: nothing here reads a device tensor back."""
+        Queues device work only: nothing here reads a device tensor back (but a traced graph's check
+        against the eager result, once per key: traced.py)."""
         spec = bank.spec
         rows = self._rows(bank, x.idx) if bank.needs_rows else None  # [B] each row's slot
         obs_t, h, reset_t = self._inputs(bank, x, h, rows)
@@ -340,7 +346,7 @@ class Engine:
                                  None if state is None else state.numpy())
         out = self._act(bank, Inputs.upload(req, self.device), True, None, "lora")[0]
         parts = [out.actions.float(), out.log_probs] + ([out.state] if out.state is not None else [])
-        if not all(bool(torch.isfinite(p).all()) for p in parts):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in parts]).all()):  # one read (a write, not act)
             raise NonFiniteError(f"adapter {agent_id!r}", "the policy's outputs on a probe batch are NaN or inf "
                                  "with this adapter (weights too large?); refused")
 
