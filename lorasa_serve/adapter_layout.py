@@ -152,18 +152,18 @@ def stack_log_std(spec: PolicySpec, log_std: Tensor, adapters: Sequence[dict[str
 
 
 # --- bank -> forward ----------------------------------------------------------------------------------
-def chunk_lora(a_r: Tensor, b_t: Tensor, chunk_slots: np.ndarray, identity: bool, contiguous: bool
-               ) -> tuple[Tensor, Tensor]:
-    """Bank stacks a_r [S, r, in], b_t [S, r, out], chunk_slots [C, P] (the P agents of each chunk)
-    -> A [C, in, P*r], B [C, P*r, out]: each chunk's P adapters side by side.
+def chunk_lora(a_r: Tensor, b_t: Tensor, chunk_slots: Tensor | None, contiguous: bool) -> tuple[Tensor, Tensor]:
+    """Bank stacks a_r [S, r, in], b_t [S, r, out], chunk_slots [C, P] int64 on their device (the P agents
+    of each chunk) -> A [C, in, P*r], B [C, P*r, out]: each chunk's P adapters side by side.
 
-    `identity` (P = 1 and chunk c is slot c): the stacks themselves, no gather. A is a transposed
-    view of [C, P*r, in] unless `contiguous` (a copy: faster as a GEMM over several rows per chunk)."""
-    C, P = chunk_slots.shape
-    if identity:
+    `chunk_slots` None: the identity layout (P = 1 and chunk c is slot c): the stacks themselves, no
+    gather. A is a transposed view of [C, P*r, in] unless `contiguous` (a copy: faster as a GEMM over
+    several rows per chunk)."""
+    if chunk_slots is None:
         a, b = a_r, b_t
     else:
-        idx = torch.as_tensor(chunk_slots.reshape(-1), device=a_r.device)
+        C, P = chunk_slots.shape
+        idx = chunk_slots.reshape(-1)  # [C*P]
         a = a_r.index_select(0, idx).view(C, P * a_r.shape[1], a_r.shape[2])  # [C, P*r, in]
         b = b_t.index_select(0, idx).view(C, P * b_t.shape[1], b_t.shape[2])  # [C, P*r, out]
     a = a.transpose(1, 2)  # [C, in, P*r]

@@ -123,20 +123,25 @@ class AdapterBank:
         cols = torch.tensor([self.spec.onehot_index(i) for i in range(self.n_slots)], device=self.obs_dims.device)
         return torch.nn.functional.one_hot(cols, K).to(torch.float32)
 
-    def log_std_rows(self, slots: np.ndarray) -> Tensor:
-        """slots [B] -> the Gaussian log-std of each row's agent [B, act_max] (or the shared
-        [act_max], broadcastable, when adapters carry no offsets)."""
+    @cached_property
+    def needs_rows(self) -> bool:
+        """A forward reads each row's slot on the device (`rows` below): for the agent one-hot, per-agent
+        log-stds or action masks. Else the caller need not plan or copy them at all."""
+        return self.onehot is not None or self.log_std is not None or self._all_actions is None
+
+    def log_std_rows(self, rows: Tensor | None) -> Tensor:
+        """rows [B] int64 each row's slot, on the bank's device -> the Gaussian log-std of each row's
+        agent [B, act_max] (or the shared [act_max], broadcastable, when adapters carry no offsets)."""
         if self.log_std is None:
             return self.backbone["log_std"]
-        return self.log_std.index_select(0, torch.as_tensor(slots, device=self.log_std.device))
+        return self.log_std.index_select(0, rows)
 
-    def dim_mask(self, slots: np.ndarray) -> Tensor:
-        """slots [B] -> [B, act_max] bool: the row's agent has that action dimension
-        ([act_max] all True, broadcastable, when every agent has them all)."""
+    def dim_mask(self, rows: Tensor | None) -> Tensor:
+        """rows [B] int64 on the bank's device -> [B, act_max] bool: the row's agent has that action
+        dimension ([act_max] all True, broadcastable, when every agent has them all)."""
         if self._all_actions is not None:
             return self._all_actions
-        slots_t = torch.as_tensor(slots, device=self.act_dims.device)
-        return dim_mask(self.act_dims, slots_t, self.spec.act_max)
+        return dim_mask(self.act_dims, rows, self.spec.act_max)
 
     # --- building ---------------------------------------------------------------------------
     @classmethod
@@ -264,15 +269,15 @@ class AdapterBank:
         stored [C, r, in] (a batched GEMV, 1.6-2x faster than over [C, in, r] at r = 8, measured);
         chunks of several rows get a contiguous [C, in, P*r] copy (a GEMM, 1.4x faster that way)."""
         C, P = lay.chunk_slots.shape
-        identity = P == 1 and C == self.n_slots and bool((lay.chunk_slots[:, 0] == np.arange(C)).all())
-        return adapter_layout.chunk_lora(self.a_r[layer], self.b_t[layer], lay.chunk_slots, identity,
-                                         contiguous=lay.M != 1)
+        identity = P == 1 and C == self.n_slots and bool((lay.chunk_slots[:, 0] == np.arange(C)).all())  # host data
+        slots = None if identity else lay.on_device("chunk_slots", self.a_r[layer].device)  # [C, P], cached
+        return adapter_layout.chunk_lora(self.a_r[layer], self.b_t[layer], slots, contiguous=lay.M != 1)
 
     def _lora_mask(self, lay: Layout) -> Tensor | None:
         """[C, M, P*r] 0/1 float: row m of chunk c keeps the r columns of its own agent's block."""
         if lay.row_block is None:
             return None
-        rb = torch.as_tensor(lay.row_block, device=self.obs_dims.device)  # [C, M], -1 = dead row
+        rb = lay.on_device("row_block", self.obs_dims.device)  # [C, M], -1 = dead row; cached per device
         return adapter_layout.block_mask(rb, lay.P, self.spec.lora.rank)
 
 

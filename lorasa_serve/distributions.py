@@ -3,6 +3,11 @@
 Gaussian: mean = head output, learned state-independent log-std; dims beyond an agent's act_dim are
 zeroed in the action and excluded from the log-prob. Categorical: logits of actions beyond the
 agent's action count or not available are masked out.
+
+Sampling draws its random numbers from the caller's `generator` on the generator's own device and
+moves them to the head's: a seed gives the same numbers whatever device the policy runs on (a CPU
+generator serves a CUDA engine; a CUDA generator draws on its GPU). Without a generator they are drawn
+on the head's device.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ def gaussian_act(mean: Tensor, log_std: Tensor, dim_mask: Tensor, deterministic:
     if deterministic:
         action = mean
     else:
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = _draw(torch.randn, mean, generator)  # [B, A]
         action = mean + noise * torch.exp(log_std)
     action = action * dim_mask
     return action, gaussian_log_prob(mean, log_std, action, dim_mask)
@@ -67,8 +72,17 @@ def categorical_act(logits: Tensor, valid: Tensor, deterministic: bool,
     if deterministic:
         action = ml.argmax(-1)
     else:
-        u = torch.rand(ml.shape, generator=generator, device=ml.device, dtype=ml.dtype)
+        u = _draw(torch.rand, ml, generator)  # [B, A]
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
         action = (ml + gumbel).masked_fill(~valid, float("-inf")).argmax(-1)
     logp = torch.log_softmax(ml, dim=-1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
     return action, logp
+
+
+def _draw(sample, like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """sample(like.shape) drawn from `generator` on its device (else on `like`'s), on `like`'s device.
+    The copy of a drawn CPU tensor (pageable memory, staged before `to` returns) is non_blocking: it
+    does not wait for the forward queued before it."""
+    dev = like.device if generator is None else generator.device
+    x = sample(like.shape, generator=generator, device=dev, dtype=like.dtype)
+    return x if x.device == like.device else x.to(like.device, non_blocking=True)

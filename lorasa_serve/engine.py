@@ -22,6 +22,7 @@ from .protocol import ActRequest, ActResult
 from .adapter_layout import adapter_shapes
 from .bank import AdapterBank
 from .caches import CacheLimits
+from .device_inputs import DeviceRules, Inputs, check_on_device
 from .distributions import categorical_act, gaussian_act
 from .errors import DeviceUnavailableError, InputError, NonFiniteError, UnknownAgentError
 from .layout import Layout, Planner
@@ -71,6 +72,10 @@ class Engine:
         self.sessions = SessionStore(spec.hidden, limits.sessions, self.device, limits.session_bytes,
                                      limits.session_ttl_s)
         self._agents: protocol.AgentTable | None = None  # the validator's view of the bank (see _table)
+        self._rules: DeviceRules | None = None  # the same as masks on the device (see _device_rules)
+        # inputs already on an accelerator are checked there (device_inputs.py); on the CPU every
+        # input is host data, checked by the protocol as it is
+        self._check_on_device = self.device.type != "cpu"
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device = "auto", mode: Mode = "auto",
@@ -130,7 +135,7 @@ class Engine:
         `log_std_offset` (when the policy's adapters carry one)."""
         bank = self._bank
         slot = protocol.agent_index(self._table(bank), agent_id)
-        return bank.log_std_rows(np.array([slot]))[0] if bank.log_std is not None else bank.backbone["log_std"]
+        return bank.log_std[slot].clone() if bank.log_std is not None else bank.backbone["log_std"]
 
     # --- acting -------------------------------------------------------------------------------
     def act(self, agent_ids: Sequence[str] | np.ndarray | Tensor, obs, state=None, reset=None,
@@ -143,16 +148,21 @@ class Engine:
         None (zeros); reset [B] bool (True zeroes the state: episode start); avail [B, <=act_max]
         available-action mask (Categorical only). Returns actions, log-probs and the next state.
         Sampling draws from `generator` (seedable) when not deterministic.
+
+        On a GPU: host data (numpy, lists, CPU tensors) is checked on the host and copied without
+        waiting for the GPU; tensors already on the engine's device are checked there and read back
+        once (device_inputs.py); agent ids are host data. The results stay on the device: the call
+        never waits for the forward (the caller's first read of a result does).
         """
         # one bank snapshot for the whole call: hot-swaps never show half an adapter
         bank = self._bank
-        req = self._check(bank, agent_ids, obs, state, reset, avail)
-        return self._act(bank, req, self._tensor(obs, req.obs), deterministic, generator, mode)[0]
+        x = self._check(bank, agent_ids, obs, state, reset, avail)
+        return self._act(bank, x, deterministic, generator, mode)[0]
 
     def act_checked(self, req: ActRequest, *, generator: torch.Generator | None = None) -> ActResult:
         """`act` on a request `protocol.check_act` already checked (the service's batches): no second
         check. `req.deterministic` chooses argmax or sampling."""
-        return self._act(self._bank, req, None, req.deterministic, generator, None)[0]
+        return self._act(self._bank, Inputs.upload(req, self.device), req.deterministic, generator, None)[0]
 
     def _table(self, bank: AdapterBank) -> protocol.AgentTable:
         """The validator's view of the bank's agents (rebuilt when an agent is added)."""
@@ -161,60 +171,75 @@ class Engine:
             table = self._agents = protocol.AgentTable(bank.spec)
         return table
 
-    def _check(self, bank: AdapterBank, agent_ids, obs, state, reset, avail) -> ActRequest:
-        """The thin torch step before the protocol's checks: tensors are read as numpy arrays."""
-        return protocol.check_act(self._table(bank), _host(agent_ids), _host(obs), _host(state),
-                                  _host(reset), _host(avail))
+    def _device_rules(self, bank: AdapterBank) -> DeviceRules:
+        """The validator's per-agent sizes as masks on the engine's device (rebuilt with the table)."""
+        table, rules = self._table(bank), self._rules
+        if rules is None or rules.table is not table:
+            rules = self._rules = DeviceRules(table, self.device)
+        return rules
+
+    def _check(self, bank: AdapterBank, agent_ids, obs, state, reset, avail) -> Inputs:
+        """The protocol's checks -> the inputs on the engine's device. Host data is checked on the host
+        and copied over; when an input already is a tensor on the engine's accelerator, values are
+        checked there and read back once (device_inputs.py). Agent ids are host data: a tensor of
+        indices on an accelerator takes the host path."""
+        if self._check_on_device and not _on_accelerator(agent_ids) and any(
+                isinstance(t, Tensor) and t.device.type == self.device.type for t in (obs, state, reset, avail)):
+            x = check_on_device(self._device_rules(bank), _host(agent_ids), obs, state, reset, avail,
+                                lambda idx: self._rows(bank, idx))
+            if x is not None:
+                return x
+        # host data; or the device checks failed: the protocol gives the canonical error (reading
+        # device tensors back: a synchronisation per tensor, on the error path only)
+        req = protocol.check_act(self._table(bank), _host(agent_ids), _host(obs), _host(state),
+                                 _host(reset), _host(avail))
+        return Inputs.upload(req, self.device, obs)
+
+    def _rows(self, bank: AdapterBank, slots: np.ndarray) -> Tensor:
+        """slots [B] -> the same as int64 on the engine's device: on an accelerator the row layout's
+        copy, made once per plan (an environment loop repeats its agent order: never copied again);
+        on the CPU a view."""
+        if self.device.type == "cpu":
+            return torch.as_tensor(slots)
+        return self._planner.plan(slots).on_device("rows", bank.act_dims.device)
 
     @torch.inference_mode()
-    def _act(self, bank: AdapterBank, req: ActRequest, obs_t: Tensor | None, deterministic: bool,
-             generator: torch.Generator | None, mode: Mode | None, h: Tensor | None = None
-             ) -> tuple[ActResult, AdapterBank]:
-        """A checked request -> result, the bank used. obs_t: the caller's obs tensor when it can be
-        used as is; h: a state to use instead of req.state (a session's)."""
-        slots, spec = req.idx, bank.spec
-        obs_t, h, reset_t = self._inputs(bank, req, obs_t, h)
-        head, h_next, bank = self._forward(bank, slots, obs_t, h, reset_t, mode or self.mode)
-        dim_mask = bank.dim_mask(slots)  # [B, act_max] or [act_max] (all agents: every action)
+    def _act(self, bank: AdapterBank, x: Inputs, deterministic: bool, generator: torch.Generator | None,
+             mode: Mode | None, h: Tensor | None = None) -> tuple[ActResult, AdapterBank]:
+        """Checked inputs -> result, the bank used. h: a state to use instead of x.state (a session's).
+        Queues device work only: nothing here reads a device tensor back (but a traced graph's check
+        against the eager result, once per key: traced.py)."""
+        spec = bank.spec
+        rows = self._rows(bank, x.idx) if bank.needs_rows else None  # [B] each row's slot
+        obs_t, h, reset_t = self._inputs(bank, x, h, rows)
+        head, h_next, bank = self._forward(bank, x.idx, obs_t, h, reset_t, mode or self.mode)
+        dim_mask = bank.dim_mask(rows)  # [B, act_max] or [act_max] (all agents: every action)
         if spec.action == "gaussian":
-            actions, logp = gaussian_act(head, bank.log_std_rows(slots), dim_mask, deterministic,
-                                         generator)
+            actions, logp = gaussian_act(head, bank.log_std_rows(rows), dim_mask, deterministic, generator)
         else:
-            valid = dim_mask if req.avail is None else dim_mask & self._tensor(None, req.avail)
+            valid = dim_mask if x.avail is None else dim_mask & x.avail
             actions, logp = categorical_act(head, valid, deterministic, generator)
         return ActResult(actions, logp, h_next), bank
 
-    def _inputs(self, bank: AdapterBank, req: ActRequest, obs_t: Tensor | None, h: Tensor | None):
-        """Tensors on the engine's device: obs [B, input_width] (the agent one-hot appended when the
-        policy has one), state [B, H] | None, reset [B] | None."""
-        spec = bank.spec
-        obs_t = self._tensor(None, req.obs) if obs_t is None else obs_t
+    def _inputs(self, bank: AdapterBank, x: Inputs, h: Tensor | None, rows: Tensor | None):
+        """obs [B, input_width] (the agent one-hot appended when the policy has one), state [B, H] | None,
+        reset [B] | None, on the engine's device."""
+        spec, obs_t = bank.spec, x.obs
         if h is None and spec.recurrent:
-            h = self._tensor(None, req.state) if req.state is not None else \
-                torch.zeros(req.n, spec.hidden, device=self.device)
-        reset_t = None if req.reset is None else self._tensor(None, req.reset)
+            h = x.state if x.state is not None else torch.zeros(x.n, spec.hidden, device=self.device)
         if bank.onehot is not None:  # [B, obs_max] -> [B, obs_max + agent_onehot]: the agent's one-hot
-            obs_t = torch.cat([obs_t, bank.onehot.index_select(0, torch.as_tensor(req.idx, device=self.device))], 1)
-        return obs_t, h, reset_t
-
-    def _tensor(self, given, checked: np.ndarray) -> Tensor | None:
-        """The checked array on the engine's device; the caller's own tensor when it already is that
-        (float32 on the device, same shape: no copy back and forth)."""
-        if given is None or not (isinstance(given, Tensor) and given.dtype == torch.float32
-                                 and given.device == self.device and given.shape == checked.shape):
-            if not checked.flags.writeable:
-                checked = checked.copy()  # torch.from_numpy wants a writable array
-            return torch.from_numpy(checked).to(self.device)
-        return given.detach()  # a view: a caller's tensor that requires grad reads like any other
+            obs_t = torch.cat([obs_t, bank.onehot.index_select(0, rows)], 1)
+        return obs_t, h, x.reset
 
     @torch.inference_mode()
     def forward(self, agent_ids, obs, state=None, reset=None, mode: Mode | None = None
                 ) -> tuple[Tensor, Tensor | None]:
         """Raw head output [B, act_max] (Gaussian means or logits before masking) and next state."""
         bank = self._bank
-        req = self._check(bank, agent_ids, obs, state, reset, None)
-        obs_t, h, reset_t = self._inputs(bank, req, self._tensor(obs, req.obs), None)
-        head, h_next, _ = self._forward(bank, req.idx, obs_t, h, reset_t, mode or self.mode)
+        x = self._check(bank, agent_ids, obs, state, reset, None)
+        rows = self._rows(bank, x.idx) if bank.onehot is not None else None
+        obs_t, h, reset_t = self._inputs(bank, x, None, rows)
+        head, h_next, _ = self._forward(bank, x.idx, obs_t, h, reset_t, mode or self.mode)
         return head, h_next
 
     def _forward(self, bank: AdapterBank, slots: np.ndarray, obs: Tensor, h: Tensor | None,
@@ -272,12 +297,12 @@ class Engine:
         """`act` with the recurrent state kept by the engine per (session, agent)."""
         ids = protocol.distinct_agents(agent_ids)
         bank = self._bank
-        req = self._check(bank, ids, obs, None, reset, avail)  # fails before any state is touched
+        x = self._check(bank, ids, obs, None, reset, avail)  # fails before any state is touched
         state = self.sessions.get(session_id, ids)[0] if self.spec.recurrent else None
-        out, bank = self._act(bank, req, self._tensor(obs, req.obs), deterministic, generator, None, state)
+        out, bank = self._act(bank, x, deterministic, generator, None, state)
         if out.state is not None:
             self.sessions.put(session_id, ids, out.state)
-        out.versions = [bank.versions[s] for s in req.idx.tolist()]
+        out.versions = [bank.versions[s] for s in x.idx.tolist()]  # host data
         return out
 
     def reset_session(self, session_id: str) -> bool:
@@ -326,9 +351,9 @@ class Engine:
             if spec.recurrent else None
         req = protocol.check_act(protocol.AgentTable(spec), np.full(8, slot), obs.numpy(),
                                  None if state is None else state.numpy())
-        out = self._act(bank, req, None, True, None, "lora")[0]
+        out = self._act(bank, Inputs.upload(req, self.device), True, None, "lora")[0]
         parts = [out.actions.float(), out.log_probs] + ([out.state] if out.state is not None else [])
-        if not all(bool(torch.isfinite(p).all()) for p in parts):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in parts]).all()):  # one read (a write, not act)
             raise NonFiniteError(f"adapter {agent_id!r}", "the policy's outputs on a probe batch are NaN or inf "
                                  "with this adapter (weights too large?); refused")
 
@@ -429,8 +454,14 @@ def _opt(x: Tensor | None, dim: int) -> Tensor | None:
     return None if x is None else x.unsqueeze(dim)
 
 
+def _on_accelerator(x) -> bool:
+    return isinstance(x, Tensor) and x.device.type != "cpu"
+
+
 def _host(x):
-    """A tensor argument as a numpy array for the protocol's checks (others pass as they are)."""
+    """A tensor argument as a numpy array for the protocol's checks (others pass as they are). A tensor
+    on an accelerator is read back (a synchronisation): only host data, an accelerator's agent ids and
+    the error path come here (see `Engine._check`)."""
     if not isinstance(x, Tensor):
         return x
     x = x.detach()

@@ -68,14 +68,31 @@ class Layout:
         out[self.pos] = np.arange(len(self.pos))
         return out
 
+    @cached_property
+    def rows(self) -> np.ndarray:
+        """[B] int64: the agent slot of each caller row (the `slots` the plan was made from)."""
+        if self.row_block is None:  # one agent per chunk
+            padded = np.repeat(self.chunk_slots[:, 0], self.M)  # [C*M]
+        else:  # row m of chunk c uses block row_block[c, m] of its chunk's P agents (dead rows: -1)
+            padded = np.take_along_axis(self.chunk_slots, np.maximum(self.row_block, 0), 1).reshape(-1)
+        return padded if self.pos is None else padded[self.pos]
+
     def index_tensors(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """(pos, src) as int64 tensors on `device`, made once per device (no per-call copy to a GPU)."""
-        got = self._on_device.get(device)
-        if got is None:
-            got = tuple(None if a is None else torch.as_tensor(a, device=device)
-                        for a in (self.pos, self.src))
-            self._on_device[device] = got
-        return got
+        """(pos, src) as int64 tensors on `device` (see `on_device`)."""
+        return self.on_device("pos", device), self.on_device("src", device)
+
+    def on_device(self, name: str, device: torch.device) -> Tensor | None:
+        """One of the plan's index arrays ("pos", "src", "rows", "chunk_slots", "row_block") as an
+        int64 tensor on `device`, made once per plan and device: an environment loop, which repeats
+        its agent order, never copies indices to a GPU again (a copy per call would be a host
+        synchronisation in the middle of the forward)."""
+        key = (name, device)
+        if key not in self._on_device:  # two threads may both build it: the same values either way
+            a = getattr(self, name)
+            # non_blocking: a copy from (pageable) host memory that does not wait for queued GPU work
+            self._on_device[key] = None if a is None else \
+                torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+        return self._on_device[key]
 
     @cached_property
     def _on_device(self) -> dict:

@@ -50,7 +50,8 @@ class SessionStore:
             return session_id in self._sessions
 
     def get(self, session_id: str, agent_ids: list[str]) -> tuple[Tensor, Tensor]:
-        """-> (state [B, H], is_new [B] bool): zeros and True for (session, agent) never seen."""
+        """-> (state [B, H] on the store's device, is_new [B] bool on the host: what the store knows,
+        never copied to a GPU): zeros and True for (session, agent) never seen."""
         zero = torch.zeros(self.hidden, device=self.device)
         with self._lock:
             now = time.monotonic()
@@ -61,7 +62,7 @@ class SessionStore:
             rows = [sess.get(a) if sess is not None else None for a in agent_ids]
         state = torch.stack([zero if r is None else r for r in rows]) if rows else \
             torch.zeros(0, self.hidden, device=self.device)
-        is_new = torch.tensor([r is None for r in rows], dtype=torch.bool, device=self.device)
+        is_new = torch.tensor([r is None for r in rows], dtype=torch.bool)
         return state, is_new
 
     def put(self, session_id: str, agent_ids: list[str], state: Tensor) -> None:

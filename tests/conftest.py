@@ -17,6 +17,25 @@ from lorasa_serve import AgentSpec, LoraSpec, PolicySpec, init_adapter, init_bac
 
 MISSING_EXTRA = "missing extra"  # in every skip reason require_extra gives
 
+# The devices the engine's oracle tests run on: the CPU, and CUDA where this torch and machine have it.
+# Where there is none the cuda cases are not generated at all (no skip: CI fails some skips). The cuda
+# cases compare with the CPU oracle (float64, per row) at the same tolerance; `pytest -k cuda` runs
+# only them (benchmarks/gpu_check.py).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Each device in DEVICES in turn (the test id names it): build the Engine on it, move inputs
+    there with `on_device`, compare outputs `.cpu()` with the CPU oracle."""
+    return request.param
+
+
+def on_device(device, *xs):
+    """Tensors moved to `device` (None as it is): an engine's inputs as a caller on that device has
+    them, so CUDA cases take the device path (values checked on the GPU, read back once)."""
+    return [x.to(device) if isinstance(x, torch.Tensor) else x for x in xs]
+
 
 def require_extra(extra: str, *modules: str) -> None:
     """Skip the calling test (or, at module level, the whole module) unless every module of the

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_policy, require_extra
+from conftest import make_policy, on_device, require_extra
 from reference import forward_loop, zero_padding
 
 from lorasa_serve import Engine, PolicySpec, load_policy
@@ -41,23 +41,23 @@ def test_spec_shapes_and_file(onehot_policy, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["lora", "merged", "auto"])
-def test_engine_appends_the_one_hot(onehot_policy, mode):
+def test_engine_appends_the_one_hot(onehot_policy, device, mode):
     d, spec, backbone, ads = onehot_policy
-    eng = Engine.from_dir(d, device="cpu", mode=mode)
+    eng = Engine.from_dir(d, device=device, mode=mode)
     g = torch.Generator().manual_seed(0)
     ids = [spec.agent_ids[i] for i in torch.randint(3, (33,), generator=g).tolist()]
     obs = zero_padding(spec, ids, torch.randn(33, spec.obs_max, generator=g))
     h = torch.randn(33, spec.hidden, generator=g) * 0.5
-    head, h_next = eng.forward(ids, obs, h)
+    head, h_next = eng.forward(ids, *on_device(device, obs, h))
     ref_head, ref_h = forward_loop(spec, backbone, ads, ids, obs, h)
-    torch.testing.assert_close(head.double(), ref_head, atol=1e-5, rtol=0)
-    torch.testing.assert_close(h_next.double(), ref_h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(head.cpu().double(), ref_head, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h_next.cpu().double(), ref_h, atol=1e-5, rtol=0)
     # the one-hot matters: the same row as another agent's id differs even with identical adapters
     same = {a: ads["agent_0"] for a in spec.agent_ids}
-    eng2 = Engine(spec, backbone, same, device="cpu", mode=mode)
+    eng2 = Engine(spec, backbone, same, device=device, mode=mode)
     o = torch.randn(1, spec.obs_max).repeat(2, 1)
     o[:, 8:] = 0  # inside every agent's obs_dim
-    out, _ = eng2.forward(["agent_0", "agent_1"], o)
+    out, _ = eng2.forward(["agent_0", "agent_1"], o.to(device))
     assert (out[0, :2] - out[1, :2]).abs().max() > 1e-3
 
 

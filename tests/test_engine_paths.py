@@ -1,7 +1,8 @@
 """Every dispatch path of the Engine forced on, against the float64 per-row reference.
 
 Paths: mixed chunks (several agents per chunk, masked low-rank blocks), one-agent chunks, traced
-small batches (and their eager fallback), the LRU bound on agents `auto` merges on demand.
+small batches (and their eager fallback), the LRU bound on agents `auto` merges on demand. On every
+device in conftest.DEVICES (inputs on the engine's device, outputs compared on the CPU).
 No test depends on timing.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_policy
+from conftest import make_policy, on_device
 from reference import forward_loop, zero_padding
 
 import lorasa_serve.engine as engine_mod
@@ -36,13 +37,15 @@ def batch(spec, B, seed=1, counts=None):
 
 
 def check(eng, spec, backbone, ads, ids, obs, h, reset, mode=None):
+    """The engine (inputs on its device) against the float64 per-row reference on the CPU."""
     rec = spec.recurrent
-    head, h_next = eng.forward(ids, obs, h if rec else None, reset if rec else None, mode=mode)
+    head, h_next = eng.forward(ids, *on_device(eng.device, obs, h if rec else None, reset if rec else None),
+                               mode=mode)
     ref_head, ref_h = forward_loop(spec, backbone, ads, ids, obs, h if rec else None,
                                    reset if rec else None)
-    torch.testing.assert_close(head.double(), ref_head, atol=1e-5, rtol=0)
+    torch.testing.assert_close(head.cpu().double(), ref_head, atol=1e-5, rtol=0)
     if rec:
-        torch.testing.assert_close(h_next.double(), ref_h, atol=1e-5, rtol=0)
+        torch.testing.assert_close(h_next.cpu().double(), ref_h, atol=1e-5, rtol=0)
     else:
         assert h_next is None
 
@@ -93,12 +96,12 @@ def test_gather_index_inverts_positions(mixed):
 
 @pytest.mark.parametrize("block_rows", [16, 64])
 @pytest.mark.parametrize("mode", ["lora", "merged"])
-def test_block_by_block_gather_matches_reference(tmp_path, monkeypatch, mode, block_rows):
+def test_block_by_block_gather_matches_reference(tmp_path, monkeypatch, mode, block_rows, device):
     """Batches bigger than BLOCK_ROWS gather each block's rows on their own (shrunk here: a 74-row
     batch in 16-row chunks, padded, runs as 6 one-chunk blocks or as blocks of 4 and 2 chunks)."""
     spec, backbone, ads = make_policy(tmp_path / "p")
     monkeypatch.setattr(engine_mod, "BLOCK_ROWS", block_rows)
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode=mode)
+    eng = Engine.from_dir(tmp_path / "p", device=device, mode=mode)
     ids, obs, h, reset = batch(spec, 0, counts=[40, 3, 31])
     lay = plan(eng.agent_index(ids), mixed=mode == "lora")
     assert lay.pos is not None and lay.C * lay.M > 64 and lay.C > block_rows // lay.M
@@ -106,11 +109,11 @@ def test_block_by_block_gather_matches_reference(tmp_path, monkeypatch, mode, bl
 
 
 @pytest.mark.parametrize("mode", ["lora", "merged"])
-def test_block_by_block_rows_in_place(tmp_path, monkeypatch, mode):
+def test_block_by_block_rows_in_place(tmp_path, monkeypatch, mode, device):
     """Rows already grouped in runs of M (no gather): each block is a slice at its own offset."""
     spec, backbone, ads = make_policy(tmp_path / "p")
     monkeypatch.setattr(engine_mod, "BLOCK_ROWS", 32)
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode=mode)
+    eng = Engine.from_dir(tmp_path / "p", device=device, mode=mode)
     ids, obs, h, reset = batch(spec, 0, counts=[32, 32, 32])
     ids = sorted(ids)
     lay = plan(eng.agent_index(ids), mixed=mode == "lora")
@@ -119,11 +122,11 @@ def test_block_by_block_rows_in_place(tmp_path, monkeypatch, mode):
 
 
 @pytest.mark.parametrize("M", [2, 4, 8])
-def test_mixed_chunks_sorted_rows_with_dead_tail(tmp_path, force_plan, M):
+def test_mixed_chunks_sorted_rows_with_dead_tail(tmp_path, force_plan, M, device):
     """Rows already grouped by agent (no reordering) but not a multiple of M: dead tail rows."""
     spec, backbone, ads = make_policy(tmp_path / "p")
     force_plan(M)
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    eng = Engine.from_dir(tmp_path / "p", device=device, mode="lora")
     ids, obs, h, reset = batch(spec, 0, counts=[3, 1, 3])
     ids = sorted(ids)
     check(eng, spec, backbone, ads, ids, obs, h, reset)
@@ -143,64 +146,65 @@ def test_mixed_plan_chosen_for_many_small_agents():
 # --- mixed chunks against the reference ---------------------------------------------------------------
 @pytest.mark.parametrize("M", [2, 4, 8, 32])
 @pytest.mark.parametrize("recurrent", [True, False])
-def test_mixed_chunks_match_reference(tmp_path, force_plan, M, recurrent):
+def test_mixed_chunks_match_reference(tmp_path, force_plan, M, recurrent, device):
     spec, backbone, ads = make_policy(tmp_path / "p", obs=(5, 7, 4, 7), act=(3, 5, 2, 5),
                                       recurrent=recurrent, action="gaussian")
     force_plan(M)
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    eng = Engine.from_dir(tmp_path / "p", device=device, mode="lora")
     check(eng, spec, backbone, ads, *batch(spec, 0, counts=[1, 9, 3, 20]))
     check(eng, spec, backbone, ads, *batch(spec, 77))
 
 
-def test_mixed_chunks_heterogeneous_humanoid_sizes(hetero_policy, force_plan):
+def test_mixed_chunks_heterogeneous_humanoid_sizes(hetero_policy, force_plan, device):
     d, spec, backbone, ads = hetero_policy
     force_plan(8)
-    eng = Engine.from_dir(d, device="cpu", mode="lora")
+    eng = Engine.from_dir(d, device=device, mode="lora")
     check(eng, spec, backbone, ads, *batch(spec, 0, counts=[13, 6]))
 
 
-def test_mixed_chunks_categorical_masks(tmp_path, force_plan):
+def test_mixed_chunks_categorical_masks(tmp_path, force_plan, device):
     spec, backbone, ads = make_policy(tmp_path / "c", obs=(5, 5, 5), act=(4, 6, 6),
                                       action="categorical")
     force_plan(4)
-    eng = Engine.from_dir(tmp_path / "c", device="cpu", mode="lora")
+    eng = Engine.from_dir(tmp_path / "c", device=device, mode="lora")
     ids, obs, h, reset = batch(spec, 0, counts=[5, 2, 9])
     check(eng, spec, backbone, ads, ids, obs, h, reset)
     avail = torch.ones(len(ids), 6, dtype=torch.bool)
     avail[:, 0] = False
-    out = eng.act(ids, obs, h, reset, avail=avail, deterministic=False,
+    out = eng.act(ids, *on_device(device, obs, h, reset, avail), deterministic=False,
                   generator=torch.Generator().manual_seed(0))
+    actions, log_probs = out.actions.cpu(), out.log_probs.cpu()
     ref_head, _ = forward_loop(spec, backbone, ads, ids, obs, h, reset)
     act_dims = torch.tensor([spec.agent(a).act_dim for a in ids])
     valid = avail & (torch.arange(6) < act_dims[:, None])
-    assert valid[torch.arange(len(ids)), out.actions].all()
+    assert valid[torch.arange(len(ids)), actions].all()
     ref = torch.distributions.Categorical(logits=ref_head.float().masked_fill(~valid, -1e30))
-    torch.testing.assert_close(out.log_probs, ref.log_prob(out.actions), atol=1e-5, rtol=0)
+    torch.testing.assert_close(log_probs, ref.log_prob(actions), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("B", [1000, 4000])
-def test_thousand_agents_auto_matches_reference(tmp_path, B):
+def test_thousand_agents_auto_matches_reference(tmp_path, B, device):
     n = 1000
     spec, backbone, ads = make_policy(tmp_path / "k", obs=(6,) * n, act=(2,) * n, rank=2,
                                       b_std=0.05, layers=("mlp.0", "gru.h", "head"))
-    eng = Engine.from_dir(tmp_path / "k", device="cpu", mode="auto")
+    eng = Engine.from_dir(tmp_path / "k", device=device, mode="auto")
     counts = [1] * n if B == n else None
     ids, obs, h, reset = batch(spec, B, counts=counts)
     rows = np.random.default_rng(0).choice(len(ids), 300, replace=False)  # the oracle is slow
-    head, h_next = eng.forward(ids, obs, h, reset)
+    head, h_next = eng.forward(ids, *on_device(device, obs, h, reset))
     sub = [ids[i] for i in rows]
     ref_head, ref_h = forward_loop(spec, backbone, ads, sub, obs[rows], h[rows], reset[rows])
-    torch.testing.assert_close(head[rows].double(), ref_head, atol=1e-5, rtol=0)
-    torch.testing.assert_close(h_next[rows].double(), ref_h, atol=1e-5, rtol=0)
+    torch.testing.assert_close(head.cpu()[rows].double(), ref_head, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h_next.cpu()[rows].double(), ref_h, atol=1e-5, rtol=0)
 
 
 # --- traced small batches ---------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["lora", "merged", "auto"])
 @pytest.mark.parametrize("recurrent", [True, False])
-def test_traced_small_batches_match_reference(tmp_path, mode, recurrent):
+def test_traced_small_batches_match_reference(tmp_path, mode, recurrent, device):
     spec, backbone, ads = make_policy(tmp_path / "t", obs=(5, 7, 4), act=(3, 5, 2),
                                       recurrent=recurrent)
-    eng = Engine.from_dir(tmp_path / "t", device="cpu", mode=mode)
+    eng = Engine.from_dir(tmp_path / "t", device=device, mode=mode)
     args = batch(spec, 0, counts=[2, 1, 3])
     for _ in range(5):  # eager, eager + trace, then traced calls
         check(eng, spec, backbone, ads, *args)
@@ -208,29 +212,29 @@ def test_traced_small_batches_match_reference(tmp_path, mode, recurrent):
     assert any(callable(e) for e in entries)  # the traced graph is in use
 
 
-def test_traced_plain_policy(tmp_path):
+def test_traced_plain_policy(tmp_path, device):
     spec, backbone, _ = make_policy(tmp_path / "plain", adapters=False)
-    eng = Engine.from_dir(tmp_path / "plain", device="cpu")
+    eng = Engine.from_dir(tmp_path / "plain", device=device)
     args = batch(spec, 10)
     for _ in range(4):
         check(eng, spec, backbone, {}, *args)
 
 
-def test_trace_failure_falls_back_to_eager(tmp_path, monkeypatch):
+def test_trace_failure_falls_back_to_eager(tmp_path, monkeypatch, device):
     def broken(*a, **k):
         raise RuntimeError("no tracing here")
     monkeypatch.setattr(traced_mod.torch.jit, "trace", broken)
     spec, backbone, ads = make_policy(tmp_path / "f")
-    eng = Engine.from_dir(tmp_path / "f", device="cpu", mode="lora")
+    eng = Engine.from_dir(tmp_path / "f", device=device, mode="lora")
     args = batch(spec, 6)
     for _ in range(4):
         check(eng, spec, backbone, ads, *args)
     assert traced_mod._EAGER in eng._bank.traced._entries.values()
 
 
-def test_tracing_disabled_and_hot_swap_retraces(tmp_path):
+def test_tracing_disabled_and_hot_swap_retraces(tmp_path, device):
     spec, backbone, ads = make_policy(tmp_path / "s")
-    eng = Engine.from_dir(tmp_path / "s", device="cpu", mode="lora")
+    eng = Engine.from_dir(tmp_path / "s", device=device, mode="lora")
     args = batch(spec, 6)
     for _ in range(3):
         check(eng, spec, backbone, ads, *args)
@@ -247,11 +251,11 @@ def test_tracing_disabled_and_hot_swap_retraces(tmp_path):
 
 
 # --- LRU of auto-merged agents ------------------------------------------------------------------------
-def test_auto_merged_agents_are_bounded(tmp_path):
+def test_auto_merged_agents_are_bounded(tmp_path, device):
     n = 12
     spec, backbone, ads = make_policy(tmp_path / "lru", obs=(6,) * n, act=(2,) * n)
-    per_agent = Engine.from_dir(tmp_path / "lru", device="cpu")._bank.merged_bytes_per_agent
-    eng = Engine.from_dir(tmp_path / "lru", device="cpu", mode="auto",
+    per_agent = Engine.from_dir(tmp_path / "lru", device=device)._bank.merged_bytes_per_agent
+    eng = Engine.from_dir(tmp_path / "lru", device=device, mode="auto",
                           limits=CacheLimits(auto_merged_bytes=4 * per_agent))
     eng.merge(["agent_0"])  # pinned: never evicted
     for start in range(1, n - 2):  # teams of 3 agents drift over the population
@@ -279,20 +283,20 @@ def test_single_thread_team_step_uses_lora_and_matches(tmp_path, monkeypatch):
     assert len(eng.merged_agents) == n
 
 
-def test_params_cache_is_bounded_in_bytes(tmp_path):
+def test_params_cache_is_bounded_in_bytes(tmp_path, device):
     """Per-layout copies (gathered adapters, masks, stacked merged weights) stay under the byte
     budget; evicted layouts are rebuilt on demand with the same results."""
     spec, backbone, ads = make_policy(tmp_path / "p")
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
+    eng = Engine.from_dir(tmp_path / "p", device=device, mode="lora")
     batches = [batch(spec, 0, seed=s, counts=c)
                for s, c in enumerate([[5, 1, 2], [1, 6, 3], [2, 2, 7], [4, 0, 1]])]
     sizes = []
-    for b in batches:
-        eng.forward(*b)
+    for ids, *x in batches:
+        eng.forward(ids, *on_device(device, *x))
         sizes.append(eng._bank.cached_params_bytes())
     assert sizes[0] > 0 and sizes[-1] > sizes[0]  # each layout adds its copies
     limit = max(sizes[i + 1] - sizes[i] for i in range(len(sizes) - 1)) + 1  # about one layout
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora", limits=CacheLimits(params_bytes=limit))
+    eng = Engine.from_dir(tmp_path / "p", device=device, mode="lora", limits=CacheLimits(params_bytes=limit))
     for _ in range(2):
         for ids, obs, h, reset in batches:
             check(eng, spec, backbone, ads, ids, obs, h, reset)
@@ -302,8 +306,8 @@ def test_params_cache_is_bounded_in_bytes(tmp_path):
     assert eng._bank.traced._entries and all(k[:2] in cached for k in eng._bank.traced._entries)
 
 
-def test_in_order_team_step_copies_nothing(tmp_path):
+def test_in_order_team_step_copies_nothing(tmp_path, device):
     spec, backbone, ads = make_policy(tmp_path / "p")
-    eng = Engine.from_dir(tmp_path / "p", device="cpu", mode="lora")
-    eng.forward(spec.agent_ids, torch.zeros(3, spec.obs_max), torch.zeros(3, spec.hidden))
+    eng = Engine.from_dir(tmp_path / "p", device=device, mode="lora")
+    eng.forward(spec.agent_ids, *on_device(device, torch.zeros(3, spec.obs_max), torch.zeros(3, spec.hidden)))
     assert len(eng._bank.cache.params) == 1 and eng._bank.cached_params_bytes() == 0

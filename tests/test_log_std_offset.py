@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from reference import zero_padding
-from conftest import make_policy, require_extra
+from conftest import make_policy, on_device, require_extra
 
 from lorasa_serve import Engine, PolicySpec, load_policy
 from lorasa_serve.errors import KeyMismatchError, NonFiniteError, ShapeMismatchError, SpecError
@@ -63,14 +63,15 @@ def test_offset_needs_gaussian():
 
 
 @pytest.mark.parametrize("mode", ["lora", "merged", "auto"])
-def test_engine_log_probs_use_each_agents_log_std(offset_policy, mode):
+def test_engine_log_probs_use_each_agents_log_std(offset_policy, device, mode):
     d, spec, backbone, ads = offset_policy
-    eng = Engine.from_dir(d, device="cpu", mode=mode)
+    eng = Engine.from_dir(d, device=device, mode=mode)
     g = torch.Generator().manual_seed(3)
     ids = [spec.agent_ids[i] for i in torch.randint(3, (40,), generator=g).tolist()]
-    obs = zero_padding(spec, ids, torch.randn(40, spec.obs_max, generator=g))
+    obs = zero_padding(spec, ids, torch.randn(40, spec.obs_max, generator=g)).to(device)
     out = eng.act(ids, obs, deterministic=False, generator=torch.Generator().manual_seed(1))
-    mean, _ = eng.forward(ids, obs)
+    out.actions, out.log_probs = out.actions.cpu(), out.log_probs.cpu()
+    mean = eng.forward(ids, obs)[0].cpu()
     for i, a in enumerate(ids):
         ls = own_log_std(backbone, ads[a])
         want = normal_log_prob(mean[i], ls, out.actions[i], spec.agent(a).act_dim)
@@ -78,23 +79,23 @@ def test_engine_log_probs_use_each_agents_log_std(offset_policy, mode):
         assert torch.all(out.actions[i, spec.agent(a).act_dim:] == 0)
     # the sampled noise has each agent's own scale: many rows of one agent, std of (action - mean)
     big = ["agent_1"] * 4000
-    o = zero_padding(spec, big, torch.randn(4000, spec.obs_max, generator=g))
+    o = zero_padding(spec, big, torch.randn(4000, spec.obs_max, generator=g)).to(device)
     out = eng.act(big, o, deterministic=False, generator=torch.Generator().manual_seed(2))
     m, _ = eng.forward(big, o)
-    std = (out.actions - m)[:, :2].std(0).double()
+    std = (out.actions - m)[:, :2].std(0).double().cpu()
     torch.testing.assert_close(std.log(), own_log_std(backbone, ads["agent_1"])[:2], atol=0.05, rtol=0)
     for a in spec.agent_ids:
-        torch.testing.assert_close(eng.log_std(a).double(), own_log_std(backbone, ads[a]))
+        torch.testing.assert_close(eng.log_std(a).double().cpu(), own_log_std(backbone, ads[a]))
 
 
-def test_hot_swap_validates_and_publishes_the_offset(offset_policy):
+def test_hot_swap_validates_and_publishes_the_offset(offset_policy, device):
     d, spec, backbone, ads = offset_policy
-    eng = Engine.from_dir(d, device="cpu")
+    eng = Engine.from_dir(d, device=device)
     new = {k: v.clone() for k, v in ads["agent_2"].items()}
     new[LOG_STD_OFFSET] = torch.tensor([0.5, -0.5, 0.25])
     before = eng.log_std("agent_0").clone()
     assert eng.set_adapter("agent_2", new) == 2
-    torch.testing.assert_close(eng.log_std("agent_2"), backbone["log_std"] + new[LOG_STD_OFFSET])
+    torch.testing.assert_close(eng.log_std("agent_2").cpu(), backbone["log_std"] + new[LOG_STD_OFFSET])
     torch.testing.assert_close(eng.log_std("agent_0"), before)  # other agents untouched
     for bad, err in [(torch.zeros(2), ShapeMismatchError), (torch.tensor([0.0, float("nan"), 0.0]), NonFiniteError)]:
         with pytest.raises(err):
@@ -108,11 +109,12 @@ def test_hot_swap_validates_and_publishes_the_offset(offset_policy):
     extra = {k: v.clone() for k, v in ads["agent_0"].items()}
     extra[LOG_STD_OFFSET] = torch.tensor([-1.0, 1.0, 0.0])
     eng.set_adapter("agent_3", extra, agent)
-    torch.testing.assert_close(eng.log_std("agent_3"), backbone["log_std"] + extra[LOG_STD_OFFSET])
-    out = eng.act(["agent_3", "agent_2"], torch.zeros(2, spec.obs_max))
-    mean, _ = eng.forward(["agent_3", "agent_2"], torch.zeros(2, spec.obs_max))
+    torch.testing.assert_close(eng.log_std("agent_3").cpu(), backbone["log_std"] + extra[LOG_STD_OFFSET])
+    zeros = torch.zeros(2, spec.obs_max, device=device)
+    out = eng.act(["agent_3", "agent_2"], zeros)
+    mean, _ = eng.forward(["agent_3", "agent_2"], zeros)
     ls3 = backbone["log_std"].double() + extra[LOG_STD_OFFSET].double()
-    assert abs(float(out.log_probs[0]) - normal_log_prob(mean[0], ls3, out.actions[0], 2)) < 1e-4
+    assert abs(float(out.log_probs[0]) - normal_log_prob(mean[0].cpu(), ls3, out.actions[0].cpu(), 2)) < 1e-4
 
 
 def test_policy_without_offsets_in_an_offset_spec_is_refused(tmp_path):
