@@ -19,7 +19,7 @@ from lorasa_serve.artifacts import adapter_bytes, fingerprint
 require_extra("serve", "starlette", "bentoml", "prometheus_client")
 from prometheus_client import REGISTRY  # noqa: E402
 
-from services import runtime as runtime_mod  # noqa: E402
+from services import adapter_sync  # noqa: E402
 from services.config import ServiceConfig  # noqa: E402
 from benchmarks.servers import RedisServer  # noqa: E402
 from services.runtime import PolicyRuntime  # noqa: E402
@@ -128,8 +128,8 @@ def test_cancelled_requests_never_kill_the_batcher_nor_hurt_their_batch(policy, 
     res = rt.submit(_req(rt, nxt, session_id="c-run")).result(timeout=30)
     np.testing.assert_allclose(res.actions, _expected(ref, nxt, _expected(ref, rows1).state).actions.numpy(),
                                atol=1e-5)
-    _wait(lambda: not rt._inflight, what="the last step's done-callback")
-    assert rt._thread.is_alive() and rt.ready
+    _wait(lambda: not rt.sessions.in_flight, what="the last step's done-callback")
+    assert rt.batcher.alive and rt.ready
 
 
 # --- 2: Redis restarted empty ------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_a_first_deployment_seeds_an_empty_redis_after_the_grace(policy, redis_s
     rt = _redis_rt(root, redis_server.url)
     assert not rt.ready
     _wait(lambda: rt.ready, what="the first server to seed the empty Redis")
-    assert time.monotonic() - t0 >= runtime_mod.SEED_GRACE_S
+    assert time.monotonic() - t0 >= adapter_sync.SEED_GRACE_S
     assert rt.applied == {a: 1 for a in spec.agent_ids}
     assert rt.state.publish_adapter("agent_0", _adapter(spec, "agent_0", 20)) == 2  # seeded: uploads work
 
