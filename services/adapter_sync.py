@@ -5,8 +5,11 @@ adapters), `state_error` (why the last check failed), the versions applied, the 
 merged flags applied; everything else reads them through read-only views.
 
 A check reads the backend's generation (one `stat`, or one Redis MGET, timed as
-`lorasa_state_check_seconds`) and, when it moved, loads what was published since. It runs before every
-batcher cycle. If the backend is unreachable, stateless requests keep being served with the adapters
+`lorasa_state_check_seconds`) and, when it moved, reads what was published since and loads it (the
+blobs are read before the engine lock is taken; loads and merges hold it, so a forward and the
+versions it reports always agree). Where checks run (services/check_runner.py): before every batcher
+cycle for the local state dir; on a thread of their own for Redis, so stateless requests never wait on
+the network. If the backend is unreachable, stateless requests keep being served with the adapters
 last applied, session steps fail at once with StateUnavailable (503), and the check is retried at most
 once per RETRY_S until it succeeds. An idle worker checks once a second, so it notices a Redis that
 restarted empty and re-seeds it quickly; a process that never synced with this Redis waits
@@ -26,12 +29,12 @@ from lorasa_serve.artifacts import adapter_bytes
 from lorasa_serve.backend import ActBackend
 
 from . import metrics
+from .check_runner import BackgroundChecks, InlineChecks
 from .config import ServiceConfig
 from .state import Published, StateBackend, StateConfigError, StateUnavailable
 
 log = logging.getLogger("lorasa.service")
 RETRY_S = 1.0  # after a failed check, the backend is retried at most this often
-IDLE_CHECK_S = 1.0  # an idle worker checks the backend at least this often
 SEED_GRACE_S = 3.0  # a fresh process waits this long (> 2 idle checks) for a server that served a lost Redis
 LOAD_RETRY_S = 5.0  # an adapter version that failed to load is retried at most this often
 
@@ -72,25 +75,31 @@ class AdapterSync:
         self._lost_since: float | None = None  # fresh process: when it first saw the backend lost
         self._seen_gen: object = None  # never seen: the first sync loads everything published
         self._merged: set[str] = set()  # the published merged flags applied
-        self.inline_ok = state.local_check  # a check never waits on the network: the fast path may run
-        self.idle_check_s = IDLE_CHECK_S
+        self._checks = InlineChecks(self._check, engine_lock) if state.local_check else \
+            BackgroundChecks(self._check, lambda: self._state_error is not None, state.description)
+        self.inline_ok = self._checks.inline_ok  # a check never waits on the network: the fast path may run
+        self.idle_check_s = self._checks.idle_check_s  # how often an idle batcher still runs a cycle
         for a, v in self._applied.items():
             metrics.adapter_version.labels(agent_id=a).set(v)
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self._checks.stopped is None
 
     @property
     def state_error(self) -> str | None:
-        return self._state_error
+        return self._checks.stopped or self._state_error
 
     def start(self) -> None:
-        """The first sync, on the calling thread. Only a configuration error (wrong backbone...) raises;
-        otherwise a failure leaves the worker not ready (`state_error` says why) and is retried."""
+        """The first sync, on the calling thread, then the checks (their thread, for Redis). Only a
+        configuration error (wrong backbone...) raises; otherwise a failure leaves the worker not ready
+        (`state_error` says why) and is retried."""
+        self._first_sync()
+        self._checks.start()
+
+    def _first_sync(self) -> None:
         try:
-            with self._lock:
-                self._sync()
+            self._sync()
             self._ready = True
         except StateConfigError:
             raise
@@ -101,19 +110,27 @@ class AdapterSync:
             log.log(level, "state sync failed at start (not ready, retrying): %s", self._state_error)
 
     def before_cycle(self) -> None:
-        """Before every batcher cycle: check the backend (see the module docstring)."""
-        with self._lock:
-            self._check()
+        """Before every batcher cycle, without the engine lock (see services/check_runner.py)."""
+        self._checks.before_cycle()
+
+    def refresh(self, timeout: float) -> bool:
+        """Check the backend now (even while backed off: after a publish) and wait until it is applied;
+        -> whether that finished within `timeout`. From an HTTP handler's thread, never the event loop."""
+        return self._checks.refresh(timeout)
 
     def down_reason(self) -> str | None:
-        """Why session steps should fail at once (the backend is known down), or None."""
-        return self._state_error
+        """Why session steps should fail at once, without a call that would wait on the network: Redis is
+        known down, or stalled now. None for the local state dir: its session store does not depend on
+        the check, and a session call that fails there fails at once on its own."""
+        if self.inline_ok:
+            return None
+        return self.state_error or self._checks.silence()
 
     # --- the check -----------------------------------------------------------------------------
-    def _check(self) -> None:
-        """Sync with the backend, timed; failures are remembered, never raised. After a failure the
-        backend is retried at most once per RETRY_S (a dead link must not stall batches)."""
-        if self._state_error is not None and time.monotonic() < self._retry_at:
+    def _check(self, force: bool = False) -> None:
+        """Sync with the backend; failures are remembered, never raised. After a failure the backend is
+        retried at most once per RETRY_S (a dead link must not stall batches), unless `force`."""
+        if not force and self._state_error is not None and time.monotonic() < self._retry_at:
             return
         try:
             self._sync()
@@ -141,16 +158,29 @@ class AdapterSync:
     def _sync(self) -> None:
         """Load what was published since the last sync. The generation is read before what it covers,
         so a publish in between is caught by the next check. If the backend holds older versions than
-        this worker serves (Redis restarted empty), re-seed it from ours first; a process that never
-        synced with it waits SEED_GRACE_S for a server that did (its versions may be newer than ours)."""
-        t0 = time.perf_counter()
-        gen = self.state.generation()  # the per-batch cost of the check: one stat / one Redis MGET
-        metrics.state_check_seconds.observe(time.perf_counter() - t0)
+        this worker serves (Redis restarted empty), re-seed it from ours first (`_reseed`)."""
+        gen = self._generation()
         now = time.monotonic()
         retry_load = min((f.retry_at for f in self._failures.values()), default=float("inf"))
         if gen == self._seen_gen and self._synced and now < retry_load:
             return
         pub = self.state.published()
+        if pub.lost or any(pub.version(a) < v for a, v in self._applied.items()):
+            gen, pub = self._reseed(pub, now)
+        blobs = self._fetch(pub, now)  # network I/O: before the engine lock
+        with self._lock:
+            self._load(pub, blobs, now)
+            self._apply_merged(pub)
+        self._seen_gen = gen
+        if self._failures and not self._synced:  # a new worker never serves older adapters
+            raise RuntimeError("cannot load the published adapters: " + "; ".join(
+                f"{a} v{f.version}: {f.error}" for a, f in sorted(self._failures.items())))
+        self._synced = True
+
+    def _reseed(self, pub: Published, now: float) -> tuple[object, Published]:
+        """The backend lost (or rolled back) what it published: seed it with the versions this worker
+        serves -> its generation and what it publishes now. A process that never synced with it waits
+        SEED_GRACE_S first (SeedWait) for a server that did (whose versions may be newer than ours)."""
         if pub.lost and not self._synced:
             self._lost_since = now if self._lost_since is None else self._lost_since
             if now - self._lost_since < SEED_GRACE_S:
@@ -158,44 +188,58 @@ class AdapterSync:
                                "server that served it to re-seed it")
             log.info("%s: no server re-seeded it within %g s (a first deployment, or every server that "
                      "served it is gone)", self.state.description, SEED_GRACE_S)
-        if pub.lost or any(pub.version(a) < v for a, v in self._applied.items()):
-            # a first deployment seeds an empty backend (info); a backend that lost or rolled back the
-            # versions this worker had synced with is worth a warning
-            log.log(logging.WARNING if self._synced else logging.INFO,
-                    "%s %s: seeding it with the versions this worker serves %s", self.state.description,
-                    "has no published state (new, or restarted without its data)" if pub.lost
-                    else "holds older versions than this worker serves", self._applied)
-            self.state.reseed(dict(self._applied), self.served_adapter, set(self._merged))
-            gen = self.state.generation()
-            pub = self.state.published()
-        self._load(pub, now)
-        self._apply_merged(pub)
-        self._seen_gen = gen
-        if self._failures and not self._synced:  # a new worker never serves older adapters
-            raise RuntimeError("cannot load the published adapters: " + "; ".join(
-                f"{a} v{f.version}: {f.error}" for a, f in sorted(self._failures.items())))
-        self._synced = True
+        # a first deployment seeds an empty backend (info); a backend that lost or rolled back the
+        # versions this worker had synced with is worth a warning
+        log.log(logging.WARNING if self._synced else logging.INFO,
+                "%s %s: seeding it with the versions this worker serves %s", self.state.description,
+                "has no published state (new, or restarted without its data)" if pub.lost
+                else "holds older versions than this worker serves", dict(self._applied))
+        self.state.reseed(dict(self._applied), self.served_adapter, set(self._merged))
+        return self._generation(), self.state.published()
 
-    def _load(self, pub: Published, now: float) -> None:
-        """Load every newer published version. One that fails to load is remembered in `load_failures`
-        (counted, logged, shown in /v1/agents) and retried at most every LOAD_RETRY_S; a newer
-        version is tried at once. The other agents load regardless."""
+    def _generation(self) -> object:
+        """The backend's generation: the cost of a check (one stat / one Redis MGET), timed."""
+        t0 = time.perf_counter()
+        with self._checks.reading():
+            gen = self.state.generation()
+        metrics.state_check_seconds.observe(time.perf_counter() - t0)
+        return gen
+
+    def _fetch(self, pub: Published, now: float) -> dict[str, tuple[int, bytes | Exception]]:
+        """agent -> (the newer published version to load now, its blob or why it cannot be read). A
+        version that failed is retried at most every LOAD_RETRY_S; a newer one at once. Raises
+        StateUnavailable (the whole check fails) but never for one bad or pruned blob."""
+        out: dict[str, tuple[int, bytes | Exception]] = {}
         for agent, v in pub.versions.items():
-            if agent not in self._applied:
+            if agent not in self._applied or v <= self._applied[agent]:
                 continue
             fail = self._failures.get(agent)
-            if v <= self._applied[agent] or fail is not None and fail.version < v:
-                self._failures.pop(agent, None)
-                fail = None
-            if v <= self._applied[agent] or fail is not None and now < fail.retry_at:
+            if fail is not None and fail.version >= v and now < fail.retry_at:
+                continue
+            if self._engine is None:
+                out[agent] = (v, NotSwappable(f"this server acts through {self._backend_name} "
+                                              f"(LORASA_BACKEND={self.cfg.backend}), which cannot load adapters"))
                 continue
             try:
-                if self._engine is None:
-                    raise NotSwappable(f"this server acts through {self._backend_name} "
-                                       f"(LORASA_BACKEND={self.cfg.backend}), which cannot load adapters")
-                self._engine.load_adapter(self.state.adapter_blob(agent, v), agent)
+                out[agent] = (v, self.state.adapter_blob(agent, v))
             except StateUnavailable:
                 raise
+            except Exception as e:  # a bad or pruned blob: keep serving the version we have
+                out[agent] = (v, e)
+        return out
+
+    def _load(self, pub: Published, blobs: dict[str, tuple[int, bytes | Exception]], now: float) -> None:
+        """Load the blobs fetched (under the engine lock). One that fails to load is remembered in
+        `load_failures` (counted, logged, shown in /v1/agents); the other agents load regardless."""
+        for agent, v in pub.versions.items():  # failures of versions superseded or served meanwhile
+            fail = self._failures.get(agent)
+            if fail is not None and agent in self._applied and (v <= self._applied[agent] or fail.version < v):
+                del self._failures[agent]
+        for agent, (v, blob) in blobs.items():
+            try:
+                if isinstance(blob, Exception):
+                    raise blob
+                self._engine.load_adapter(blob, agent)
             except Exception as e:  # a bad or pruned blob: keep serving the version we have
                 self._failures[agent] = LoadFailure(v, now + LOAD_RETRY_S, f"{type(e).__name__}: {e}")
                 metrics.adapter_load_failures.labels(agent_id=agent).inc()

@@ -4,6 +4,7 @@ It builds and wires the pieces, each a module with one owner and no mutable stat
 
     act_backend     what acts (`Engine`, or `OnnxEngine` for an export)
     adapter_sync    the versions served, kept in step with the state backend: owns `ready`/`state_error`
+    check_runner    where its checks run: before each cycle (local state dir) or on a thread (Redis)
     batcher         the queue, the batcher thread, the engine lock, the inline fast path
     session_steps   leases and recurrent states of a batch's session steps; the sessions in flight here
     batch_forward   one `backend.act_checked` over a batch, NaN/inf screening, failures isolated
@@ -121,6 +122,23 @@ class PolicyRuntime:
     def agents_info(self) -> list[dict]:
         """The `/v1/agents` list (run it as a control job)."""
         return self.view.agents()
+
+    def state_report(self) -> dict[str, str | None]:
+        """For `/v1/agents`: why the state backend's check is failing now (stateless requests are served
+        with the adapters last applied) and why the last session call could not reach the session store."""
+        return {"state_error": self.state_error, "sessions_error": self.sessions.last_error}
+
+    def reset_session(self, session_id: str) -> bool:
+        """Forget a session -> it existed (run it as a control job)."""
+        return self.sessions.reset(session_id, self.sync.down_reason())
+
+    def refresh(self) -> str | None:
+        """After a publish: have this worker check the state backend and apply what it finds (blocking:
+        call it off the event loop) -> None, or why that did not finish in time."""
+        timeout = self.cfg.timeout_s / 2
+        if self.sync.refresh(timeout):
+            return None
+        return f"this worker did not finish a check of {self.state.description} within {timeout:g} s"
 
     # --- a batch (the batcher's cycle, under the engine lock) ----------------------------------
     def _serve(self, jobs: list[Job]) -> None:

@@ -30,6 +30,8 @@ class SessionSteps:
         self._lease_s = lease_s  # named in the error of a step that outlasted its lease
         self._inflight: set[str] = set()  # sessions with a step queued or running in this worker
         self._lock = threading.Lock()  # guards _inflight (HTTP handlers claim, done-callbacks release)
+        self.last_error: str | None = None  # why the last session call failed to reach the store (None
+        # once one succeeded): shown in /v1/agents; written only by the cycle
 
     # --- this worker's steps in flight (HTTP handlers) -----------------------------------------
     def session_of(self, req: ActRequest) -> str | None:
@@ -64,11 +66,11 @@ class SessionSteps:
         if not sess:
             return jobs, {}
         try:
-            if down is not None:  # known down: fail fast, the next check retries
-                raise StateUnavailable(down)
+            self._fail_fast(down)
             opened = self.state.open_steps([(j.req.session_id, j.req.agent_ids) for j in sess])
+            self.last_error = None
         except StateUnavailable as e:
-            metrics.state_unavailable.labels(op="session").inc()
+            self._unavailable(e)
             opened = [e] * len(sess)
         except Exception as e:  # unexpected (one bad item fails the whole transaction): isolate it
             log.exception("opening the sessions of a batch failed")
@@ -109,7 +111,7 @@ class SessionSteps:
                      for job, out in closing]
             stored = self.state.close_steps(items)
         except StateUnavailable as e:
-            metrics.state_unavailable.labels(op="session").inc()
+            self._unavailable(e)
             stored = [_outcome_unknown(e)] * len(closing)
         except Exception as e:  # unexpected: store each step alone, so only the bad one fails
             log.exception("storing the sessions of a batch failed")
@@ -125,6 +127,26 @@ class SessionSteps:
                     f"session {job.req.session_id!r} was reset, or its step outlasted the "
                     f"{self._lease_s:g} s lease, while this step ran: its state was not stored")
         answer_all(outcomes, errors)
+
+
+    def reset(self, session_id: str, down: str | None) -> bool:
+        """Forget a session (a control job: serialised with the steps of this worker) -> it existed.
+        StateUnavailable at once when `down` says the backend is known down."""
+        try:
+            self._fail_fast(down)
+            return self.state.reset_session(session_id)
+        except StateUnavailable as e:
+            self._unavailable(e)
+            raise
+
+    @staticmethod
+    def _fail_fast(down: str | None) -> None:
+        if down is not None:  # known down (or stalled): no call that would wait on it; the sync retries
+            raise StateUnavailable(down)
+
+    def _unavailable(self, e: StateUnavailable) -> None:
+        metrics.state_unavailable.labels(op="session").inc()
+        self.last_error = str(e)
 
 
 def _outcome_unknown(e: Exception) -> StateOutcomeUnknown:
