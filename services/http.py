@@ -63,13 +63,14 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
     async def reset_session(request: Request) -> JSONResponse:
         rt = await get_runtime()
         sid = check_session_id(request.path_params["session_id"])
-        existed = await asyncio.wrap_future(rt.control(lambda: rt.state.reset_session(sid)))
+        existed = await asyncio.wrap_future(rt.control(lambda: rt.reset_session(sid)))
         return JSONResponse({"session_id": sid, "existed": existed})
 
     async def agents(request: Request) -> JSONResponse:
         rt = await get_runtime()
         info = await asyncio.wrap_future(rt.control(rt.agents_info))
-        return JSONResponse({"backbone_fingerprint": rt.spec.backbone_fingerprint, "agents": info})
+        return JSONResponse({"backbone_fingerprint": rt.spec.backbone_fingerprint, "agents": info,
+                             **rt.state_report()})
 
     async def policy(request: Request) -> JSONResponse:
         return JSONResponse((await get_runtime()).spec.to_dict())
@@ -89,11 +90,11 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
         # thread, which owns the engine; refused (400) before anything is stored
         await asyncio.wrap_future(rt.control(lambda: rt.engine.check_adapter(agent_id, tensors)))
         version = await asyncio.to_thread(rt.state.publish_adapter, agent_id, data)
-        await asyncio.wrap_future(rt.control(lambda: None))  # this worker has synced
+        pending = await asyncio.to_thread(rt.refresh)  # this worker has synced (None), or why not
         served = rt.applied[agent_id]
-        if served < version and rt.state_error:  # published, then the backend went away
+        if served < version and (rt.state_error or pending):  # published, then the backend went away
             raise StateOutcomeUnknown(f"adapter v{version} of {agent_id!r} was published but not applied: "
-                                      f"{rt.state_error}")
+                                      f"{rt.state_error or pending}")
         if served < version:  # published, but this worker could not load it back (see the log)
             raise RuntimeError(f"adapter v{version} of {agent_id!r} was published but not applied")
         return JSONResponse({"agent_id": agent_id, "version": version, "served_version": served})
@@ -113,7 +114,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
             _require_json(request)
         ids = parse_admin(raw, list(rt.applied))
         merged = await asyncio.to_thread(rt.state.publish_merged, ids, flag)
-        await asyncio.wrap_future(rt.control(lambda: None))
+        await asyncio.to_thread(rt.refresh)  # applied here before the answer
         return JSONResponse({"merged": list(merged)})
 
     routes = [Route("/act", _guard(act), methods=["POST"]),

@@ -75,7 +75,11 @@ SCHEMAS: dict[str, dict] = {
         "agents": {"type": "array", "items": {"type": "object", "properties": {
             "agent_id": {"type": "string"}, "obs_dim": {"type": "integer"}, "act_dim": {"type": "integer"},
             "version": {"type": "integer"}, "adapter_fingerprint": {"type": "string"},
-            "merged": {"type": "boolean"}, "auto_merged": {"type": "boolean"}}}}}},
+            "merged": {"type": "boolean"}, "auto_merged": {"type": "boolean"}}}},
+        "state_error": {"type": "string", "nullable": True, "description": "why this worker's check of the state "
+                        "backend fails now (stateless requests are served with the adapters last applied)"},
+        "sessions_error": {"type": "string", "nullable": True, "description": "why the last session call could not "
+                           "reach the session store (session steps answer 503 with Retry-After meanwhile)"}}},
     "PolicySpec": {"type": "object", "description": "policy.json: sizes, agents, LoRA spec",
                    "additionalProperties": True},
     "AdapterPublished": {"type": "object", "properties": {"agent_id": {"type": "string"},

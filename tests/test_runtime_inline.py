@@ -1,4 +1,4 @@
-"""The lone-request fast path (PolicyRuntime._inline): a lone small stateless request runs the batcher's
+"""The lone-request fast path (services/batcher.py, Batcher._inline): a lone small stateless request runs the batcher's
 cycle on the caller's thread. It must answer exactly what the batcher answers, see every version
 published before it, and never take a request the batcher should merge or a session step."""
 from __future__ import annotations
@@ -63,7 +63,7 @@ def test_big_requests_and_session_steps_go_through_the_batcher(rt):
 
 def test_an_inline_request_sees_a_version_published_before_it(rt):
     agent = rt.spec.agent_ids[1]
-    v = rt.state.publish_adapter(agent, rt._served_adapter(agent))  # what an upload on another worker does
+    v = rt.state.publish_adapter(agent, rt.sync.served_adapter(agent))  # what an upload on another worker does
     req = _req(rt, 1)
     before = _inlined()
     res = rt.submit(req).result()
@@ -73,11 +73,11 @@ def test_an_inline_request_sees_a_version_published_before_it(rt):
 
 
 def test_inline_off_when_its_limit_is_zero(rt):
-    off = replace(rt.cfg, inline_max_rows=0)
-    rt.cfg, saved = off, rt.cfg
+    off = replace(rt.batcher.cfg, inline_max_rows=0)
+    rt.batcher.cfg, saved = off, rt.batcher.cfg
     try:
         before = _inlined()
         rt.submit(_req(rt, 1)).result(timeout=30)
         assert _inlined() == before
     finally:
-        rt.cfg = saved
+        rt.batcher.cfg = saved

@@ -5,6 +5,8 @@ failure at start is retried; an adapter that cannot be loaded is backed off and 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -19,12 +21,13 @@ from lorasa_serve.artifacts import adapter_bytes, fingerprint
 require_extra("serve", "starlette", "bentoml", "prometheus_client")
 from prometheus_client import REGISTRY  # noqa: E402
 
-from services import runtime as runtime_mod  # noqa: E402
+from services import adapter_sync  # noqa: E402
 from services.config import ServiceConfig  # noqa: E402
 from benchmarks.servers import RedisServer  # noqa: E402
 from services.runtime import PolicyRuntime  # noqa: E402
 from services.schema import parse_act  # noqa: E402
-from services.state import SessionBusy, SessionLimits, SessionStep, open_backend  # noqa: E402
+from services.state import (SessionBusy, SessionLimits, SessionStep, StateUnavailable,  # noqa: E402
+                            open_backend)
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +131,8 @@ def test_cancelled_requests_never_kill_the_batcher_nor_hurt_their_batch(policy, 
     res = rt.submit(_req(rt, nxt, session_id="c-run")).result(timeout=30)
     np.testing.assert_allclose(res.actions, _expected(ref, nxt, _expected(ref, rows1).state).actions.numpy(),
                                atol=1e-5)
-    _wait(lambda: not rt._inflight, what="the last step's done-callback")
-    assert rt._thread.is_alive() and rt.ready
+    _wait(lambda: not rt.sessions.in_flight, what="the last step's done-callback")
+    assert rt.batcher.alive and rt.ready
 
 
 # --- 2: Redis restarted empty ------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def test_a_fresh_process_waits_for_the_servers_of_a_restarted_redis(policy, redi
     assert old.ready
     for k in (1, 2):
         old.state.publish_adapter("agent_1", _adapter(spec, "agent_1", 10 + k))
-    old.control(lambda: None).result(timeout=30)
+    assert old.refresh() is None  # what an upload on this worker waits for
     assert old.applied["agent_1"] == 3
     served = _fingerprint(old)
 
@@ -170,7 +173,7 @@ def test_a_fresh_process_waits_for_the_servers_of_a_restarted_redis(policy, redi
     assert res.versions.tolist() == [1, 3, 1]
     # an upload through the fresh process continues the numbering and reaches the old one
     assert fresh.state.publish_adapter("agent_1", _adapter(spec, "agent_1", 13)) == 4
-    old.control(lambda: None).result(timeout=30)
+    assert old.refresh() is None  # what an upload on this worker waits for
     assert old.applied["agent_1"] == 4
 
 
@@ -185,9 +188,38 @@ def test_a_first_deployment_seeds_an_empty_redis_after_the_grace(policy, redis_s
     rt = _redis_rt(root, redis_server.url)
     assert not rt.ready
     _wait(lambda: rt.ready, what="the first server to seed the empty Redis")
-    assert time.monotonic() - t0 >= runtime_mod.SEED_GRACE_S
+    assert time.monotonic() - t0 >= adapter_sync.SEED_GRACE_S
     assert rt.applied == {a: 1 for a in spec.agent_ids}
     assert rt.state.publish_adapter("agent_0", _adapter(spec, "agent_0", 20)) == 2  # seeded: uploads work
+
+
+def test_a_stalled_redis_is_checked_off_the_request_path(policy, redis_server):
+    """Redis is checked on a thread of its own: while it is stopped (SIGSTOP) stateless requests are
+    answered with the versions last applied, session steps fail fast, a refresh after a publish says it
+    could not finish; after SIGCONT everything resumes (tests/test_runtime_state_faults.py: the same
+    against a real server, with the latency bound)."""
+    root, spec = policy
+    redis_server.client().flushall()
+    seed = open_backend(redis_server.url, "", spec.backbone_fingerprint, spec.hidden, SessionLimits())
+    seed.reseed({}, lambda a: b"", set())  # seeded (as by a server that ran before): no grace at start
+    rt = PolicyRuntime(ServiceConfig(policy=str(root), redis_url=redis_server.url, timeout_s=2.0), root)
+    assert rt.ready and not rt.sync.inline_ok  # never on the event loop: it may wait for the check thread
+    assert rt.state.publish_adapter("agent_1", _adapter(spec, "agent_1", 60)) == 2
+    assert rt.refresh() is None and rt.applied["agent_1"] == 2
+    os.kill(redis_server.proc.pid, signal.SIGSTOP)
+    try:
+        for k in range(5):
+            res = rt.submit(_req(rt, _team(spec, 60 + k))).result(timeout=30)
+            assert res.versions.tolist() == [1, 2, 1]
+        with pytest.raises(StateUnavailable):
+            rt.submit(_req(rt, _team(spec, 70), session_id="stalled")).result(timeout=30)
+        assert "did not finish a check" in rt.refresh()  # what an upload answered meanwhile is told
+        assert rt.ready  # it served before: stateless requests go on
+    finally:
+        os.kill(redis_server.proc.pid, signal.SIGCONT)
+    _wait(lambda: rt.refresh() is None and rt.state_error is None, what="the check to succeed again")
+    res = rt.submit(_req(rt, _team(spec, 71), session_id="stalled")).result(timeout=30)
+    assert res.versions.tolist() == [1, 2, 1]
 
 
 # --- 8, 9: load failures -----------------------------------------------------------------------------

@@ -76,7 +76,7 @@ class SessionStep:
 
 class StateBackend(Protocol):
     description: str  # for logs; never contains a password
-    local_check: bool  # generation() is a local file stat (never a network round trip): see PolicyRuntime.submit
+    local_check: bool  # generation() is a local file stat, never a network round trip: services/check_runner.py
 
     # --- adapters and merged flags ---
     def generation(self) -> object:

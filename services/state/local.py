@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -39,6 +40,7 @@ from lorasa_serve.spec import check_agent_id
 from .base import (MAX_BLOB_BYTES, Published, SessionBusy, SessionLimits, SessionStep, StateConfigError,
                    StateUnavailable, blobs_to_rows, digest, rows_to_blobs, verified)
 
+log = logging.getLogger("lorasa.service")
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 KEEP_VERSIONS = 3  # adapter files kept per agent (older ones are deleted when publishing)
@@ -71,19 +73,38 @@ class LocalState:
         self.description = f"local state dir {self.root}"
         self._manifest()  # fail fast on a state dir made for another backbone
         self._db_path = self.root / SESSIONS_DB
-        with self._locked():  # workers start together: WAL and schema set-up one at a time (else "locked")
-            self._db = sqlite3.connect(str(self._db_path), timeout=30.0, isolation_level=None,
-                                       check_same_thread=False)
-            self._db_id = _identity(self._db_path)  # the file this connection writes to
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=OFF")  # state of live episodes, not data of record
-            if self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sess'").fetchone()[0]:
-                cols = {r[1] for r in self._db.execute("PRAGMA table_info(sess)")}
-                if "lease" not in cols:  # a sessions file from before leases: sessions are disposable
-                    self._db.executescript("DROP TABLE sess; DROP TABLE IF EXISTS state;")
-            self._db.executescript(SCHEMA)  # idempotent; several workers may run it at once
-            if self._db.execute("SELECT COUNT(*) FROM stats").fetchone()[0] == 0:  # new, or from before it
-                self._db.execute("INSERT INTO stats SELECT 0, COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess")
+        self._db: sqlite3.Connection | None = None  # None: sessions.sqlite could not be opened (yet)
+        self._db_id: tuple[int, int] | None = None  # the file this connection writes to
+        try:
+            self._open_db()
+        except StateUnavailable as e:  # session calls answer it (503) and try again; adapters are unaffected
+            log.error("%s (session requests answer 503 until it can be opened; stateless requests are "
+                      "served)", e)
+
+    def _open_db(self) -> None:
+        """Open sessions.sqlite (WAL, schema); StateUnavailable when it cannot be (a file that is not a
+        database, a state dir it cannot be created in, ...)."""
+        db = None
+        try:
+            with self._locked():  # workers start together: WAL and schema set-up one at a time (else "locked")
+                db = sqlite3.connect(str(self._db_path), timeout=30.0, isolation_level=None,
+                                     check_same_thread=False)
+                db_id = _identity(self._db_path)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=OFF")  # state of live episodes, not data of record
+                if db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'sess'").fetchone()[0]:
+                    cols = {r[1] for r in db.execute("PRAGMA table_info(sess)")}
+                    if "lease" not in cols:  # a sessions file from before leases: sessions are disposable
+                        db.executescript("DROP TABLE sess; DROP TABLE IF EXISTS state;")
+                db.executescript(SCHEMA)  # idempotent; several workers may run it at once
+                if db.execute("SELECT COUNT(*) FROM stats").fetchone()[0] == 0:  # new, or from before it
+                    db.execute("INSERT INTO stats SELECT 0, COUNT(*), COALESCE(SUM(nbytes), 0) FROM sess")
+        except (sqlite3.Error, StateUnavailable) as e:
+            if db is not None:
+                db.close()
+            raise StateUnavailable(f"{self._db_path}: the session store cannot be opened: "
+                                   f"{type(e).__name__}: {e}") from None
+        self._db, self._db_id = db, db_id
 
     # --- adapters -------------------------------------------------------------------------------
     def generation(self) -> int:
@@ -284,13 +305,18 @@ class LocalState:
         """Fail closed when sessions.sqlite was deleted or replaced under this connection (it would go
         on writing to a file no other worker reads, while a respawned worker opens a new one: lost
         updates and sessions that diverge, all answered 200). Every session call is then a 503 until
-        the server is restarted (sessions are disposable; stateless requests are not affected)."""
+        the server is restarted (sessions are disposable; stateless requests are not affected). One that
+        could not be opened (at start) is tried again: every session call is a 503 until it opens."""
+        if self._db is None:
+            self._open_db()
+            return
         if _identity(self._db_path) != self._db_id:
             raise StateUnavailable(f"{self._db_path} was deleted or replaced while serving; session requests "
                                    "fail until the server is restarted")
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

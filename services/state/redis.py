@@ -17,7 +17,7 @@ A worker reads (boot, epoch) with one MGET per batch. `boot` missing means Redis
 restart without persistence): every server that had synced with it re-seeds what it serves (counters
 raised to its versions, blobs re-stored, never lowered) within about a second (idle workers check once
 a second), so versions never go backwards for a client. A process that never synced with this Redis
-(a respawned worker, a new replica: it only knows version 1) waits `runtime.SEED_GRACE_S` for them and
+(a respawned worker, a new replica: it only knows version 1) waits `adapter_sync.SEED_GRACE_S` for them and
 seeds it itself only if nobody did (a first deployment, or every old server gone).
 Run Redis with `maxmemory-policy noeviction` (or a volatile-* policy: only session keys have a TTL):
 an evicted blob, `pub` or `boot` loses adapters.
