@@ -98,10 +98,6 @@ class AdapterBank:
     def n_slots(self) -> int:
         return len(self.versions)
 
-    @property
-    def traced(self) -> TraceCache:
-        return self.cache.traced
-
     @cached_property
     def merged_bytes_per_agent(self) -> int:
         shapes = self.spec.linear_shapes()

@@ -56,12 +56,15 @@ class Engine:
                  max_sessions: int = 10_000):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
         self.device = resolve_device(device)
         self.mode = mode
         self._write_lock = threading.Lock()
         self._merges = MergedSet()  # pinned and auto-merged agents (guarded by the write lock)
         self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device)
-        self.sessions = SessionStore(spec.hidden, max_sessions, self.device)
+        self._max_sessions = max_sessions
+        self._sessions: SessionStore | None = None  # built by the first session call (see `sessions`)
         self._agents: protocol.AgentTable | None = None  # the validator's view of the bank (see _table)
 
     @classmethod
@@ -259,6 +262,16 @@ class Engine:
                                (x, h, reset))
 
     # --- sessions -----------------------------------------------------------------------------
+    @property
+    def sessions(self) -> SessionStore:
+        """The recurrent state `act_session` keeps per (session, agent), built on first use: the HTTP
+        service keeps its sessions in its own state backend and never builds this one."""
+        if self._sessions is None:
+            with self._write_lock:
+                if self._sessions is None:
+                    self._sessions = SessionStore(self.spec.hidden, self._max_sessions, self.device)
+        return self._sessions
+
     def act_session(self, session_id: str, agent_ids: Sequence[str], obs, avail=None, *,
                     deterministic: bool = True, generator: torch.Generator | None = None,
                     reset=None) -> ActResult:

@@ -88,13 +88,6 @@ class SessionStore:
             self._drop(session_id)
             return True
 
-    def clear(self) -> None:
-        with self._lock:
-            self._sessions.clear()
-            self._touched.clear()
-            self._bytes.clear()
-            self.nbytes = 0
-
     def session_ids(self) -> list[str]:
         with self._lock:
             self._expire(time.monotonic())
