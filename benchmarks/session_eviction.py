@@ -17,7 +17,7 @@ import numpy as np
 from benchmarks.timing import percentile
 from lorasa_serve.cli import ArgumentParser, run_cli
 from services.state import SessionLimits
-from services.state.local import LocalState
+from services.state.local_backend import LocalState
 
 
 def _step(st: LocalState, sid: str, h: np.ndarray) -> float:
