@@ -218,10 +218,10 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         B = len(slots)
-        if not bank.has_adapters and not bank.merged:  # a plain policy: shared forward, row blocks
-            p = bank.params("shared")
+        if not bank.has_adapters and not bank.merged:  # a plain policy: backbone forward, row blocks
+            p = bank.backbone_params()
             if B <= traced.TRACE_MAX_ROWS:
-                out, h_next = self._run(bank, p, ("shared", B), obs.unsqueeze(0), _opt(h, 0),
+                out, h_next = self._run(bank, p, ("backbone", B), obs.unsqueeze(0), _opt(h, 0),
                                         _opt(reset, 0))
                 return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
             blocks = [actor_forward(bank.spec, p, obs[i:i + BLOCK_ROWS].unsqueeze(0),

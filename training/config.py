@@ -69,7 +69,7 @@ class A2POConfig:
 @dataclass(frozen=True)
 class PPOConfig:
     rollout: int = 200  # env steps per env between updates (a multiple of chunk)
-    chunk: int = 10  # GRU training chunk length (data chunk length)
+    chunk: int = 10  # GRU training sequence length: a rollout is cut into chunks of this many steps
     epochs: int = 5  # passes over each rollout per update
     minibatches: int = 1  # minibatches per epoch
     lr: float = 5e-4  # actor (PS / NPS) learning rate
