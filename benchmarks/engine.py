@@ -12,7 +12,6 @@ and prints time per call, rows/s and the ratio to `ps` measured in the same run 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -284,19 +283,27 @@ def print_table(report: Report) -> None:
         print(f"| {n} | {b} | " + " | ".join(cells) + " |")
 
 
-def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
-    """-> (config, JSON out path, torch threads); UsageError (one line naming the fix) before any work."""
-    ap = ArgumentParser(prog="lorasa-bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="lorasa-bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="a small grid, finishes in under a minute")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0 or auto")
-    ap.add_argument("--agents", type=str, default=None, help="comma list, e.g. 2,8,100,1000")
-    ap.add_argument("--rows", type=str, default=None, help="comma list of N, 16N, 4096, 65536")
-    ap.add_argument("--methods", type=str, default=None, help=f"comma list of {', '.join(METHODS)}")
-    ap.add_argument("--min-time", type=float, default=None, help="seconds of repeats per cell")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    d = BenchConfig()
+    ap.add_argument("--agents", type=str, default=None,
+                    help=f"comma list of team sizes (default: {','.join(map(str, d.agents))})")
+    ap.add_argument("--rows", type=str, default=None,
+                    help=f"comma list of batch rows: N (one per agent), 16N, 4096 (default: {','.join(d.rows)})")
+    ap.add_argument("--methods", type=str, default=None,
+                    help=f"comma list of {', '.join(METHODS)} (default: all)")
+    ap.add_argument("--min-time", type=float, default=None,
+                    help=f"seconds of repeats per cell (default: {d.min_time}; 0.1 with --quick)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=None, help="also write the results as JSON to this file (default: print only)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
+    """-> (config, JSON out path, torch threads); UsageError (one line naming the fix) before any work."""
+    args = parser().parse_args(argv)
     cfg = BenchConfig(device=_device(args.device))
     if args.quick:
         cfg = BenchConfig(device=cfg.device, agents=(2, 8, 100), rows=("N", "16N", "4096"),

@@ -9,8 +9,8 @@ flavour, interleaved in one run (round-robin per repeat, median), and prints rat
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from exporters.pipeline import ExportConfig, ExportReport, export_policy
 from lorasa_serve import AgentSpec, Engine, LoraSpec, PolicySpec, init_adapter, init_backbone, save_policy
 from lorasa_serve.backend import ActBackend
+from lorasa_serve.cli import ArgumentParser, run_cli
 from lorasa_serve.onnx_backend import OnnxEngine
 
 from .timing import time_round_robin
@@ -94,19 +95,23 @@ def plot(timing: dict[int, dict[str, float]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--agents", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--rank", type=int, default=8)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--agents", type=int, default=8, help="agents of the random policy")
+    p.add_argument("--hidden", type=int, default=64, help="hidden width of the random policy")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank of the random policy")
     p.add_argument("--rows", type=str, default="8,128,4096", help="batch sizes (rows of mixed agents)")
-    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per backend and batch size")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads for torch and onnxruntime alike (1: robust on a shared machine)")
     p.add_argument("--no-merged", action="store_true", help="skip the per-agent (--merge) exports")
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--png", type=Path, default=None)
-    a = p.parse_args(argv)
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    p.add_argument("--png", type=Path, default=None, help="also draw the timings here")
+    return p
+
+
+def run(argv: list[str] | None) -> int:
+    a = parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -129,7 +134,12 @@ def main(argv: list[str] | None = None) -> None:
             "exports": {k: {"seconds": s, "artifacts": [vars(r) for r in rep.results]}
                         for k, (_, rep, s) in exports.items()},
             "act_seconds": {str(B): t for B, t in timing.items()}}, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("python -m benchmarks.export", run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from lorasa_serve import AgentSpec, PolicySpec, init_adapter, init_backbone, save_policy
 from lorasa_serve.artifacts import adapter_bytes, load_policy
+from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
 
 from services.config import DEFAULT_POLICY
 from .servers import ServerProcess
@@ -214,16 +215,19 @@ def plot(results: list[RunResult], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", default=DEFAULT_POLICY)
+PROG = "python -m benchmarks.load_bench"
+
+
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("--policy", default=DEFAULT_POLICY, help="the policy directory to serve")
     ap.add_argument("--random-team", default="", help="bench a random policy instead, e.g. 12x3,12x3")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     ap.add_argument("--requests", type=int, default=1000, help="per client, condition and round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the conditions")
     ap.add_argument("--seconds", type=float, default=30.0, help="wall-time cap per run")
-    ap.add_argument("--swap-interval", type=float, default=1.0)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--swap-interval", type=float, default=1.0, help="seconds between adapter hot swaps (swap runs)")
+    ap.add_argument("--workers", type=int, default=1, help="BentoML worker processes per server")
     ap.add_argument("--threads-compare", type=int, default=0,
                     help="also run a server with this many torch threads per worker (default 1)")
     ap.add_argument("--compare-bentoml-batching", action="store_true",
@@ -231,19 +235,24 @@ def main(argv: list[str] | None = None) -> None:
                          "adaptive batching (benchmarks/bentoml_batching_probe.py)")
     ap.add_argument("--replicas", action="store_true",
                     help="scale-out mode: 2 replicas sharing Redis vs 1 server on the local backend")
-    ap.add_argument("--out", default="runs/load_bench")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default="runs/load_bench", help="folder for load_bench.json/.png and server logs")
+    return ap
+
+
+def run(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    policy = Path(args.policy)
+    if not args.random_team and not (policy / "policy.json").is_file():
+        raise UsageError(f"{policy} is not a policy directory; pass --policy or --random-team 12x3,12x3")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    policy = Path(args.policy)
     if args.random_team:
         policy = random_team_policy(out / "random_policy", args.random_team)
-    elif not (policy / "policy.json").is_file():
-        sys.exit(f"{policy} is not a policy directory; pass --policy or --random-team 12x3,12x3")
     spec = load_policy(policy)[0]
     token = secrets.token_hex(16)
     if args.replicas:
-        return replicas_main(args, policy, spec, token, out)
+        replicas_main(args, policy, spec, token, out)
+        return 0
     servers = {"shipped": serve(policy, token, args.workers, {}, out / "server_shipped.log"),
                "single": serve(policy, token, args.workers,
                                {"LORASA_MAX_BATCH_ROWS": str(len(spec.agents)),
@@ -302,6 +311,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r))
     print(json.dumps(ratios))
     print(f"wrote {out / 'load_bench.json'} and {out / 'load_bench.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, run, argv)
 
 
 def check_cost(servers: list[ServerProcess]) -> tuple[float, float]:
@@ -370,4 +384,4 @@ def replicas_main(args, policy: Path, spec: PolicySpec, token: str, out: Path) -
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

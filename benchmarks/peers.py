@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.timing import percentile
-from training.errors import OneLineParser, UsageError, exit_on_usage_error
+from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "lorasa_policy"
@@ -261,17 +262,28 @@ def run(cfg: PeerConfig) -> list[dict]:
     return cells
 
 
-def parse_args(argv: list[str] | None) -> PeerConfig:
-    p = OneLineParser(prog="python -m benchmarks.peers", description=__doc__.split("\n")[0], allow_abbrev=False)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n")[0])
     d = PeerConfig()
-    ints = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
-    p.add_argument("--rows", type=ints, default=d.rows, help="rows per request, comma-separated (default 2,64,512,1024)")
-    p.add_argument("--clients", type=ints, default=d.clients, help="client processes, comma-separated (default 1,8)")
-    p.add_argument("--requests", type=int, default=d.requests, help="requests per target and cell (default 400)")
-    p.add_argument("--block", type=int, default=d.block, help="requests per client in a row on one target (default 10)")
+    csv = lambda t: ",".join(map(str, t))  # noqa: E731
+    p.add_argument("--rows", type=_ints, default=d.rows,
+                   help=f"rows per request, comma-separated (default: {csv(d.rows)})")
+    p.add_argument("--clients", type=_ints, default=d.clients,
+                   help=f"client processes, comma-separated (default: {csv(d.clients)})")
+    p.add_argument("--requests", type=int, default=d.requests, help="requests per target and cell")
+    p.add_argument("--block", type=int, default=d.block, help="requests per client in a row on one target")
     p.add_argument("--policy", type=Path, default=d.policy, help="policy directory (default: the shipped one)")
     p.add_argument("--mlserver", type=Path, default=d.mlserver, help="the mlserver executable (make peers-venv)")
     p.add_argument("--out", type=Path, default=d.out, help="folder for peers.json and peers.png")
+    return p
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def parse_args(argv: list[str] | None) -> PeerConfig:
+    p = parser()
     a = p.parse_args(argv)
     if a.requests < 1 or a.block < 1 or min(a.rows) < 1 or min(a.clients) < 1:
         p.error("--rows, --clients, --requests and --block must be positive")
@@ -279,13 +291,12 @@ def parse_args(argv: list[str] | None) -> PeerConfig:
                       mlserver=a.mlserver, out=a.out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_peers(argv: list[str] | None) -> int:
     cfg = parse_args(argv)
-    with exit_on_usage_error("python -m benchmarks.peers"):
-        if not cfg.mlserver.exists():
-            raise UsageError(f"{cfg.mlserver} not found: run `make peers-venv` first (MLServer in its own venv)")
-        if not (cfg.policy / "policy.json").is_file():
-            raise UsageError(f"--policy {cfg.policy}: no policy.json there")
+    if not cfg.mlserver.exists():
+        raise UsageError(f"{cfg.mlserver} not found: run `make peers-venv` first (MLServer in its own venv)")
+    if not (cfg.policy / "policy.json").is_file():
+        raise UsageError(f"--policy {cfg.policy}: no policy.json there")
     cells = run(cfg)
     print(table(cells))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
@@ -293,7 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     (cfg.out / "peers.json").write_text(json.dumps({"meta": meta, "cells": cells}, indent=1))
     plot(cells, cfg.out / "peers.png")
     print(f"wrote {cfg.out / 'peers.json'} and {cfg.out / 'peers.png'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("python -m benchmarks.peers", run_peers, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -19,7 +19,6 @@ to show where the time goes. Writes JSON and a PNG to --out.
 """
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import multiprocessing as mp
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.timing import percentile
+from lorasa_serve.cli import ArgumentParser, run_cli
 from services.config import DEFAULT_POLICY
 
 PROTOCOLS = ("v1_json", "v2_json", "v2_binary")
@@ -278,16 +278,23 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PROG = "python -m benchmarks.protocol_bench"
+
+
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--policies", default="shipped,smax3s5z", help="comma list of shipped, smax3s5z")
-    ap.add_argument("--rows", default="2,64,512,4096")
-    ap.add_argument("--clients", default="1,8")
+    ap.add_argument("--rows", default="2,64,512,4096", help="comma list of rows per request")
+    ap.add_argument("--clients", default="1,8", help="comma list of concurrent client processes")
     ap.add_argument("--seconds", type=float, default=3.0, help="per cell, protocol and round")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (background load hits all)")
     ap.add_argument("--pieces", action="store_true", help="also time the server's per-request steps")
-    ap.add_argument("--out", default="reports/service")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default="reports/service", help="folder for protocol_bench.json/.png and server logs")
+    return ap
+
+
+def run(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
     import torch
     from lorasa_serve import Engine
     from .servers import ServerProcess
@@ -345,7 +352,12 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pass
     print(f"wrote {out / 'protocol_bench.json'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

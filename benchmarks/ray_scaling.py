@@ -19,16 +19,16 @@ Runs alternate backend by backend, `--repeats` times, so load changes hit both a
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from lorasa_serve.cli import ArgumentParser, run_cli
 from training.config import TrainConfig
 from training.envs import EnvConfig
 from training.envs.fixed_cost import FixedCost
-from training.errors import OneLineParser, exit_on_usage_error
 from training.plots import read_metrics
 
 
@@ -91,15 +91,17 @@ def compare_backends(presets: list[str], workers: int, args) -> list[dict]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="python -m benchmarks.ray_scaling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m benchmarks.ray_scaling"
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--workers", default="1,2,4,8,16", help="rollout worker counts")
     p.add_argument("--envs", type=int, default=16, help="envs in the vector env (>= the largest worker count)")
     p.add_argument("--step-ms", type=float, default=2.0, help="wall time of one env step")
     p.add_argument("--rollout", type=int, default=100, help="steps per env per update")
     p.add_argument("--updates", type=int, default=4, help="measured updates per worker count")
-    p.add_argument("--episode-limit", type=int, default=100)
+    p.add_argument("--episode-limit", type=int, default=100, help="steps per episode of the fixed-cost env")
     p.add_argument("--ray", default="local", help="Ray cluster: local (a private one here), auto, host:port")
     p.add_argument("--inexact", action="store_true", help="--no-env.ray-exact: workers act on their own rows")
     p.add_argument("--no-local", action="store_true", help="skip the in-process reference")
@@ -107,17 +109,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3, help="--presets: alternating runs per backend")
     p.add_argument("--out", type=Path, default=Path("ray_scaling.json"), help="JSON results (a PNG beside it)")
     p.add_argument("--plot", default="", help="only redraw: comma-separated JSON files of earlier runs -> --out's PNG")
+    return p
+
+
+def run(argv: list[str] | None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.plot:
-        return plot([json.loads(Path(f).read_text()) for f in args.plot.split(",") if f], args.out.with_suffix(".png"))
+        plot([json.loads(Path(f).read_text()) for f in args.plot.split(",") if f], args.out.with_suffix(".png"))
+        return 0
     if args.presets:
         return _main_presets(args, p)
     counts = [int(x) for x in args.workers.split(",") if x]
     if not counts or min(counts) < 1 or max(counts) > args.envs:
         p.error(f"--workers must be counts between 1 and --envs {args.envs}")
     from training.ray_support import connect
-    with exit_on_usage_error("python -m benchmarks.ray_scaling"):
-        connect(args.ray, local_cpus=max(counts) + 1)  # sleeping workers: more of them than cores
+    connect(args.ray, local_cpus=max(counts) + 1)  # sleeping workers: more of them than cores
     results = ([] if args.no_local else [measure(None, args)]) + [measure(k, args) for k in counts]
     print(f"fixed-cost env: {args.step_ms:g} ms/step, {args.envs} envs x {args.rollout} steps per update")
     print(f"{'backend':8} {'workers':>7} {'steps/s':>10} {'learner share':>14} {'bytes/update':>13}")
@@ -128,6 +135,11 @@ def main(argv: list[str] | None = None) -> None:
                                                   for k, v in vars(args).items()}, "results": results}, indent=2))
     plot([json.loads(args.out.read_text())], args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, run, argv)
 
 
 def plot(reports: list[dict], path: Path) -> None:
@@ -160,14 +172,13 @@ def plot(reports: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _main_presets(args, p) -> None:
+def _main_presets(args, p: ArgumentParser) -> int:
     counts = [int(x) for x in args.workers.split(",") if x]
     if len(counts) != 1 or counts[0] < 1:
         p.error("--presets takes one --workers count (rollout workers for both backends)")
     from training.ray_support import connect
-    with exit_on_usage_error("python -m benchmarks.ray_scaling"):
-        connect(args.ray, local_cpus=counts[0] + 1)
-        results = compare_backends([x for x in args.presets.split(",") if x], counts[0], args)
+    connect(args.ray, local_cpus=counts[0] + 1)
+    results = compare_backends([x for x in args.presets.split(",") if x], counts[0], args)
     print(f"{'preset':16} {'backend':10} {'workers':>7} {'steps/s (median)':>17} {'runs':>24}")
     for r in results:
         print(f"{r['preset']:16} {r['backend']:10} {r['workers']:>7} {r['steps_per_s']:>17,.0f} "
@@ -175,7 +186,8 @@ def _main_presets(args, p) -> None:
     args.out.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v)
                                                   for k, v in vars(args).items()}, "results": results}, indent=2))
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,16 +7,17 @@ evicting the least recently used one) and of an existing one: median and p95 in 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 
 from benchmarks.timing import percentile
+from lorasa_serve.cli import ArgumentParser, run_cli
 from services.state import SessionLimits
-from services.state.local import LocalState
+from services.state.local_backend import LocalState
 
 
 def _step(st: LocalState, sid: str, h: np.ndarray) -> float:
@@ -26,11 +27,18 @@ def _step(st: LocalState, sid: str, h: np.ndarray) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sessions", type=int, default=20_000)
-    ap.add_argument("--steps", type=int, default=300)
-    args = ap.parse_args()
+PROG = "python -m benchmarks.session_eviction"
+
+
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=20_000, help="sessions held (the eviction bound)")
+    ap.add_argument("--steps", type=int, default=300, help="timed steps per case")
+    return ap
+
+
+def run(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
     h = np.zeros((2, 64), np.float32)
     with tempfile.TemporaryDirectory() as d:
         st = LocalState(d, "f" * 64, 64, SessionLimits(max_sessions=args.sessions))
@@ -45,7 +53,12 @@ def main() -> None:
     print(f"new session at the bound (evicts one): {q(new)}")
     print(f"existing session at the bound:         {q(same)}")
     print(f"sessions held: {stats['sessions']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(PROG, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

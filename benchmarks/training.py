@@ -10,7 +10,7 @@ and averaged, so a change in machine load during the run shows as a spread.
 """
 from __future__ import annotations
 
-import argparse
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasa_serve.cli import ArgumentParser, run_cli
 from training.config import preset, with_overrides
 from training.envs import make_vec_env
 from training.episodes import random_act
@@ -52,15 +53,18 @@ def train_sps(cfg, steps: int) -> tuple[float, float]:
         return len(rows) * cfg.ppo.rollout * cfg.env.n_envs / (roll + upd), upd / (roll + upd)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="halfcheetah_2x3")
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m benchmarks.training", description=__doc__)
+    p.add_argument("--preset", default="halfcheetah_2x3", help="the lorasa-train preset to measure")
     p.add_argument("--steps", type=int, default=32_000, help="env steps per measurement")
     p.add_argument("--workers", default="0,2", help="worker counts to compare for random stepping")
-    p.add_argument("--n-envs", type=int, default=0, help="override the preset's n_envs")
-    p.add_argument("--train-workers", type=int, default=-1, help="override the preset's env.workers")
-    args = p.parse_args(argv)
+    p.add_argument("--n-envs", type=int, default=0, help="override the preset's n_envs (0: keep it)")
+    p.add_argument("--train-workers", type=int, default=-1, help="override the preset's env.workers (-1: keep it)")
+    return p
+
+
+def run(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
     cfg = preset(args.preset)
     if args.n_envs:
         cfg = with_overrides(cfg, {"env.n_envs": args.n_envs})
@@ -81,7 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     ref = np.mean([before.get(cfg.env.workers, before[workers[0]]), after.get(cfg.env.workers, after[workers[0]])])
     print(f"training (PS MAPPO): {tsps:9.0f} steps/s ({100 * upd_frac:.0f}% of the time in the PPO update)")
     print(f"training overhead: random-action stepping / training = x{ref / tsps:.2f} (target <= 2)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("python -m benchmarks.training", run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,9 +18,9 @@ from .pipeline import MIN_STEPS, ExportConfig, export_policy
 from .verify import VerifyConfig
 
 
-def parse_args(argv: list[str] | None) -> ExportConfig:
+def parser() -> ArgumentParser:
     p = ArgumentParser(prog="lorasa-export", description=__doc__.split("\n\n")[0])
-    p.add_argument("policy_dir", type=Path)
+    p.add_argument("policy_dir", type=Path, help="the policy directory to export")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
     p.add_argument("--merge", action="store_true",
                    help="per-agent merged artifacts; without it: one multi-agent ONNX graph")
@@ -31,17 +31,21 @@ def parse_args(argv: list[str] | None) -> ExportConfig:
                    help="comma-separated agent ids (with --merge or --peft)")
     p.add_argument("--format", dest="formats", type=_csv, default=None,
                    help="comma-separated: safetensors,onnx (default: both with --merge, onnx without)")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset of the written graphs")
     p.add_argument("--lora-impl", choices=("auto", "dense", "gather"), default="auto",
                    help="multi-agent graph: dense one-hot LoRA or per-row gather (auto by agents*rank)")
     p.add_argument("--steps", type=int, default=24, help=f"verification rollout steps (>= {MIN_STEPS})")
     p.add_argument("--envs", type=int, default=4, help="environments per verification step")
     p.add_argument("--tol", type=float, default=1e-5, help="max abs difference vs the engine (CPU fp32)")
     p.add_argument("--rtol", type=float, default=0.0,
-                   help="also allow rtol * |engine value| (for policies with large outputs; default 0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+                   help="also allow rtol * |engine value| (for policies with large outputs)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the verification rollout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> ExportConfig:
+    a = parser().parse_args(argv)
     return ExportConfig(a.policy_dir, a.out, a.merge, a.agents, a.formats, a.opset, a.lora_impl,
                         VerifyConfig(tol=a.tol, rtol=a.rtol), a.steps, a.envs, seed=a.seed,
                         progress=not a.no_progress, peft=a.peft)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .protocol import ActOutput, ActRequest, ActResult  # noqa: F401 (ActOutput: the old name)
+from .protocol import ActRequest, ActResult
 from .spec import PolicySpec
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from typing import Callable
 
 import numpy as np
 import torch
@@ -88,10 +89,6 @@ class AdapterBank:
     @property
     def n_slots(self) -> int:
         return len(self.versions)
-
-    @property
-    def traced(self) -> TraceCache:
-        return self.cache.traced
 
     @cached_property
     def merged_bytes_per_agent(self) -> int:
@@ -210,14 +207,22 @@ class AdapterBank:
         return adapter_layout.merge(self.spec, self.backbone, self.adapters[slot])
 
     # --- per-forward parameters -------------------------------------------------------------
-    def params(self, mode: str, lay: Layout | None = None) -> ActorParams:
-        """ActorParams for the chunks of `lay`; mode 'lora', 'merged' or 'shared' (no layout)."""
-        ck = (mode, b"" if lay is None else lay.key)
-        hit = self.cache.get(ck)
+    def params(self, mode: str, lay: Layout) -> ActorParams:
+        """ActorParams for the chunks of `lay`; `mode` is the engine's resolved mode: 'lora' (the
+        backbone plus each chunk's stacked adapters) or 'merged' (each chunk's merged weights)."""
+        return self._cached((mode, lay.key), lambda: self._assemble(mode, lay))
+
+    def backbone_params(self) -> ActorParams:
+        """The backbone alone, the same weights for every row: all a bank with no adapters and no merged
+        agents needs (no layout, no mode)."""
+        return self._cached(("backbone", b""), self._backbone_params)
+
+    def _cached(self, key: tuple, build: Callable[[], ActorParams]) -> ActorParams:
+        hit = self.cache.get(key)
         if hit is not None:
             return hit
-        p = self._assemble(mode, lay)
-        self.cache.put(ck, p, self._copied_bytes(p))
+        p = build()
+        self.cache.put(key, p, self._copied_bytes(p))
         return p
 
     def cached_params_bytes(self) -> int:
@@ -238,29 +243,30 @@ class AdapterBank:
                     total += t.untyped_storage().nbytes()
         return total
 
-    def _assemble(self, mode: str, lay: Layout | None) -> ActorParams:
+    def _backbone_params(self) -> ActorParams:
         bb, spec = self.backbone, self.spec
-        norms = {n: NormP(bb[f"{n}.weight"], bb[f"{n}.bias"]) for n in spec.norm_names()}
-        linears = {n: LinearP(bb[f"{n}.weight"], bb[f"{n}.bias"]) for n in spec.linear_names()}
-        if mode == "shared":
-            return ActorParams(linears, norms)
-        assert lay is not None
+        return ActorParams({n: LinearP(bb[f"{n}.weight"], bb[f"{n}.bias"]) for n in spec.linear_names()},
+                           {n: NormP(bb[f"{n}.weight"], bb[f"{n}.bias"]) for n in spec.norm_names()})
+
+    def _assemble(self, mode: str, lay: Layout) -> ActorParams:
+        """The backbone's params with the adapted layers' per-chunk parts for `mode` filled in."""
+        p, spec = self._backbone_params(), self.spec
         if mode == "lora":
             mask = self._lora_mask(lay)
             for layer in spec.adapted_layers:
-                lp = linears[layer]
+                lp = p.linears[layer]
                 lp.lora_a, lp.lora_b = self._stacked_lora(layer, lay)
                 lp.lora_mask = mask
-            return ActorParams(linears, norms)
+            return p
         chunk_slot = lay.chunk_slot
         for layer in spec.adapted_layers:
-            lp = linears[layer]
+            lp = p.linears[layer]
             if len(chunk_slot) == 1:  # one chunk: a plain shared GEMM with merged weights
                 lp.weight = self.merged[int(chunk_slot[0])][layer]
             else:  # [C, in, out], the shared bias as a [C, 1, out] view (no copy)
                 lp.weight = adapter_layout.per_chunk_weight([self.merged[int(s)][layer] for s in chunk_slot])
                 lp.bias, lp.per_chunk = lp.bias.expand(len(chunk_slot), 1, -1), True
-        return ActorParams(linears, norms)
+        return p
 
     def _stacked_lora(self, layer: str, lay: Layout) -> tuple[Tensor, Tensor]:
         """-> A [C, in, P*r], B [C, P*r, out]: each chunk's P adapters side by side.

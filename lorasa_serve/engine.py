@@ -69,8 +69,7 @@ class Engine:
         self._merges = MergedSet(limits.auto_merged_bytes)  # pinned and auto-merged agents (write lock)
         self._planner = Planner(limits.plans)  # row layouts by agent order
         self._bank = AdapterBank.build(spec, backbone, adapters or {}, self.device, limits)
-        self.sessions = SessionStore(spec.hidden, limits.sessions, self.device, limits.session_bytes,
-                                     limits.session_ttl_s)
+        self._sessions: SessionStore | None = None  # built by the first session call (see `sessions`)
         self._agents: protocol.AgentTable | None = None  # the validator's view of the bank (see _table)
         self._rules: DeviceRules | None = None  # the same as masks on the device (see _device_rules)
         # inputs already on an accelerator are checked there (device_inputs.py); on the CPU every
@@ -248,10 +247,10 @@ class Engine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         B = len(slots)
-        if not bank.has_adapters and not bank.merged:  # a plain policy: shared forward, row blocks
-            p = bank.params("shared")
+        if not bank.has_adapters and not bank.merged:  # a plain policy: backbone forward, row blocks
+            p = bank.backbone_params()
             if B <= traced.TRACE_MAX_ROWS:
-                out, h_next = self._run(bank, p, ("shared", B), obs.unsqueeze(0), _opt(h, 0),
+                out, h_next = self._run(bank, p, ("backbone", B), obs.unsqueeze(0), _opt(h, 0),
                                         _opt(reset, 0))
                 return out.squeeze(0), (None if h_next is None else h_next.squeeze(0)), bank
             blocks = [actor_forward(bank.spec, p, obs[i:i + BLOCK_ROWS].unsqueeze(0),
@@ -291,6 +290,18 @@ class Engine:
                                (x, h, reset))
 
     # --- sessions -----------------------------------------------------------------------------
+    @property
+    def sessions(self) -> SessionStore:
+        """The recurrent state `act_session` keeps per (session, agent), built on first use: the HTTP
+        service keeps its sessions in its own state backend and never builds this one."""
+        if self._sessions is None:
+            with self._write_lock:
+                if self._sessions is None:
+                    lim = self.limits
+                    self._sessions = SessionStore(self.spec.hidden, lim.sessions, self.device, lim.session_bytes,
+                                                  lim.session_ttl_s)
+        return self._sessions
+
     def act_session(self, session_id: str, agent_ids: Sequence[str], obs, avail=None, *,
                     deterministic: bool = True, generator: torch.Generator | None = None,
                     reset=None) -> ActResult:

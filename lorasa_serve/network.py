@@ -1,14 +1,16 @@
 """The LoRASA actor as a functional forward over a *grouped* batch.
 
-Rows are laid out as `[C, M, D]`: C chunks of M rows, every row of a chunk belonging to one agent
-(or one group). Each Linear's parameters are either shared (one `[out, in]` weight for all chunks,
-the PS backbone) or per chunk (`[C, in, out]`, merged or NPS weights), as its `per_chunk` flag says,
-plus an optional low-rank delta per chunk (`lora_a [C, in, r]`, `lora_b [C, r, out]` with alpha/r
-folded in; the layouts: `lorasa_serve.adapter_layout`). The same function therefore runs PS, NPS,
-SePS, PS+LoRA (training) and both serving modes (unmerged LoRA, merged), and the engine only has to
-decide the layout and which tensors to pass.
+Rows are laid out as `[C, M, D]`: C chunks of M rows (`lorasa_serve/layout.py` plans them). Each
+Linear's parameters are either shared (one `[out, in]` weight for all chunks, the PS backbone) or per
+chunk (`[C, in, out]`, merged or NPS weights: every row of such a chunk belongs to one agent or group),
+as its `per_chunk` flag says, plus an optional low-rank delta per chunk (`lora_a [C, in, r]`,
+`lora_b [C, r, out]` with alpha/r folded in; every layout: `lorasa_serve.adapter_layout`). A chunk of a
+mixed plan holds rows of up to P agents: its delta is their P adapters side by side (`[C, in, P*r]`,
+`[C, P*r, out]`) and `lora_mask [C, M, P*r]` keeps each row's own agent's r columns. The same function
+therefore runs PS, NPS, SePS, PS+LoRA (training) and both serving modes (unmerged LoRA, merged), and
+the engine only has to decide the layout and which tensors to pass.
 
-Actor (DESIGN.md): LayerNorm(obs) -> [Linear -> act -> LayerNorm] x mlp_depth -> GRU (gru.x, gru.h)
+Actor (README, "Policy directory format"): LayerNorm(obs) -> [Linear -> act -> LayerNorm] x mlp_depth -> GRU (gru.x, gru.h)
 -> LayerNorm -> Linear (post) -> act -> LayerNorm -> head (Gaussian mean or Categorical logits).
 """
 from __future__ import annotations

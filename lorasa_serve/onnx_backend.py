@@ -99,7 +99,7 @@ class OnnxEngine:
                  log_std: np.ndarray | None):
         self.spec = spec
         self.multi_agent = multi_agent
-        self._sessions = sessions  # contract.MULTI_AGENT or agent id -> InferenceSession
+        self._graphs = sessions  # contract.MULTI_AGENT or agent id -> its onnxruntime InferenceSession
         self._table = protocol.AgentTable(spec)  # what the protocol's checks read
         self._act_dims = torch.tensor([a.act_dim for a in spec.agents])
         self._log_std = None if log_std is None else torch.from_numpy(log_std)
@@ -178,7 +178,7 @@ class OnnxEngine:
         spec = self.spec
         if self.multi_agent:
             feeds = {contract.AGENT_INDEX: slots, contract.OBS: obs}
-            return self._call(self._sessions[contract.MULTI_AGENT], feeds, h, reset, avail)
+            return self._call(self._graphs[contract.MULTI_AGENT], feeds, h, reset, avail)
         head = np.zeros((len(slots), spec.act_max), np.float32)
         h_next = None if h is None else np.empty_like(h)
         for s in np.unique(slots):  # one graph call per agent present, rows grouped
@@ -186,7 +186,7 @@ class OnnxEngine:
             ag = spec.agents[s]
             sub = [None if x is None else x[rows] for x in (h, reset)]
             av = None if avail is None else avail[rows, :ag.act_dim]
-            out, hn = self._call(self._sessions[ag.agent_id], {contract.OBS: obs[rows, :ag.obs_dim]},
+            out, hn = self._call(self._graphs[ag.agent_id], {contract.OBS: obs[rows, :ag.obs_dim]},
                                  sub[0], sub[1], av)
             head[rows, :ag.act_dim] = out
             if hn is not None:

@@ -318,6 +318,3 @@ def concat(reqs: Sequence[ActRequest], state: np.ndarray | None, act_max: int) -
                                 for r in reqs])
     return ActRequest(idx, reqs[0].names, obs, state, reset, avail, None, reqs[0].deterministic,
                       reqs[0].seed if one else None)
-
-
-ActOutput = ActResult  # the in-process backends' name for it before issue 22: the same class

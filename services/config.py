@@ -5,9 +5,12 @@ Every knob has a safe default, so `bentoml serve` from the repo root needs no ar
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 
 DEFAULT_POLICY = "policies/halfcheetah_2x3"
+DEFAULT_MODEL_NAME = "lorasa_policy"
+MODEL_NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # one URL path segment: /v2/models/<name>
 ENV_PREFIX = "LORASA_"
 # BentoML records an OpenTelemetry span per request and per body chunk even with no exporter
 # configured; the act routes are left out of tracing (BentoML's `tracing.excluded_urls`: regexes
@@ -41,6 +44,7 @@ class ServiceConfig:
     torch_threads: int = 1  # LORASA_TORCH_THREADS: intra-op threads per worker (see README)
     access_log: int = 0  # LORASA_ACCESS_LOG: 1 = BentoML logs one INFO line per request
     trace_act: int = 0  # LORASA_TRACE_ACT: 1 = BentoML's OpenTelemetry spans also on the act routes
+    model_name: str = DEFAULT_MODEL_NAME  # LORASA_MODEL_NAME: the one model of /v2 (/v2/models/<name>)
 
     def __post_init__(self) -> None:
         for name in ("workers", "torch_threads", "max_rows_per_request", "max_batch_rows", "max_body_bytes",
@@ -65,6 +69,9 @@ class ServiceConfig:
             raise ValueError(f"LORASA_BACKEND must be engine or onnx, not {self.backend!r}")
         if self.mode not in ("auto", "lora", "merged"):
             raise ValueError(f"LORASA_MODE must be auto, lora or merged, not {self.mode!r}")
+        if not MODEL_NAME_RULE.fullmatch(self.model_name):
+            raise ValueError(f"LORASA_MODEL_NAME must be 1-128 characters from A-Z a-z 0-9 . _ - (not starting "
+                             f"with . _ -; it is a URL path segment), not {self.model_name[:140]!r}")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "ServiceConfig":

@@ -44,20 +44,24 @@ def policy_dir_from_tag(tag: str) -> Path:
     return Path(bentoml.models.get(tag).path)
 
 
-def _run(argv: list[str] | None) -> int:
+def parser() -> ArgumentParser:
     ap = ArgumentParser(prog="services.model_store", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, help="what to do")
     s = sub.add_parser("save", help="validate a policy directory and save it to the model store")
-    s.add_argument("policy_dir")
+    s.add_argument("policy_dir", help="the policy directory to save")
     s.add_argument("--name", required=True, help="model name, e.g. lorasa-halfcheetah")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
     print(save_to_store(args.policy_dir, args.name))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Every bad policy (any LorasaError) or argument: one line on stderr, exit status 2."""
-    return run_cli("services.model_store", _run, argv)
+    return run_cli("services.model_store", run, argv)
 
 
 if __name__ == "__main__":

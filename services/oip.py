@@ -1,6 +1,7 @@
 """The Open Inference Protocol (KServe v2) REST API: a Starlette app mounted by the service at /v2.
 
-One model (`LORASA_MODEL_NAME`, default `lorasa_policy`), with the binary tensor data extension.
+One model (`ServiceConfig.model_name`: LORASA_MODEL_NAME, default `lorasa_policy`), with the binary
+tensor data extension.
 Inference goes through the same validator (`lorasa_serve.protocol.check_act`), batcher and Engine as
 /v1: a request becomes the `ActRequest` that `PolicyRuntime.submit` takes. Here: the wire (field
 names, datatypes, numbers of dimensions, element limits); the protocol: every rule on the values.
@@ -18,7 +19,6 @@ names, datatypes, numbers of dimensions, element limits); the protocol: every ru
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -35,12 +35,11 @@ from lorasa_serve.protocol import ActRequest, ActResult, AgentTable, BadRequest,
 from lorasa_serve.spec import PolicySpec
 
 from . import metrics
-from .config import ServiceConfig
+from .config import DEFAULT_MODEL_NAME, ServiceConfig
 from .http import NotReady, _body, _guard, _http_error
 from .runtime import PolicyRuntime
 from .schema import check_session_id
 
-MODEL_NAME = os.environ.get("LORASA_MODEL_NAME", "lorasa_policy")
 MODEL_VERSION = "1"
 PARSE_IN_THREAD_BYTES = 256 * 1024  # binary bodies parse in microseconds per MB; JSON does not
 # `model_name` / `model_version` are not in the OIP request schema, but clients send them (kserve's
@@ -60,9 +59,10 @@ class InferCall:
     req: ActRequest
     outputs: list[tuple[str, bool]]  # (name, binary) in response order
     request_id: str | None
+    model: str = DEFAULT_MODEL_NAME  # the model the URL named: the response's model_name
 
 
-def model_metadata(spec: PolicySpec, name: str = MODEL_NAME) -> dict:
+def model_metadata(spec: PolicySpec, name: str = DEFAULT_MODEL_NAME) -> dict:
     """Inputs and outputs with datatypes and shapes (-1: the batch dimension) from the policy."""
     inputs = [{"name": "agent_id", "datatype": "BYTES", "shape": [-1]},
               {"name": "agent_index", "datatype": "INT64", "shape": [-1]},
@@ -87,7 +87,7 @@ def model_metadata(spec: PolicySpec, name: str = MODEL_NAME) -> dict:
 
 
 def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec | AgentTable, max_rows: int,
-                model: str = MODEL_NAME, version: str = MODEL_VERSION) -> InferCall:
+                model: str = DEFAULT_MODEL_NAME, version: str = MODEL_VERSION) -> InferCall:
     """An infer request body -> the checked ActRequest and the outputs to return. `spec`: the policy
     or its AgentTable; `model`, `version`: what the URL names (a body's must agree)."""
     table = AgentTable.of(spec)
@@ -112,7 +112,7 @@ def parse_infer(body: bytes, header_length: str | None, spec: PolicySpec | Agent
     rid = head.get("id")
     if rid is not None and not isinstance(rid, str):
         raise BadRequest("'id' must be a string")
-    return InferCall(req, outputs, rid)
+    return InferCall(req, outputs, rid, model)
 
 
 def _check_model_fields(head: dict, model: str, version: str) -> None:
@@ -240,19 +240,20 @@ def encode_result(call: InferCall, spec: PolicySpec, res: ActResult) -> tuple[by
               "state_out": ("FP32", res.state),
               "version": ("INT64", np.asarray(res.versions, dtype=np.int64))}
     tensors = [(name, *arrays[name], binary) for name, binary in call.outputs]
-    head = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION}
+    head = {"model_name": call.model, "model_version": MODEL_VERSION}
     if call.request_id is not None:
         head["id"] = call.request_id
     return encode(head, "outputs", tensors)
 
 
 def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRuntime]]) -> Starlette:
+    served = cfg.model_name
 
     def model(request: Request) -> None:
         name = request.path_params["model"]
         version = request.path_params.get("version", MODEL_VERSION)
-        if name != MODEL_NAME or version != MODEL_VERSION:
-            raise BadRequest(f"unknown model {name!r} version {version!r}; serving {MODEL_NAME!r} "
+        if name != served or version != MODEL_VERSION:
+            raise BadRequest(f"unknown model {name!r} version {version!r}; serving {served!r} "
                              f"version {MODEL_VERSION!r}", 404)
 
     async def server_metadata(request: Request) -> JSONResponse:
@@ -269,11 +270,11 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
     async def model_ready(request: Request) -> JSONResponse:
         model(request)
         await get_runtime()
-        return JSONResponse({"name": MODEL_NAME, "ready": True})
+        return JSONResponse({"name": served, "ready": True})
 
     async def metadata(request: Request) -> JSONResponse:
         model(request)
-        return JSONResponse(model_metadata((await get_runtime()).spec))
+        return JSONResponse(model_metadata((await get_runtime()).spec, served))
 
     async def infer(request: Request) -> Response:
         model(request)
@@ -282,7 +283,7 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
         with rt.handling():  # counted from before the body is read: the fast path's 'lone' test
             body = await _body(request, cfg.max_body_bytes)
             hlen = request.headers.get(HEADER)
-            parse = lambda: parse_infer(body, hlen, rt.table, cfg.max_rows_per_request)  # noqa: E731
+            parse = lambda: parse_infer(body, hlen, rt.table, cfg.max_rows_per_request, served)  # noqa: E731
             # (model() checked that the URL names this model and version; the body must agree with them)
             # JSON tensors and binary BYTES ones (a Python loop per element unless all are one length)
             # are slow to parse: big bodies with either go off the event loop; other binary ones stay on it
@@ -337,5 +338,5 @@ class V2RootMiddleware:
         await self.app(scope, receive, send)
 
 
-__all__ = ["MODEL_NAME", "NotReady", "V2RootMiddleware", "build_oip_app", "model_metadata",
+__all__ = ["NotReady", "V2RootMiddleware", "build_oip_app", "model_metadata",
            "parse_infer"]

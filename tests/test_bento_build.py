@@ -59,7 +59,7 @@ def test_the_bento_is_exactly_the_service(tmp_path, bentofile, torch_pin):
     assert {p.name for p in (src / "policies").iterdir()} == {"halfcheetah_2x3"}
 
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
-    probe = ("import services.state.redis as r, services.service, lorasa_serve; "
+    probe = ("import services.state.redis_backend as r, services.service, lorasa_serve; "
              "print(r.__file__); print(lorasa_serve.__file__); print(r.redis.__version__)")
     out = subprocess.run([sys.executable, "-c", probe], cwd=src, env=env, check=True, capture_output=True,
                          text=True, timeout=120).stdout.splitlines()

@@ -32,9 +32,7 @@ def usage_error(capsys, root: Path, main, argv: list[str], *needles: str) -> str
     """Run main(argv): exit 2, one stderr line holding every needle, `root` unchanged -> the line."""
     before = tree(root)
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
+    assert main(argv) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -49,7 +47,7 @@ def usage_error(capsys, root: Path, main, argv: list[str], *needles: str) -> str
 def ps_run(tmp_path_factory) -> Path:
     """A finished tiny PS run of HalfCheetah 2x3 (a phase-1 source; has env.json and train_state)."""
     out = tmp_path_factory.mktemp("ps") / "run"
-    train_main(["--mode", "ps", "--out", str(out), *TINY])
+    assert train_main(["--mode", "ps", "--out", str(out), *TINY]) == 0
     return out
 
 
@@ -130,7 +128,7 @@ def test_train_init_from_runs_phase2_on_the_source_task(tmp_path, ps_run):
     """`--init-from <HalfCheetah run>` without --preset trains on HalfCheetah with the source's limit."""
     out = tmp_path / "lora"
     flags = [f for f in TINY if f not in ("--env.episode-limit", "30")]  # the source's limit is used
-    train_main(["--init-from", str(ps_run), "--out", str(out), *flags, "--total-steps", "80"])
+    assert train_main(["--init-from", str(ps_run), "--out", str(out), *flags, "--total-steps", "80"]) == 0
     env = json.loads((out / "env.json").read_text())["env"]
     assert (env["scenario"], env["agent_conf"], env["episode_limit"]) == ("HalfCheetah", "2x3", 30)
     assert json.loads((out / "summary.json").read_text())["phase_switch_step"] == 40
@@ -310,8 +308,8 @@ def test_eval_export_without_a_known_task(tmp_path, capsys):
     exp = merged_export(cheetah_policy(tmp_path / "p", env_json=False), tmp_path / "export")
     usage_error(capsys, tmp_path, eval_main, [str(exp), "--episodes", "1"],
                 "records no task", "the export's source", "--env.kind mamujoco")
-    eval_main([str(exp), "--episodes", "1", "--env.kind", "mamujoco", "--env.scenario", "HalfCheetah",
-               "--env.agent-conf", "2x3", "--env.episode-limit", "20", "--json", str(tmp_path / "r.json")])
+    assert eval_main([str(exp), "--episodes", "1", "--env.kind", "mamujoco", "--env.scenario", "HalfCheetah",
+                      "--env.agent-conf", "2x3", "--env.episode-limit", "20", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["policy"]["episodes"] == 1
 
 
@@ -330,7 +328,7 @@ def test_eval_merged_export_acts_like_its_source(tmp_path):
     src = cheetah_policy(tmp_path / "p")
     exp = merged_export(src, tmp_path / "export")
     assert not (exp / "env.json").exists()  # the task comes from the export's source
-    eval_main([str(exp), "--episodes", "2", "--json", str(tmp_path / "r.json")])
+    assert eval_main([str(exp), "--episodes", "2", "--json", str(tmp_path / "r.json")]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["via"].startswith("merged per-agent policies") and res["env"] == CHEETAH_ENV
     assert res["env_from"] == f"the export's source {src.resolve()}/env.json"

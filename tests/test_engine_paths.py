@@ -208,7 +208,7 @@ def test_traced_small_batches_match_reference(tmp_path, mode, recurrent, device)
     args = batch(spec, 0, counts=[2, 1, 3])
     for _ in range(5):  # eager, eager + trace, then traced calls
         check(eng, spec, backbone, ads, *args)
-    entries = list(eng._bank.traced._entries.values())
+    entries = list(eng._bank.cache.traced._entries.values())
     assert any(callable(e) for e in entries)  # the traced graph is in use
 
 
@@ -229,7 +229,7 @@ def test_trace_failure_falls_back_to_eager(tmp_path, monkeypatch, device):
     args = batch(spec, 6)
     for _ in range(4):
         check(eng, spec, backbone, ads, *args)
-    assert traced_mod._EAGER in eng._bank.traced._entries.values()
+    assert traced_mod._EAGER in eng._bank.cache.traced._entries.values()
 
 
 def test_tracing_disabled_and_hot_swap_retraces(tmp_path, device):
@@ -303,7 +303,7 @@ def test_params_cache_is_bounded_in_bytes(tmp_path, device):
             assert len(eng._bank.cache.params) == 1 or eng._bank.cached_params_bytes() <= limit
     assert len(eng._bank.cache.params) < len(batches)  # evicted by bytes, not by count
     cached = eng._bank.cache.params.keys()
-    assert eng._bank.traced._entries and all(k[:2] in cached for k in eng._bank.traced._entries)
+    assert eng._bank.cache.traced._entries and all(k[:2] in cached for k in eng._bank.cache.traced._entries)
 
 
 def test_in_order_team_step_copies_nothing(tmp_path, device):

@@ -129,6 +129,21 @@ def test_sessions_carry_state_and_reset(tiny_policy):
     assert "ep3" not in eng.sessions
 
 
+def test_engine_builds_its_session_store_on_first_session_call(tiny_policy):
+    """Only `act_session` needs the store (the HTTP service keeps sessions in its state backend);
+    the Engine's `max_sessions` bounds it once it exists."""
+    d, spec, _, _ = tiny_policy
+    eng = Engine.from_dir(d, device="cpu", max_sessions=2)
+    obs = torch.randn(1, spec.obs_max)
+    eng.act(["agent_0"], obs)
+    assert eng._sessions is None
+    for s in ("a", "b", "c"):
+        eng.act_session(s, ["agent_0"], obs)
+    assert eng.sessions.session_ids() == ["b", "c"]
+    with pytest.raises(ValueError, match="max_sessions"):
+        Engine.from_dir(d, device="cpu", max_sessions=0)
+
+
 def test_session_eviction_is_lru():
     store = SessionStore(hidden=4, max_sessions=3)
     for s in ["a", "b", "c"]:

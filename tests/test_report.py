@@ -101,8 +101,8 @@ def test_tiny_grid_end_to_end(tmp_path):
     (tmp_path / "report.toml").write_text(_grid_toml(methods + ["mappo:mtl"]))
     notes = tmp_path / "notes.md"
     notes.write_text("Hand-written reading.\n")
-    report_main(["write", str(tmp_path / "report.toml"), "--runs", str(runs), "--out", str(out),
-                 "--notes", str(notes), "--rounds", "3"])
+    assert report_main(["write", str(tmp_path / "report.toml"), "--runs", str(runs), "--out", str(out),
+                        "--notes", str(notes), "--rounds", "3"]) == 0
     readme = (out / "README.md").read_text()
 
     for method, label in [("mappo-ps", "MAPPO PS"), ("mappo-lorasa", "MAPPO PS+LoRA"), ("a2po-nps", "A2PO NPS")]:
@@ -194,7 +194,7 @@ def test_plan_of_the_budget_grid(tmp_path, capsys):
     assert sum(r.run_seconds for r in rows) == pytest.approx(expected)
     assert expected / 2 <= wall <= expected / 2 * 1.1  # the schedule packs the 2 cores
     assert 2.5 * 3600 <= wall <= 3.5 * 3600
-    report_main(["plan", str(path), "--runs", str(tmp_path / "no-runs")])
+    assert report_main(["plan", str(path), "--runs", str(tmp_path / "no-runs")]) == 0
     assert f"{expected / 3600:.2f} run-hours" in capsys.readouterr().out
 
 
@@ -350,10 +350,9 @@ def test_grid_refuses_results_made_with_other_settings(tmp_path, capsys):
 
     def refused(*needles: str) -> None:
         capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            report_main(["run", str(tmp_path / "grid.toml"), "--runs", str(runs), "--out", str(tmp_path / "rep")])
+        status = report_main(["run", str(tmp_path / "grid.toml"), "--runs", str(runs), "--out", str(tmp_path / "rep")])
         err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert status == 2 and len(err.splitlines()) == 1, err
         assert err.startswith(f"lorasa-report: error: run {key}: the results in ")
         for n in needles:
             assert n in err, (n, err)
@@ -380,13 +379,13 @@ def test_report_write_from_committed_results_alone(tmp_path):
             "phase_switch_step": -1, "final_eval": {"episodes": 2, "mean_return": 41.5, "returns": [40.5, 42.5]}}
     _write_compact(tmp_path / "g" / "runs" / "halfcheetah_2x3" / "mappo-ps" / "seed1", base,
                    [(200, "ps", 20.0), (400, "ps", 40.0)])
-    report_main(["write", str(tmp_path / "g.toml"), "--runs", str(tmp_path / "gone"), "--out",
-                 str(tmp_path / "out"), "--rounds", "2"])
+    assert report_main(["write", str(tmp_path / "g.toml"), "--runs", str(tmp_path / "gone"), "--out",
+                        str(tmp_path / "out"), "--rounds", "2"]) == 0
     assert "| MAPPO PS | 41.5 (1 seed" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_scenario_budgets_and_their_errors(tmp_path):
-    from training.errors import UsageError
+    from lorasa_serve.cli import UsageError
     head = 'seeds = [1]\ntotal_steps = 400\nswitch_step = 200\n'
     sc = '[[scenarios]]\npreset = "halfcheetah_2x3"\nmethods = ["mappo:ps", "mappo:lorasa"]\n'
     (tmp_path / "g.toml").write_text(head + sc + "total_steps = 900\nswitch_step = 300\n")

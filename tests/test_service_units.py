@@ -13,6 +13,36 @@ from services.http import _authorize  # noqa: E402
 from services.schema import BadRequest  # noqa: E402
 
 
+@pytest.mark.parametrize("name,ok", [("lorasa_policy", True), ("team-7.v2", True), ("", False), ("a/b", False),
+                                     ("_x", False), ("x" * 129, False), ("x" * 128, True), ("my model", False)])
+def test_model_name_is_one_url_path_segment(name, ok):
+    """LORASA_MODEL_NAME is read with every other setting (typed, checked at start): what /v2 serves."""
+    if ok:
+        assert ServiceConfig.from_env({"LORASA_MODEL_NAME": name}).model_name == name
+    else:
+        with pytest.raises(ValueError, match="LORASA_MODEL_NAME must be 1-128 characters"):
+            ServiceConfig.from_env({"LORASA_MODEL_NAME": name})
+    assert ServiceConfig.from_env({}).model_name == "lorasa_policy"
+
+
+def test_v2_answers_for_the_configured_model_name_only():
+    """The /v2 app takes its model name from the config: another name is a 404; the configured one
+    reaches the policy (503 while none is loaded)."""
+    from starlette.testclient import TestClient
+
+    from services.http import NotReady
+    from services.oip import build_oip_app
+
+    async def loading():
+        raise NotReady("the policy is still loading")
+
+    client = TestClient(build_oip_app(ServiceConfig(model_name="team-7"), loading))
+    r = client.get("/models/lorasa_policy/ready")
+    assert r.status_code == 404 and "serving 'team-7'" in r.json()["error"]
+    assert client.get("/models/team-7/ready").status_code == 503
+    assert client.get("/models/team-7/versions/1").status_code == 503
+
+
 def test_config_from_env_validates():
     cfg = ServiceConfig.from_env({"LORASA_WORKERS": "2", "LORASA_POLICY": "p", "LORASA_TIMEOUT_S": "5"})
     assert cfg.workers == 2 and cfg.policy == "p" and cfg.timeout_s == 5.0

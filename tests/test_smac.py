@@ -416,11 +416,10 @@ def test_unknown_map_lists_the_maps(standin):
 def test_lorasa_train_unknown_map_is_one_line(sc2, tmp_path, capsys):
     """The CLI prints the unknown map as one `lorasa-train: error:` line (exit 2), not a traceback."""
     from training.cli import main
-    with pytest.raises(SystemExit) as e:
-        main(["--env.kind", "smac", "--env.scenario", "3mm", "--env.n-envs", "1", "--env.workers", "0",
-              "--total-steps", "20", "--out", str(tmp_path / "run")])
+    status = main(["--env.kind", "smac", "--env.scenario", "3mm", "--env.n-envs", "1", "--env.workers", "0",
+                   "--total-steps", "20", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2
+    assert status == 2
     assert err.startswith("lorasa-train: error: SMAC has no map '3mm'; its maps: 2s3z, 3m, 8m")
     assert "\n" not in err and "Traceback" not in err
 
@@ -498,7 +497,7 @@ def test_lorasa_train_on_smac_without_matplotlib(sc2, standin, tmp_path):
         import sys
         sys.modules["matplotlib"] = None  # import matplotlib -> ImportError
         from training.cli import main
-        main({argv!r})
+        sys.exit(main({argv!r}))
     """)
     tests_dir = str(Path(__file__).parent)
     path = os.pathsep.join([str(standin), tests_dir, os.environ.get("PYTHONPATH", "")])

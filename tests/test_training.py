@@ -7,6 +7,7 @@ import torch
 
 from lorasa_serve import AgentSpec, Engine, LoraSpec, PolicySpec, save_policy
 from lorasa_serve.adapter_layout import adapter_shapes
+from lorasa_serve.cli import UsageError
 from lorasa_serve.network import actor_forward, shared_params
 from training.actor import Actor, param_counts
 from training.cli import parse_config
@@ -154,5 +155,5 @@ def test_cli_parses_typed_flags_over_a_preset():
     assert cfg.ppo.lr == 3e-4 and cfg.ppo.epochs == TrainConfig().ppo.epochs
     assert cfg.lora.layers == ("mlp.0", "head") and cfg.tensorboard is False and cfg.mode == "nps"
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="invalid choice: 'bogus'"):
         parse_config(["--mode", "bogus"])

@@ -93,7 +93,7 @@ def test_lora_over_seps_starts_equal_and_trains_only_adapters():
     out, hn = _forward(lora, obs, h)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(hn, ref_h)
-    assert lora.base().kind == "seps" and lora.n_total() == seps.n_total() + lora.n_trainable()
+    assert lora.n_total() == seps.n_total() + lora.n_trainable()
 
 
 def test_kmeans_finds_planted_clusters():

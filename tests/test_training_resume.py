@@ -34,7 +34,8 @@ def test_resume_after_a_kill_truncates_metrics_and_tensorboard(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
     # 40 env steps per update; the switch at 80; a checkpoint at 80 (kept as the snapshot too)
-    train_main(["--mode", "lorasa", "--out", str(out), "--total-steps", "160", "--snapshot-steps", "80", *TINY])
+    assert train_main(["--mode", "lorasa", "--out", str(out), "--total-steps", "160", "--snapshot-steps", "80",
+                       *TINY]) == 0
     assert [r["env_steps"] for r in read_metrics(out / "metrics.csv")] == ["40", "80", "120", "160"]
     # the kill: the last whole checkpoint is the one at 80 (phase ps), the logs already run to 160
     shutil.rmtree(out / "train_state")
@@ -44,7 +45,7 @@ def test_resume_after_a_kill_truncates_metrics_and_tensorboard(tmp_path):
     assert ckpt["env_steps"] == 80 and ckpt["wall_s"] > 0
     killed_rows = read_metrics(out / "metrics.csv")
 
-    train_main(["--resume", str(out), "--total-steps", "200"])
+    assert train_main(["--resume", str(out), "--total-steps", "200"]) == 0
     rows = read_metrics(out / "metrics.csv")
     steps = [int(r["env_steps"]) for r in rows]
     assert steps == [40, 80, 120, 160, 200]  # monotonic, no step twice

@@ -48,7 +48,7 @@ def _rows(out: Path) -> list[dict]:
 
 def _eval_json(policy_dir: Path, tmp: Path, *extra: str, episodes: int = 2) -> dict:
     path = tmp / f"eval_{policy_dir.name}.json"
-    eval_main([str(policy_dir), "--episodes", str(episodes), "--json", str(path), *extra])
+    assert eval_main([str(policy_dir), "--episodes", str(episodes), "--json", str(path), *extra]) == 0
     return json.loads(path.read_text())
 
 
@@ -148,7 +148,7 @@ def test_eval_through_http_service_equals_in_process(tmp_path):
     with ServerProcess({"LORASA_POLICY": str(out), "LORASA_STATE_DIR": str(tmp_path / "state")},
                        tmp_path / "server.log") as server:
         path = tmp_path / "http.json"
-        eval_main([str(out), "--episodes", "2", "--json", str(path), "--url", server.url])
+        assert eval_main([str(out), "--episodes", "2", "--json", str(path), "--url", server.url]) == 0
     remote = json.loads(path.read_text())
     assert "HTTP" in remote["via"] and "in-process" in local["via"]
     np.testing.assert_allclose(remote["policy"]["returns"], local["policy"]["returns"], rtol=1e-4)

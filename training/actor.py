@@ -193,11 +193,6 @@ class Actor:
         src = self.frozen if self.kind == "lora" else self.trainable
         return {k: v.detach().clone() for k, v in src.items()}
 
-    def base(self) -> "Actor":
-        """The frozen base of a LoRA actor as its own (PS or SePS) actor."""
-        kind = "ps" if all(v.dim() < 3 for v in self.frozen.values()) else "seps"
-        return Actor(self.spec, kind, self.frozen, groups=self.groups)
-
     def adapters(self) -> dict[str, dict[str, Tensor]] | None:
         """Per agent PEFT tensors: `<layer>.lora_A.weight` [r, in], `<layer>.lora_B.weight` [out, r]."""
         if self.kind != "lora":

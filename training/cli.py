@@ -6,33 +6,43 @@
     lorasa-train --preset smax_3s5z --ppo.lr 3e-4 --env.n-envs 32 --lora.layers mlp.0,head
 
 Every field of `TrainConfig` is a flag (nested ones dotted: --ppo.lr, --env.scenario); only flags you
-give override the preset (or the defaults).
+give override the preset (or the defaults). A flag's help is its field's comment in the config classes
+(training/config.py, training/envs/base.py); the defaults shown are those without --preset.
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import sys
+import textwrap
+import tokenize
 import typing
 from dataclasses import replace
 from pathlib import Path
 
+from lorasa_serve.cli import ArgumentParser, UsageError, print_error, run_cli
+
 from . import rundir
 from .config import PRESETS, TrainConfig, check_config, check_init_mode, preset, with_overrides
-from .errors import OneLineParser, UsageError, WorkerLostError, exit_on_usage_error, one_line
+from .errors import WorkerLostError
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One flag per (nested) field; defaults are SUPPRESSed so only given flags appear in the namespace."""
-    hints = typing.get_type_hints(cls)
+    """One flag per (nested) field, its help the field's comment and its default the class's; defaults
+    are SUPPRESSed so only given flags appear in the namespace."""
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
     for f in dataclasses.fields(cls):
         t, name = hints[f.name], prefix + f.name
         if dataclasses.is_dataclass(t):
             add_dataclass_args(parser, t, name + ".")
             continue
         flag = "--" + name.replace("_", "-")
-        kw: dict = {"dest": name, "default": argparse.SUPPRESS}
+        text = f"{helps.get(f.name, '')} (default: {_shown(f.default)})".replace("%", "%%")
+        kw: dict = {"dest": name, "default": argparse.SUPPRESS, "help": text}
         origin, args = typing.get_origin(t), typing.get_args(t)
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -45,6 +55,37 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
         else:
             raise TypeError(f"no CLI parser for field {name}: {t}")
         parser.add_argument(flag, **kw)
+
+
+def field_help(cls) -> dict[str, str]:
+    """Field name -> the comment that documents it in the class's source: the `# ...` lines right above
+    the field and the `# ...` after it, joined ("" for an undocumented field)."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(src).readline) if tok.type == tokenize.COMMENT}
+    lines = src.splitlines()
+    out = {}
+    for node in ast.parse(src).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, ln = [], node.lineno - 1
+        while ln >= 1 and lines[ln - 1].lstrip().startswith("#"):
+            above.insert(0, comments[ln])
+            ln -= 1
+        own = [comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments]
+        out[node.target.id] = " ".join(above + own)
+    return out
+
+
+def _shown(value) -> str:
+    """A field default as the flag would be written."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    if value is None:  # only `tuple[...] | None` fields default to None: all layers / clustered
+        return "all"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value) if value != "" else '""'
 
 
 def _tuple_item(t):
@@ -66,7 +107,7 @@ def _tuple_parser(item):
 def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     """Flags -> (config, resume?). UsageError / a one-line parse error for anything that cannot run;
     nothing is written here."""
-    ns = vars(_parser().parse_args(argv))
+    ns = vars(parser().parse_args(argv))
     base_name, resume, show = ns.pop("preset"), ns.pop("resume"), ns.pop("print_config")
     if resume:
         if "out" in ns and Path(ns["out"]).resolve() != Path(resume).resolve():
@@ -89,15 +130,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     return cfg, bool(resume)
 
 
-class _RaisingParser(OneLineParser):
-    """A parse error is a UsageError (for callers that are not lorasa-train itself)."""
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        raise UsageError(f"{message}{self._hint(message)}")
-
-
-def _parser(cls: type[OneLineParser] = OneLineParser) -> OneLineParser:
-    p = cls(prog="lorasa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="lorasa-train", description=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a scenario preset")
     p.add_argument("--resume", metavar="OUT", help="continue the run saved in OUT (flags override it)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -108,8 +142,12 @@ def _parser(cls: type[OneLineParser] = OneLineParser) -> OneLineParser:
 def resolve_flags(argv: list[str]) -> TrainConfig:
     """The config fresh-run flags `argv` ask for (preset + flags; no --resume), without reading --init-from
     or checking anything: what training/grid.py records in run.json and compares between sessions.
-    UsageError for flags lorasa-train would reject."""
-    ns = vars(_parser(_RaisingParser).parse_args(argv))
+    UsageError for flags lorasa-train would reject (its message for a grid file: no "see --help")."""
+    p = parser()
+    try:
+        ns = vars(p.parse_args(argv))
+    except UsageError as e:
+        raise UsageError(str(e).removesuffix(f"; see {p.prog} --help")) from None
     base_name = ns.pop("preset")
     ns.pop("resume"), ns.pop("print_config")
     return with_overrides(preset(base_name) if base_name else TrainConfig(), ns)
@@ -139,18 +177,22 @@ def _env_from_init_source(base: TrainConfig, init_from: str, preset_name: str | 
     return base
 
 
-def main(argv: list[str] | None = None) -> None:
-    with exit_on_usage_error("lorasa-train"):
-        cfg, resume = parse_config(argv)
-        from .trainer import Trainer
-        trainer = Trainer(cfg, resume=resume)
+def run(argv: list[str] | None) -> int:
+    cfg, resume = parse_config(argv)
+    from .trainer import Trainer
+    trainer = Trainer(cfg, resume=resume)
     try:
         summary = trainer.train()
     except WorkerLostError as e:  # a Ray rollout worker's node died: one line, the checkpoint is whole
-        print(f"lorasa-train: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
+        print_error("lorasa-train", e)
+        return 1
     print(json.dumps({"out": cfg.out, **summary}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("lorasa-train", run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,8 +5,9 @@ import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from lorasa_serve.cli import UsageError
+
 from .envs import EnvConfig
-from .errors import UsageError
 
 Mode = Literal["ps", "nps", "seps", "mtl", "lorasa", "seps_lorasa"]
 Algo = Literal["mappo", "a2po"]
@@ -14,9 +15,9 @@ Algo = Literal["mappo", "a2po"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    hidden: int = 64
-    mlp_depth: int = 3
-    recurrent: bool = True
+    hidden: int = 64  # width of every hidden layer of the actor (and of its GRU state)
+    mlp_depth: int = 3  # Linear -> act -> LayerNorm blocks before the GRU
+    recurrent: bool = True  # a GRU after the MLP (False: a feed-forward actor)
     init_log_std: float = -0.7  # Gaussian only: initial state-independent log std (std ~0.5)
     # "PS+ID": append a one-hot of the agent to every observation (the reference does; policy.json then
     # records agent_onehot and the runtime appends it itself, clients send the plain observation)
@@ -29,7 +30,8 @@ class LoraConfig:
 
     rank: int = 8  # adapter rank r (reference: 8; its ablations 4, 8, 16, full)
     alpha: float = 8.0  # dW = (alpha / r) B A (reference: 8)
-    layers: tuple[str, ...] | None = None  # None: all Linears of the actor (the reference: all 7)
+    # adapted Linears, e.g. mlp.0,head; None (flag: all): all of them (the reference adapts all 7)
+    layers: tuple[str, ...] | None = None
     # adapters' (and log-std offsets') learning rate in phase 2; the reference uses one learning rate
     # for both phases: 3e-4 on MuJoCo, 5e-4 on SMAC (the *_reference presets set it)
     lr: float = 1e-3
@@ -46,8 +48,9 @@ class LoraConfig:
 class SepsConfig:
     """Selective parameter sharing: agents clustered into `groups` networks (modes seps, seps_lorasa)."""
 
-    groups: int = 2
-    assignment: tuple[int, ...] | None = None  # agent -> group; None: cluster (training/seps.py)
+    groups: int = 2  # number of agent clusters, each with its own network
+    # agent -> group, e.g. 0,1,0; None (flag: all): agents clustered by a probe (training/seps.py)
+    assignment: tuple[int, ...] | None = None
     probe_steps: int = 400  # random-action env steps per env for the clustering probe
 
 
@@ -66,20 +69,20 @@ class A2POConfig:
 @dataclass(frozen=True)
 class PPOConfig:
     rollout: int = 200  # env steps per env between updates (a multiple of chunk)
-    chunk: int = 10  # GRU training chunk length (data chunk length)
-    epochs: int = 5
-    minibatches: int = 1
+    chunk: int = 10  # GRU training sequence length: a rollout is cut into chunks of this many steps
+    epochs: int = 5  # passes over each rollout per update
+    minibatches: int = 1  # minibatches per epoch
     lr: float = 5e-4  # actor (PS / NPS) learning rate
-    critic_lr: float = 5e-4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    value_clip: float = 0.2
-    entropy_coef: float = 0.0
-    value_coef: float = 1.0
-    max_grad_norm: float = 10.0
-    critic_hidden: int = 128
-    huber_delta: float = 10.0
+    critic_lr: float = 5e-4  # critic learning rate
+    gamma: float = 0.99  # discount
+    gae_lambda: float = 0.95  # GAE lambda
+    clip: float = 0.2  # PPO ratio clip
+    value_clip: float = 0.2  # clip of the value change per update
+    entropy_coef: float = 0.0  # entropy bonus weight
+    value_coef: float = 1.0  # value loss weight
+    max_grad_norm: float = 10.0  # gradient norm clip
+    critic_hidden: int = 128  # width of the shared MLP critic
+    huber_delta: float = 10.0  # Huber loss threshold of the value loss
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     seps: SepsConfig = field(default_factory=SepsConfig)
     a2po: A2POConfig = field(default_factory=A2POConfig)
-    algo: Algo = "mappo"
+    algo: Algo = "mappo"  # mappo: all agents updated together; a2po: one after another (--a2po.*)
     # ps: shared actor; nps: one actor per agent; seps: one per agent cluster; mtl: shared trunk with
     # per-agent heads; lorasa: PS, then per-agent LoRA; seps_lorasa: SePS, then per-agent LoRA
     mode: Mode = "lorasa"
@@ -103,14 +106,14 @@ class TrainConfig:
     # log-std frozen at the switch", the control arm of reports/grid_logstd.toml)
     freeze_log_std: bool = False
     snapshot_steps: tuple[int, ...] = ()  # also keep the whole run at these env steps: out/snapshots/<n>
-    out: str = "runs/halfcheetah_2x3"
-    seed: int = 1
+    out: str = "runs/halfcheetah_2x3"  # the run directory (policy, checkpoints, metrics)
+    seed: int = 1  # seeds the actor, the sampling and the environments
     eval_every: int = 50_000  # env steps between deterministic evaluations (0: only at the end)
-    eval_episodes: int = 4  # 0: no evaluation
-    final_eval_episodes: int = 16  # the evaluation at the end (summary.json)
+    eval_episodes: int = 4  # episodes per evaluation (0: no evaluation)
+    final_eval_episodes: int = 16  # episodes of the evaluation at the end (summary.json)
     save_every: int = 100_000  # env steps between checkpoints (policy dir + train_state)
-    torch_threads: int = 1
-    tensorboard: bool = True
+    torch_threads: int = 1  # torch.set_num_threads
+    tensorboard: bool = True  # also write TensorBoard event files
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lorasa_serve.cli import UsageError
+
 from .checkpoint import STATE_DIR
 from .envs import EnvConfig, EnvInfo
 from .episodes import ActFn
-from .errors import UsageError
 from .rundir import TASK_KEYS, source_env
 
 MANIFEST = "manifest.json"

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from lorasa_serve.backend import ActBackend
+from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
 
 from .actor import param_counts
 from . import eval_targets as targets
 from .envs import EnvConfig, EnvInfo, make_vec_env
 from .episodes import ActFn, EpisodeStats, random_act, run_episodes
-from .errors import OneLineParser, UsageError, exit_on_usage_error
 
 
 def team_act_fn(backend, info: EnvInfo, n_envs: int) -> ActFn:
@@ -130,23 +130,29 @@ def resolve_actor(args, info: EnvInfo, target: targets.Target):
     return engine.spec, engine_act_fn(engine, info, args.episodes), f"{kind}, Engine.act in-process"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="lorasa-eval", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="lorasa-eval", description=__doc__)
     p.add_argument("policy_dir", type=Path, help="policy / run directory, or a lorasa-export --merge directory")
     p.add_argument("--episodes", type=int, default=10, help="episodes (one per parallel env)")
     p.add_argument("--compare-random", action="store_true", help="also run a uniform random policy")
     p.add_argument("--url", help="act through the HTTP service at this base URL instead of in-process")
-    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--seed", type=int, default=12345, help="seeds the environments and the sampling")
     p.add_argument("--mode", choices=["auto", "lora", "merged"], default="auto", help="engine adapter mode")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (small batches: 1 is fastest)")
     env = p.add_argument_group("task (default: the directory's env.json)")
-    env.add_argument("--env.kind", dest="env.kind", choices=["mamujoco", "smax", "smac"])
+    env.add_argument("--env.kind", dest="env.kind", choices=["mamujoco", "smax", "smac"],
+                     help="the environment package")
     env.add_argument("--env.scenario", dest="env.scenario", help="MaMuJoCo scenario or SMAX / SMAC map")
     env.add_argument("--env.agent-conf", dest="env.agent_conf", help="MaMuJoCo agent partition, e.g. 2x3")
-    env.add_argument("--env.agent-obsk", dest="env.agent_obsk", type=int)
-    env.add_argument("--env.episode-limit", dest="env.episode_limit", type=int)
+    env.add_argument("--env.agent-obsk", dest="env.agent_obsk", type=int,
+                     help="MaMuJoCo: observe joints up to this many hops away")
+    env.add_argument("--env.episode-limit", dest="env.episode_limit", type=int, help="steps per episode at most")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = parser()
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error(f"--episodes {args.episodes} must be >= 1")
@@ -155,25 +161,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
-    with exit_on_usage_error("lorasa-eval"):
-        target = targets.classify(args.policy_dir)
-        overrides = {k: v for k, v in targets.env_overrides(vars(args)).items() if v is not None}
-        env_cfg, env_from = targets.resolve_env(target, overrides)
-        if args.json and not args.json.parent.is_dir():
-            raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist; create it "
-                             "or pass another path")
-        venv = make_vec_env(env_cfg, n_envs=args.episodes, workers=0)
-        try:
-            info = venv.info
-            spec, act, via = resolve_actor(args, info, target)  # checks that the policy fits the env
-        except BaseException:
-            venv.close()
-            raise
+    target = targets.classify(args.policy_dir)
+    overrides = {k: v for k, v in targets.env_overrides(vars(args)).items() if v is not None}
+    env_cfg, env_from = targets.resolve_env(target, overrides)
+    if args.json and not args.json.parent.is_dir():
+        raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist; create it "
+                         "or pass another path")
+    venv = make_vec_env(env_cfg, n_envs=args.episodes, workers=0)
+    try:
+        info = venv.info
+        spec, act, via = resolve_actor(args, info, target)  # checks that the policy fits the env
+    except BaseException:
+        venv.close()
+        raise
     _run(args, venv, info, spec, act, via, env_cfg, env_from)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("lorasa-eval", run, argv)
 
 
 def _run(args, venv, info: EnvInfo, spec, act: ActFn, via: str, env_cfg: EnvConfig, env_from: str) -> None:
@@ -197,4 +207,4 @@ def _run(args, venv, info: EnvInfo, spec, act: ActFn, via: str, env_cfg: EnvConf
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main())

@@ -57,9 +57,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from lorasa_serve.cli import UsageError
+
 from . import rundir
 from .config import PRESETS
-from .errors import UsageError
 
 METHODS = ("ps", "nps", "seps", "mtl", "lorasa", "seps_lorasa")
 BASE_OF = {"lorasa": "ps", "seps_lorasa": "seps"}  # phase-2 methods and the run they start from

@@ -19,7 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import UsageError, one_line
+from lorasa_serve.cli import UsageError, one_line
+
 from .grid import Run, requested
 from .ray_support import connect
 

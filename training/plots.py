@@ -5,6 +5,8 @@ import csv
 import sys
 from pathlib import Path
 
+from lorasa_serve.cli import ArgumentParser, run_cli
+
 
 def read_metrics(path: Path) -> list[dict]:
     with open(path) as f:
@@ -60,17 +62,29 @@ def save_learning_curve(metrics: Path, out: Path, label: str, title: str = "") -
     return plot_learning_curves({label: Path(metrics)}, out, title)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """python -m training.plots OUT.png [--title T] LABEL=path/to/metrics.csv ..."""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m training.plots", description=main.__doc__)
-    p.add_argument("out", type=Path)
-    p.add_argument("runs", nargs="+", help="LABEL=metrics.csv")
-    p.add_argument("--title", default="")
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m training.plots",
+                       description="python -m training.plots OUT.png [--title T] LABEL=path/to/metrics.csv ...")
+    p.add_argument("out", type=Path, help="the PNG to write")
+    p.add_argument("runs", nargs="+", help="LABEL=metrics.csv, one per curve")
+    p.add_argument("--title", default="", help="the figure's title")
+    return p
+
+
+def run(argv: list[str] | None) -> int:
+    p = parser()
     args = p.parse_args(argv)
+    bad = [r for r in args.runs if "=" not in r]
+    if bad:
+        p.error(f"{bad[0]!r}: write LABEL=path/to/metrics.csv")
     runs = dict(r.rsplit("=", 1) for r in args.runs)
     print(plot_learning_curves({k: Path(v) for k, v in runs.items()}, args.out, args.title))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("python -m training.plots", run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

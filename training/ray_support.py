@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UsageError
+from lorasa_serve.cli import UsageError
 
 EXTRA_HINT = "pip install 'lorasa-serve[ray]'"
 

@@ -22,8 +22,8 @@ MLP-only actor, `layer_after_N` != 1, more than one GRU layer), a sigmoid-std / 
 """
 from __future__ import annotations
 
-import argparse
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +33,7 @@ from torch import Tensor
 
 from lorasa_serve import AgentSpec, LoraSpec, PolicySpec, save_policy
 from lorasa_serve.adapter_layout import LOG_STD_OFFSET, lora_a_key, lora_b_key, scaling
-
-from .errors import OneLineParser, UsageError, exit_on_usage_error
+from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
 
 LINEARS = {"base.mlp.fc1.0": "mlp.0", "rnn.rnn.x_layer": "gru.x", "rnn.rnn.h_layer": "gru.h",
            "rnn.fc.0.0": "post"}
@@ -168,16 +167,19 @@ def _factors(sd: dict, ref: str, i: int, r: int, ref_alpha: float, scale: float)
 
 
 # --- CLI ----------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> tuple[ImportConfig, Path]:
-    ap = OneLineParser(prog="lorasa-import-reference", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="lorasa-import-reference", description=__doc__)
     ap.add_argument("checkpoint", type=Path, help="the reference's saved actor state dict (actor.pt)")
     ap.add_argument("--agents", required=True,
                     help="id:obs_dim:act_dim per agent, comma-separated, in the reference's agent order")
-    ap.add_argument("--lora-alpha", type=float, default=8.0, help="the reference run's --lora_alpha (default 8)")
+    ap.add_argument("--lora-alpha", type=float, default=8.0, help="the reference run's --lora_alpha")
     ap.add_argument("--rank", type=int, default=None, help="our adapters' rank (default: the checkpoint's r)")
     ap.add_argument("--out", type=Path, required=True, help="the policy directory to write (must not exist)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> tuple[ImportConfig, Path]:
+    a = parser().parse_args(argv)
     agents = []
     for part in a.agents.split(","):
         m = re.fullmatch(r"([A-Za-z0-9._-]+):(\d+):(\d+)", part.strip())
@@ -191,15 +193,19 @@ def parse_args(argv: list[str] | None) -> tuple[ImportConfig, Path]:
     return ImportConfig(a.checkpoint, tuple(agents), a.lora_alpha, a.rank), a.out
 
 
-def main(argv: list[str] | None = None) -> None:
-    with exit_on_usage_error("lorasa-import-reference"):
-        cfg, out = parse_args(argv)
-        spec, backbone, adapters = convert(load_checkpoint(cfg.checkpoint), cfg)
-        spec = save_policy(out, spec, backbone, adapters)
+def run(argv: list[str] | None) -> int:
+    cfg, out = parse_args(argv)
+    spec, backbone, adapters = convert(load_checkpoint(cfg.checkpoint), cfg)
+    spec = save_policy(out, spec, backbone, adapters)
     print(f"wrote {out}: {len(spec.agents)} agents, rank {spec.lora.rank}, layers {spec.adapted_layers}"
           + (", per-agent log-std" if spec.lora.log_std_offset else "")
           + (f", agent one-hot ({spec.agent_onehot})" if spec.agent_onehot else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("lorasa-import-reference", run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

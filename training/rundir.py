@@ -17,10 +17,10 @@ from pathlib import Path
 
 from lorasa_serve import env_file
 from lorasa_serve.artifacts import atomic_write
+from lorasa_serve.cli import UsageError
 from lorasa_serve.errors import ArtifactError
 
 from .checkpoint import STATE_DIR
-from .errors import UsageError
 
 RUN_FILES = ("metrics.csv", "summary.json", "policy.json", f"{STATE_DIR}/state.json")
 TASK_KEYS = ("kind", "scenario", "agent_conf", "agent_obsk", "episode_limit")

@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from lorasa_serve import LoraSpec, PolicySpec, env_file, load_policy, save_policy
 from lorasa_serve.artifacts import atomic_write
+from lorasa_serve.cli import UsageError
 
 from . import checkpoint, rundir
 from .actor import Actor
 from .config import TrainConfig, check_config
 from .envs import EnvConfig, EnvInfo, make_vec_env
 from .episodes import EpisodeStats, run_episodes
-from .errors import UsageError
 from .a2po import a2po_update
 from .mappo import Critic, Cursor, Policy, ValueNorm, env_actions, grouped, ppo_update
 from .rollouts import make_rollouts

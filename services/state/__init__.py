@@ -13,7 +13,7 @@ def open_backend(redis_url: str, state_dir: str, fingerprint: str, hidden: int,
     """Redis when `redis_url` is set (nothing is kept in `state_dir` then), else the local state dir.
     Opening never touches the network: an unreachable Redis shows up as StateUnavailable on first use."""
     if redis_url:
-        from .redis import RedisState
+        from .redis_backend import RedisState
         return RedisState(redis_url, fingerprint, hidden, limits)
-    from .local import LocalState
+    from .local_backend import LocalState
     return LocalState(state_dir, fingerprint, hidden, limits)

@@ -99,7 +99,8 @@ class StateBackend(Protocol):
         (expired, or the session was reset meanwhile): nothing was written for that step."""
     def reset_session(self, session_id: str) -> bool: ...
     def session_stats(self) -> dict[str, int]:
-        """{"sessions": count, "bytes": bytes of state held}."""
+        """{"sessions": count, "bytes": bytes of state held}. The service never calls it: it is what the
+        tests (the eviction bounds) and benchmarks/session_eviction.py read the backends' sessions with."""
     def close(self) -> None: ...
 
 

@@ -20,12 +20,15 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-
-class EnvUnavailableError(RuntimeError):
-    """An environment's package (or game) is not installed on this machine."""
+from lorasa_serve.errors import LorasaError
 
 
-class UnknownTaskError(ValueError):
+class EnvUnavailableError(LorasaError, RuntimeError):
+    """An environment's package (or game) is not installed on this machine (the message names the
+    install command; a CLI prints it as one line, exit 2)."""
+
+
+class UnknownTaskError(LorasaError, ValueError):
     """The environment package has no such scenario / map / agent partition (a user error)."""
 
 
@@ -33,10 +36,10 @@ class UnknownTaskError(ValueError):
 class EnvConfig:
     """Which environment to run. Written to `env.json` beside a policy so `lorasa-eval` can rebuild it."""
 
-    kind: Literal["mamujoco", "smax", "smac"] = "mamujoco"
+    kind: Literal["mamujoco", "smax", "smac"] = "mamujoco"  # the environment package
     scenario: str = "HalfCheetah"  # MaMuJoCo scenario, or SMAX / SMAC map name (e.g. 3s5z)
-    agent_conf: str = "2x3"  # MaMuJoCo only
-    agent_obsk: int = 1  # MaMuJoCo only
+    agent_conf: str = "2x3"  # MaMuJoCo only: the agent partition, e.g. 2x3 or 9|8
+    agent_obsk: int = 1  # MaMuJoCo only: agents observe joints up to this many hops away
     episode_limit: int = 1000  # MaMuJoCo: max_episode_steps; SMAX: max_steps; SMAC: only lowers the map's
     n_envs: int = 8  # environments stepped together
     workers: int = 2  # subprocesses for MaMuJoCo/SMAC (0: step in this process); SMAX uses JAX vmap

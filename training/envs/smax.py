@@ -1,6 +1,6 @@
 """SMAX (jaxmarl `HeuristicEnemySMAX`) as a vector env: E games in one `jit(vmap(...))` call.
 
-Speed (DESIGN.md): everything per step stays inside one jitted function, including splitting the RNG
+Speed (BENCHMARKS.md, "Training throughput"): everything per step stays inside one jitted function, including splitting the RNG
 key and the auto-reset, so Python does one call and one device->host copy per step for all E envs.
 """
 from __future__ import annotations

@@ -15,11 +15,11 @@ run's compact results go to <grid dir>/<grid name>/runs/ (commit them: `run` ski
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from ..errors import OneLineParser, UsageError, exit_on_usage_error
+from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
+
 from ..grid import Grid, check_recorded, has_compact, run_grid
 from .results import concat_rows, mean_curve
 from .stats import Stats, betainc, overlap, t_cdf, t_quantile
@@ -29,10 +29,9 @@ __all__ = ["main", "write_report", "Stats", "betainc", "concat_rows", "mean_curv
            "t_quantile"]
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = OneLineParser(prog="lorasa-report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="lorasa-report", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, help="what to do")
     for name, help_ in (("run", "train the missing runs, then write the report"),
                         ("write", "write the report from the finished runs")):
         s = sub.add_parser(name, help=help_)
@@ -51,24 +50,26 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("grid", type=Path, help="the grid TOML")
     s.add_argument("--runs", type=Path, required=True, help="runs root (finished runs there count too)")
     s.add_argument("--jobs", type=int, default=2, help="runs trained at a time")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
     if args.command == "plan":
         from .plan import plan_text
         from .writer import md_table
-        with exit_on_usage_error("lorasa-report"):
-            if args.jobs < 1:
-                raise UsageError("--jobs must be >= 1")
-            print(plan_text(Grid.load(args.grid), args.runs, args.jobs, md_table))
-        return
+        if args.jobs < 1:
+            raise UsageError("--jobs must be >= 1")
+        print(plan_text(Grid.load(args.grid), args.runs, args.jobs, md_table))
+        return 0
     launcher = None
-    with exit_on_usage_error("lorasa-report"):
-        grid = _check(args)
-        if args.command == "run":
-            check_recorded(grid, args.runs.resolve())
-            if args.ray:
-                from ..grid_ray import RayLauncher, check_cluster_fits
-                launcher = RayLauncher(args.runs.resolve(), args.ray)
-                check_cluster_fits(grid.runs, launcher)
+    grid = _check(args)
+    if args.command == "run":
+        check_recorded(grid, args.runs.resolve())
+        if args.ray:
+            from ..grid_ray import RayLauncher, check_cluster_fits
+            launcher = RayLauncher(args.runs.resolve(), args.ray)
+            check_cluster_fits(grid.runs, launcher)
     failed: list[str] = []
     if args.command == "run":
         failed = run_grid(grid, args.runs.resolve(), args.jobs, launcher=launcher)
@@ -77,7 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     print(readme)
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli("lorasa-report", run, argv)
 
 
 def _check(args) -> Grid:

@@ -12,7 +12,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UsageError
+from lorasa_serve.cli import UsageError
+
 from ..grid import Grid, Run, is_done
 from .results import load_results
 
