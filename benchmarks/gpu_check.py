@@ -199,7 +199,7 @@ def parity(policy: Path, device: str, providers: list[str], steps: int, envs: in
     ref = Engine.from_dir(policy, device="cpu", mode="lora")
     eng = Engine.from_dir(policy, device=device, mode="lora")
     onnx = onnx_engine_from_policy(policy, providers=providers)
-    used = sorted({p for s in onnx._sessions.values() for p in s.get_providers()}, key=providers.index)
+    used = sorted({p for s in onnx._graphs.values() for p in s.get_providers()}, key=providers.index)
     spec, rng = ref.spec, np.random.default_rng(0)
     ids = [a for _ in range(envs) for a in spec.agent_ids]
     B = len(ids)
@@ -240,12 +240,16 @@ def onnx_child(out: Path) -> int:
 
 
 # --- the command ----------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = ArgumentParser(prog="gpu_check", description=__doc__, allow_abbrev=False,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog="gpu_check", description=__doc__)
     ap.add_argument("results", type=Path, help="folder for every result (made if missing; files in it are replaced)")
-    ap.add_argument("--onnx-child", action="store_true", help=argparse.SUPPRESS)  # the onnx step's process
-    args = ap.parse_args(argv)
+    ap.add_argument("--onnx-child", action="store_true",
+                    help="internal: run the ONNX parity step in this process (the script starts it so)")
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = parser().parse_args(argv)
     if args.results.exists() and not args.results.is_dir():
         raise UsageError(f"{args.results} is a file: pass a folder for the results")
     return args
