@@ -6,7 +6,9 @@
     lorasa-train --preset smax_3s5z --ppo.lr 3e-4 --env.n-envs 32 --lora.layers mlp.0,head
 
 Every field of `TrainConfig` is a flag (nested ones dotted: --ppo.lr, --env.scenario); only flags you
-give override the preset (or the defaults).
+give override the preset (or the defaults). A run moves in whole updates of --env.n-envs x --ppo.rollout
+env steps: --total-steps and --switch-step are rounded up to multiples of it (a note says so at the
+start; summary.json records steps_per_update, total_steps_rounded and switch_step_rounded).
 """
 from __future__ import annotations
 
