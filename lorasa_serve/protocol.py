@@ -13,10 +13,10 @@ The rules (one message per error, naming the row where there is one):
   at most `max_rows` (413, `check_rows`); with a session each agent at most once, and the session id
   follows `SESSION_ID_RULE` (`check_session_id`).
 * widths, one rule for every entry point (`check_width`; a /v1 JSON row is an array of one row):
-  obs [B, W] with max(obs_dim of the rows present) <= W <= obs_max: each row is its agent's observation,
-  zero-padded to W (a narrower array is zero-padded on the right to obs_max). Every column past a row's
-  obs_dim must be 0: a non-zero one is an error naming the row and agent ("wrong agent's row?"). An
-  array narrower than a row's obs_dim would have lost features: refused, naming the row and agent.
+  obs [B, W] with max(obs_dim of the rows present) <= W <= obs_max: each row is its agent's
+  observation followed by zeros (W < obs_max: zero-padded on the right to obs_max). Every column past
+  a row's obs_dim must be 0: a non-zero one is an error naming the row and agent ("wrong agent's
+  row?"). An array narrower than a row's obs_dim would lose features: refused, naming row and agent.
   Finite in float32. (The agent one-hot of an `agent_onehot` policy is appended by the runtime.)
   avail (Categorical only) [B, W] with max(act_dim of the rows present) <= W <= act_max, booleans or
   0/1 (padded with False to act_max). Columns past a row's act_dim name actions that do not exist:
@@ -104,7 +104,8 @@ class AgentTable:
         self.byte_index = {a.encode("utf-8"): i for a, i in self.index.items()}  # /v2 BYTES ids
         self.obs_dims = np.asarray(sizes["obs_dims"], dtype=np.int64)  # [n_agents]
         self.act_dims = np.asarray(sizes["act_dims"], dtype=np.int64)  # [n_agents]
-        self.obs_max, self.act_max, self.hidden = int(sizes["obs_max"]), int(sizes["act_max"]), int(sizes["hidden"])
+        self.obs_max, self.act_max = int(sizes["obs_max"]), int(sizes["act_max"])
+        self.hidden = int(sizes["hidden"])
         self.recurrent, self.categorical = bool(sizes["recurrent"]), bool(sizes["categorical"])
         self.obs_uniform = bool((self.obs_dims == self.obs_max).all())
         self.act_uniform = bool((self.act_dims == self.act_max).all())
@@ -125,6 +126,9 @@ class AgentTable:
 
 
 # --- the validator ------------------------------------------------------------------------------
+ONE_ROW_PER_AGENT = "with a session each agent may appear at most once per request"
+
+
 def check_act(table: AgentTable, agent_ids, obs, state=None, reset=None, avail=None, *,
               session_id: str | None = None, deterministic: bool = True, seed: int | None = None,
               max_rows: int | None = None) -> ActRequest:
@@ -141,9 +145,6 @@ def check_act(table: AgentTable, agent_ids, obs, state=None, reset=None, avail=N
     if session_id is not None and len(np.unique(idx)) != B:
         raise InputError(ONE_ROW_PER_AGENT)
     return ActRequest(idx, table.names, obs_a, state_a, reset_a, avail_a, session_id, deterministic, seed)
-
-
-ONE_ROW_PER_AGENT = "with a session each agent may appear at most once per request"
 
 
 def check_rows(n: int, max_rows: int | None) -> None:
@@ -170,11 +171,10 @@ def check_width(table: AgentTable, name: str, idx: np.ndarray, width: int, first
             raise InputError(f"row {first}: state has {width} values, expected the policy's hidden size "
                              f"{table.hidden}")
         return
-    dims, top, dim = ((table.obs_dims, table.obs_max, "obs_dim") if name == "obs"
-                      else (table.act_dims, table.act_max, "act_dim"))
+    dims, top, dim, most = ((table.obs_dims, table.obs_max, "obs_dim", "obs_max") if name == "obs"
+                            else (table.act_dims, table.act_max, "act_dim", "act_max"))
     if width > top:
-        raise InputError(f"row {first}: {name} has {width} values, more than the policy's "
-                         f"{dim[:3]}_max {top}")
+        raise InputError(f"row {first}: {name} has {width} values, more than the policy's {most} {top}")
     if width >= int(dims.max()):
         return  # every agent fits (the common case: no per-row gather)
     short_rows = np.flatnonzero(dims[idx] > width)
