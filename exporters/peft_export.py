@@ -6,20 +6,23 @@
 `peft.PeftModel.from_pretrained(ActorModule.from_dir(POLICY, agent), OUT/peft/<agent>)` loads it as is
 (names: `lorasa_serve.peft_format`). Each directory is written to a temporary name, read back through
 the runtime's own PEFT importer (`Engine.load_adapter` takes it), compared with the engine's adapter,
-then renamed into place; nothing else in OUT is touched.
+then renamed into place; nothing else in OUT is touched. As the main pipeline, an OUT that holds an
+export of another policy (PEFT directories of another backbone, or a manifest.json naming another
+policy) is refused before anything is written.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from lorasa_serve import Engine, artifacts, peft_format
+from lorasa_serve import Engine, artifacts, files, peft_format
 from lorasa_serve.errors import LorasaError
 
 from .errors import ExportError
-from .pipeline import ArtifactResult, ExportConfig, ExportReport, _publish, _remove
+from .pipeline import ArtifactResult, ExportConfig, ExportReport, _earlier_artifacts, _publish, _remove
 
 PEFT_DIR = "peft"
 
@@ -40,7 +43,23 @@ def check_peft_config(cfg: ExportConfig, engine: Engine) -> list[str]:
         raise ExportError("--out must differ from the policy directory")
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise ExportError(f"--out {cfg.out} is a file: pass a directory (created if missing)")
+    _check_same_policy(Path(cfg.out), engine)
     return agents
+
+
+def _check_same_policy(out: Path, engine: Engine) -> None:
+    """ExportError when `out` holds an export of another policy: a manifest.json naming another
+    policy (the main pipeline's check), or a PEFT directory whose config names another backbone."""
+    _earlier_artifacts(out, engine)
+    want = peft_format.base_model_name(engine.spec)
+    for config in sorted((out / PEFT_DIR).glob(f"*/{peft_format.CONFIG_FILE}")):
+        try:
+            base = json.loads(files.read_file(config, artifacts.MAX_JSON_BYTES)).get("base_model_name_or_path")
+        except (LorasaError, ValueError, AttributeError):
+            base = None  # unreadable: not ours to judge, and not this policy's either
+        if base != want:
+            raise ExportError(f"--out {out} holds an export of another policy ({config.parent.relative_to(out)}: "
+                              f"{str(base)[:40]!r}): pass an empty directory, or remove that export first")
 
 
 def export_peft(cfg: ExportConfig) -> ExportReport:

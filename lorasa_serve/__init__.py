@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # what static tools see; at run time these load on first use
                          NotRegularFileError, OversizedFileError, PeftFormatError, RankAlphaMismatchError,
                          ShapeMismatchError, SpecError, UnknownAgentError)
     from .network import init_adapter, init_backbone
-    from .protocol import ActRequest, ActResult, BadRequest
+    from .protocol import ActRequest, ActResult, BadRequest, pad_obs
     from .spec import AgentSpec, LoraSpec, PolicySpec
 
 __version__ = "0.1.0"
@@ -26,7 +26,7 @@ _WHERE = {
     "load_policy": "artifacts", "save_adapter": "artifacts", "save_policy": "artifacts", "Engine": "engine",
     "CacheLimits": "caches",
     "ActRequest": "protocol", "ActResult": "protocol", "BadRequest": "protocol",
-    "init_adapter": "network", "init_backbone": "network", "AgentSpec": "spec", "LoraSpec": "spec",
+    "pad_obs": "protocol", "init_adapter": "network", "init_backbone": "network", "AgentSpec": "spec", "LoraSpec": "spec",
     "PolicySpec": "spec",
     **{name: "errors" for name in (
         "ArtifactError", "CorruptFileError", "DigestMismatchError", "FingerprintMismatchError",

@@ -37,8 +37,9 @@ class ActBackend(Protocol):
 
     def act(self, agent_ids, obs, state=None, reset=None, avail=None, *, deterministic: bool = True,
             generator: torch.Generator | None = None) -> ActResult:
-        """agent_ids [B] (ids or indices); obs [B, <=obs_max]; state [B, H] or None (zeros);
-        reset [B] bool; avail [B, <=act_max] (Categorical only) -> actions, log-probs, next state."""
+        """agent_ids [B] (ids or indices); obs [B, W] (W: the rows' widest obs_dim .. obs_max); state
+        [B, H] or None (zeros); reset [B] bool; avail [B, W'] (the rows' widest act_dim .. act_max;
+        Categorical only) -> actions, log-probs, next state."""
         ...
 
     def act_checked(self, req: ActRequest, *, generator: torch.Generator | None = None) -> ActResult:

@@ -18,7 +18,9 @@ unmarked 503) it raises `StepOutcomeUnknown`: reset the session, or continue fro
 Errors are typed: `ClientError` (status and the server's message) and its subclasses
 `ServerUnavailable`, `StepOutcomeUnknown`, `ResponseError` (an answer that does not fit the request:
 shapes, datatypes, row count, missing outputs, malformed JSON, over `max_response_bytes`) and
-`ClientInputError` (bad arguments; also a ValueError). `timeout` is one deadline per call: connecting,
+`ClientInputError` (bad arguments, checked before anything is sent by `lorasa_serve.protocol`'s rules, the
+server's, against the model metadata fetched once: the same messages; also a ValueError). `timeout` is one
+deadline per call: connecting,
 sending, the whole answer and any retries together (a server dripping bytes cannot stretch it).
 """
 from __future__ import annotations
@@ -36,8 +38,10 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 
+from .errors import InputError
 from .oip_codec import HEADER, TensorError, decode_body, encode_parts
 from .protocol import ActResult  # numpy arrays here: actions, log_probs, state (None in a session), versions
+from .protocol import AgentTable, check_act
 
 DEFAULT_MODEL = "lorasa_policy"
 RETRY_SAFE = "X-Lorasa-Retry-Safe"  # the server's mark on a 503 after which re-sending is safe
@@ -112,23 +116,26 @@ class PolicyClient:
         self.max_response_bytes = max_response_bytes
         self._meta: dict | None = None  # the model metadata, once fetched (checks answers against it)
         self._conn: http.client.HTTPConnection | None = None
-        self._index: dict[str, int] | None = None  # agent id -> index, from the model metadata
+        self._agents: AgentTable | None = None  # the protocol's view of the model, from its metadata
 
     # --- public API ---------------------------------------------------------------------------
     def act(self, agent_ids: Sequence[str] | np.ndarray, obs, state=None, reset=None, avail=None,
             deterministic: bool = True, session_id: str | None = None, seed: int | None = None
             ) -> ActResult:
-        """agent_ids [B] (ids, or integer indices in the policy's agent order); obs [B, obs_max]
-        (zero past each agent's obs_dim); state [B, hidden] | None; reset [B] bool | None;
-        avail [B, act_max] bool | None (categorical)."""
-        tensors = [_agent_tensor(agent_ids, self._agent_index)]
-        tensors.append(("obs", "FP32", _array(obs, np.float32, 2, "obs"), True))
-        if state is not None:
-            tensors.append(("state", "FP32", _array(state, np.float32, 2, "state"), True))
-        if reset is not None:
-            tensors.append(("reset", "BOOL", _array(reset, np.bool_, 1, "reset"), True))
-        if avail is not None:
-            tensors.append(("avail", "BOOL", _array(avail, np.bool_, 2, "avail"), True))
+        """agent_ids [B] (ids, or integer indices in the policy's agent order); obs [B, W] (W: the
+        rows' widest obs_dim .. obs_max; zero past each agent's obs_dim); state [B, hidden] | None;
+        reset [B] bool | None; avail [B, W'] bool | None (categorical). Checked by the protocol's rules
+        before anything is sent (ClientInputError with its message)."""
+        try:
+            req = check_act(self._table(), _ids(agent_ids), *map(_numpy, (obs, state, reset, avail)),
+                            session_id=session_id)
+        except InputError as e:
+            raise ClientInputError(str(e)) from None
+        tensors = [("agent_index", "INT64", req.idx, True), ("obs", "FP32", req.obs, True)]
+        for name, dtype, arr in (("state", "FP32", req.state), ("reset", "BOOL", req.reset),
+                                 ("avail", "BOOL", req.avail)):
+            if arr is not None:
+                tensors.append((name, dtype, arr, True))
         params: dict = {"binary_data_output": True, "deterministic": bool(deterministic)}
         if session_id is not None:
             params["session_id"] = session_id
@@ -137,17 +144,14 @@ class PolicyClient:
         parts, hlen = encode_parts({"parameters": params}, "inputs", tensors)  # arrays not copied
         headers = {"Content-Type": "application/octet-stream", HEADER: str(hlen),
                    "Content-Length": str(sum(len(p) for p in parts))}
-        rows = len(tensors[0][2])
-        for name, _, arr, _ in tensors[1:]:
-            if len(arr) != rows:
-                raise ClientInputError(f"{name} has {len(arr)} rows, agent_ids {rows}")
+        rows = req.n
         status, resp_headers, data = self._call("POST", f"/v2/models/{quote(self.model)}/infer", parts,
                                                 headers, step=session_id is not None)
         try:
             out = decode_body(data, resp_headers.get(HEADER), "outputs").tensors
         except TensorError as e:
             raise ResponseError(status, f"malformed response: {e}") from None
-        return _checked_result(out, rows, None if state is None else tensors[2][2].shape[1], self._meta)
+        return _checked_result(out, rows, None if req.state is None else req.state.shape[1], self._meta)
 
     def session(self, session_id: str | None = None) -> "Session":
         """A session: the server keeps each agent's recurrent state between calls. Its id is a bearer
@@ -201,11 +205,11 @@ class PolicyClient:
         self.close()
 
     # --- plumbing -----------------------------------------------------------------------------
-    def _agent_index(self) -> dict[str, int]:
-        if self._index is None:
-            agents = self.metadata()["parameters"]["agents"]  # checked by metadata()
-            self._index = {a["agent_id"]: i for i, a in enumerate(agents)}
-        return self._index
+    def _table(self) -> AgentTable:
+        """The model's agents and sizes as the protocol's table (from the metadata, fetched once)."""
+        if self._agents is None:
+            self._agents = _table_of(self._meta if self._meta is not None else self.metadata())
+        return self._agents
 
     def _json(self, method: str, path: str) -> dict:
         status, _, data = self._call(method, path, None, {})
@@ -396,23 +400,47 @@ def _checked_result(out: dict, rows: int, state_width: int | None, meta: dict | 
                      out["version"].array)
 
 
-def _agent_tensor(agent_ids, index_of) -> tuple[str, str, np.ndarray, bool]:
-    if isinstance(agent_ids, (str, bytes)):
-        raise ClientInputError(f"agent_ids must be a list of ids (one per row), not the string {agent_ids!r}: "
-                               f"pass [{agent_ids!r}]")
-    ids = agent_ids if isinstance(agent_ids, np.ndarray) else np.asarray(list(agent_ids), dtype=object)
-    if ids.dtype.kind in "iu" or (ids.dtype == object and ids.size and all(map(_is_int, ids.reshape(-1)))):
-        return "agent_index", "INT64", ids.astype(np.int64, copy=False).reshape(-1), True
-    names = [str(a) for a in ids.reshape(-1)]
-    index = index_of()
-    if all(a in index for a in names):  # integer indices: cheaper to send and to look up
-        return "agent_index", "INT64", np.fromiter((index[a] for a in names), np.int64, len(names)), True
-    return "agent_id", "BYTES", np.asarray([a.encode() for a in names] or [], dtype=object), True
+def _table_of(meta: dict) -> AgentTable:
+    """Model metadata -> the protocol's AgentTable: agents with obs_dim / act_dim, obs_max (the obs
+    input's width), hidden (the state input's, if any), act_max (the avail input's, else the action
+    output's); ResponseError when the metadata lacks them."""
+    try:
+        ins = {t["name"]: t["shape"] for t in meta["inputs"]}
+        outs = {t["name"]: t["shape"] for t in meta["outputs"]}
+        agents = meta["parameters"]["agents"]
+        categorical, recurrent = "avail" in ins, "state" in ins
+        sizes = [int(x) for x in (ins["obs"][1], (ins["avail"] if categorical else outs["action"])[1],
+                                  ins["state"][1] if recurrent else 0)]
+        return AgentTable.from_sizes([str(a["agent_id"]) for a in agents], [int(a["obs_dim"]) for a in agents],
+                                     [int(a["act_dim"]) for a in agents], obs_max=sizes[0], act_max=sizes[1],
+                                     hidden=sizes[2], recurrent=recurrent, categorical=categorical)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise ResponseError(200, "model metadata without the policy's sizes (inputs obs [, state, avail], "
+                                 "outputs action, parameters.agents with obs_dim and act_dim)") from None
+
+
+def _ids(agent_ids):
+    """Agent ids as the protocol takes them: integer indices (a list, range, tuple or array of ints)
+    as an int64 array; anything else as it is (ids, or what the protocol refuses)."""
+    if isinstance(agent_ids, (str, bytes)) or not hasattr(agent_ids, "__iter__"):
+        return agent_ids
+    ids = _numpy(agent_ids)
+    ids = ids if isinstance(ids, np.ndarray) else np.asarray(list(ids), dtype=object)
+    if ids.dtype.kind in "iu":
+        return ids
+    if ids.dtype == object and ids.size and all(map(_is_int, ids.reshape(-1))):
+        return ids.astype(np.int64)
+    return list(ids) if ids.ndim == 1 else ids
 
 
 def _is_int(a: object) -> bool:
     """An integer agent index (a list/range/tuple of ints), not a bool."""
     return isinstance(a, (int, np.integer)) and not isinstance(a, (bool, np.bool_))
+
+
+def _numpy(x):
+    """A torch tensor argument as a numpy array (this module never imports torch)."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
 
 
 def _peer_closed(sock: socket.socket | None) -> bool:
@@ -423,16 +451,6 @@ def _peer_closed(sock: socket.socket | None) -> bool:
         return bool(select.select([sock], [], [], 0)[0])
     except (OSError, ValueError):
         return True
-
-
-def _array(x, dtype, ndim: int, name: str) -> np.ndarray:
-    try:
-        a = np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x, dtype=dtype)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ClientInputError(f"{name}: not an array of {np.dtype(dtype).name}: {e}") from None
-    if a.ndim != ndim:
-        raise ClientInputError(f"{name} must be {ndim}-D, not shape {list(a.shape)}")
-    return a
 
 
 def _error_message(data: bytes) -> str:

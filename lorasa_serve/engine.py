@@ -142,9 +142,10 @@ class Engine:
             mode: Mode | None = None) -> ActResult:
         """One forward over a mixed batch, inputs checked by `lorasa_serve.protocol` (its rules).
 
-        agent_ids [B] (ids, or indices from `agent_index`); obs [B, <=obs_max] (each row the agent's
-        observation zero-padded; non-zero values past its obs_dim are an error); state [B, hidden] or
-        None (zeros); reset [B] bool (True zeroes the state: episode start); avail [B, <=act_max]
+        agent_ids [B] (ids, or indices from `agent_index`); obs [B, W], W from the rows' widest
+        obs_dim to obs_max (each row the agent's observation zero-padded; non-zero values past its
+        obs_dim are an error); state [B, hidden] or None (zeros); reset [B] bool (True zeroes the
+        state: episode start); avail [B, W'], W' from the rows' widest act_dim to act_max:
         available-action mask (Categorical only). Returns actions, log-probs and the next state.
         Sampling draws from `generator` (seedable) when not deterministic.
 

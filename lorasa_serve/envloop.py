@@ -11,10 +11,11 @@
         obs, rew, term, trunc, _ = env.step(team.act(obs))
 
 `TeamPolicy` does what each user otherwise writes by hand: it orders the rows in the policy's agent
-order, zero-pads each agent's observation to obs_max, keeps the recurrent state per (env, agent), zeroes
-it at episode starts, splits the actions back into a dict at each agent's true size, clips Gaussian
-actions to each agent's `Box` (the backends return unclipped means / samples) and turns PettingZoo action
-masks (`{"observation": ..., "action_mask": ...}` observations, or `action_masks=`) into Categorical masks.
+order, zero-pads each agent's observation to obs_max (`lorasa_serve.pad_obs`, the one padding helper),
+keeps the recurrent state per (env, agent), zeroes it at episode starts, splits the actions back into a
+dict at each agent's true size, clips Gaussian actions to each agent's `Box` (the backends return
+unclipped means / samples) and turns PettingZoo action masks (`{"observation": ..., "action_mask": ...}`
+observations, or `action_masks=`) into Categorical masks.
 `n_envs > 1` acts for several envs in one batch: pass a list of observation dicts.
 
 Any backend with the `ActBackend` act signature works: `Engine`, `OnnxEngine`, or `PolicyClient` (HTTP;
@@ -30,6 +31,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import InputError
+from .protocol import pad_obs
 from .spec import PolicySpec
 
 ObsDict = Mapping[str, Any]  # env agent name -> observation array, or {"observation", "action_mask"}
@@ -117,13 +119,14 @@ class TeamPolicy:
 
     def _forward(self, rows: list[tuple[int, _Agent]], envs: list[ObsDict], masks) -> list[Any]:
         spec, B = self.spec, len(rows)
-        obs = np.zeros((B, spec.obs_max), np.float32)
+        per_row = []  # [B] each row's observation [obs_dim]
         avail = np.zeros((B, spec.act_max), bool) if spec.action == "categorical" else None
         for r, (e, a) in enumerate(rows):
             o, m = _split(envs[e][a.name], None if masks is None else (masks[e] or {}).get(a.name))
-            obs[r, :a.obs_dim] = _vector(o, a.obs_dim, f"env {e} agent {a.name!r} observation")
+            per_row.append(_vector(o, a.obs_dim, f"env {e} agent {a.name!r} observation"))
             if avail is not None:
                 avail[r, :a.act_dim] = True if m is None else _vector(m, a.act_dim, f"env {e} agent {a.name!r} mask") > 0
+        obs = pad_obs(per_row, spec.obs_max)  # [B, obs_max]
         env_i = np.array([e for e, _ in rows])
         col = np.array([self._col[a.name] for _, a in rows])
         state = None if self._state is None else self._state[env_i, col]
@@ -131,9 +134,9 @@ class TeamPolicy:
         res = self.backend.act(np.array([a.index for _, a in rows], np.int64), obs, state, reset, avail,
                                **self._kwargs)
         if self._state is not None:
-            self._state[env_i, col] = np.asarray(res.state, np.float32)
+            self._state[env_i, col] = _numpy(res.state)
         self._start[env_i, col] = False
-        actions = np.asarray(res.actions)
+        actions = _numpy(res.actions)
         return [self._action(a, actions[r]) for r, (_, a) in enumerate(rows)]
 
     def _action(self, a: _Agent, row: np.ndarray):
@@ -153,6 +156,12 @@ def _spec_of(backend) -> PolicySpec:
     if hasattr(backend, "policy_spec"):
         return backend.policy_spec()
     raise InputError(f"{type(backend).__name__} has no policy spec: pass spec=")
+
+
+def _numpy(x) -> np.ndarray:
+    """A backend's output as a numpy array: torch tensors (Engine on any device, OnnxEngine) are
+    detached and copied to the host; PolicyClient's arrays pass as they are."""
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def _split(o, mask):

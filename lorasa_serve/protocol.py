@@ -10,26 +10,32 @@ gives the same outcome, and the same error message, everywhere.
 
 The rules (one message per error, naming the row where there is one):
 * agent ids: a sequence of served ids or an int array of indices in the spec's order; at least one row,
-  at most `max_rows` (413); with a session each agent at most once.
-* obs: numbers [B, W], W <= obs_max: a row is the agent's observation zero-padded to obs_max (a
-  narrower array is zero-padded on the right). Every column past a row's agent obs_dim must be 0:
-  a non-zero one is an error naming the row and agent ("wrong agent's row?"). Finite in float32.
-  (The agent one-hot of a `agent_onehot` policy is appended by the runtime: clients never send it.)
-* state: numbers [B, hidden] exactly, finite; recurrent policies only; not together with a session.
+  at most `max_rows` (413, `check_rows`); with a session each agent at most once, and the session id
+  follows `SESSION_ID_RULE` (`check_session_id`).
+* widths, one rule for every entry point (`check_width`; a /v1 JSON row is an array of one row):
+  obs [B, W] with max(obs_dim of the rows present) <= W <= obs_max: each row is its agent's
+  observation followed by zeros (W < obs_max: zero-padded on the right to obs_max). Every column past
+  a row's obs_dim must be 0: a non-zero one is an error naming the row and agent ("wrong agent's
+  row?"). An array narrower than a row's obs_dim would lose features: refused, naming row and agent.
+  Finite in float32. (The agent one-hot of an `agent_onehot` policy is appended by the runtime.)
+  avail (Categorical only) [B, W] with max(act_dim of the rows present) <= W <= act_max, booleans or
+  0/1 (padded with False to act_max). Columns past a row's act_dim name actions that do not exist:
+  they are ignored (read as False), so `np.ones((B, act_max))` means "all of each agent's actions".
+  Every row needs an available action among its agent's own. state [B, hidden] exactly.
+* state: finite; recurrent policies only; not together with a session.
 * reset: [B] booleans or 0/1 numbers.
-* avail (Categorical only): [B, W], W <= act_max, booleans or 0/1 (a narrower array is padded with
-  False). Columns past a row's agent act_dim name actions that do not exist: they are ignored (read as
-  False), so `np.ones((B, act_max))` means "all of each agent's actions". Every row needs an available
-  action among its agent's own.
+* a Mapping (a per-agent dict, as PettingZoo gives) is refused, pointing to
+  `lorasa_serve.envloop.TeamPolicy`, which turns such dicts into the arrays here.
 The result is normalised: obs padded to obs_max, avail masked to each agent's act_dim. A checked
 `ActRequest` may be handed to a backend's `act_checked` (the service's hot path) without a second check.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +45,12 @@ from .spec import PolicySpec
 BadRequest = InputError  # the service's name for it: `status` is the HTTP status it answers with
 ECHO_CHARS = 64  # client input echoed in a message is cut to this many characters
 MAX_LISTED_AGENTS = 20  # unknown-agent errors list at most this many served ids
+MAX_SESSION_ID = 128
+# session ids: 1-128 ASCII letters, digits and . _ : @ -, starting with a letter or digit (so an id
+# is always one URL path segment: no '/', no '.'/'..', no spaces, control characters or surrogates)
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,%d}" % (MAX_SESSION_ID - 1), re.ASCII)
+SESSION_ID_RULE = (f"1-{MAX_SESSION_ID} characters from A-Z a-z 0-9 . _ : @ -, "
+                   "starting with a letter or digit")
 
 
 @dataclass
@@ -76,17 +88,34 @@ class ActRequest:
 
 
 class AgentTable:
-    """A spec's per-agent sizes as arrays: what the validator reads, made once by its owner."""
+    """A policy's per-agent sizes as arrays: all the validator reads, made once by its owner. From a
+    spec (`AgentTable(spec)`), or from sizes alone (`from_sizes`: what a client learns from the model
+    metadata); `spec` is None then."""
 
-    def __init__(self, spec: PolicySpec):
+    def __init__(self, spec: PolicySpec | None, *, sizes: dict | None = None):
+        if spec is not None:
+            sizes = dict(agent_ids=spec.agent_ids, obs_dims=[a.obs_dim for a in spec.agents],
+                         act_dims=[a.act_dim for a in spec.agents], obs_max=spec.obs_max,
+                         act_max=spec.act_max, hidden=spec.hidden, recurrent=spec.recurrent,
+                         categorical=spec.action == "categorical")
         self.spec = spec
-        self.names = np.asarray(spec.agent_ids, dtype=object)  # [n_agents]
-        self.index = {a: i for i, a in enumerate(spec.agent_ids)}
+        self.names = np.asarray(sizes["agent_ids"], dtype=object)  # [n_agents]
+        self.index = {a: i for i, a in enumerate(sizes["agent_ids"])}
         self.byte_index = {a.encode("utf-8"): i for a, i in self.index.items()}  # /v2 BYTES ids
-        self.obs_dims = np.asarray([a.obs_dim for a in spec.agents], dtype=np.int64)  # [n_agents]
-        self.act_dims = np.asarray([a.act_dim for a in spec.agents], dtype=np.int64)  # [n_agents]
-        self.obs_uniform = bool((self.obs_dims == spec.obs_max).all())
-        self.act_uniform = bool((self.act_dims == spec.act_max).all())
+        self.obs_dims = np.asarray(sizes["obs_dims"], dtype=np.int64)  # [n_agents]
+        self.act_dims = np.asarray(sizes["act_dims"], dtype=np.int64)  # [n_agents]
+        self.obs_max, self.act_max = int(sizes["obs_max"]), int(sizes["act_max"])
+        self.hidden = int(sizes["hidden"])
+        self.recurrent, self.categorical = bool(sizes["recurrent"]), bool(sizes["categorical"])
+        self.obs_uniform = bool((self.obs_dims == self.obs_max).all())
+        self.act_uniform = bool((self.act_dims == self.act_max).all())
+
+    @classmethod
+    def from_sizes(cls, agent_ids: Sequence[str], obs_dims: Sequence[int], act_dims: Sequence[int], *,
+                   obs_max: int, act_max: int, hidden: int, recurrent: bool, categorical: bool) -> "AgentTable":
+        return cls(None, sizes=dict(agent_ids=list(agent_ids), obs_dims=obs_dims, act_dims=act_dims,
+                                    obs_max=obs_max, act_max=act_max, hidden=hidden, recurrent=recurrent,
+                                    categorical=categorical))
 
     @classmethod
     def of(cls, spec_or_table: "PolicySpec | AgentTable") -> "AgentTable":
@@ -97,22 +126,77 @@ class AgentTable:
 
 
 # --- the validator ------------------------------------------------------------------------------
+ONE_ROW_PER_AGENT = "with a session each agent may appear at most once per request"
+
+
 def check_act(table: AgentTable, agent_ids, obs, state=None, reset=None, avail=None, *,
               session_id: str | None = None, deterministic: bool = True, seed: int | None = None,
               max_rows: int | None = None) -> ActRequest:
     """Check every input (see the module doc) -> ActRequest; InputError (or UnknownAgentError) on the
     first problem. Never writes into the caller's arrays."""
     idx = agent_indices(table, agent_ids)  # [B]
-    B, spec = len(idx), table.spec
-    if max_rows is not None and B > max_rows:
-        raise InputError(f"{B} rows is over the limit of {max_rows} per request", 413)
+    B = len(idx)
+    check_rows(B, max_rows)
+    check_session_id(session_id)
     obs_a = _obs(table, idx, obs)
-    state_a = _state(spec, state, B, session_id)
+    state_a = _state(table, idx, state, session_id)
     reset_a = _bools(reset, "reset", (B,))
     avail_a = _avail(table, idx, avail)
     if session_id is not None and len(np.unique(idx)) != B:
-        raise InputError("with a session each agent may appear at most once per request")
+        raise InputError(ONE_ROW_PER_AGENT)
     return ActRequest(idx, table.names, obs_a, state_a, reset_a, avail_a, session_id, deterministic, seed)
+
+
+def check_rows(n: int, max_rows: int | None) -> None:
+    """The row limit (413): every entry point checks it before reading the rows."""
+    if max_rows is not None and n > max_rows:
+        raise InputError(f"{n} rows is over the limit of {max_rows} per request", 413)
+
+
+def check_session_id(sid: object) -> str | None:
+    """None, or a valid session id (SESSION_ID_RULE). The one session-id check of every route."""
+    if sid is None:
+        return None
+    if not isinstance(sid, str) or SESSION_ID_RE.fullmatch(sid) is None:
+        raise InputError(f"'session_id' {short(sid)} is invalid: use {SESSION_ID_RULE}")
+    return sid
+
+
+def check_width(table: AgentTable, name: str, idx: np.ndarray, width: int, first: int = 0) -> None:
+    """THE width rule, for rows `idx` [k] that share one width: an array's rows, or one /v1 JSON row
+    (`first`: its row number, which the message names). obs: from the rows' widest obs_dim to
+    obs_max; avail: from the widest act_dim to act_max; state: hidden exactly."""
+    if name == "state":
+        if width != table.hidden:
+            raise InputError(f"row {first}: state has {width} values, expected the policy's hidden size "
+                             f"{table.hidden}")
+        return
+    dims, top, dim, most = ((table.obs_dims, table.obs_max, "obs_dim", "obs_max") if name == "obs"
+                            else (table.act_dims, table.act_max, "act_dim", "act_max"))
+    if width > top:
+        raise InputError(f"row {first}: {name} has {width} values, more than the policy's {most} {top}")
+    if width >= int(dims.max()):
+        return  # every agent fits (the common case: no per-row gather)
+    short_rows = np.flatnonzero(dims[idx] > width)
+    if len(short_rows):
+        r = int(short_rows[0])
+        a = int(idx[r])
+        raise InputError(f"row {first + r} ({table.names[a]}, {dim} {int(dims[a])}): {name} has {width} "
+                         f"values, fewer than its {dim}")
+
+
+def check_state_allowed(table: AgentTable, session_id: str | None) -> None:
+    """A request that carries a state: recurrent policies only, and not together with a session."""
+    if not table.recurrent:
+        raise InputError("this policy is feed-forward and takes no 'state'")
+    if session_id is not None:
+        raise InputError("send either 'state' or a 'session_id', not both")
+
+
+def require_categorical(table: AgentTable) -> None:
+    """Action masks are for Categorical policies only."""
+    if not table.categorical:
+        raise InputError("avail (action masks) only apply to categorical policies")
 
 
 def agent_indices(table: AgentTable, agent_ids) -> np.ndarray:
@@ -176,22 +260,27 @@ def distinct_agents(agent_ids) -> list[str]:
     except TypeError:
         raise InputError("agent_ids must be a sequence of agent ids") from None
     if not distinct:
-        raise InputError("with a session each agent may appear at most once per request")
+        raise InputError(ONE_ROW_PER_AGENT)
     return ids
 
 
 def _obs(table: AgentTable, idx: np.ndarray, obs) -> np.ndarray:
-    """-> [B, obs_max] float32: shape, finite values, zeros past each row's obs_dim."""
-    B, width = len(idx), table.spec.obs_max
+    """-> [B, obs_max] float32: shape, width, finite values, zeros past each row's obs_dim."""
+    B, width = len(idx), table.obs_max
     x = _floats(obs, "obs")
-    if x.ndim != 2 or x.shape[0] != B or x.shape[1] > width:
-        raise InputError(f"obs has shape {list(x.shape)}, expected [{B}, <={width}]")
+    _check_rows_of(x, "obs", B)
+    check_width(table, "obs", idx, x.shape[1])
     _finite(x, "obs")
     if x.shape[1] < width:
         x = np.pad(x, ((0, 0), (0, width - x.shape[1])))
     if not table.obs_uniform:
         _check_padding(table, idx, x)
     return x
+
+
+def _check_rows_of(x: np.ndarray, name: str, B: int) -> None:
+    if x.ndim != 2 or x.shape[0] != B:
+        raise InputError(f"{name} has shape {list(x.shape)}, expected [{B}, width]: one row per agent id")
 
 
 def _check_padding(table: AgentTable, idx: np.ndarray, obs: np.ndarray) -> None:
@@ -210,16 +299,13 @@ def _check_padding(table: AgentTable, idx: np.ndarray, obs: np.ndarray) -> None:
                          f"past its obs_dim: wrong agent's row?")
 
 
-def _state(spec: PolicySpec, state, B: int, session_id: str | None) -> np.ndarray | None:
+def _state(table: AgentTable, idx: np.ndarray, state, session_id: str | None) -> np.ndarray | None:
     if state is None:
         return None
-    if not spec.recurrent:
-        raise InputError("this policy is feed-forward and takes no 'state'")
-    if session_id is not None:
-        raise InputError("send either 'state' or a 'session_id', not both")
+    check_state_allowed(table, session_id)
     x = _floats(state, "state")
-    if x.shape != (B, spec.hidden):
-        raise InputError(f"state has shape {list(x.shape)}, expected [{B}, {spec.hidden}]")
+    _check_rows_of(x, "state", len(idx))
+    check_width(table, "state", idx, x.shape[1])
     _finite(x, "state")
     return x
 
@@ -228,16 +314,15 @@ def _avail(table: AgentTable, idx: np.ndarray, avail) -> np.ndarray | None:
     """-> [B, act_max] bool, False past each row's act_dim; every row has an available action."""
     if avail is None:
         return None
-    spec, B = table.spec, len(idx)
-    if spec.action != "categorical":
-        raise InputError("avail (action masks) only apply to categorical policies")
+    B, act_max = len(idx), table.act_max
+    require_categorical(table)
     a = _bools(avail, "avail", None)
-    if a.ndim != 2 or a.shape[0] != B or a.shape[1] > spec.act_max:
-        raise InputError(f"avail has shape {list(a.shape)}, expected [{B}, <={spec.act_max}]")
-    if a.shape[1] < spec.act_max:
-        a = np.pad(a, ((0, 0), (0, spec.act_max - a.shape[1])))
+    _check_rows_of(a, "avail", B)
+    check_width(table, "avail", idx, a.shape[1])
+    if a.shape[1] < act_max:
+        a = np.pad(a, ((0, 0), (0, act_max - a.shape[1])))
     if not table.act_uniform:  # actions past a row's act_dim do not exist: read as unavailable
-        a = a & (np.arange(spec.act_max) < table.act_dims[idx][:, None])
+        a = a & (np.arange(act_max) < table.act_dims[idx][:, None])
     empty = ~a.any(axis=1)
     if empty.any():
         rows = np.flatnonzero(empty)
@@ -250,6 +335,11 @@ def _avail(table: AgentTable, idx: np.ndarray, avail) -> np.ndarray | None:
 # --- arrays -----------------------------------------------------------------------------------
 def _array(x, name: str) -> np.ndarray:
     """A numeric (bool, int or float) numpy array; InputError for anything else."""
+    if isinstance(x, Mapping):
+        keys = ", ".join(short(k) for k in list(x)[:3])
+        raise InputError(f"{name} is a dict ({{{keys}{', ...' if len(x) > 3 else ''}}}): act takes arrays "
+                         "with one row per agent id; for per-agent dicts (PettingZoo) use "
+                         "lorasa_serve.envloop.TeamPolicy")
     if not isinstance(x, np.ndarray):
         try:
             x = np.asarray(x)
@@ -293,6 +383,18 @@ def _bools(x, name: str, shape: tuple | None) -> np.ndarray | None:
     if shape is not None and a.shape != shape:
         raise InputError(f"{name} has shape {list(a.shape)}, expected {list(shape)}")
     return a
+
+
+def pad_obs(per_agent: Sequence, width: int) -> np.ndarray:
+    """Per-agent observations [obs_i] (each agent's own size) -> [N, width] float32 rows, zero-padded
+    on the right: the row format every entry point takes (width: the policy's obs_max)."""
+    out = np.zeros((len(per_agent), width), np.float32)
+    for i, o in enumerate(per_agent):
+        v = np.asarray(o, np.float32).reshape(-1)
+        if len(v) > width:
+            raise InputError(f"row {i}: obs has {len(v)} values, more than the policy's obs_max {width}")
+        out[i, :len(v)] = v
+    return out
 
 
 def short(x: object) -> str:

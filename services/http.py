@@ -22,12 +22,12 @@ from starlette.routing import Route
 from lorasa_serve import LorasaError, strict_json
 from lorasa_serve.client import RETRY_SAFE
 from lorasa_serve.errors import ArtifactError
+from lorasa_serve.protocol import check_session_id
 
 from . import adapter_upload, metrics
 from .config import ServiceConfig
 from .runtime import PolicyRuntime
-from .schema import (BadRequest, act_response, check_session_id, clip, parse_act, parse_admin,
-                     parse_json, short)
+from .schema import BadRequest, act_response, clip, parse_act, parse_admin, parse_json, short
 from .state import SessionBusy, StateUnavailable
 from .state.base import StateOutcomeUnknown
 

@@ -6,8 +6,9 @@ Inference goes through the same validator (`lorasa_serve.protocol.check_act`), b
 /v1: a request becomes the `ActRequest` that `PolicyRuntime.submit` takes. Here: the wire (field
 names, datatypes, numbers of dimensions, element limits); the protocol: every rule on the values.
 
-    inputs   agent_id BYTES [B] | agent_index INT64 [B], obs FP32 [B, <=obs_max] (zero past each
-             agent's obs_dim), state FP32 [B, hidden], reset BOOL [B], avail BOOL [B, <=act_max]
+    inputs   agent_id BYTES [B] | agent_index INT64 [B], obs FP32 [B, W] (W: the rows' widest obs_dim
+             .. obs_max; zero past each agent's obs_dim), state FP32 [B, hidden], reset BOOL [B],
+             avail BOOL [B, W'] (W': the rows' widest act_dim .. act_max)
     outputs  action FP32 [B, act_max] (Gaussian) | INT64 [B] (Categorical), log_prob FP32 [B],
              state_out FP32 [B, hidden], version INT64 [B]
     request  id, parameters, inputs, outputs; model_name / model_version (kserve sends them) must
@@ -31,14 +32,14 @@ from starlette.routing import Route
 
 import lorasa_serve
 from lorasa_serve.oip_codec import HEADER, Tensor, TensorError, decode, encode, split_body
-from lorasa_serve.protocol import ActRequest, ActResult, AgentTable, BadRequest, check_act, short, unknown_agent
+from lorasa_serve.protocol import (ActRequest, ActResult, AgentTable, BadRequest, check_act, check_rows,
+                                   check_session_id, short, unknown_agent)
 from lorasa_serve.spec import PolicySpec
 
 from . import metrics
 from .config import DEFAULT_MODEL_NAME, ServiceConfig
 from .http import NotReady, _body, _guard, _http_error
 from .runtime import PolicyRuntime
-from .schema import check_session_id
 
 MODEL_VERSION = "1"
 PARSE_IN_THREAD_BYTES = 256 * 1024  # binary bodies parse in microseconds per MB; JSON does not
@@ -163,8 +164,8 @@ def _check_shapes(inputs: object, max_rows: int) -> None:
         if len(shape) != INPUT_NDIM[name]:
             raise BadRequest(f"input {name!r} must be {INPUT_NDIM[name]}-D "
                              f"{'[B]' if INPUT_NDIM[name] == 1 else '[B, width]'}, not shape {short(shape)}")
-        if shape and isinstance(shape[0], int) and shape[0] > max_rows:
-            raise BadRequest(f"{shape[0]} rows is over the limit of {max_rows} per request", 413)
+        if shape and isinstance(shape[0], int):
+            check_rows(shape[0], max_rows)
 
 
 def _param(params: dict, name: str, typ: type, default):

@@ -51,9 +51,11 @@ SCHEMAS: dict[str, dict] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "ActRow": {"type": "object", "required": ["agent_id", "obs"], "additionalProperties": False,
                "properties": {"agent_id": {"type": "string"},
-                              "obs": {**_NUMS, "description": "exactly the agent's obs_dim numbers"},
+                              "obs": {**_NUMS, "description": "the agent's obs_dim numbers, or more up to "
+                                                              "obs_max with zeros past obs_dim"},
                               "avail_actions": {"type": "array", "items": {"type": "integer", "enum": [0, 1]},
-                                                "description": "categorical only: act_dim values 0/1"},
+                                                "description": "categorical only: act_dim up to act_max values "
+                                                               "0/1 (past act_dim: ignored)"},
                               "state": {**_NUMS,
                                         "description": "recurrent state [hidden]; not with a session"},
                               "reset": {"type": "boolean", "default": False}}},

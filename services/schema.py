@@ -1,34 +1,28 @@
 """JSON request parsing for the v1 API: bad input -> `BadRequest` (HTTP 4xx), never an exception
 inside the batched forward.
 
-The JSON checks name the row: unknown fields (typos), duplicate JSON keys, non-numbers, an obs of
-fewer numbers than the agent's obs_dim or more than obs_max (a row may carry the agent's obs_dim
-numbers, or more up to obs_max with zeros past obs_dim), avail_actions of fewer values than the
-agent's act_dim or more than act_max, a state of other than `hidden` numbers, session ids outside
-`SESSION_ID_RULE`. The rows then become arrays checked by THE validator,
-`lorasa_serve.protocol.check_act` (finite values, zero padding, available actions, state rules,
-sessions, row limit): the same rules and messages as /v2 and the in-process backends. Client input
-echoed in a message is cut to `ECHO_CHARS` characters (with its length): an error is one short line.
+Here: the JSON wire format (unknown fields, typos, duplicate JSON keys, non-numbers, a row that is not
+a flat list). Every rule on the values is `lorasa_serve.protocol`'s, with its messages: the row limit
+(`check_rows`, before any row is read), session ids (`check_session_id`), each row's width
+(`check_width`: a row is an array of one row: the agent's obs_dim up to obs_max numbers, act_dim up to
+act_max avail values, hidden state numbers), then the rows as arrays through THE validator,
+`check_act` (finite values, zero padding, available actions, state rules, sessions): the same rules
+and messages as /v2 and the in-process backends. Client input echoed in a message is cut to
+`ECHO_CHARS` characters (with its length): an error is one short line.
 """
 from __future__ import annotations
-
-import re
 
 import numpy as np
 
 from lorasa_serve import strict_json
-from lorasa_serve.protocol import ECHO_CHARS, ActRequest, AgentTable, BadRequest, check_act, short, unknown_agent
+from lorasa_serve.protocol import (ECHO_CHARS, ActRequest, AgentTable, BadRequest, check_act, check_rows,
+                                   check_session_id, check_state_allowed, check_width, require_categorical,
+                                   short, unknown_agent)
 from lorasa_serve.spec import PolicySpec
 
 ROW_FIELDS = {"agent_id", "obs", "avail_actions", "state", "reset"}
 ACT_FIELDS = {"rows", "session_id", "deterministic"}
 ADMIN_FIELDS = {"agent_ids"}
-MAX_SESSION_ID = 128
-# session ids: 1-128 ASCII letters, digits and . _ : @ -, starting with a letter or digit (so an id
-# is always one URL path segment: no '/', no '.'/'..', no spaces, control characters or surrogates)
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,%d}" % (MAX_SESSION_ID - 1), re.ASCII)
-SESSION_ID_RULE = (f"1-{MAX_SESSION_ID} characters from A-Z a-z 0-9 . _ : @ -, "
-                   "starting with a letter or digit")
 
 
 def clip(text: str) -> str:
@@ -50,22 +44,20 @@ def parse_act(d: object, spec: PolicySpec | AgentTable, max_rows: int) -> ActReq
     """A /v1/act body (parsed JSON) -> the checked ActRequest. `spec`: the policy, or its AgentTable
     (the service passes the one it owns)."""
     table = AgentTable.of(spec)
-    spec = table.spec
     if not isinstance(d, dict):
         raise BadRequest("body must be a JSON object with 'rows'")
     _no_unknown(d, ACT_FIELDS, "request")
     rows = d.get("rows")
     if not isinstance(rows, list) or not rows:
         raise BadRequest("'rows' must be a non-empty list of {agent_id, obs, ...}")
-    if len(rows) > max_rows:
-        raise BadRequest(f"{len(rows)} rows is over the limit of {max_rows} per request", 413)
+    check_rows(len(rows), max_rows)
     det = d.get("deterministic", True)
     if not isinstance(det, bool):
         raise BadRequest("'deterministic' must be true or false")
     sid = check_session_id(d.get("session_id"))
     n = len(rows)
     idx = np.empty(n, dtype=np.int64)
-    obs = np.zeros((n, spec.obs_max), dtype=np.float32)
+    obs = np.zeros((n, table.obs_max), dtype=np.float32)
     reset = np.zeros(n, dtype=bool)
     state = avail = None
     for i, row in enumerate(rows):
@@ -76,19 +68,22 @@ def parse_act(d: object, spec: PolicySpec | AgentTable, max_rows: int) -> ActReq
         idx[i] = table.index.get(a, -1) if isinstance(a, str) else -1
         if idx[i] < 0:
             raise unknown_agent(table, i, a)
-        agent = spec.agents[idx[i]]
-        x = _floats(row.get("obs"), (agent.obs_dim, spec.obs_max), f"row {i}: obs")
+        x = _floats(row.get("obs"), f"row {i}: obs")
+        check_width(table, "obs", idx[i:i + 1], len(x), i)
         obs[i, :len(x)] = x
         r = row.get("reset", False)
         if not isinstance(r, bool):
             raise BadRequest(f"row {i}: 'reset' must be true or false")
         reset[i] = r
         if row.get("avail_actions") is not None:
-            avail = _avail(avail, n, spec, agent.act_dim, row["avail_actions"], i)
+            avail = _avail(avail, n, table, idx[i:i + 1], row["avail_actions"], i)
         if row.get("state") is not None:
+            check_state_allowed(table, sid)
             if state is None:
-                state = np.zeros((n, spec.hidden), dtype=np.float32)
-            state[i] = _floats(row["state"], (spec.hidden, spec.hidden), f"row {i}: state")
+                state = np.zeros((n, table.hidden), dtype=np.float32)
+            x = _floats(row["state"], f"row {i}: state")
+            check_width(table, "state", idx[i:i + 1], len(x), i)
+            state[i] = x
     return check_act(table, idx, obs, state, reset, avail, session_id=sid, deterministic=det,
                      max_rows=max_rows)
 
@@ -122,43 +117,31 @@ def _no_unknown(d: dict, allowed: set[str], where: str) -> None:
         raise BadRequest(f"{where}: unknown fields [{shown}]; allowed {sorted(allowed)}")
 
 
-def check_session_id(sid: object) -> str | None:
-    """None, or a valid session id (SESSION_ID_RULE). The one session-id check of every route."""
-    if sid is None:
-        return None
-    if not isinstance(sid, str) or SESSION_ID_RE.fullmatch(sid) is None:
-        raise BadRequest(f"'session_id' {short(sid)} is invalid: use {SESSION_ID_RULE}")
-    return sid
-
-
-def _floats(x: object, lengths: tuple[int, int], where: str) -> np.ndarray:
-    """A JSON list of lengths[0] .. lengths[1] numbers -> float32 [n] (NaN, inf and values beyond
-    float32 are refused by the validator, naming the row)."""
-    lo, hi = lengths
-    want = f"{lo}" if lo == hi else f"{lo} to {hi}"
+def _floats(x: object, where: str) -> np.ndarray:
+    """A flat JSON list of numbers -> float32 [n] (its length is the protocol's `check_width`; NaN,
+    inf and values beyond float32 are refused by the validator, naming the row)."""
     if not isinstance(x, list) or any(isinstance(v, (bool, str)) or v is None for v in x):
-        raise BadRequest(f"{where} must be a list of {want} numbers")
+        raise BadRequest(f"{where} must be a list of numbers")
     try:
         a = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError, OverflowError):
-        raise BadRequest(f"{where} must be a flat list of {want} finite numbers") from None
-    if a.ndim != 1 or not lo <= len(a) <= hi:
-        raise BadRequest(f"{where} has shape {list(a.shape)}, expected {want} numbers")
+        raise BadRequest(f"{where} must be a flat list of finite numbers") from None
+    if a.ndim != 1:
+        raise BadRequest(f"{where} must be a flat list of numbers, not nested (shape {list(a.shape)})")
     with np.errstate(over="ignore"):
         return a.astype(np.float32)
 
 
-def _avail(avail: np.ndarray | None, n: int, spec: PolicySpec, act_dim: int, x: object,
+def _avail(avail: np.ndarray | None, n: int, table: AgentTable, idx: np.ndarray, x: object,
            i: int) -> np.ndarray:
-    """Row i's avail_actions: act_dim .. act_max values 0/1 or booleans (past act_dim: ignored)."""
-    if spec.action != "categorical":
-        raise BadRequest("avail (action masks) only apply to categorical policies")
-    if not isinstance(x, list) or not act_dim <= len(x) <= spec.act_max or not all(
-            v in (0, 1) and not isinstance(v, float) for v in x):
-        want = f"{act_dim}" if act_dim == spec.act_max else f"{act_dim} to {spec.act_max}"
-        raise BadRequest(f"row {i}: avail_actions must be a list of {want} values 0/1 or booleans")
+    """Row i's avail_actions (0/1 values or booleans, as wide as the protocol's rule allows) into the
+    [n, act_max] mask (rows without avail_actions: every action)."""
+    require_categorical(table)
+    if not isinstance(x, list) or not all(v in (0, 1) and not isinstance(v, float) for v in x):
+        raise BadRequest(f"row {i}: avail_actions must be a list of values 0/1 or booleans")
+    check_width(table, "avail", idx, len(x), i)
     if avail is None:
-        avail = np.ones((n, spec.act_max), dtype=bool)
+        avail = np.ones((n, table.act_max), dtype=bool)
     avail[i] = False
     avail[i, :len(x)] = np.asarray(x, dtype=bool)
     return avail
@@ -168,7 +151,7 @@ def act_response(req: ActRequest, table: AgentTable, actions: np.ndarray, log_pr
                  state: np.ndarray | None, versions: np.ndarray, batch: dict) -> dict:
     """Actions per row sliced to each agent's act_dim (Gaussian) or an int (categorical). Arrays stay
     numpy (strict_json.dumps writes them); rows are lists only when agents' act_dims differ."""
-    if table.spec.action == "categorical":
+    if table.categorical:
         acts: object = actions
     elif table.act_uniform:
         acts = actions

@@ -19,8 +19,9 @@ require_extra("serve", "starlette", "bentoml")
 require_extra("dev", "requests")
 import requests  # noqa: E402
 from lorasa_serve import Engine  # noqa: E402
-from lorasa_serve.client import (RETRY_SAFE, ClientError, PolicyClient, ServerUnavailable,  # noqa: E402
-                                 StepOutcomeUnknown)
+from lorasa_serve.client import (RETRY_SAFE, ClientError, ClientInputError, PolicyClient,  # noqa: E402
+                                 ServerUnavailable, StepOutcomeUnknown)
+from lorasa_serve.protocol import AgentTable, InputError, check_act  # noqa: E402
 from benchmarks.servers import REPO, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,7 @@ def test_integer_agent_indices_as_list_range_or_tuple(srv):
             out = c.act(agents, obs, avail=avail)
             np.testing.assert_array_equal(out.actions, want.actions.numpy())
             np.testing.assert_allclose(out.log_probs, want.log_probs.numpy(), atol=1e-5)
-        with pytest.raises(ClientError, match="unknown agent id 'True'"):  # a bool is not an index
+        with pytest.raises(ClientInputError, match="row 0: unknown agent id True; serving"):  # not an index
             c.act([True], obs[:1])
 
 
@@ -113,23 +114,39 @@ def test_sessions(srv):
 
 
 def test_typed_errors(srv):
+    """Bad arguments are ClientInputError with the protocol's message (the one the server would
+    answer), before anything is sent; what only the server knows (its row limit) is a ClientError."""
+    table = AgentTable(srv.spec)
+    bad = [(["agent_0"], np.zeros((1, 8), np.float32), {}), (["nobody"], np.zeros((1, 7), np.float32), {}),
+           (["agent_0"], np.full((1, 7), np.nan, np.float32), {}), (["agent_1", "agent_0"], np.zeros((2, 6)), {}),
+           (["agent_0", "agent_0"], np.zeros((2, 7)), {"session_id": "dup"}),
+           (["agent_0"], np.zeros((1, 7)), {"session_id": "not ok"}),
+           (["agent_0"], {"agent_0": np.zeros(7)}, {}), ("agent_0", np.zeros((1, 7)), {})]
     with PolicyClient(srv.url) as c:
-        with pytest.raises(ClientError) as e:
-            c.act(["agent_0"], np.zeros((1, 8), np.float32))
-        assert e.value.status == 400 and "expected [1, <=7]" in e.value.message
-        with pytest.raises(ClientError) as e:
-            c.act(["nobody"], np.zeros((1, 7), np.float32))
-        assert e.value.status == 400 and "unknown agent id 'nobody'" in e.value.message
+        for ids, obs, kw in bad:
+            with pytest.raises(InputError) as want:
+                check_act(table, ids, obs, session_id=kw.get("session_id"))
+            with pytest.raises(ClientInputError) as e:
+                c.act(ids, obs, **kw)
+            assert e.value.status == 0 and e.value.message == str(want.value), (ids, obs)
+        r = requests.post(srv.url + "/v2/models/lorasa_policy/infer", timeout=10, json={  # the server agrees
+            "inputs": [{"name": "agent_id", "datatype": "BYTES", "shape": [1], "data": ["nobody"]},
+                       {"name": "obs", "datatype": "FP32", "shape": [1, 7], "data": [0.0] * 7}]})
+        assert r.status_code == 400 and r.json()["error"] == c_msg(c, ["nobody"])
         with pytest.raises(ClientError) as e:
             c.act(["agent_0"] * 65, np.zeros((65, 7), np.float32))
         assert e.value.status == 413
-        with pytest.raises(ClientError) as e:
-            c.act(["agent_0"], np.full((1, 7), np.nan, np.float32))
-        assert "NaN" in e.value.message
         assert c.act(["agent_1"], np.zeros((1, 7), np.float32)).actions.shape == (1,)  # still fine
     with pytest.raises(ClientError) as e:
         PolicyClient(srv.url, model="other").act(["agent_0"], np.zeros((1, 7), np.float32))
     assert e.value.status == 404
+
+
+def c_msg(c: PolicyClient, ids) -> str:
+    """The client's message for `ids` with a valid obs."""
+    with pytest.raises(ClientInputError) as e:
+        c.act(ids, np.zeros((len(ids), 7), np.float32))
+    return e.value.message
 
 
 def test_503_is_retried_honouring_retry_after_then_raised(tmp_path):
@@ -214,7 +231,9 @@ class _Peer:
 
 def _step(url: str, session: str | None):
     with PolicyClient(url, retries=3, max_retry_wait_s=0.01) as c:
-        c._index = {"agent_0": 0}  # what metadata() would say; the peer only answers infer
+        c._meta = {"inputs": [{"name": "obs", "shape": [-1, 6]}], "outputs": [{"name": "action", "shape": [-1, 2]}],
+                   "parameters": {"agents": [{"agent_id": "agent_0", "obs_dim": 6, "act_dim": 2}]}}  # what
+        # metadata() would say (a feed-forward Gaussian policy); the peer only answers infer
         return c.act(["agent_0"], np.zeros((1, 6), np.float32), session_id=session)
 
 
@@ -252,6 +271,19 @@ def test_session_step_on_a_connection_closed_while_idle_is_sent_on_a_new_one(srv
         want = engine_act(srv, ids, obs, state.numpy())
         np.testing.assert_allclose(second.log_probs, want.log_probs.numpy(), atol=1e-5)
         assert first.log_probs.shape == (2,)
+
+
+def test_bentoml_client_finds_no_endpoints_as_the_readme_says(srv):
+    """README ("Which clients"): BentoML's own clients call `@bentoml.api` endpoints, which this service
+    does not have (its API is /v1 and /v2): `bentoml.SyncHTTPClient` connects and lists none."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+    with bentoml.SyncHTTPClient(srv.url, server_ready_timeout=30) as c:
+        assert c.endpoints == {}
+        with pytest.raises(NotFound):
+            c.call("act", rows=[{"agent_id": "agent_0", "obs": [0.0] * 7}])
+    readme = (REPO / "README.md").read_text()
+    assert "`bentoml.SyncHTTPClient`" in readme and "no endpoints" in readme
 
 
 def test_client_imports_without_torch_or_bentoml():

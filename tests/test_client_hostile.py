@@ -18,6 +18,14 @@ from lorasa_serve.client import (ClientError, ClientInputError, PolicyClient, Re
 from lorasa_serve.oip_codec import HEADER, encode
 
 OBS = np.zeros((2, 6), np.float32)
+# what metadata() would say: a recurrent Gaussian policy of two agents, obs 6, act 3, hidden 4
+META = {"name": "lorasa_policy", "inputs": [{"name": "obs", "datatype": "FP32", "shape": [-1, 6]},
+                                         {"name": "state", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "action", "datatype": "FP32", "shape": [-1, 3]},
+                    {"name": "log_prob", "datatype": "FP32", "shape": [-1]},
+                    {"name": "state_out", "datatype": "FP32", "shape": [-1, 4]},
+                    {"name": "version", "datatype": "INT64", "shape": [-1]}],
+        "parameters": {"agents": [{"agent_id": f"agent_{i}", "obs_dim": 6, "act_dim": 3} for i in range(2)]}}
 
 
 def _outputs(action=("FP32", np.zeros((2, 3), np.float32)), log_prob=("FP32", np.zeros(2, np.float32)),
@@ -95,7 +103,7 @@ class Peer:
 
     def client(self, **kw) -> PolicyClient:
         c = PolicyClient(self.url, retries=1, max_retry_wait_s=0.01, **kw)
-        c._index = {"agent_0": 0, "agent_1": 1}  # what metadata() would say
+        c._meta = META  # what metadata() would say (the peer answers every request with its mode)
         return c
 
 

@@ -189,13 +189,13 @@ def test_bad_inputs_raise_typed_errors(tiny_policy, device):
     obs = torch.randn(2, spec.obs_max, device=device)
     with pytest.raises(UnknownAgentError):
         eng.act(["agent_0", "nobody"], obs)
-    with pytest.raises(InputError, match="obs has shape"):
+    with pytest.raises(InputError, match="obs has 7 values, more than the policy's obs_max 6"):
         eng.act(["agent_0", "agent_1"], torch.randn(2, spec.obs_max + 1, device=device))
     with pytest.raises(InputError, match="obs has shape"):
         eng.act(["agent_0"], obs)
     with pytest.raises(InputError, match="NaN"):
         eng.act(["agent_0", "agent_1"], torch.tensor([[float("nan")] * 6] * 2, device=device))
-    with pytest.raises(InputError, match="state has shape"):
+    with pytest.raises(InputError, match="row 0: state has 3 values, expected the policy's hidden size 16"):
         eng.act(["agent_0", "agent_1"], obs, torch.zeros(2, 3, device=device))
     with pytest.raises(InputError, match="empty"):
         eng.act([], torch.zeros(0, 6, device=device))

@@ -1,10 +1,13 @@
 """The env-loop adapter (lorasa_serve.envloop.TeamPolicy) against a hand-written loop over Engine.act:
 a real PettingZoo ParallelEnv (MaMuJoCo HalfCheetah 2x3, the shipped policy), several envs at once, a
-masked Categorical ParallelEnv built on pettingzoo's own base class, and its errors. The HTTP backend
-(PolicyClient) is checked in test_service.py on the shared server."""
+masked Categorical ParallelEnv built on pettingzoo's own base class, the same loop over an exported
+`OnnxEngine` and over an Engine on every device present, the README's example as written, and its
+errors. The HTTP backend (PolicyClient) is checked in test_service.py on the shared server."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +17,9 @@ from conftest import make_policy, require_extra
 from lorasa_serve import Engine, InputError
 from lorasa_serve.envloop import TeamPolicy
 
-SHIPPED = Path(__file__).resolve().parents[1] / "policies" / "halfcheetah_2x3"
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "policies" / "halfcheetah_2x3"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def hand_loop(engine, env_obs: list[dict], state, reset, spaces):
@@ -70,6 +75,7 @@ class MaskedEnv:
     different observation sizes; observations are PettingZoo's {"observation", "action_mask"} dicts."""
 
     def __new__(cls):
+        require_extra("mujoco", "gymnasium", "pettingzoo")  # gymnasium-robotics brings both
         from gymnasium import spaces
         from pettingzoo import ParallelEnv
 
@@ -106,9 +112,10 @@ class MaskedEnv:
         return _Env()
 
 
-def test_masked_categorical_parallel_env(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_categorical_parallel_env(tmp_path, device):
     spec, _, _ = make_policy(tmp_path / "p", obs=(6, 3), act=(4, 2), action="categorical", b_std=1.0)
-    eng = Engine.from_dir(tmp_path / "p", device="cpu")
+    eng = Engine.from_dir(tmp_path / "p", device=device)
     env = MaskedEnv()
     obs, _ = env.reset()
     team, state = TeamPolicy(eng, env), None
@@ -122,9 +129,44 @@ def test_masked_categorical_parallel_env(tmp_path):
         out = eng.act(spec.agent_ids, rows, state, np.array([t == 0] * 2), avail)
         state = out.state
         for n, a in enumerate(spec.agent_ids):
-            assert got[a] == int(out.actions[n]) and isinstance(got[a], int)
+            assert got[a] == int(out.actions[n].cpu()) and isinstance(got[a], int)
             assert obs[a]["action_mask"][got[a]] == 1  # a masked action is never chosen
         obs = env.step(got)[0]
+
+
+def test_onnx_engine_in_the_loop_equals_the_engine(tmp_path):
+    """TeamPolicy over an exported OnnxEngine (its outputs are torch tensors, state included) acts
+    like TeamPolicy over the Engine, step for step, on the masked recurrent Categorical env."""
+    require_extra("onnx", "onnx", "onnxruntime", "onnxscript")
+    from exporters import ExportConfig, export_policy
+    from lorasa_serve.onnx_backend import OnnxEngine
+    make_policy(tmp_path / "p", obs=(6, 3), act=(4, 2), action="categorical", b_std=0.3)
+    report = export_policy(ExportConfig(tmp_path / "p", tmp_path / "out", progress=False))
+    assert report.ok, report.table()
+    env = MaskedEnv()
+    onnx_team = TeamPolicy(OnnxEngine.from_dir(tmp_path / "out"), env)
+    engine_team = TeamPolicy(Engine.from_dir(tmp_path / "p", device="cpu"), env)
+    obs, _ = env.reset()
+    for t in range(20):
+        if t == 9:
+            onnx_team.reset(), engine_team.reset()
+        got, want = onnx_team.act(obs), engine_team.act(obs)
+        assert got == want, t
+        np.testing.assert_allclose(onnx_team._state, engine_team._state, atol=1e-5)
+        obs = env.step(got)[0]
+    assert np.abs(engine_team._state).sum() > 0  # the state was carried (not zeros every step)
+
+
+def test_readme_env_loop_runs_as_written(monkeypatch):
+    """README.md's "Environment loops (PettingZoo / gymnasium)" block, executed as written."""
+    require_extra("mujoco", "gymnasium_robotics", "mujoco")
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"### Environment loops \(PettingZoo / gymnasium\)\n.*?```python\n(.*?)```", text,
+                      re.S).group(1)
+    monkeypatch.chdir(REPO)  # it names the shipped policy by its path in the repository
+    scope: dict = {}
+    exec(compile(block, "README.md env loop", "exec"), scope)
+    assert scope["steps"] > 0 and set(scope["actions"]) == {"agent_0", "agent_1"}
 
 
 def test_sampled_actions_are_seeded_and_agents_may_drop_out():

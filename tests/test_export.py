@@ -250,13 +250,13 @@ def test_onnx_engine_bad_input_is_typed(merged_export):
     obs, h = np.zeros((2, 7), np.float32), np.zeros((2, 16), np.float32)
     with pytest.raises(UnknownAgentError):
         oe.act(["agent_0", "nobody"], obs, h)
-    with pytest.raises(InputError, match="obs has shape"):
+    with pytest.raises(InputError, match="row 0: obs has 8 values, more than the policy's obs_max 7"):
         oe.act(["agent_0", "agent_1"], np.zeros((2, 8), np.float32), h)
     with pytest.raises(InputError, match="NaN"):
         oe.act(["agent_0", "agent_1"], np.full((2, 7), np.nan, np.float32), h)
     with pytest.raises(InputError, match="no available action"):
         oe.act(["agent_0", "agent_1"], obs, h, avail=np.array([[1, 0, 0, 0], [0, 0, 0, 1]]))  # agent_1 has 3
-    with pytest.raises(InputError, match="state has shape"):
+    with pytest.raises(InputError, match="row 0: state has 3 values, expected the policy's hidden size 16"):
         oe.act(["agent_0", "agent_1"], obs, np.zeros((2, 3), np.float32))
 
 

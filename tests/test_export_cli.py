@@ -46,6 +46,35 @@ def test_cli_round_trip_merge(tmp_path):
     _same_as_engine(OnnxEngine.from_dir(out), Engine.from_dir(tmp_path / "p", device="cpu"))
 
 
+def test_readme_pair_of_export_commands_is_additive(tmp_path):
+    """README "Exporting": its first two commands, as written, into the same --out (a tiny policy
+    instead of the shipped one, random observations): the second (agent_0's graph again) keeps
+    agent_1's graph and both merged directories, and the manifest lists all four."""
+    import re
+    import shlex
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Exporting\n.*?```bash\n(.*?)```", readme, re.S).group(1)
+    first, second = [shlex.split(line.split("#")[0]) for line in block.strip().splitlines()[:2]]
+    assert first[1:] == ["policies/halfcheetah_2x3", "--merge", "--out", "export/"], first
+    assert "--format" in second and second[second.index("--out") + 1] == "export/", second
+    make_policy(tmp_path / "p", obs=(7, 5), act=(3, 2), hidden=16)
+    out = tmp_path / "export"
+
+    def run(cmd):
+        args = [str(tmp_path / "p") if a == "policies/halfcheetah_2x3" else str(out) if a == "export/" else a
+                for a in cmd[1:]]
+        assert cli.main([*args, "--no-progress"]) == 0
+
+    run(first)
+    graph_1 = (out / "onnx" / "agent_1.onnx").read_bytes()
+    run(second)
+    assert (out / "onnx" / "agent_1.onnx").read_bytes() == graph_1
+    assert {p.name for p in (out / "merged").iterdir()} == {"agent_0", "agent_1"}
+    listed = {(a["agent"], a["kind"]) for a in json.loads((out / "manifest.json").read_text())["artifacts"]}
+    assert listed == {(a, k) for a in ("agent_0", "agent_1") for k in ("safetensors", "onnx")}
+    _same_as_engine(OnnxEngine.from_dir(out), Engine.from_dir(tmp_path / "p", device="cpu"))
+
+
 def test_cli_bad_arguments_one_line_nothing_written(tmp_path):
     make_policy(tmp_path / "p")
     out = tmp_path / "out"

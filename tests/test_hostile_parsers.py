@@ -17,8 +17,8 @@ from lorasa_serve import init_adapter
 from lorasa_serve.adapter_layout import adapter_shapes
 from lorasa_serve.artifacts import adapter_bytes, parse_adapter
 from lorasa_serve.errors import ArtifactError, CorruptFileError
-from services.schema import (ECHO_CHARS, BadRequest, check_session_id, parse_act, parse_admin,
-                             parse_json)
+from lorasa_serve.protocol import check_session_id
+from services.schema import ECHO_CHARS, BadRequest, parse_act, parse_admin, parse_json
 
 require_extra("dev", "hypothesis")
 from hostile import (HOSTILE_IDS, act_bodies, admin_bodies, encode, safetensors_files,  # noqa: E402

@@ -16,8 +16,8 @@ from conftest import make_policy, require_extra
 from reference import forward_loop
 
 from lorasa_serve import Engine, peft_format
-from lorasa_serve.errors import (FingerprintMismatchError, KeyMismatchError, NonFiniteError, PeftFormatError,
-                                 RankAlphaMismatchError, ShapeMismatchError)
+from lorasa_serve.errors import (CorruptFileError, FingerprintMismatchError, KeyMismatchError, NonFiniteError,
+                                 PeftFormatError, RankAlphaMismatchError, ShapeMismatchError)
 from lorasa_serve.torch_module import ActorModule
 
 require_extra("dev", "peft")
@@ -279,6 +279,58 @@ def test_unrepresentable_peft_adapters_are_refused_naming_the_problem(hetero, tm
     with pytest.raises(KeyMismatchError, match="pass agent_id"):  # PEFT's files name no agent
         eng.load_adapter(good)
     assert eng.versions() == v0  # nothing was swapped
+
+
+def test_unsupported_lora_options_and_pickled_files_are_refused(hetero, tmp_path):
+    """What README promises to refuse, made by the real `peft`: per-module ranks / alphas
+    (rank_pattern, alpha_pattern), a config for transposed weights (fan_in_fan_out: GPT-2's Conv1D;
+    PEFT itself resets it for nn.Linear, so the config says what such an adapter carries), layer
+    replication, and pickled `.bin` files (save_pretrained(safe_serialization=False))."""
+    d, eng, _, _ = hetero
+    v0 = eng.versions()
+    cases = [
+        (saved(d, tmp_path, "rank_pattern", rank_pattern={"post": 2}), "LoraConfig rank_pattern={'post': 2} is "
+                                                                        "not supported (only rank_pattern={})"),
+        (saved(d, tmp_path, "alpha_pattern", alpha_pattern={"head": 16.0}), "LoraConfig alpha_pattern="),
+        (edit_config(saved(d, tmp_path, "fan_in"), fan_in_fan_out=True),
+         "LoraConfig fan_in_fan_out=True is not supported (only fan_in_fan_out=False)"),
+        (edit_config(saved(d, tmp_path, "replication"), layer_replication=[[0, 2]]),
+         "LoraConfig layer_replication=[[0, 2]] is not supported (only layer_replication=None)"),
+    ]
+    for path, words in cases:
+        with pytest.raises(PeftFormatError, match=re.escape(words)):
+            eng.load_adapter(path, "agent_0")
+    pickled = tmp_path / "pickled"
+    train_with_peft(d, "agent_0", steps=1).save_pretrained(pickled, safe_serialization=False)
+    assert (pickled / "adapter_model.bin").is_file() and not (pickled / "adapter_model.safetensors").exists()
+    with pytest.raises(CorruptFileError, match=re.escape("a .bin one is pickled: re-save with "
+                                                         "save_pretrained(safe_serialization=True)")):
+        eng.load_adapter(pickled, "agent_0")
+    with pytest.raises(CorruptFileError):  # the .bin file itself is never unpickled: not safetensors
+        eng.load_adapter(pickled / "adapter_model.bin", "agent_0")
+    assert eng.versions() == v0  # nothing was swapped
+
+
+def test_peft_export_of_another_policy_into_the_same_out_is_refused(hetero, tmp_path, capsys):
+    """As the main export pipeline: an --out holding another policy's PEFT export (or another policy's
+    lorasa-export manifest) is refused, one line, exit 2, before anything is written."""
+    d, _, _, _ = hetero
+    out = tmp_path / "out"
+    export_peft(d, out)
+    other = tmp_path / "other"
+    make_policy(other, obs=(24, 17), act=(5, 4), log_std_offset=True, b_std=0.3, seed=5)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for args in ([], ["--agents", "agent_1"]):
+        assert export_main([str(other), "--out", str(out), "--peft", "--no-progress", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "holds an export of another policy" in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    export_peft(d, out, "--agents", "agent_0")  # the same policy again: additive, as before
+    main_out = tmp_path / "main"
+    assert export_main([str(d), "--out", str(main_out), "--merge", "--format", "safetensors", "--no-progress"]) == 0
+    assert export_main([str(other), "--out", str(main_out), "--peft", "--no-progress"]) == 2
+    assert "another policy" in capsys.readouterr().err and not (main_out / "peft").exists()
+    export_peft(d, main_out)  # the policy the manifest names: fine
 
 
 def test_export_cli_usage_errors_are_one_line(hetero, tmp_path, capsys):

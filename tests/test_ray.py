@@ -257,6 +257,30 @@ def test_grid_run_whose_worker_dies_is_retried_or_reported(cluster, tmp_path, ca
     assert left and not any(d.exists() for d in left)
 
 
+def test_report_run_on_ray_errors_are_one_line_before_anything_trains(cluster, tmp_path, capsys, monkeypatch):
+    """`lorasa-report run --ray`: a run asking for more CPUs (--env.workers 2) than the cluster's largest node
+    has (1 here) is refused by check_cluster_fits, one line, exit 2, before anything is trained (Ray would
+    queue it forever); without the ray module the error names the extra."""
+    import sys
+
+    from training.report import main as report_main
+    _grid(tmp_path, "big", ["mappo:ps"])
+    path = tmp_path / "big.toml"
+    path.write_text(path.read_text().replace('"env.workers" = 0', '"env.workers" = 2'))
+    runs = tmp_path / "runs"
+    args = ["run", str(path), "--runs", str(runs), "--out", str(tmp_path / "report"), "--ray", cluster.address]
+    for without_ray, words in ((False, "run halfcheetah_2x3/mappo-ps/seed1 needs 2 CPUs (--env.workers) but "
+                                       "the largest node of the Ray cluster has 1"),
+                               (True, "Ray is not installed: the Ray backends need the 'ray' extra (pip install "
+                                      "'lorasa-serve[ray]')")):
+        if without_ray:
+            monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when absent
+        status = report_main(args)
+        err = capsys.readouterr().err.strip()
+        assert status == 2 and len(err.splitlines()) == 1 and words in err, err
+        assert not list(runs.rglob("summary.json")) and not (tmp_path / "report").exists()
+
+
 def test_without_ray_the_error_names_the_extra(monkeypatch, tmp_path, capsys):
     import sys
 

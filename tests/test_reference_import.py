@@ -119,7 +119,8 @@ def test_imported_policy_equals_the_reference_forward(tmp_path, rank):
 
 
 @pytest.mark.parametrize("case, needle", [
-    ("bias", "per-agent bias"), ("sigmoid", "sigmoid-std"), ("unknown", "no place"), ("pickle", "tensors-only"),
+    ("bias", "per-agent bias (lora_bias_lst): our adapters have none; train with the reference's "
+             "--train_lora_bias 0"), ("sigmoid", "sigmoid-std"), ("unknown", "no place"), ("pickle", "tensors-only"),
     ("sizes", "one-hot"), ("rank", "--rank 4 or more")])
 def test_unrepresentable_checkpoints_are_one_line_refusals(tmp_path, capsys, case, needle):
     sd = reference_state_dict()

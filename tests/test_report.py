@@ -198,6 +198,24 @@ def test_plan_of_the_budget_grid(tmp_path, capsys):
     assert f"{expected / 3600:.2f} run-hours" in capsys.readouterr().out
 
 
+def test_plan_of_a_grid_without_a_plan_table_shows_the_example(tmp_path, capsys):
+    """A new grid (no [plan] table, no finished runs): one stderr line, exit 2, naming what to add to the
+    grid file: a [plan] steps_per_s entry for the first run lacking a rate, as valid TOML."""
+    import tomllib
+    path = tmp_path / "new.toml"
+    path.write_text(_grid_toml(["mappo:ps", "mappo:lorasa"]))
+    status = report_main(["plan", str(path), "--runs", str(tmp_path / "no-runs")])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1, err
+    assert "no env-steps/s for halfcheetah_2x3 mappo:ps" in err
+    example = err.split("[plan] then ")[1].strip()
+    assert tomllib.loads(f"[plan]\n{example}") == {"plan": {"steps_per_s": {"halfcheetah_2x3": {"mappo:ps": 2500}}}}
+    both = example.replace("2500 }", '2500, "mappo:lorasa" = 2000 }')
+    path.write_text(path.read_text() + "\n[plan]\n" + both + "\n")
+    report_main(["plan", str(path), "--runs", str(tmp_path / "no-runs")])  # with the example added: a plan
+    assert "run-hours" in capsys.readouterr().out
+
+
 def _write_compact(d: Path, summary: dict, rows: list[tuple[int, str, float]]) -> None:
     from training.config import preset
     d.mkdir(parents=True)

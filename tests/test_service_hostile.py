@@ -23,7 +23,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from lorasa_serve import Engine  # noqa: E402
 from benchmarks.servers import ServerProcess  # noqa: E402
-from services.schema import SESSION_ID_RE  # noqa: E402
+from lorasa_serve.protocol import SESSION_ID_RE  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TOKEN = "hostile-token"

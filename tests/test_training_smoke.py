@@ -137,6 +137,23 @@ def test_nps_trains_per_agent_networks(tmp_path):
     assert res["param_counts"]["nps_total"] == s["trainable_params"]
 
 
+def test_steps_are_rounded_to_whole_updates_and_recorded(tmp_path, capsys):
+    """--total-steps / --switch-step that are not multiples of n_envs x rollout (2 x 20 = 40) are
+    rounded up: said at the start, the bar ends at the rounded total, summary.json records both."""
+    out = tmp_path / "run"
+    s = Trainer(tiny(out, CHEETAH, total_steps=90, switch_step=50, eval_every=0, eval_episodes=0,
+                     final_eval_episodes=0, save_every=0)).train(progress=True)
+    assert (s["steps_per_update"], s["total_steps_rounded"], s["switch_step_rounded"]) == (40, 120, 80)
+    assert s["env_steps"] == 120 and s["phase_switch_step"] == 80  # where it really ended and switched
+    captured = capsys.readouterr()
+    err = captured.out + captured.err  # tqdm.write: stdout; the bar: stderr
+    assert "--total-steps 90 -> 120, --switch-step 50 -> 80 (rounded up to multiples of 40" in err
+    assert "120/120" in err and "160/" not in err  # the bar ends at its total
+    ps = Trainer(tiny(tmp_path / "ps", CHEETAH, mode="ps", total_steps=80, eval_every=0, eval_episodes=0,
+                      final_eval_episodes=0, save_every=0)).train(progress=False)
+    assert (ps["total_steps_rounded"], ps["switch_step_rounded"]) == (80, None)  # no switch in a PS run
+
+
 @pytest.mark.slow
 def test_eval_through_http_service_equals_in_process(tmp_path):
     """lorasa-eval --url against a real `bentoml serve` of a freshly trained policy gives the same

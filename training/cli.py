@@ -7,7 +7,10 @@
 
 Every field of `TrainConfig` is a flag (nested ones dotted: --ppo.lr, --env.scenario); only flags you
 give override the preset (or the defaults). A flag's help is its field's comment in the config classes
-(training/config.py, training/envs/base.py); the defaults shown are those without --preset.
+(training/config.py, training/envs/base.py); the defaults shown are those without --preset. A run moves
+in whole updates of --env.n-envs x --ppo.rollout env steps: --total-steps and --switch-step are rounded
+up to multiples of it (a note says so at the start; summary.json records steps_per_update,
+total_steps_rounded and switch_step_rounded).
 """
 from __future__ import annotations
 

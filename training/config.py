@@ -97,8 +97,12 @@ class TrainConfig:
     # ps: shared actor; nps: one actor per agent; seps: one per agent cluster; mtl: shared trunk with
     # per-agent heads; lorasa: PS, then per-agent LoRA; seps_lorasa: SePS, then per-agent LoRA
     mode: Mode = "lorasa"
-    total_steps: int = 900_000  # env steps summed over envs, all phases together
-    switch_step: int = 600_000  # lorasa: env step at which the backbone freezes and adapters train
+    # env steps summed over envs, all phases together (rounded up to a multiple of --env.n-envs x
+    # --ppo.rollout, the env steps of one update: summary.json's total_steps_rounded)
+    total_steps: int = 900_000
+    # lorasa: env step at which the backbone freezes and adapters train (rounded up like
+    # --total-steps: summary.json's switch_step_rounded)
+    switch_step: int = 600_000
     # lorasa / seps_lorasa: start phase 2 from this phase-1 run / policy directory (skips phase 1);
     # ps: continue the PS run (or snapshot) there: actor, optimisers, critic, value normaliser, RNG
     init_from: str = ""

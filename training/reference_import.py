@@ -16,7 +16,8 @@ layout (module names of `LoRA_R_Actor`, each Linear an `MA_Linear` with per-agen
 A low-rank delta (B A times lora_alpha / r) keeps its factors (B rescaled to our alpha); a full-rank one
 (the reference's `r >= min(shape)` case, e.g. a head with fewer actions than r) is factored exactly by an
 SVD when its rank fits ours. Refused, one line each: per-agent biases that are not zero (our adapters
-have none), a full-rank delta of higher rank than ours, layers or keys we cannot place (a transformer or
+have none: every checkpoint trained with the reference's argparse default `--train_lora_bias 1`; its
+YAML configs set 0, which leaves them zero), a full-rank delta of higher rank than ours, layers or keys we cannot place (a transformer or
 MLP-only actor, `layer_after_N` != 1, more than one GRU layer), a sigmoid-std / tanh-squashed Gaussian
 (`LoRA_DiagGaussian2/3`: ours is N(mean, exp(log_std))), sizes that disagree with `--agents`.
 """
@@ -138,8 +139,9 @@ def _adapter(sd: dict, spec: PolicySpec, linears: dict, i: int, cfg: ImportConfi
             continue
         bias = sd.get(f"{ref}.lora_bias_lst.{i}")
         if bias is not None and bool(bias.abs().max() > 0):
-            raise ImportRefused(f"{ref}: agent {i} has a per-agent bias (lora_bias_lst, train_lora_bias=1): our "
-                                "adapters have none")
+            raise ImportRefused(f"{ref}: agent {i} has a per-agent bias (lora_bias_lst): our adapters have none; "
+                                "train with the reference's --train_lora_bias 0 (its argparse default is 1, "
+                                "its onpolicy/config/*.yaml set 0)")
         out[lora_a_key(ours)], out[lora_b_key(ours)] = _factors(sd, ref, i, r, cfg.lora_alpha, scaling(spec.lora))
     if spec.lora.log_std_offset:  # full rank [A, 1] (r >= min(shape) = 1 in the reference): scaling 1
         out[LOG_STD_OFFSET] = sd[f"{LOG_STD_LORA}.lora_A_lst.{i}"].reshape(-1)

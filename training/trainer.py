@@ -261,11 +261,10 @@ class Trainer:
         cur, recent, last = self._start_cursor(), [], None
         next_eval = _next_multiple(c.env_steps, cfg.eval_every)
         next_save = _next_multiple(c.env_steps, cfg.save_every)
-        per = cfg.ppo.rollout * self.rollouts.n_envs  # env steps per update: the run moves in these
-        total = -(-cfg.total_steps // per) * per
+        per, total, switch = self._rounded_steps()
         notes = [f"--total-steps {cfg.total_steps:,} -> {total:,}"] if total != cfg.total_steps else []
-        if cfg.mode in LORA_MODES and not cfg.init_from and cfg.switch_step % per:
-            notes.append(f"--switch-step {cfg.switch_step:,} -> {-(-cfg.switch_step // per) * per:,}")
+        if switch is not None and switch != cfg.switch_step:
+            notes.append(f"--switch-step {cfg.switch_step:,} -> {switch:,}")
         if notes and progress:
             tqdm.write(f"note: {', '.join(notes)} (rounded up to multiples of {per:,} env steps per update: "
                        f"--env.n-envs x --ppo.rollout)")
@@ -302,11 +301,22 @@ class Trainer:
                    "final_eval": None if final is None else final.to_dict(),
                    "trainable_params": self.actor.n_trainable(), "actor_params": self.actor.n_total(),
                    "train_wall_s": round(time.perf_counter() - t_start, 2)}
+        # what the run really did, rounded up to whole updates (the note above; --help says so too)
+        summary.update(steps_per_update=per, total_steps_rounded=total, switch_step_rounded=switch)
         if getattr(self.rollouts, "traffic", None):  # the Ray backend: bytes over the network per actor kind
             summary["ray_traffic_bytes"] = self.rollouts.traffic
         atomic_write(self.out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
         self._finish()
         return summary
+
+    def _rounded_steps(self) -> tuple[int, int, int | None]:
+        """(env steps per update, --total-steps and --switch-step rounded up to whole updates: where
+        the run really ends and switches; switch None when this run has no switch)."""
+        cfg = self.cfg
+        per = cfg.ppo.rollout * self.rollouts.n_envs  # env steps per update: the run moves in these
+        up = lambda n: -(-n // per) * per  # noqa: E731
+        switch = up(cfg.switch_step) if cfg.mode in LORA_MODES and not cfg.init_from else None
+        return per, up(cfg.total_steps), switch
 
     def _snapshot(self, step: int) -> None:
         """The run as it is now (policy / train_state / metrics) in out/snapshots/<step>/: a phase-2 start."""

@@ -144,11 +144,3 @@ class SingleEnv(Protocol):
     def step(self, actions: np.ndarray) -> Transition: ...  # [N, act_max] float or [N] int
 
     def close(self) -> None: ...
-
-
-def pad_obs(per_agent: list[np.ndarray], obs_max: int) -> np.ndarray:
-    """list of [obs_i] -> [N, obs_max] float32, zero-padded."""
-    out = np.zeros((len(per_agent), obs_max), np.float32)
-    for i, o in enumerate(per_agent):
-        out[i, :len(o)] = o
-    return out

@@ -8,7 +8,9 @@ import warnings
 
 import numpy as np
 
-from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, UnknownTaskError, pad_obs
+from lorasa_serve.protocol import pad_obs
+
+from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, UnknownTaskError
 
 
 log = logging.getLogger(__name__)

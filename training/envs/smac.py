@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, UnknownTaskError, pad_obs
+from lorasa_serve.protocol import pad_obs
+
+from .base import EnvConfig, EnvInfo, EnvUnavailableError, Transition, UnknownTaskError
 
 INSTALL_HINT = ("the real SMAC needs StarCraft II and oxwhirl's smac "
                 "(pip install git+https://github.com/oxwhirl/smac.git; never the PyPI package 'smac')")
