@@ -41,7 +41,7 @@ import numpy as np
 from .errors import InputError
 from .oip_codec import HEADER, TensorError, decode_body, encode_parts
 from .protocol import ActResult  # numpy arrays here: actions, log_probs, state (None in a session), versions
-from .protocol import AgentTable, check_act
+from .protocol import AgentTable, check_act, check_not_one_string
 
 DEFAULT_MODEL = "lorasa_policy"
 RETRY_SAFE = "X-Lorasa-Retry-Safe"  # the server's mark on a 503 after which re-sending is safe
@@ -127,6 +127,7 @@ class PolicyClient:
         reset [B] bool | None; avail [B, W'] bool | None (categorical). Checked by the protocol's rules
         before anything is sent (ClientInputError with its message)."""
         try:
+            check_not_one_string(agent_ids)  # before the metadata call: a mistake needs no server
             req = check_act(self._table(), _ids(agent_ids), *map(_numpy, (obs, state, reset, avail)),
                             session_id=session_id)
         except InputError as e:

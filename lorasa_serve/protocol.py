@@ -199,10 +199,15 @@ def require_categorical(table: AgentTable) -> None:
         raise InputError("avail (action masks) only apply to categorical policies")
 
 
-def agent_indices(table: AgentTable, agent_ids) -> np.ndarray:
-    """Agent ids (a sequence of strings) or integer indices (an int array) -> indices [B] int64."""
+def check_not_one_string(agent_ids) -> None:
+    """A bare string is one id passed where a list is expected (it would iterate as characters)."""
     if isinstance(agent_ids, (str, bytes)):
         raise InputError(f"agent_ids must be a list of agent ids, not one string: pass [{short(agent_ids)}]")
+
+
+def agent_indices(table: AgentTable, agent_ids) -> np.ndarray:
+    """Agent ids (a sequence of strings) or integer indices (an int array) -> indices [B] int64."""
+    check_not_one_string(agent_ids)
     if isinstance(agent_ids, np.ndarray) and agent_ids.dtype.kind in "iu":
         if agent_ids.ndim != 1:
             raise InputError(f"agent indices must be a 1-D array, not shape {list(agent_ids.shape)}")
@@ -252,8 +257,7 @@ def agent_index(table: AgentTable, agent_id) -> int:
 
 def distinct_agents(agent_ids) -> list[str]:
     """A session call's agent ids as a list; each at most once (it owns one state per agent)."""
-    if isinstance(agent_ids, (str, bytes)):
-        raise InputError(f"agent_ids must be a list of agent ids, not one string: pass [{short(agent_ids)}]")
+    check_not_one_string(agent_ids)
     ids = list(agent_ids)
     try:
         distinct = len(set(ids)) == len(ids)
