@@ -39,6 +39,7 @@ from .spec import PolicySpec
 BadRequest = InputError  # the service's name for it: `status` is the HTTP status it answers with
 ECHO_CHARS = 64  # client input echoed in a message is cut to this many characters
 MAX_LISTED_AGENTS = 20  # unknown-agent errors list at most this many served ids
+SESSION_NEW, SESSION_RESUMED = "new", "resumed"  # ActResult.session_state (/v1 and /v2: "session_state")
 
 
 @dataclass
@@ -50,6 +51,9 @@ class ActResult:
     state: Any | None  # [B, hidden] next recurrent state (None: feed-forward, or kept in a session)
     versions: Any | None = None  # [B] adapter version that served each row (sessions, the service)
     batch: dict | None = None  # the service: {"requests": k, "rows": m} of the forward that served it
+    # the service, session steps only: SESSION_RESUMED (the session's stored state was found) or SESSION_NEW
+    # (none was: its first step, or its state expired, was evicted or reset, or the state store lost it)
+    session_state: str | None = None
 
 
 @dataclass

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from lorasa_serve.errors import DigestMismatchError
+from lorasa_serve.protocol import SESSION_NEW, SESSION_RESUMED
 
 MAX_BLOB_BYTES = 1 << 30  # a stored adapter blob is read only if it is at most this big
 
@@ -72,6 +73,13 @@ class SessionStep:
     token: str
     state: np.ndarray  # [n, H] float32: stored state, zeros where is_new
     is_new: np.ndarray  # [n] bool
+    resumed: bool  # the session had stored state (for any agent) when this step opened it
+
+    @property
+    def session_state(self) -> str:
+        """What the response says (ActResult.session_state): "resumed", or "new" when the session had no
+        stored state: its first step, or it expired, was evicted or reset, or the backend lost it."""
+        return SESSION_RESUMED if self.resumed else SESSION_NEW
 
 
 class StateBackend(Protocol):
