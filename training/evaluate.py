@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from lorasa_serve.backend import ActBackend
+from lorasa_serve.files import check_output_file
 
 from .actor import param_counts
 from . import eval_targets as targets
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.json and not args.json.parent.is_dir():
             raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist; create it "
                              "or pass another path")
+        if args.json:
+            check_output_file(args.json)  # not a FIFO (writing would block), a device or a dangling link
         venv = make_vec_env(env_cfg, n_envs=args.episodes, workers=0)
         try:
             info = venv.info
