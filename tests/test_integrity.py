@@ -273,6 +273,42 @@ def test_a_deleted_replaced_or_corrupt_sessions_db_never_splits_the_workers(tiny
     assert left == {os.path.basename(os.path.realpath(link)).split(".")[0]}  # old stores removed
 
 
+@pytest.mark.parametrize("what", ["garbage", "plain_file_garbage", "directory"])
+def test_a_broken_session_store_at_start_leaves_the_backend_usable(tiny_policy, tmp_path, what, caplog):
+    """A worker starting on a corrupt store replaces it (logged); one that cannot open it (a directory in
+    its place) starts anyway: session calls answer StateUnavailable until it is fixed."""
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, StateUnavailable, open_backend
+    d, spec, _, _ = tiny_policy
+    opened = lambda: open_backend("", str(tmp_path / "state"), spec.backbone_fingerprint,  # noqa: E731
+                                  spec.hidden, SessionLimits())
+    link = tmp_path / "state" / "sessions.sqlite"
+    opened().close()
+    if what == "garbage":
+        with open(os.path.realpath(link), "r+b") as f:
+            f.write(os.urandom(4096))
+    elif what == "plain_file_garbage":  # the layout before the symlink, corrupt
+        link.unlink()
+        link.write_bytes(os.urandom(8192))
+    else:
+        link.unlink()
+        link.mkdir()
+    st = opened()
+    if what == "directory":
+        before = sorted((tmp_path / "state" / "sessions").iterdir())
+        for _ in range(3):
+            with pytest.raises(StateUnavailable, match="sessions.sqlite"):
+                st.open_steps([("s", ["agent_0"])])
+        assert sorted((tmp_path / "state" / "sessions").iterdir()) == before  # no file left per attempt
+        link.rmdir()
+    (step,) = st.open_steps([("s", ["agent_0"])])
+    assert step.session_state == "new" and st.close_steps([(step, None)]) == [True]
+    if what != "directory":
+        assert "is corrupt" in caplog.text and link.is_symlink()
+    stores = {p.name.split(".")[0] for p in (tmp_path / "state" / "sessions").iterdir()}
+    assert stores == {os.path.basename(os.path.realpath(link)).split(".")[0]}  # the broken one removed
+
+
 # --- local state faults: 503 (StateUnavailable), then recovery -----------------------------------
 @pytest.fixture
 def small_disk(tmp_path):

@@ -34,6 +34,7 @@ import secrets
 import sqlite3
 import stat
 import struct
+import sys
 import time
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -273,7 +274,11 @@ class SqliteSessions:
         """Point `sessions.sqlite` at a new, empty database file of its own name; -> the link."""
         store = self._store_name()
         store.touch()
-        _relink(self.link, store)
+        try:
+            _relink(self.link, store)
+        except BaseException:
+            _unlink(store)  # (a failure retried on every call must not leave a file each time)
+            raise
         return self.link
 
     def _store_name(self) -> Path:
@@ -334,7 +339,9 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def _held(path: Path) -> bool:
     """Another process has this SQLite database open (in WAL mode: it holds a SHARED lock). Never
     call it on a database this process has open: closing any descriptor of a file drops this
-    process's POSIX locks on it."""
+    process's POSIX locks on it. Elsewhere than Linux (another struct flock layout): always True."""
+    if not sys.platform.startswith("linux"):
+        return True
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
@@ -354,9 +361,10 @@ def _relink(link: Path, store: Path) -> None:
     os.symlink(os.path.relpath(store, link.parent), tmp)
     try:
         os.replace(tmp, link)
-    except BaseException:
+    except OSError as e:
         _unlink(tmp)
-        raise
+        raise StateUnavailable(f"{link}: cannot make it a link to the session store {store.name}: "
+                               f"{type(e).__name__}: {e.strerror or e}") from None
 
 
 def _unlink(path: Path) -> None:
