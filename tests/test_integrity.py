@@ -249,8 +249,8 @@ def test_a_deleted_replaced_or_corrupt_sessions_db_never_splits_the_workers(tiny
             src.backup(dst)
     elif how == "delete":
         link.unlink()
-    else:  # garbage over the live database and its log, in place (same inode)
-        for p in (live, live + "-wal"):
+    else:  # garbage over the live database, its log and its index, in place (same inodes)
+        for p in (live, live + "-wal", live + "-shm"):
             with open(p, "r+b") as f:
                 f.write(os.urandom(os.path.getsize(p)))
     failed = 0

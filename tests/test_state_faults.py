@@ -53,7 +53,7 @@ def srv(tmp_path_factory):
         env = {"LORASA_POLICY": str(root / "policy"), "LORASA_STATE_DIR": str(state), "LORASA_WORKERS": "2",
                "LORASA_ADMIN_TOKEN": TOKEN}
         with ServerProcess(env, root / "server.log") as server:
-            server.spec, server.state, server.log = spec, state, root / "server.log"
+            server.spec, server.state, server.log, server.read_only = spec, state, root / "server.log", True
             yield server
     finally:
         subprocess.run(["umount", "-l", str(state)], check=False)
@@ -65,6 +65,13 @@ def _adapter(spec, seed: int) -> bytes:
 
 def _rows(spec) -> list[dict]:
     return [{"agent_id": a.agent_id, "obs": [0.1] * a.obs_dim} for a in spec.agents]
+
+
+def make_writable(srv) -> None:
+    """Remove the read-only mount (the state dir is writable again; the server is not restarted)."""
+    if srv.read_only:
+        subprocess.run(["umount", "-l", str(srv.state)], check=True)
+        srv.read_only = False
 
 
 def act(srv, session_id: str | None = None) -> requests.Response:
@@ -86,6 +93,8 @@ def upload(srv, seed: int) -> requests.Response:
 
 
 def test_a_read_only_state_dir_at_start_serves_stateless_then_recovers(srv):
+    if not srv.read_only:
+        pytest.skip("runs first, on the server started read-only")
     for _ in range(4):  # both workers
         r = act(srv)
         assert r.status_code == 200 and r.json()["versions"] == [1, 2, 1]  # the published upload
@@ -96,14 +105,31 @@ def test_a_read_only_state_dir_at_start_serves_stateless_then_recovers(srv):
     r = upload(srv, 3)
     assert r.status_code == 503 and "Read-only file system" in r.json()["error"], r.text
     assert requests.get(srv.url + "/readyz", timeout=10).status_code == 200
-    subprocess.run(["umount", "-l", str(srv.state)], check=True)  # writable again: no restart
+    make_writable(srv)  # no restart
     states = [act(srv, "ro-1").json()["session_state"] for _ in range(3)]
     assert states == ["new", "resumed", "resumed"]
     r = upload(srv, 3)
     assert r.status_code == 200 and r.json()["version"] == 3, r.text
 
 
+def both_workers_serve(srv, versions: list[int]) -> None:
+    """Until each of the two workers has answered with `versions` (each syncs at its next request)."""
+    seen = set()
+    for _ in range(200):
+        r = act(srv)
+        if r.status_code == 200 and r.json()["versions"] == versions:
+            seen.add(r.headers["X-Lorasa-Worker"])
+        if len(seen) == 2:
+            return
+    pytest.fail(f"both workers never served {versions}")
+
+
 def test_a_corrupt_manifest_is_503_and_serving_goes_on(srv):
+    make_writable(srv)
+    r = upload(srv, 5)
+    assert r.status_code == 200, r.text
+    v = r.json()["version"]
+    both_workers_serve(srv, [1, v, 1])  # (a worker that had not synced v3 would keep serving v2)
     manifest = srv.state / "manifest.json"
     good = manifest.read_bytes()
     manifest.write_bytes(b"{\"backbone_fingerprint\": " + b"[" * 100_000)  # deep and truncated
@@ -113,15 +139,16 @@ def test_a_corrupt_manifest_is_503_and_serving_goes_on(srv):
         assert "X-Lorasa-Retry-Safe" in r.headers  # nothing was published
         for _ in range(4):
             r = act(srv)
-            assert r.status_code == 200 and r.json()["versions"] == [1, 3, 1]
+            assert r.status_code == 200 and r.json()["versions"] == [1, v, 1]
         assert requests.get(srv.url + "/v1/agents", timeout=10).status_code == 200
     finally:
         manifest.write_bytes(good)
     r = upload(srv, 4)
-    assert r.status_code == 200 and r.json()["version"] == 4, r.text
+    assert r.status_code == 200 and r.json()["version"] == v + 1, r.text
 
 
 def test_a_corrupt_session_store_is_replaced_and_the_loss_reported(srv):
+    make_writable(srv)
     with PolicyClient(srv.url, retries=3) as client:
         ep = client.session()
         ids, obs = srv.spec.agent_ids, np.full((3, srv.spec.obs_max), 0.1, np.float32)
@@ -129,7 +156,7 @@ def test_a_corrupt_session_store_is_replaced_and_the_loss_reported(srv):
         for t in range(3):
             assert act(srv, "kept").status_code == 200
         live = os.path.realpath(srv.state / "sessions.sqlite")
-        for p in (live, live + "-wal"):
+        for p in (live, live + "-wal", live + "-shm"):  # the database, its log and its index
             with open(p, "r+b") as f:
                 f.write(os.urandom(os.path.getsize(p)))
         codes = [act(srv, f"other-{k}").status_code for k in range(6)]  # both workers meet it
