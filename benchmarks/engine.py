@@ -30,6 +30,7 @@ from lorasa_serve.artifacts import atomic_write, save_policy
 from lorasa_serve.backend import ActBackend
 from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
 from lorasa_serve.errors import DeviceUnavailableError
+from lorasa_serve.files import check_output_file
 from lorasa_serve.engine import Engine, resolve_device
 from lorasa_serve.network import init_adapter, init_backbone
 from lorasa_serve.spec import AgentSpec, LoraSpec, PolicySpec
@@ -330,6 +331,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, Path, int | None]:
     out = None if args.out is None else Path(args.out)
     if out is not None and (out.is_dir() or not out.resolve().parent.is_dir()):
         raise UsageError(f"--out {out}: pass a file path in an existing directory")
+    if out is not None:
+        check_output_file(out)  # a FIFO, a device or a dangling symlink there: refused before any work
     return cfg, out, args.threads
 
 

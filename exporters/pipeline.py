@@ -2,7 +2,7 @@
 
 Layout of OUT (the runtime's contract, `lorasa_serve.onnx_contract`):
     policy.json                 the source spec (all agents), read by OnnxEngine
-    manifest.json               what was exported: files, sizes, max diffs, I/O names, log_std, notes
+    manifest.json               what was exported: files, sizes, sha256s, max diffs, I/O names, log_std, notes
     merged/<agent>/             --merge: plain single-agent policy dir (policy.json, backbone.safetensors)
     onnx/<agent>.onnx           --merge: one graph per agent, merged weights
     onnx/multi_agent.onnx       no --merge: one graph, agent_index input, stacked adapters
@@ -13,6 +13,7 @@ place. A failed artifact leaves no file at its final path; the others are kept.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import logging
@@ -71,6 +72,7 @@ class ArtifactResult:
     max_diff: float | None  # over every rollout; None when it failed before verification
     seconds: float
     error: str | None = None
+    sha256: dict[str, str] = field(default_factory=dict)  # file -> its digest (OnnxEngine checks graphs')
 
 
 @dataclass
@@ -199,7 +201,8 @@ def _one(cfg: ExportConfig, engine: Engine, rollouts: list[ObsRollout], agent: s
         _publish(staged, final)
         files = sorted(str(p.relative_to(out)) for p in ([final] if final.is_file() else final.iterdir()))
         size = sum((out / f).stat().st_size for f in files)
-        return ArtifactResult(agent, kind, files, size, diff, time.perf_counter() - t0)
+        sums = {f: hashlib.sha256((out / f).read_bytes()).hexdigest() for f in files}
+        return ArtifactResult(agent, kind, files, size, diff, time.perf_counter() - t0, sha256=sums)
     except (LorasaError, RuntimeError) as e:
         if final.exists():  # a file from an earlier run was not verified against this policy
             _remove(final)

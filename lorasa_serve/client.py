@@ -15,12 +15,16 @@ connection likewise. A session step is re-sent only when that cannot step the se
 a refused connection or a failed send (the request never fully left), or a 503 the server marks
 `X-Lorasa-Retry-Safe: 1`. When its answer is lost after it was sent (dropped connection, timeout, an
 unmarked 503) it raises `StepOutcomeUnknown`: reset the session, or continue from there.
+Every session step's result says whether the server found the session's state (`session_state`
+"resumed") or started it from zero ("new"). A `Session` that has stepped since its last reset and gets
+"new" (the state expired, was evicted, or the server's state store lost it) raises `SessionLost`
+(carrying the step's result; `on_lost="warn"` or `"ignore"` to go on instead).
 Errors are typed: `ClientError` (status and the server's message) and its subclasses
-`ServerUnavailable`, `StepOutcomeUnknown`, `ResponseError` (an answer that does not fit the request:
-shapes, datatypes, row count, missing outputs, malformed JSON, over `max_response_bytes`) and
+`ServerUnavailable`, `StepOutcomeUnknown`, `SessionLost`, `ResponseError` (an answer that does not fit the
+request: shapes, datatypes, row count, missing outputs, malformed JSON, over `max_response_bytes`) and
 `ClientInputError` (bad arguments, checked before anything is sent by `lorasa_serve.protocol`'s rules, the
-server's, against the model metadata fetched once: the same messages; also a ValueError). `timeout` is one
-deadline per call: connecting,
+server's, against the model metadata fetched once: the same messages; a bad URL; also a ValueError).
+`timeout` is one deadline per call: connecting,
 sending, the whole answer and any retries together (a server dripping bytes cannot stretch it).
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ import select
 import socket
 import time
 import uuid
+import warnings
 from typing import Sequence
 from urllib.parse import quote, urlsplit
 
@@ -40,6 +45,7 @@ import numpy as np
 
 from .errors import InputError
 from .oip_codec import HEADER, TensorError, decode_body, encode_parts
+from .protocol import SESSION_NEW, SESSION_RESUMED
 from .protocol import ActResult  # numpy arrays here: actions, log_probs, state (None in a session), versions
 from .protocol import AgentTable, check_act, check_not_one_string
 
@@ -85,6 +91,18 @@ class StepOutcomeUnknown(ClientError):
     the session, so it is not re-sent: reset the session (`Session.reset()`) or continue from here."""
 
 
+class SessionLost(ClientError):
+    """A `Session` step started from a zero state (`session_state` "new") although the session had
+    stepped since its last reset: the server no longer had its state (it expired after the server's
+    session TTL, was evicted, was reset elsewhere, or the server's state store lost it: Redis restarted
+    empty, a rebuilt sessions.sqlite). The step was applied from zero; `result` is its answer, and the
+    session goes on from it (reset the episode if a fresh start matters)."""
+
+    def __init__(self, message: str, result: ActResult):
+        super().__init__(200, message)
+        self.result = result
+
+
 class ResponseError(ClientError):
     """The server's answer does not fit the request: missing outputs, wrong shapes, datatypes or row
     count, malformed JSON or tensors, or larger than `max_response_bytes`."""
@@ -104,13 +122,10 @@ class _NotSent(OSError):
 class PolicyClient:
     def __init__(self, url: str, model: str = DEFAULT_MODEL, timeout: float = 30.0, retries: int = 5,
                  max_retry_wait_s: float = 10.0, max_response_bytes: int = MAX_RESPONSE_BYTES):
-        """timeout: seconds for a whole call (connect, send, the whole answer, retries included)."""
-        parts = urlsplit(url if "://" in url else "http://" + url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self._conn_cls = HTTPSConnection if parts.scheme == "https" else HTTPConnection
-        self._host, self._port = parts.hostname, parts.port
-        self._base = parts.path.rstrip("/")
+        """timeout: seconds for a whole call (connect, send, the whole answer, retries included).
+        A URL that is not http(s)://host[:port][/path] raises ClientInputError."""
+        self._host, self._port, self._base, https = _parse_url(url)
+        self._conn_cls = HTTPSConnection if https else HTTPConnection
         self.model, self.timeout = model, timeout
         self.retries, self.max_retry_wait_s = retries, max_retry_wait_s
         self.max_response_bytes = max_response_bytes
@@ -149,15 +164,18 @@ class PolicyClient:
         status, resp_headers, data = self._call("POST", f"/v2/models/{quote(self.model)}/infer", parts,
                                                 headers, step=session_id is not None)
         try:
-            out = decode_body(data, resp_headers.get(HEADER), "outputs").tensors
+            msg = decode_body(data, resp_headers.get(HEADER), "outputs")
         except TensorError as e:
             raise ResponseError(status, f"malformed response: {e}") from None
-        return _checked_result(out, rows, None if req.state is None else req.state.shape[1], self._meta)
+        res = _checked_result(msg.tensors, rows, None if req.state is None else req.state.shape[1], self._meta)
+        res.session_state = _session_state(msg.header, session_id is not None and req.state is None)
+        return res
 
-    def session(self, session_id: str | None = None) -> "Session":
+    def session(self, session_id: str | None = None, on_lost: str = "raise") -> "Session":
         """A session: the server keeps each agent's recurrent state between calls. Its id is a bearer
-        capability (whoever knows it can step or reset it): by default a random uuid4 (122 bits)."""
-        return Session(self, uuid.uuid4().hex if session_id is None else session_id)
+        capability (whoever knows it can step or reset it): by default a random uuid4 (122 bits).
+        on_lost: what a step that found the session's state gone does (see `Session`)."""
+        return Session(self, uuid.uuid4().hex if session_id is None else session_id, on_lost)
 
     def reset_session(self, session_id: str) -> bool:
         """Forget a session's state; -> whether it existed."""
@@ -297,17 +315,40 @@ class PolicyClient:
 
 class Session:
     """`PolicyClient.act` with a fixed session_id (no state passed back and forth). A step whose
-    outcome is unknown raises StepOutcomeUnknown (see the module docstring)."""
+    outcome is unknown raises StepOutcomeUnknown (see the module docstring).
 
-    def __init__(self, client: PolicyClient, session_id: str):
-        self.client, self.session_id = client, session_id
+    A step answered `session_state` "new" after this Session has stepped since its last `reset()` (and
+    not every row of it resets) means the server lost the session's state: on_lost="raise" (default)
+    raises SessionLost with the step's result, "warn" warns (RuntimeWarning) and returns it, "ignore"
+    returns it. Reset sessions through `Session.reset()`: a reset elsewhere looks like a loss here."""
+
+    ON_LOST = ("raise", "warn", "ignore")
+
+    def __init__(self, client: PolicyClient, session_id: str, on_lost: str = "raise"):
+        if on_lost not in self.ON_LOST:
+            raise ClientInputError(f"on_lost must be one of {list(self.ON_LOST)}, not {on_lost!r}")
+        self.client, self.session_id, self.on_lost = client, session_id, on_lost
+        self._stepped = False  # a step succeeded since the last reset: the server holds state for it
 
     def act(self, agent_ids, obs, reset=None, avail=None, deterministic: bool = True,
             seed: int | None = None) -> ActResult:
-        return self.client.act(agent_ids, obs, None, reset, avail, deterministic, self.session_id, seed)
+        res = self.client.act(agent_ids, obs, None, reset, avail, deterministic, self.session_id, seed)
+        lost = (res.session_state == SESSION_NEW and self._stepped
+                and not (reset is not None and np.asarray(reset, dtype=bool).all()))
+        self._stepped = True
+        if lost and self.on_lost != "ignore":
+            message = (f"session {self.session_id!r}: the server had no state for it (it expired, was evicted "
+                       "or reset elsewhere, or the server's state store lost it): this step started from a "
+                       "zero state")
+            if self.on_lost == "raise":
+                raise SessionLost(message, res)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return res
 
     def reset(self) -> bool:
-        return self.client.reset_session(self.session_id)
+        existed = self.client.reset_session(self.session_id)
+        self._stepped = False
+        return existed
 
 
 class _DeadlineRaw(io.RawIOBase):
@@ -363,13 +404,46 @@ def _read_body(resp: http.client.HTTPResponse, limit: int) -> bytes:
 def _output_shapes(meta: dict) -> dict[str, tuple[str, list]]:
     """{output name: (datatype, shape with -1 for the batch)} from model metadata, or ResponseError."""
     outs = meta.get("outputs")
-    try:
-        shapes = {o["name"]: (o["datatype"], list(o["shape"])) for o in outs}
-        assert all(isinstance(n, str) and isinstance(d, str) and all(isinstance(x, int) for x in sh)
-                   for n, (d, sh) in shapes.items())
-    except (TypeError, KeyError, AssertionError):
-        raise ResponseError(200, "model metadata with malformed 'outputs'") from None
+    bad = ResponseError(200, "model metadata with malformed 'outputs'")
+    if not isinstance(outs, list):
+        raise bad
+    shapes = {}
+    for o in outs:
+        if not isinstance(o, dict):
+            raise bad
+        name, datatype, shape = o.get("name"), o.get("datatype"), o.get("shape")
+        if not (isinstance(name, str) and isinstance(datatype, str) and isinstance(shape, list)
+                and all(_is_int(x) and x >= -1 for x in shape)):
+            raise bad
+        shapes[name] = (datatype, list(shape))
     return shapes
+
+
+def _session_state(header: dict, step: bool) -> str | None:
+    """A session step's `session_state` response parameter ("resumed" or "new"; None from a server
+    that does not send it), or ResponseError when it is malformed or answers a request without session."""
+    params = header.get("parameters", {})
+    value = params.get("session_state") if isinstance(params, dict) else params
+    if value is None:
+        return None
+    if not step or value not in (SESSION_NEW, SESSION_RESUMED):
+        raise ResponseError(200, f"the answer's parameter session_state {str(value)[:40]!r} is not "
+                                 + ("'resumed' or 'new'" if step else "expected without a session"))
+    return value
+
+
+def _parse_url(url: object) -> tuple[str, int | None, str, bool]:
+    """-> (host, port, base path, https) of an http(s) URL (scheme optional), else ClientInputError."""
+    if not isinstance(url, str):
+        raise ClientInputError(f"the server URL must be a string, not {type(url).__name__}")
+    try:
+        parts = urlsplit(url if "://" in url else "http://" + url)
+        port = parts.port  # ValueError when not a number in 0..65535
+    except ValueError as e:
+        raise ClientInputError(f"not an http(s) URL: {url[:200]!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClientInputError(f"not an http(s) URL: {url[:200]!r}")
+    return parts.hostname, port, parts.path.rstrip("/"), parts.scheme == "https"
 
 
 def _checked_result(out: dict, rows: int, state_width: int | None, meta: dict | None) -> ActResult:
@@ -455,9 +529,10 @@ def _peer_closed(sock: socket.socket | None) -> bool:
 
 
 def _error_message(data: bytes) -> str:
+    """The server's `{"error": ...}` message, else the start of the body (never an exception)."""
     try:
-        return str(json.loads(data)["error"])
-    except (ValueError, KeyError, TypeError):
+        return str(json.loads(data)["error"])[:1000]
+    except (ValueError, KeyError, TypeError, RecursionError):
         return data[:300].decode("utf-8", "replace")
 
 

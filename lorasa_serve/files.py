@@ -5,6 +5,8 @@ dangling or looping symlink, a FIFO, a device, a socket or a directory is a `Not
 a file over `max_bytes` an `OversizedFileError`, both naming the file. It then opens without
 blocking (a FIFO swapped in meanwhile cannot hang it), checks the opened file is the one it
 stat'ed, and reads at most `max_bytes` (a file growing meanwhile is refused, not read whole).
+`check_output_file(path)`: a path a command will write its results to is absent or a regular file
+(writing to a FIFO blocks; replacing a device node or following a dangling symlink is never meant).
 """
 from __future__ import annotations
 
@@ -40,6 +42,12 @@ def _check_stat(path: Path, st: os.stat_result, max_bytes: int) -> None:
     if st.st_size > max_bytes:
         raise OversizedFileError(path, f"file is {st.st_size} bytes, over the {max_bytes}-byte limit "
                                        "for this kind of file")
+
+
+def check_output_file(path: str | Path) -> None:
+    """Nothing at `path` yet, or a regular file (symlinks followed); else NotRegularFileError."""
+    if os.path.lexists(path):
+        check_regular(path, 1 << 62)
 
 
 def read_file(path: str | Path, max_bytes: int) -> bytes:

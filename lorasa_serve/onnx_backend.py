@@ -13,6 +13,7 @@ Providers: "cpu" (default), "auto" (CUDA when onnxruntime lists it, else CPU, lo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -26,13 +27,15 @@ from . import onnx_contract as contract
 from . import protocol
 from .protocol import ActRequest, ActResult
 from .distributions import categorical_act, dim_mask, gaussian_act
-from .errors import ArtifactError, CorruptFileError, InputError, LorasaError
+from .errors import ArtifactError, CorruptFileError, DigestMismatchError, InputError, LorasaError
+from .files import read_file
 from .onnx_contract import MANIFEST, SPEC_FILE
 from .spec import PolicySpec
 
 log = logging.getLogger("lorasa_serve.onnx")
 CPU = torch.device("cpu")
 GPU_PROVIDERS = ("CUDAExecutionProvider",)
+MAX_GRAPH_BYTES = 2 << 30  # protobuf's limit for one ONNX file (weights are embedded: no external data)
 
 
 class OnnxRuntimeMissingError(LorasaError, ImportError):
@@ -70,8 +73,10 @@ def select_providers(providers: str | Sequence[str] = "cpu") -> list[str]:
 
 
 def make_session(model: str | Path | bytes, providers: str | Sequence[str] = "cpu",
-                 threads: int | None = None):
-    """An InferenceSession; logs when a requested provider silently fell back to CPU."""
+                 threads: int | None = None, name: str | None = None):
+    """An InferenceSession; logs when a requested provider silently fell back to CPU. A path is read
+    here (regular files only, size bounded: never handed to onnxruntime to open); `name` names the
+    bytes' file in errors."""
     ort = _ort()
     wanted = select_providers(providers)
     opts = ort.SessionOptions()
@@ -80,12 +85,12 @@ def make_session(model: str | Path | bytes, providers: str | Sequence[str] = "cp
     # idle onnxruntime threads otherwise spin for a while after each run, stealing the CPU from
     # whatever runs next in the process (torch, the HTTP server): measured 2-3x slower torch calls
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    src = model if isinstance(model, (bytes, bytearray)) else str(model)
+    if not isinstance(model, (bytes, bytearray)):
+        name, model = str(model), read_file(model, MAX_GRAPH_BYTES)
     try:
-        sess = ort.InferenceSession(src, sess_options=opts, providers=wanted)
+        sess = ort.InferenceSession(bytes(model), sess_options=opts, providers=wanted)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise CorruptFileError(src if isinstance(src, str) else "<onnx bytes>",
-                               f"onnxruntime cannot load the model: {e}") from None
+        raise CorruptFileError(name or "<onnx bytes>", f"onnxruntime cannot load the model: {e}") from None
     got = sess.get_providers()
     if wanted[0] not in got:
         log.warning("onnxruntime fell back from %s to %s", wanted[0], got)
@@ -124,7 +129,8 @@ class OnnxEngine:
                 raise ArtifactError(d / MANIFEST, f"no verified ONNX graph for agents {missing} "
                                                   f"(export with --format onnx, all agents)")
             files = {a: d / contract.graph_file(a) for a in spec.agent_ids}
-        sessions = {k: make_session(f, providers, threads) for k, f in files.items()}
+        sessions = {k: make_session(_graph_bytes(d, f, manifest), providers, threads, str(f))
+                    for k, f in files.items()}
         for f, sess in zip(files.values(), sessions.values()):
             _check_graph_spec(f, sess, spec)
         log_std = contract.manifest_log_std(d, manifest, spec) if spec.action == "gaussian" else None
@@ -228,12 +234,25 @@ def _host(x):
     return (x.float() if x.dtype == torch.bfloat16 else x).cpu().numpy()
 
 
+def _graph_bytes(d: Path, path: Path, manifest: dict) -> bytes:
+    """The graph's bytes (a regular file, size bounded), checked against the sha256 the export
+    recorded for it (DigestMismatchError; exports from before digests record none)."""
+    data = read_file(path, MAX_GRAPH_BYTES)
+    want = contract.recorded_digest(manifest, path.relative_to(d))
+    if want is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != want:
+            raise DigestMismatchError(path, f"sha256 {got[:12]} differs from the {want[:12]} recorded in "
+                                            f"{MANIFEST}: the graph was modified or corrupted")
+    return data
+
+
 def _check_graph_spec(path: Path, sess, spec: PolicySpec) -> None:
     """The graph must have been exported from this policy's backbone."""
     meta = sess.get_modelmeta().custom_metadata_map.get(contract.META_SPEC)
     try:
         fp = json.loads(meta)["backbone_fingerprint"] if meta else None
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         fp = None
     if fp != spec.backbone_fingerprint:
         raise ArtifactError(path, f"graph was exported from backbone {str(fp)[:12]!r}, policy.json "

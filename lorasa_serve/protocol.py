@@ -51,6 +51,7 @@ MAX_SESSION_ID = 128
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,%d}" % (MAX_SESSION_ID - 1), re.ASCII)
 SESSION_ID_RULE = (f"1-{MAX_SESSION_ID} characters from A-Z a-z 0-9 . _ : @ -, "
                    "starting with a letter or digit")
+SESSION_NEW, SESSION_RESUMED = "new", "resumed"  # ActResult.session_state (/v1 and /v2: "session_state")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class ActResult:
     state: Any | None  # [B, hidden] next recurrent state (None: feed-forward, or kept in a session)
     versions: Any | None = None  # [B] adapter version that served each row (sessions, the service)
     batch: dict | None = None  # the service: {"requests": k, "rows": m} of the forward that served it
+    # the service, session steps only: SESSION_RESUMED (the session's stored state was found) or SESSION_NEW
+    # (none was: its first step, or its state expired, was evicted or reset, or the state store lost it)
+    session_state: str | None = None
 
 
 @dataclass

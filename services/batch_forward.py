@@ -67,13 +67,13 @@ class BatchForward:
         bad = _nonfinite_rows(actions, logp, h)  # [B] bool
         results: list[ActResult | BadRequest] = []
         lo = 0
-        for r in reqs:
+        for r, step in zip(reqs, steps):
             hi = lo + r.n
             if bad[lo:hi].any():
                 results.append(_nonfinite_error(np.flatnonzero(bad[lo:hi])))
-            else:
-                results.append(ActResult(actions[lo:hi], logp[lo:hi],
-                                         None if h is None else h[lo:hi], versions[lo:hi], batch))
+            else:  # a session step says whether its state was found ("resumed") or lost ("new")
+                results.append(ActResult(actions[lo:hi], logp[lo:hi], None if h is None else h[lo:hi],
+                                         versions[lo:hi], batch, None if step is None else step.session_state))
             lo = hi
         return results
 

@@ -57,7 +57,7 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
             res = await rt.act(req)
         metrics.act_requests.labels(outcome="ok").inc()
         body = strict_json.dumps(act_response(req, rt.table, res.actions, res.log_probs, res.state,
-                                              res.versions, res.batch))
+                                              res.versions, res.batch, res.session_state))
         return Response(body, media_type="application/json")
 
     async def reset_session(request: Request) -> JSONResponse:

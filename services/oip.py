@@ -10,7 +10,8 @@ names, datatypes, numbers of dimensions, element limits); the protocol: every ru
              .. obs_max; zero past each agent's obs_dim), state FP32 [B, hidden], reset BOOL [B],
              avail BOOL [B, W'] (W': the rows' widest act_dim .. act_max)
     outputs  action FP32 [B, act_max] (Gaussian) | INT64 [B] (Categorical), log_prob FP32 [B],
-             state_out FP32 [B, hidden], version INT64 [B]
+             state_out FP32 [B, hidden], version INT64 [B]; a session step's response also has the
+             parameter session_state: "resumed" (its stored state was found) or "new" (none was)
     request  id, parameters, inputs, outputs; model_name / model_version (kserve sends them) must
              agree with the URL
     parameters  deterministic (default true), session_id, seed, binary_data_output; timeout and
@@ -241,9 +242,11 @@ def encode_result(call: InferCall, spec: PolicySpec, res: ActResult) -> tuple[by
               "state_out": ("FP32", res.state),
               "version": ("INT64", np.asarray(res.versions, dtype=np.int64))}
     tensors = [(name, *arrays[name], binary) for name, binary in call.outputs]
-    head = {"model_name": call.model, "model_version": MODEL_VERSION}
+    head: dict = {"model_name": call.model, "model_version": MODEL_VERSION}
     if call.request_id is not None:
         head["id"] = call.request_id
+    if res.session_state is not None:  # a session step: "resumed", or "new" (no stored state was found)
+        head["parameters"] = {"session_state": res.session_state}
     return encode(head, "outputs", tensors)
 
 

@@ -47,6 +47,10 @@ def _path_param(name: str, desc: str) -> dict:
 
 
 _NUMS = {"type": "array", "items": {"type": "number"}}
+_SESSION_STATE = {"type": "string", "enum": ["resumed", "new"],
+                  "description": "session steps only: resumed (the session's stored state was found), or new "
+                                 "(none was: its first step, or it expired, was evicted or reset, or the "
+                                 "server's state store lost it: every row started from a zero state)"}
 SCHEMAS: dict[str, dict] = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "ActRow": {"type": "object", "required": ["agent_id", "obs"], "additionalProperties": False,
@@ -69,7 +73,8 @@ SCHEMAS: dict[str, dict] = {
                         "log_probs": _NUMS, "versions": {"type": "array", "items": {"type": "integer"}},
                         "state": {"type": "array", "items": _NUMS},
                         "batch": {"type": "object", "properties": {"requests": {"type": "integer"},
-                                                                   "rows": {"type": "integer"}}}}},
+                                                                   "rows": {"type": "integer"}}},
+                        "session_state": _SESSION_STATE}},
     "SessionReset": {"type": "object", "properties": {"session_id": {"type": "string"},
                                                       "existed": {"type": "boolean"}}},
     "Agents": {"type": "object", "properties": {
@@ -143,6 +148,7 @@ SCHEMAS: dict[str, dict] = {
                        "data": {"type": "array"}}},
     "InferResponse": {"type": "object", "required": ["model_name", "outputs"], "properties": {
         "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+        "parameters": {"type": "object", "properties": {"session_state": _SESSION_STATE}},
         "outputs": {"type": "array", "items": _ref("InferOutputTensor")}}},
 }
 

@@ -148,9 +148,11 @@ def _avail(avail: np.ndarray | None, n: int, table: AgentTable, idx: np.ndarray,
 
 
 def act_response(req: ActRequest, table: AgentTable, actions: np.ndarray, log_probs: np.ndarray,
-                 state: np.ndarray | None, versions: np.ndarray, batch: dict) -> dict:
+                 state: np.ndarray | None, versions: np.ndarray, batch: dict,
+                 session_state: str | None = None) -> dict:
     """Actions per row sliced to each agent's act_dim (Gaussian) or an int (categorical). Arrays stay
-    numpy (strict_json.dumps writes them); rows are lists only when agents' act_dims differ."""
+    numpy (strict_json.dumps writes them); rows are lists only when agents' act_dims differ.
+    session_state: a session step's "resumed" or "new" (ActResult.session_state), sent as is."""
     if table.categorical:
         acts: object = actions
     elif table.act_uniform:
@@ -161,4 +163,6 @@ def act_response(req: ActRequest, table: AgentTable, actions: np.ndarray, log_pr
     out = {"actions": acts, "log_probs": log_probs, "versions": np.asarray(versions), "batch": batch}
     if req.session_id is None and state is not None:
         out["state"] = state
+    if session_state is not None:
+        out["session_state"] = session_state
     return out

@@ -20,7 +20,7 @@ require_extra("dev", "requests")
 import requests  # noqa: E402
 from lorasa_serve import Engine  # noqa: E402
 from lorasa_serve.client import (RETRY_SAFE, ClientError, ClientInputError, PolicyClient,  # noqa: E402
-                                 ServerUnavailable, StepOutcomeUnknown)
+                                 ServerUnavailable, SessionLost, StepOutcomeUnknown)
 from lorasa_serve.protocol import AgentTable, InputError, check_act  # noqa: E402
 from benchmarks.servers import REPO, ServerProcess  # noqa: E402
 
@@ -106,11 +106,39 @@ def test_sessions(srv):
             want = engine_act(srv, ids, obs * (t + 1), state, None, avail)
             np.testing.assert_allclose(out.log_probs, want.log_probs.numpy(), atol=1e-5)
             assert out.state is None  # kept on the server
+            assert out.session_state == ("new" if t == 0 else "resumed")
             state = want.state.numpy()
         assert ep.reset() and not ep.reset()
-        out = ep.act(ids, obs, avail=avail)
+        out = ep.act(ids, obs, avail=avail)  # "new" after the Session's own reset: no error
         np.testing.assert_allclose(out.log_probs, engine_act(srv, ids, obs, avail=avail).log_probs.numpy(),
                                    atol=1e-5)
+        assert out.session_state == "new" and c.act(ids, obs, avail=avail).session_state is None
+
+
+def test_a_session_whose_state_is_gone_is_reported(srv):
+    """The server forgot the session (here: a reset sent around the Session object, as a lost store
+    looks to the client): on_lost="raise" raises SessionLost with the step's result, "warn" warns."""
+    ids, obs = srv.spec.agent_ids, np.zeros((2, srv.spec.obs_max), np.float32)
+    avail = np.ones((2, srv.spec.act_max), bool)
+    with PolicyClient(srv.url) as c:
+        for on_lost in ("raise", "warn", "ignore"):
+            ep = c.session(on_lost=on_lost)
+            ep.act(ids, obs, avail=avail)
+            assert c.reset_session(ep.session_id)  # not through ep
+            if on_lost == "raise":
+                with pytest.raises(SessionLost, match="started from a zero state") as e:
+                    ep.act(ids, obs, avail=avail)
+                assert e.value.result.session_state == "new" and e.value.result.actions.shape == (2,)
+            elif on_lost == "warn":
+                with pytest.warns(RuntimeWarning, match="zero state"):
+                    assert ep.act(ids, obs, avail=avail).session_state == "new"
+            else:
+                assert ep.act(ids, obs, avail=avail).session_state == "new"
+            assert ep.act(ids, obs, avail=avail).session_state == "resumed"
+            assert c.reset_session(ep.session_id)
+            ep.act(ids, obs, avail=avail, reset=[True, True])  # every row resets: no loss to report
+        with pytest.raises(ClientInputError, match="on_lost"):
+            c.session(on_lost="retry")
 
 
 def test_typed_errors(srv):

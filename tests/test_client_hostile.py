@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import socketserver
 import threading
 import time
@@ -29,12 +31,13 @@ META = {"name": "lorasa_policy", "inputs": [{"name": "obs", "datatype": "FP32", 
 
 
 def _outputs(action=("FP32", np.zeros((2, 3), np.float32)), log_prob=("FP32", np.zeros(2, np.float32)),
-             version=("INT64", np.ones(2, np.int64)), state_out=None, drop=()):
+             version=("INT64", np.ones(2, np.int64)), state_out=None, drop=(), parameters=None):
     tensors = {"action": action, "log_prob": log_prob, "version": version}
     if state_out is not None:
         tensors["state_out"] = state_out
     parts = [(n, dt, arr, True) for n, (dt, arr) in tensors.items() if n not in drop]
-    body, hlen = encode({"model_name": "lorasa_policy"}, "outputs", parts)
+    head = {"model_name": "lorasa_policy", **({"parameters": parameters} if parameters is not None else {})}
+    body, hlen = encode(head, "outputs", parts)
     return body, {HEADER: str(hlen), "Content-Type": "application/octet-stream"}
 
 
@@ -70,12 +73,17 @@ MODES = {
                                                         "outputs": [{"name": 1}]}).encode()),
     "reset_no_key": lambda c: _reply(c, b"{}"),
     "binary_junk": lambda c: _reply(c, b"\x00\x01garbage", {HEADER: "99999999999999999999999"}),
+    "deep_error": lambda c: _reply(c, b'{"error": ' + b"[" * 100_000, status="400 Bad Request"),
+    "deep_503": lambda c: _reply(c, b"[" * 100_000, {"Retry-After": "0"}, status="503 Service Unavailable"),
+    "session_new": lambda c: _reply(c, *_outputs(parameters={"session_state": "new"})),
+    "session_odd": lambda c: _reply(c, *_outputs(parameters={"session_state": "maybe"})),
+    "session_list": lambda c: _reply(c, *_outputs(parameters=["new"])),
 }
 
 
 class Peer:
     def __init__(self):
-        self.mode = "ok"
+        self.mode = "ok"  # a key of MODES, or a function of the connection
         peer = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -91,7 +99,7 @@ class Peer:
                         line = f.readline()
                     f.read(length)
                     try:
-                        MODES[peer.mode](self.request)
+                        (peer.mode if callable(peer.mode) else MODES[peer.mode])(self.request)
                     except OSError:
                         return  # the client gave up
 
@@ -174,3 +182,47 @@ def test_bad_arguments_are_typed_and_nothing_is_sent(peer):
         with pytest.raises(ClientInputError) as e:
             c.act(*args)
         assert isinstance(e.value, (ClientError, ValueError))
+
+
+@pytest.mark.parametrize("mode,status", [("deep_error", 400), ("deep_503", 503)])
+def test_a_deeply_nested_error_body_is_a_client_error(peer, mode, status):
+    peer.mode = mode
+    with pytest.raises(ClientError) as e:
+        peer.client().act(["agent_0", "agent_1"], OBS)
+    assert e.value.status == status and e.value.message.startswith("{\"error\": [[[" if status == 400 else "[[[")
+
+
+def test_session_state_is_checked(peer):
+    peer.mode = "session_new"
+    assert peer.client().act(["agent_0", "agent_1"], OBS, session_id="s1").session_state == "new"
+    with pytest.raises(ResponseError, match="without a session"):  # a stateless answer has none
+        peer.client().act(["agent_0", "agent_1"], OBS)
+    for mode in ("session_odd", "session_list"):
+        peer.mode = mode
+        with pytest.raises(ResponseError, match="session_state"):
+            peer.client().act(["agent_0", "agent_1"], OBS, session_id="s1")
+    peer.mode = "ok"  # a server that does not send it
+    assert peer.client().act(["agent_0", "agent_1"], OBS, session_id="s1").session_state is None
+
+
+@pytest.mark.parametrize("url", ["ftp://host", "http://", "http://host:port", "http://host:99999", "http://[::1",
+                                 "", None, b"http://host"])
+def test_a_bad_url_is_a_typed_client_error(url):
+    with pytest.raises(ClientInputError, match="URL") as e:
+        PolicyClient(url)
+    assert isinstance(e.value, ValueError)
+
+
+def test_metadata_outputs_are_checked_without_asserts(peer):
+    """Under `python -O` (asserts stripped) malformed metadata outputs are still a ResponseError."""
+    code = ("import sys; from lorasa_serve.client import PolicyClient, ResponseError\n"
+            f"c = PolicyClient({peer.url!r}, retries=0)\n"
+            "try:\n    c.metadata()\nexcept ResponseError as e:\n    print('typed:', e)\n"
+            "else:\n    sys.exit('accepted')")
+    for outputs in ([{"name": 1, "datatype": "FP32", "shape": [-1]}], [{"name": "a", "datatype": "FP32",
+                                                                        "shape": [-1, "x"]}], [5], {"a": 1}):
+        meta = {"parameters": {"agents": [{"agent_id": "a"}]}, "outputs": outputs}
+        peer.mode = lambda c, meta=meta: _reply(c, json.dumps(meta).encode())
+        r = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "typed: HTTP 200: model metadata with malformed 'outputs'" in r.stdout, \
+            (outputs, r.stdout, r.stderr)

@@ -1,7 +1,7 @@
 """Integrity, with real files and real backends: every shipped or stored adapter is checked against
 its recorded sha256 before it is served; broken or looping symlinks, FIFOs, devices and oversized
-files are typed errors raised from `stat`, before anything is read; a deleted or replaced
-sessions.sqlite fails closed; corrupt policy.json files and `services.model_store save` give one
+files are typed errors raised from `stat`, before anything is read; a deleted, replaced or corrupt
+sessions.sqlite never splits the workers (the sessions lost report it); corrupt policy.json files and `services.model_store save` give one
 typed error (exit 2), never a traceback; an adapter with huge finite weights is refused."""
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import sqlite3
 
 import numpy as np
 import pytest
@@ -211,7 +212,7 @@ def test_a_corrupt_upload_is_a_load_error_and_the_last_good_version_keeps_servin
         m = st._manifest()
         st._put_adapter(m, "agent_1", 3, other)
         _flip(tmp_path / "state" / "adapters" / "agent_1.v3.safetensors")
-        st._write(m)
+        st._commit(m, "v3")
     rows = [{"agent_id": "agent_1", "obs": [0.1] * 6}]
     res = rt.submit(parse_act({"rows": rows}, spec, 8)).result(timeout=30)
     assert res.versions.tolist() == [2]  # still the last good version
@@ -222,31 +223,90 @@ def test_a_corrupt_upload_is_a_load_error_and_the_last_good_version_keeps_servin
     assert not fresh.ready and "DigestMismatchError" in fresh.state_error  # never serves unverified bytes
 
 
-def test_a_deleted_or_replaced_sessions_db_fails_closed(tiny_policy, tmp_path):
+@pytest.mark.parametrize("how", ["replace", "delete", "corrupt"])
+def test_a_deleted_replaced_or_corrupt_sessions_db_never_splits_the_workers(tiny_policy, tmp_path, how):
+    """Every worker moves to the store `sessions.sqlite` names now (one rebuilt when it is corrupt), so
+    two workers never write to different files; the sessions lost say so (`session_state` "new")."""
     require_extra("serve", "starlette", "bentoml", "prometheus_client")
     from services.state import SessionLimits, StateUnavailable, open_backend
     d, spec, _, _ = tiny_policy
     opened = lambda: open_backend("", str(tmp_path / "state"), spec.backbone_fingerprint,  # noqa: E731
                                   spec.hidden, SessionLimits())
-    db = tmp_path / "state" / "sessions.sqlite"
-    for how in ("replace", "delete"):
-        a, b = opened(), opened()  # two workers
-        step = a.open_steps([("s1", ["agent_0"])])[0]
-        assert a.close_steps([(step, np.ones((1, spec.hidden), np.float32))]) == [True]
-        if how == "delete":
-            db.unlink()
-        else:
-            db.rename(db.with_suffix(".old"))
-            shutil.copy(db.with_suffix(".old"), db)  # a new inode with the same content
-        for w in (a, b):
-            with pytest.raises(StateUnavailable, match="deleted or replaced"):
-                w.open_steps([("s1", ["agent_0"])])
-            with pytest.raises(StateUnavailable, match="deleted or replaced"):
-                w.reset_session("s1")
-        c = opened()  # a respawned worker opens what is there now; the old ones stay closed
-        assert c.open_steps([("s2", ["agent_0"])])[0].is_new.all()
-        with pytest.raises(StateUnavailable):
-            a.session_stats()
+    link = tmp_path / "state" / "sessions.sqlite"
+    h = np.arange(spec.hidden, dtype=np.float32)[None]
+
+    def step(w, sid, value=None):  # -> (session_state, the stored state read)
+        (s,) = w.open_steps([(sid, ["agent_0"])])
+        assert w.close_steps([(s, h if value is None else value)]) == [True]
+        return s.session_state, s.state
+
+    a, b = opened(), opened()  # two workers
+    assert link.is_symlink() and step(a, "s1")[0] == "new"
+    live = os.path.realpath(link)
+    if how == "replace":  # by hand: a consistent copy of the store (a new inode), as a plain file
+        link.unlink()
+        with sqlite3.connect(live) as src, sqlite3.connect(link) as dst:
+            src.backup(dst)
+    elif how == "delete":
+        link.unlink()
+    else:  # garbage over the live database, its log and its index, in place (same inodes)
+        for p in (live, live + "-wal", live + "-shm"):
+            with open(p, "r+b") as f:
+                f.write(os.urandom(os.path.getsize(p)))
+    failed = 0
+    for w in (b, a):  # b's next call finds the fault (a corrupt store: that call fails once)
+        try:
+            w.session_stats()
+        except StateUnavailable as e:
+            assert how == "corrupt" and "replaced by an empty session store" in str(e)
+            failed += 1
+    assert failed == (how == "corrupt")
+    state, value = step(a, "s1", 2 * h)
+    if how == "replace":  # the copy is used: s1 kept its state
+        assert state == "resumed" and np.array_equal(value, h)
+    else:  # s1 was lost, and its next step says so
+        assert state == "new" and not value.any()
+    assert step(b, "s1") == ("resumed", pytest.approx(2 * h))  # b reads a's step: one store, no split
+    assert step(opened(), "s1") == ("resumed", pytest.approx(h))  # and so does a respawned worker
+    assert os.path.realpath(link) != live and link.is_symlink()
+    left = {p.name.split(".")[0] for p in (tmp_path / "state" / "sessions").iterdir()}
+    assert left == {os.path.basename(os.path.realpath(link)).split(".")[0]}  # old stores removed
+
+
+@pytest.mark.parametrize("what", ["garbage", "plain_file_garbage", "directory"])
+def test_a_broken_session_store_at_start_leaves_the_backend_usable(tiny_policy, tmp_path, what, caplog):
+    """A worker starting on a corrupt store replaces it (logged); one that cannot open it (a directory in
+    its place) starts anyway: session calls answer StateUnavailable until it is fixed."""
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, StateUnavailable, open_backend
+    d, spec, _, _ = tiny_policy
+    opened = lambda: open_backend("", str(tmp_path / "state"), spec.backbone_fingerprint,  # noqa: E731
+                                  spec.hidden, SessionLimits())
+    link = tmp_path / "state" / "sessions.sqlite"
+    opened().close()
+    if what == "garbage":
+        with open(os.path.realpath(link), "r+b") as f:
+            f.write(os.urandom(4096))
+    elif what == "plain_file_garbage":  # the layout before the symlink, corrupt
+        link.unlink()
+        link.write_bytes(os.urandom(8192))
+    else:
+        link.unlink()
+        link.mkdir()
+    st = opened()
+    if what == "directory":
+        before = sorted((tmp_path / "state" / "sessions").iterdir())
+        for _ in range(3):
+            with pytest.raises(StateUnavailable, match="sessions.sqlite"):
+                st.open_steps([("s", ["agent_0"])])
+        assert sorted((tmp_path / "state" / "sessions").iterdir()) == before  # no file left per attempt
+        link.rmdir()
+    (step,) = st.open_steps([("s", ["agent_0"])])
+    assert step.session_state == "new" and st.close_steps([(step, None)]) == [True]
+    if what != "directory":
+        assert "is corrupt" in caplog.text and link.is_symlink()
+    stores = {p.name.split(".")[0] for p in (tmp_path / "state" / "sessions").iterdir()}
+    assert stores == {os.path.basename(os.path.realpath(link)).split(".")[0]}  # the broken one removed
 
 
 # --- local state faults: 503 (StateUnavailable), then recovery -----------------------------------
@@ -292,3 +352,79 @@ def test_a_full_disk_is_state_unavailable_and_recovers(tiny_policy, small_disk):
     step = st.open_steps([("after", ["agent_0"])])[0]
     assert st.close_steps([(step, h)]) == [True]
 
+
+
+def test_sqlite_log_is_bounded_on_a_small_volume(tiny_policy, small_disk):
+    """Many session steps on a 2 MB volume: SQLite's write-ahead log is checkpointed and truncated
+    (its default, 1000 pages = 4 MB before the first checkpoint, fills the volume)."""
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, open_backend
+    from services.state.sqlite_sessions import WAL_CHECKPOINT_PAGES, WAL_LIMIT_BYTES
+    d, spec, _, _ = tiny_policy
+    workers = [open_backend("", str(small_disk / "state"), spec.backbone_fingerprint, spec.hidden,
+                            SessionLimits()) for _ in range(2)]
+    wal = lambda: os.path.getsize(os.path.realpath(small_disk / "state" / "sessions.sqlite") + "-wal")  # noqa: E731
+    h, largest = np.ones((3, spec.hidden), np.float32), 0
+    for k in range(3000):  # about 5 pages written per step
+        w = workers[k % 2]
+        (s,) = w.open_steps([(f"s{k % 40}", spec.agent_ids)])
+        assert w.close_steps([(s, h * k)]) == [True]
+        largest = max(largest, wal())
+    assert largest <= max(WAL_LIMIT_BYTES, 2 * WAL_CHECKPOINT_PAGES * 4096), largest
+    assert largest < 2 << 20
+
+
+def test_a_local_publish_says_whether_it_went_live(tiny_policy, tmp_path):
+    """A failure before the manifest is replaced changed nothing (StateUnavailable: retry-safe); one
+    after it (the generation cannot grow) says the version was published (StateOutcomeUnknown)."""
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, StateUnavailable, open_backend
+    from services.state.base import StateOutcomeUnknown
+    d, spec, _, _ = tiny_policy
+    st = open_backend("", str(tmp_path / "state"), spec.backbone_fingerprint, spec.hidden, SessionLimits())
+    data = adapter_bytes(spec, "agent_0", init_adapter(spec, torch.Generator().manual_seed(7)))
+    adapters = tmp_path / "state" / "adapters"
+    shutil.rmtree(adapters)
+    adapters.write_bytes(b"")  # a file where the adapters dir must be: the adapter cannot be stored
+    with pytest.raises(StateUnavailable) as e:
+        st.publish_adapter("agent_0", data)
+    assert not isinstance(e.value, StateOutcomeUnknown) and st.published().version("agent_0") == 1
+    adapters.unlink()
+    gen = tmp_path / "state" / "generation"
+    gen.mkdir()  # the generation cannot grow: the manifest was already replaced
+    with pytest.raises(StateOutcomeUnknown, match="v2 of 'agent_0' was published"):
+        st.publish_adapter("agent_0", data)
+    assert st.published().version("agent_0") == 2 and st.adapter_blob("agent_0", 2) == data
+    gen.rmdir()
+    assert st.publish_adapter("agent_0", data) == 3 and st.generation() == 1
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[" * 100_000, b'{"backbone_fingerprint": "x"}',
+                                     b'{"backbone_fingerprint": "%s", "adapters": {"a": {"version": "2"}}, '
+                                     b'"merged": []}', "fifo"])
+def test_an_unreadable_manifest_is_state_unavailable_until_fixed(tiny_policy, tmp_path, content, no_hang):
+    require_extra("serve", "starlette", "bentoml", "prometheus_client")
+    from services.state import SessionLimits, StateConfigError, StateUnavailable, open_backend
+    d, spec, _, _ = tiny_policy
+    opened = lambda: open_backend("", str(tmp_path / "state"), spec.backbone_fingerprint,  # noqa: E731
+                                  spec.hidden, SessionLimits())
+    st = opened()
+    data = adapter_bytes(spec, "agent_0", init_adapter(spec, torch.Generator().manual_seed(8)))
+    assert st.publish_adapter("agent_0", data) == 2
+    manifest = tmp_path / "state" / "manifest.json"
+    good = manifest.read_bytes()
+    manifest.unlink()
+    if content == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.write_bytes(content.replace(b"%s", spec.backbone_fingerprint.encode()))
+    for call in (st.published, lambda: st.publish_adapter("agent_0", data), lambda: st.adapter_blob("agent_0", 2)):
+        with pytest.raises(StateUnavailable, match="unreadable manifest"):
+            call()
+    opened()  # a worker starting now starts (its sync reports the manifest, and retries)
+    manifest.unlink()
+    manifest.write_bytes(good)
+    assert st.published().version("agent_0") == 2 and st.publish_adapter("agent_0", data) == 3
+    manifest.write_bytes(good.replace(spec.backbone_fingerprint.encode(), b"f" * 64))
+    with pytest.raises(StateConfigError, match="another LORASA_STATE_DIR"):  # only this is configuration
+        opened()

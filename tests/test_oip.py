@@ -240,10 +240,11 @@ def test_sessions_and_hot_swap_through_v2(srv):
     steps = [o * (np.arange(spec.obs_max) < np.array([spec.agent(a).obs_dim for a in ids])[:, None])
              for o in steps]
     state = None
-    for obs in steps[:2]:
+    for t, obs in enumerate(steps[:2]):
         res = triton_infer(srv, ids, obs, params={"session_id": "v2-ep"}, outputs=("action", "log_prob"))
         want = engine_out(srv, ids, obs, state)
         assert_equal(res, want, with_state=False)
+        assert res.get_response()["parameters"] == {"session_state": "new" if t == 0 else "resumed"}
         state = want[2]
     new = init_adapter(spec, torch.Generator().manual_seed(5), b_std=0.5)
     r = requests.put(srv.url + "/v1/admin/adapters/agent_2", data=adapter_bytes(spec, "agent_2", new),
@@ -257,6 +258,8 @@ def test_sessions_and_hot_swap_through_v2(srv):
     assert requests.post(srv.url + "/v1/sessions/v2-ep/reset").json()["existed"]
     res = triton_infer(srv, ids, steps[0], params={"session_id": "v2-ep"})
     assert_equal(res, engine_out(srv, ids, steps[0]))
+    assert res.get_response()["parameters"] == {"session_state": "new"}  # a zero state, and it says so
+    assert "parameters" not in triton_infer(srv, ids, steps[0]).get_response()  # stateless: none
 
 
 def test_tritonclient_scheduling_hints_ignored_and_sequences_refused(srv):

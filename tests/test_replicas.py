@@ -1,7 +1,8 @@
 """Two replicas = two `bentoml serve` processes on different ports with different LORASA_STATE_DIRs,
 sharing only a real redis-server (they stand for two hosts behind a load balancer).
 
-Fault tests run last in this module: Redis stopped under load then started empty, then kill -9 of A."""
+Fault tests run last in this module: Redis stopped under load then started empty, Redis restarted empty
+(sessions lost, and their next step says so), then kill -9 of A."""
 from __future__ import annotations
 
 import threading
@@ -16,6 +17,7 @@ from conftest import make_policy
 
 from lorasa_serve import Engine, init_adapter
 from lorasa_serve.artifacts import adapter_bytes
+from lorasa_serve.client import PolicyClient, SessionLost
 from benchmarks.servers import ServerProcess
 from services.state import SessionLimits, open_backend
 
@@ -222,6 +224,32 @@ def test_redis_outage_then_restart_empty_under_load(pair):
     a.engine.set_adapter("agent_1", new)
     resp = post(a, {"rows": rows(spec, ["agent_1"], obs_for(spec, 5)[1:2])})
     assert resp["versions"] == [before["agent_1"] + 1]
+
+
+def test_sessions_lost_with_redis_say_so(pair):
+    """Redis restarted empty: a session's next step answers 200 from a zero state, and says so
+    (`session_state` "new"; `PolicyClient` sessions raise SessionLost with the step's result)."""
+    a, b, srv_redis = pair
+    spec, obs = a.spec, obs_for(a.spec, 9)
+    body = {"session_id": "lost-1", "rows": rows(spec, spec.agent_ids, obs)}
+    assert [post(x, body)["session_state"] for x in (a, b)] == ["new", "resumed"]
+    with PolicyClient(b.url) as client:
+        ep = client.session()
+        assert [ep.act(spec.agent_ids, obs).session_state for _ in range(2)] == ["new", "resumed"]
+        srv_redis.restart()  # back EMPTY
+        deadline, r = time.monotonic() + 15, None
+        while time.monotonic() < deadline:
+            r = requests.post(a.url + "/v1/act", json=body, timeout=30)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+            time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["session_state"] == "new", r.text
+        assert post(b, body)["session_state"] == "resumed"
+        with pytest.raises(SessionLost) as e:
+            ep.act(spec.agent_ids, obs)
+        assert e.value.result.session_state == "new" and e.value.result.actions.shape == (3, spec.act_max)
+        assert ep.act(spec.agent_ids, obs).session_state == "resumed"
 
 
 def test_kill_one_replica_under_load_the_other_is_unaffected(pair):

@@ -159,15 +159,18 @@ def test_sessions_carry_state_and_reset(srv):
         resp = act(srv, {"session_id": "ep-1", "rows": rows_for(spec, ids, obs)})
         exp = expected(srv, ids, obs, state)
         assert_matches(resp, exp, with_state=False)
-        assert "state" not in resp
+        assert "state" not in resp and resp["session_state"] == ("new" if t == 0 else "resumed")
         state = exp[2]
     # another session is independent; reset forgets ep-1
     fresh = act(srv, {"session_id": "ep-2", "rows": rows_for(spec, ids, obs_seq[0])})
     assert_matches(fresh, expected(srv, ids, obs_seq[0]), with_state=False)
+    assert fresh["session_state"] == "new"
     r = requests.post(srv.url + "/v1/sessions/ep-1/reset", timeout=10)
     assert r.status_code == 200 and r.json() == {"session_id": "ep-1", "existed": True}
     again = act(srv, {"session_id": "ep-1", "rows": rows_for(spec, ids, obs_seq[1])})
     assert_matches(again, expected(srv, ids, obs_seq[1]), with_state=False)
+    assert again["session_state"] == "new"  # a zero state, and the answer says so
+    assert "session_state" not in act(srv, {"rows": rows_for(spec, ids, obs_seq[1])})  # stateless
 
 
 def test_hot_swap_changes_only_that_agent(srv):

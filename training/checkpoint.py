@@ -8,15 +8,21 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 from lorasa_serve.artifacts import atomic_write
+from lorasa_serve.errors import CorruptFileError
+from lorasa_serve.files import read_file
 
 STATE_DIR = "train_state"
+MAX_META_BYTES = 64 << 20  # state.json is read only if it is at most this big
+MAX_TENSOR_BYTES = 16 << 30  # likewise each .safetensors file (read whole: regular files only)
 
 
 @dataclass
@@ -62,14 +68,30 @@ def save(out: Path, meta: dict, actor, critic: torch.nn.Module, actor_opt, criti
 
 
 def load_meta(out: Path) -> dict:
+    """state.json: FileNotFoundError when there is none; a typed CorruptFileError (a LorasaError) when
+    it is not a regular file (FIFO, device, broken symlink), oversized, or not a JSON object."""
     path = Path(out) / STATE_DIR / "state.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"no checkpoint to resume: {path} is missing")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(read_file(path, MAX_META_BYTES))
+    except (ValueError, RecursionError) as e:
+        raise CorruptFileError(path, f"not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise CorruptFileError(path, "not a JSON object")
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file of the checkpoint, read through `files.read_file` (typed errors)."""
+    try:
+        return load(read_file(path, MAX_TENSOR_BYTES))
+    except SafetensorError as e:
+        raise CorruptFileError(path, f"not a safetensors file: {e}") from None
 
 
 def load_actor_tensors(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    t = load_file(str(Path(out) / STATE_DIR / "actor.safetensors"))
+    t = _load_tensors(Path(out) / STATE_DIR / "actor.safetensors")
     trainable = {k[len("trainable."):]: v for k, v in t.items() if k.startswith("trainable.")}
     frozen = {k[len("frozen."):]: v for k, v in t.items() if k.startswith("frozen.")}
     return trainable, frozen
@@ -77,14 +99,14 @@ def load_actor_tensors(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 def load_critic(out: Path, critic: torch.nn.Module) -> bool:
     path = Path(out) / STATE_DIR / "critic.safetensors"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return False
-    critic.load_state_dict(load_file(str(path)))
+    critic.load_state_dict(_load_tensors(path))
     return True
 
 
 def load_optimizers(out: Path, actor_opt, critic_opt, g: torch.Generator) -> None:
-    t = load_file(str(Path(out) / STATE_DIR / "optim.safetensors"))
+    t = _load_tensors(Path(out) / STATE_DIR / "optim.safetensors")
     _load_opt(actor_opt, t, "actor")
     _load_opt(critic_opt, t, "critic")
     g.set_state(t["rng.state"])

@@ -14,7 +14,7 @@ Every failure is a UsageError naming what to pass instead.
 """
 from __future__ import annotations
 
-import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -39,28 +39,31 @@ class Target:
 
 
 def classify(path: Path) -> Target:
+    """By which files DIR has (whatever they are: a FIFO or broken symlink in their place is reported,
+    as a typed error, by the reader of that file)."""
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: no such directory; pass a policy directory written by lorasa-train "
                          "or an export directory written by lorasa-export --merge")
-    if (path / MANIFEST).is_file():
+    if os.path.lexists(path / MANIFEST):
         return Target("export", path, path)
     parent = path.parent
-    if parent.name == "merged" and (parent.parent / MANIFEST).is_file():
+    if parent.name == "merged" and os.path.lexists(parent.parent / MANIFEST):
         return Target("merged", path, parent.parent)
-    if (path / "policy.json").is_file():
+    if os.path.lexists(path / "policy.json"):
         return Target("policy", path)
-    if (path / STATE_DIR / "state.json").is_file():
+    if os.path.lexists(path / STATE_DIR / "state.json"):
         return Target("run", path)
     raise UsageError(f"{path} is not a policy: it has no policy.json, {STATE_DIR}/ or {MANIFEST}; pass a "
                      "directory written by lorasa-train (its --out) or by lorasa-export --merge")
 
 
 def export_source(export: Path) -> Path | None:
-    try:
-        src = json.loads((Path(export) / MANIFEST).read_text()).get("source")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """The export's source policy directory (manifest.json "source"), None when it names none. The
+    manifest is read through `onnx_contract.read_manifest` (typed errors: a FIFO, a device, a broken
+    symlink, an oversized file or not JSON)."""
+    from lorasa_serve.onnx_contract import read_manifest
+    src = read_manifest(Path(export)).get("source")
     return Path(src) if isinstance(src, str) and src else None
 
 

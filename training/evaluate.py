@@ -24,6 +24,7 @@ import numpy as np
 
 from lorasa_serve.backend import ActBackend
 from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
+from lorasa_serve.files import check_output_file
 
 from .actor import param_counts
 from . import eval_targets as targets
@@ -171,6 +172,8 @@ def run(argv: list[str] | None) -> int:
     if args.json and not args.json.parent.is_dir():
         raise UsageError(f"--json {args.json}: directory {args.json.parent} does not exist; create it "
                          "or pass another path")
+    if args.json:
+        check_output_file(args.json)  # not a FIFO (writing would block), a device or a dangling link
     venv = make_vec_env(env_cfg, n_envs=args.episodes, workers=0)
     try:
         info = venv.info

@@ -23,8 +23,11 @@ MLP-only actor, `layer_after_N` != 1, more than one GRU layer), a sigmoid-std / 
 """
 from __future__ import annotations
 
+import io
+import os
 import re
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +38,8 @@ from torch import Tensor
 from lorasa_serve import AgentSpec, LoraSpec, PolicySpec, save_policy
 from lorasa_serve.adapter_layout import LOG_STD_OFFSET, lora_a_key, lora_b_key, scaling
 from lorasa_serve.cli import ArgumentParser, UsageError, run_cli
+from lorasa_serve.errors import NotRegularFileError
+from lorasa_serve.files import read_file
 
 LINEARS = {"base.mlp.fc1.0": "mlp.0", "rnn.rnn.x_layer": "gru.x", "rnn.rnn.h_layer": "gru.h",
            "rnn.fc.0.0": "post"}
@@ -42,6 +47,7 @@ NORMS = {"base.feature_norm": "ln_in", "base.mlp.fc1.2": "mlp.0.ln", "rnn.norm":
 HEADS = {"act.action_out.fc_mean": "gaussian", "act.action_out.linear": "categorical"}
 LOG_STD = "act.action_out.logstd._bias"
 LOG_STD_LORA = "act.action_out.logstd._lora_bias"
+MAX_CHECKPOINT_BYTES = 4 << 30  # an actor's state dict is read only if it is at most this big
 
 
 class ImportRefused(UsageError):
@@ -57,16 +63,37 @@ class ImportConfig:
 
 
 def load_checkpoint(path: Path) -> dict[str, Tensor]:
+    """The checkpoint's tensors. It is read through `files.read_file` first (a regular file of at most
+    MAX_CHECKPOINT_BYTES: a FIFO, a device or a broken symlink is a typed error, never a hang)."""
+    if not os.path.lexists(path):
+        raise UsageError(f"{path}: no such file; pass the reference's saved actor (actor.pt)")
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file; pass the reference's saved actor (actor.pt)") from None
+        data = read_file(path, MAX_CHECKPOINT_BYTES)
+    except NotRegularFileError as e:
+        raise UsageError(f"{e}; pass the reference's saved actor (actor.pt)") from None
+    _check_crcs(path, data)
+    try:
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # pickled code, a corrupt file: weights_only refuses it
         raise ImportRefused(f"{path}: not a tensors-only state dict ({type(e).__name__}): export the actor's "
                             "state_dict() with torch.save") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ImportRefused(f"{path}: not a state dict of tensors")
     return {k.removeprefix("module."): v.detach().float() for k, v in sd.items()}
+
+
+def _check_crcs(path: Path, data: bytes) -> None:
+    """torch.save's zip format records a CRC-32 per record, which torch.load does not check: a flipped
+    byte in a tensor would change weights silently. Check them (ImportRefused on a mismatch)."""
+    if not data.startswith(b"PK\x03\x04"):  # the legacy format: no checksums to check
+        return
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            bad = z.testzip() if any(i.CRC for i in z.infolist()) else None  # (CRCs off: all zero)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        raise ImportRefused(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise ImportRefused(f"{path}: record {bad} fails its CRC-32 check: the file is corrupted")
 
 
 def convert(sd: dict[str, Tensor], cfg: ImportConfig) -> tuple[PolicySpec, dict, dict]:

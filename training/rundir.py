@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 
 from lorasa_serve import env_file
 from lorasa_serve.artifacts import atomic_write
 from lorasa_serve.cli import UsageError
-from lorasa_serve.errors import ArtifactError
+from lorasa_serve.errors import ArtifactError, LorasaError
 
-from .checkpoint import STATE_DIR
+from .checkpoint import STATE_DIR, load_meta
 
 RUN_FILES = ("metrics.csv", "summary.json", "policy.json", f"{STATE_DIR}/state.json")
 TASK_KEYS = ("kind", "scenario", "agent_conf", "agent_obsk", "episode_limit")
@@ -41,8 +40,8 @@ def check_resume(out: Path) -> dict:
         raise UsageError(f"--resume {out}: not a lorasa-train run with a checkpoint ({STATE_DIR}/state.json "
                          "is missing); start a new run with --out instead (or resume the run's own directory)")
     try:
-        return json.loads((out / STATE_DIR / "state.json").read_text())
-    except (OSError, ValueError) as e:
+        return load_meta(out)
+    except (OSError, LorasaError) as e:
         raise UsageError(f"--resume {out}: {STATE_DIR}/state.json is unreadable ({e}); start a new run "
                          "with --out instead") from None
 
@@ -66,11 +65,10 @@ def source_env(src: Path) -> dict | None:
         block = env_file.read_env_block_as_written(src)  # the one env.json reader
     except ArtifactError:  # missing or unusable: fall back to the checkpoint's config
         block = None
-    path = src / STATE_DIR / "state.json"
-    if block is None and path.is_file():
+    if block is None and has_checkpoint(src):
         try:
-            block = json.loads(path.read_text()).get("config", {}).get("env")
-        except (OSError, ValueError, AttributeError):
+            block = load_meta(src).get("config", {}).get("env")
+        except (OSError, LorasaError, AttributeError):
             block = None
     if isinstance(block, dict) and block.get("kind"):
         return {k: block[k] for k in TASK_KEYS if k in block}

@@ -13,7 +13,10 @@ Sessions: a step opens the session (`open_steps`: takes a lease, reads its state
 then `close_steps` writes the new state and releases the lease, in that order, as separate calls, so
 nothing is stored for a step whose outputs were rejected. A second step of a session whose lease is
 held gets `SessionBusy` (HTTP 409): concurrent steps of one session are refused, never
-last-writer-wins. Leases expire after `lease_s` so a crashed worker never blocks a session.
+last-writer-wins. Leases expire after `lease_s` so a crashed worker never blocks a session. Each
+opened step says whether the session had stored state (`SessionStep.resumed`; the responses'
+`session_state`), so a session whose state was lost (expired, evicted, or the backend lost it) is
+never continued from zeros unsaid.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from lorasa_serve.errors import DigestMismatchError
+from lorasa_serve.protocol import SESSION_NEW, SESSION_RESUMED
 
 MAX_BLOB_BYTES = 1 << 30  # a stored adapter blob is read only if it is at most this big
 
@@ -34,8 +38,9 @@ class StateUnavailable(RuntimeError):
 
 
 class StateOutcomeUnknown(StateUnavailable):
-    """The backend failed while a session step's new state was being stored (`close_steps`): it may or
-    may not have been stored. HTTP 503 without `X-Lorasa-Retry-Safe` (re-sending could step twice)."""
+    """The backend failed after a change may have been made: a session step's new state being stored
+    (`close_steps`), or a publish whose answer was lost (it may go live when a stalled Redis resumes,
+    the message says so). HTTP 503 without `X-Lorasa-Retry-Safe` (re-sending could apply it twice)."""
 
 
 class StateConfigError(RuntimeError):
@@ -72,6 +77,13 @@ class SessionStep:
     token: str
     state: np.ndarray  # [n, H] float32: stored state, zeros where is_new
     is_new: np.ndarray  # [n] bool
+    resumed: bool  # the session had stored state (for any agent) when this step opened it
+
+    @property
+    def session_state(self) -> str:
+        """What the response says (ActResult.session_state): "resumed", or "new" when the session had no
+        stored state: its first step, or it expired, was evicted or reset, or the backend lost it."""
+        return SESSION_RESUMED if self.resumed else SESSION_NEW
 
 
 class StateBackend(Protocol):
@@ -86,8 +98,11 @@ class StateBackend(Protocol):
         """The exact bytes published as (agent, version), verified against the sha256 recorded when
         they were published (DigestMismatchError otherwise); immutable once published."""
     def publish_adapter(self, agent_id: str, data: bytes) -> int:
-        """Store already validated adapter bytes, then make them the agent's newest version."""
-    def publish_merged(self, agent_ids: list[str], merge: bool) -> tuple[str, ...]: ...
+        """Store already validated adapter bytes, then make them the agent's newest version. Raises
+        StateUnavailable only when nothing became visible (safe to retry); StateOutcomeUnknown when it
+        may have been (or was) published: never an error for an upload that goes live later unsaid."""
+    def publish_merged(self, agent_ids: list[str], merge: bool) -> tuple[str, ...]:
+        """The same two outcomes as publish_adapter."""
     def reseed(self, versions: dict[str, int], blob: Callable[[str], bytes], merged: set[str]) -> None:
         """Make sure the backend publishes at least `versions` (after it lost its data): for each agent
         whose published version is lower, store `blob(agent)` at our version. Never lowers a version."""

@@ -35,8 +35,8 @@ import redis
 
 from lorasa_serve.spec import check_agent_id
 
-from .base import (Published, SessionBusy, SessionLimits, SessionStep, StateConfigError, StateUnavailable,
-                   blobs_to_rows, digest, redact, rows_to_blobs, verified)
+from .base import (Published, SessionBusy, SessionLimits, SessionStep, StateConfigError, StateOutcomeUnknown,
+                   StateUnavailable, blobs_to_rows, digest, redact, rows_to_blobs, verified)
 
 KEEP_VERSIONS = 3  # adapter blobs kept per agent
 
@@ -163,20 +163,39 @@ class RedisState:
         self._call(self._r.mset, {key: data, key + ":sha256": digest(data)})
 
     def publish_adapter(self, agent_id: str, data: bytes) -> int:
+        """A failure before the publishing script was sent is StateUnavailable (nothing became visible:
+        safe to retry); once it was sent, a lost answer is StateOutcomeUnknown: a stalled Redis runs
+        the script when it resumes, so the version may go live after the caller was told of the error."""
         check_agent_id(agent_id)
         version = int(self._call(self._next, [f"{self.p}ver:{agent_id}", self.p + "boot", self.p + "pub"],
                                  [agent_id]))
         if version < 0:
             raise StateUnavailable(f"{self.description} lost its data; servers are re-seeding it, retry")
         self._store_blob(agent_id, version, data)
-        self._call(self._publish, [self.p + "pub", self.p + "epoch", f"{self.p}ver:{agent_id}"],
-                   [agent_id, version])
-        if version > KEEP_VERSIONS:
-            old = f"{self.p}ad:{agent_id}:{version - KEEP_VERSIONS}"
-            self._call(self._r.delete, old, old + ":sha256")
+        try:
+            self._call(self._publish, [self.p + "pub", self.p + "epoch", f"{self.p}ver:{agent_id}"],
+                       [agent_id, version])
+        except StateUnavailable as e:
+            raise StateOutcomeUnknown(f"adapter v{version} of {agent_id!r} may or may not have been published "
+                                      f"(it goes live if {self.description} ran the request before it "
+                                      f"failed, or runs it when it resumes): {e}") from None
+        self._prune(agent_id, version)
         return version
 
+    def _prune(self, agent_id: str, version: int) -> None:
+        """Delete the blobs older than the KEEP_VERSIONS newest (best effort: the upload is published,
+        a failure here only leaves old blobs, which the next upload's pruning deletes)."""
+        old = [f"{self.p}ad:{agent_id}:{v}{suffix}" for v in range(max(1, version - 2 * KEEP_VERSIONS),
+                                                                      version - KEEP_VERSIONS + 1)
+               for suffix in ("", ":sha256")]
+        if old:
+            try:
+                self._call(self._r.delete, *old)
+            except StateUnavailable:
+                pass
+
     def publish_merged(self, agent_ids: list[str], merge: bool) -> tuple[str, ...]:
+        """A lost answer to the MULTI/EXEC is StateOutcomeUnknown (a stalled Redis runs it when it resumes)."""
         if self.published().lost:
             raise StateUnavailable(f"{self.description} lost its data; servers are re-seeding it, retry")
 
@@ -185,7 +204,13 @@ class RedisState:
                 (pipe.sadd if merge else pipe.srem)(self.p + "merged", *agent_ids)
             pipe.incr(self.p + "epoch").smembers(self.p + "merged")
             return pipe.execute()[-1]
-        return tuple(sorted(m.decode() for m in self._call(run, self._r.pipeline(transaction=True))))
+        try:
+            merged = self._call(run, self._r.pipeline(transaction=True))
+        except StateUnavailable as e:
+            raise StateOutcomeUnknown(f"the {'merge' if merge else 'unmerge'} of {agent_ids} may or may not have "
+                                      f"been applied (if {self.description} ran it, or runs it when it "
+                                      f"resumes): {e}") from None
+        return tuple(sorted(m.decode() for m in merged))
 
     def reseed(self, versions: dict[str, int], blob: Callable[[str], bytes], merged: set[str]) -> None:
         pub = self.published()
@@ -218,7 +243,8 @@ class RedisState:
                 out.append(SessionBusy(f"session {sid!r} has another step in flight"))
                 continue
             blobs = {a.decode(): b for a, b in res[2 * k + 1].items()}
-            out.append(SessionStep(sid, agents, tok, *blobs_to_rows(agents, blobs, self.hidden)))
+            out.append(SessionStep(sid, agents, tok, *blobs_to_rows(agents, blobs, self.hidden),
+                                       resumed=bool(blobs)))
         return out
 
     def close_steps(self, steps: list[tuple[SessionStep, np.ndarray | None]]) -> list[bool]:
