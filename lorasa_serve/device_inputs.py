@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import protocol
+from .errors import InputError
 from .protocol import ActRequest, AgentTable
 
 # dtypes read as numbers (protocol: bool, int, uint, float); others (complex, wide uints, ...) take the host path
@@ -83,7 +84,7 @@ def check_on_device(rules: DeviceRules, agent_ids, obs, state, reset, avail,
     idx = protocol.agent_indices(table, agent_ids)  # [B]; the protocol checks agent ids first, so do we
     B, bad = len(idx), []  # bad: 0-d bool tensors, True where a rule is broken
     x = _tensor(obs, dev)
-    if x is None or x.dim() != 2 or x.shape[0] != B or x.shape[1] > spec.obs_max:
+    if x is None or x.dim() != 2 or x.shape[0] != B or not _width_ok(table, "obs", idx, x.shape[1]):
         return None
     x = x.to(torch.float32)  # [B, w] (beyond float32's range -> inf: refused as the protocol does)
     bad.append(~torch.isfinite(x).all())
@@ -107,7 +108,7 @@ def check_on_device(rules: DeviceRules, agent_ids, obs, state, reset, avail,
     if avail is not None:
         a = _bools(_tensor(avail, dev), bad)
         if spec.action != "categorical" or a is None or a.dim() != 2 or a.shape[0] != B \
-                or a.shape[1] > spec.act_max:
+                or not _width_ok(table, "avail", idx, a.shape[1]):
             return None
         if a.shape[1] < spec.act_max:
             a = F.pad(a, (0, spec.act_max - a.shape[1]))  # padded with False
@@ -117,6 +118,15 @@ def check_on_device(rules: DeviceRules, agent_ids, obs, state, reset, avail,
     if bool(torch.stack(bad).any()):  # THE read-back of this call (deliberate, see the module doc)
         return None
     return Inputs(idx, x.detach(), None if h is None else h.detach(), r, a)
+
+
+def _width_ok(table: AgentTable, name: str, idx: np.ndarray, width: int) -> bool:
+    """The protocol's width rule (host data only: the width and the rows' agents)."""
+    try:
+        protocol.check_width(table, name, idx, width)
+    except InputError:
+        return False
+    return True
 
 
 def _tensor(value, device: torch.device) -> Tensor | None:

@@ -60,12 +60,10 @@ VALID = [
     ("bfloat16", "cat", _obs(dtype=torch.bfloat16), _h().bfloat16(), None, None),
     ("int obs", "cat", _obs().round().long(), None, None, None),
     ("bool obs", "cat", _obs() > 0, None, None, None),
-    ("narrow obs", "cat", _obs()[:, :5], _h(), None, None),
     ("numpy obs, tensor state", "cat", _obs().numpy(), _h(), None, None),
     ("list obs, tensor reset", "cat", _obs().tolist(), None, torch.tensor([True, False]), None),
     ("reset 0/1 floats", "cat", _obs(), _h(), torch.tensor([1.0, 0.0]), None),
     ("reset ints", "cat", _obs(), _h(), torch.tensor([0, 1]), None),
-    ("avail bools, narrow", "cat", _obs(), _h(), None, torch.tensor([[True, False, True], [False, True, True]])),
     ("avail 0/1 floats", "cat", _obs(), _h(), None, torch.tensor([[0.0, 1, 1, 1], [1, 0, 0, 1]])),
     ("avail past act_dim ignored", "cat", _obs(), _h(), None, torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])),
     ("requires grad", "cat", _obs().requires_grad_(True), _h().requires_grad_(True), None, None),
@@ -75,6 +73,9 @@ VALID = [
 
 # bad inputs: (name, policy, obs, state, reset, avail); each must fail with the protocol's own error
 BAD = [
+    ("obs narrower than a row's obs_dim", "cat", _obs()[:, :5], _h(), None, None),
+    ("avail narrower than a row's act_dim", "cat", _obs(), _h(), None,
+     torch.tensor([[True, False, True], [False, True, True]])),
     ("obs NaN", "cat", torch.full((2, 7), float("nan")), _h(), None, None),
     ("obs inf in one row", "cat", torch.cat([_obs()[:1], torch.full((1, 7), float("inf"))]), _h(), None, None),
     ("obs beyond float32", "cat", _obs(dtype=torch.float64) * 1e300, _h(), None, None),

@@ -10,6 +10,7 @@ from reference import forward_loop, zero_padding
 from lorasa_serve import (AgentSpec, Engine, FingerprintMismatchError, InputError, NonFiniteError,
                           UnknownAgentError, init_adapter)
 from lorasa_serve.artifacts import adapter_bytes
+from lorasa_serve.caches import CacheLimits
 from lorasa_serve.sessions import SessionStore
 
 
@@ -131,17 +132,17 @@ def test_sessions_carry_state_and_reset(tiny_policy):
 
 def test_engine_builds_its_session_store_on_first_session_call(tiny_policy):
     """Only `act_session` needs the store (the HTTP service keeps sessions in its state backend);
-    the Engine's `max_sessions` bounds it once it exists."""
+    `CacheLimits.sessions` bounds it once it exists."""
     d, spec, _, _ = tiny_policy
-    eng = Engine.from_dir(d, device="cpu", max_sessions=2)
+    eng = Engine.from_dir(d, device="cpu", limits=CacheLimits(sessions=2))
     obs = torch.randn(1, spec.obs_max)
     eng.act(["agent_0"], obs)
     assert eng._sessions is None
     for s in ("a", "b", "c"):
         eng.act_session(s, ["agent_0"], obs)
     assert eng.sessions.session_ids() == ["b", "c"]
-    with pytest.raises(ValueError, match="max_sessions"):
-        Engine.from_dir(d, device="cpu", max_sessions=0)
+    with pytest.raises(ValueError, match="sessions"):
+        CacheLimits(sessions=0)
 
 
 def test_session_eviction_is_lru():
