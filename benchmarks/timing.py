@@ -80,12 +80,12 @@ def latencies_alternating(calls: Mapping[str, Call], n: int, warmup: int = 50) -
     return times
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) by the nearest-rank rule on the sorted values."""
-    if not values:
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0..100) by the nearest-rank rule on the sorted values (a list or array)."""
+    if len(values) == 0:
         raise ValueError("percentile of no values")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))]
+    return float(ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))])
 
 
 def _summarise(samples: dict[str, list[float]], calls: dict[str, int]) -> dict[str, Timed]:

@@ -62,3 +62,12 @@ def test_goals_are_the_issue_ratios():
     assert g["v2_binary_2rows_p50_over_livez"] == 1.4 and g["goal_2rows_within_1.5x_livez"]
     assert g["v2_binary_over_inproc_512rows"] == 0.33 and not g["goal_512rows_at_least_0.33"]  # 0.33 < 1/3
     assert g["v2_binary_over_inproc_4096rows"] == 0.5 and g["goal_4096rows_at_least_0.50"]
+
+
+def test_the_one_percentile_takes_lists_and_arrays():
+    from benchmarks.timing import percentile
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    for v in (values, np.asarray(values)):
+        assert percentile(v, 50) == 3.0 and percentile(v, 0) == 1.0 and percentile(v, 100) == 5.0
+    with pytest.raises(ValueError):
+        percentile(np.asarray([]), 50)
