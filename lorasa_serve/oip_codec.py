@@ -183,6 +183,9 @@ def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
     return out
 
 
+_INT_FLOAT = {int, float}
+
+
 def _from_json(data: object, datatype: str, shape: list[int], name: str) -> np.ndarray:
     """`data`: flat (row-major) or nested exactly like `shape`; element types must fit the datatype
     (no booleans among numbers, no numbers among booleans, BYTES as valid Unicode strings). The type
@@ -203,6 +206,9 @@ def _from_json(data: object, datatype: str, shape: list[int], name: str) -> np.n
     dt = DTYPES[datatype]
     if dt.kind != "b" and bool in kinds:
         raise TensorError(f"tensor {name!r}: 'data' holds booleans, not {datatype} numbers")
+    if dt.kind == "f" and kinds <= _INT_FLOAT:  # the common case: one conversion, straight to dt
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.array(flat, dtype=dt).reshape(shape)  # FP32 overflow: inf (the callers refuse it)
     try:
         arr = np.asarray(flat)
     except (ValueError, OverflowError, TypeError):

@@ -76,25 +76,32 @@ def loads(text: bytes | bytearray | memoryview | str) -> Any:
 
 def _count(value: Any) -> tuple[int, int, bool]:
     """(key/value pairs in every object, ':' characters in every string and key, whether a float is
-    outside the 64-bit integers: orjson reads such an integer literal as a float) of a parsed value."""
+    outside the 64-bit integers: orjson reads such an integer literal as a float) of a parsed value.
+    orjson gives exact types (dict, list, str, int, float, bool, None): one `type()` per value."""
     pairs = colons = 0
     huge = False
     stack = [value]
+    pop, extend = stack.pop, stack.extend
     while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
+        v = pop()
+        t = type(v)
+        if t is dict:
             pairs += len(v)
-            colons += sum(k.count(":") for k in v)
-            stack.extend(v.values())
-        elif isinstance(v, list):
+            for k in v:
+                if ":" in k:
+                    colons += k.count(":")
+            extend(v.values())
+        elif t is list:
             kinds = set(map(type, v))  # one pass in C over a big number array
-            if float in kinds and kinds <= _NUMBERS:
-                huge = huge or max(v) >= _INT_LIMIT or min(v) <= -_INT_LIMIT  # in C too
+            if kinds <= _NUMBERS:
+                if float in kinds:
+                    huge = huge or max(v) >= _INT_LIMIT or min(v) <= -_INT_LIMIT  # in C too
                 continue
-            stack.extend(x for x in v if type(x) not in _SCALARS or type(x) is float)
-        elif isinstance(v, str):
-            colons += v.count(":")
-        elif isinstance(v, float):
+            extend(v)
+        elif t is str:
+            if ":" in v:
+                colons += v.count(":")
+        elif t is float:
             huge = huge or abs(v) >= _INT_LIMIT
     return pairs, colons, huge
 

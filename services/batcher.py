@@ -1,4 +1,5 @@
-"""The micro-batcher: one queue of jobs and one thread that runs them in cycles.
+"""The micro-batcher: one queue of jobs and one thread that runs them in cycles, plus the same cycles
+run on the event loop for small stateless requests (the fast path).
 
 HTTP handlers enqueue checked `ActRequest`s (or control functions) and await a future. Each cycle:
 the adapter sync's `before_cycle` (services/adapter_sync.py), then, holding the engine lock, the
@@ -7,22 +8,24 @@ control jobs, then ONE `serve` per `deterministic` flag over every request taken
 while a forward runs, new requests queue up and go together into the next one; an idle server answers
 a lone request at once.
 
-Fast path: a lone small stateless request (<= `inline_max_rows`, no other request being handled,
-nothing queued, no cycle running, an adapter sync that never waits on the network) runs that same
-cycle on the handler's thread instead, saving the thread hand-off; the engine lock keeps every cycle
-serialised, so versions and errors are the batcher's.
+Fast path (`on_loop`): a small stateless request (<= `inline_max_rows`, with an adapter sync that never
+waits on the network) joins the event loop's pending list, and one callback scheduled after every
+handler ready in the same loop iteration runs ONE cycle for all of them on the loop thread: requests
+that arrive together are merged without a thread hand-off, a lone one is answered at once. The engine
+lock keeps every cycle serialised, so versions and errors are the batcher's; while the batcher thread
+holds it (a big request's forward) or has work queued, the pending requests go to its queue instead.
 
-A job is marked running when the batcher takes it: a request cancelled while queued (client gone,
+A job is marked running when a cycle takes it: a request cancelled while queued (client gone,
 timeout) is dropped before any lease is taken; once running it completes (state stored, lease freed)
 and its answer is discarded.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 from concurrent.futures import Future
-from contextlib import contextmanager
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 from lorasa_serve.protocol import ActRequest
 
@@ -52,7 +55,7 @@ class Batcher:
         self._serve = serve
         self._queue: deque[Job] = deque()
         self._cv = threading.Condition()
-        self._handling = 0  # act requests in this worker's HTTP handlers (see handling())
+        self._on_loop: list[tuple[Job, asyncio.Future]] = []  # fast-path requests waiting for a loop cycle
         self.stopped: str | None = None  # why the batcher thread ended (it should never)
         self._thread = threading.Thread(target=self._loop, name="lorasa-batcher", daemon=True)
 
@@ -65,52 +68,72 @@ class Batcher:
 
     # --- called from HTTP handlers -------------------------------------------------------------
     def submit(self, req: ActRequest) -> Future:
-        """Enqueue `req` (a session step's session is claimed by the caller), or answer it at once on
-        the fast path."""
-        return self._inline(req) or self._put(Job(req))
+        """Enqueue `req` for the batcher thread (a session step's session is claimed by the caller)."""
+        return self._put(Job(req))
 
     def control(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the batcher thread (serialised with forwards), after `before_cycle`."""
         return self._put(Job(None, fn))
 
     def may_inline(self, req: ActRequest) -> bool:
-        """The fast path could take `req` (see `_inline` for what else it needs)."""
-        return (req.n <= self.cfg.inline_max_rows and self._handling <= 1 and self._sync.inline_ok
+        """The fast path may take `req`: small, stateless, and an adapter sync that never waits on the
+        network (a cycle on the event loop must never block it on I/O)."""
+        return (req.n <= self.cfg.inline_max_rows and self._sync.inline_ok
                 and (req.session_id is None or not self._recurrent))
 
-    @contextmanager
-    def handling(self) -> Iterator[None]:
-        """An HTTP act handler's span (on the event loop thread), from before its body is read to its
-        result: while another one is open, requests go to the batcher, which merges them (serial
-        inline forwards would lose the batcher's overlap with the event loop)."""
-        self._handling += 1
-        try:
-            yield
-        finally:
-            self._handling -= 1
+    async def on_loop(self, req: ActRequest) -> object:
+        """The fast path (called on the event loop for a request `may_inline` accepts): -> its result.
+        The first request of a loop iteration schedules one cycle for every request that joins before
+        it runs (`_loop_cycle`)."""
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        self._on_loop.append((Job(req), waiter))
+        if len(self._on_loop) == 1:
+            loop.call_soon(self._loop_cycle, loop)
+        return await waiter
 
-    def _inline(self, req: ActRequest) -> Future | None:
-        """The lone-request fast path: run one cycle for `req` on the calling thread and return its
-        (done) future, or None when the batcher must take it: too many rows, another request being
-        handled, an adapter sync that may wait on the network (it must never block the event loop),
-        something queued (it goes first), or a cycle running."""
-        if not self.may_inline(req):
-            return None
+    def _loop_cycle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One cycle on the event loop over the pending fast-path requests (up to `inline_max_rows`
+        rows; the rest get a cycle of their own next); when the batcher thread is busy, they all go to
+        its queue (it merges them there) instead of waiting for its lock on the loop."""
+        pending = [(j, w) for j, w in self._on_loop if not w.done()]  # done: the handler was cancelled
+        take, rows = 0, 0
+        while take < len(pending) and (take == 0 or rows + pending[take][0].req.n <= self.cfg.inline_max_rows):
+            rows += pending[take][0].req.n
+            take += 1
+        now, self._on_loop = pending[:take], pending[take:]
+        if self._on_loop:
+            loop.call_soon(self._loop_cycle, loop)
+        if now and self._cycle_here([j for j, _ in now]):
+            for job, waiter in now:
+                _settle(waiter, job.future)
+            return
+        for job, waiter in now:  # the batcher thread's turn
+            try:
+                fut = self._put(job)
+            except StateUnavailable as e:
+                waiter.set_exception(e)
+                continue
+            fut.add_done_callback(lambda f, w=waiter: loop.call_soon_threadsafe(_settle, w, f))
+
+    def _cycle_here(self, jobs: list[Job]) -> bool:
+        """Run one cycle for `jobs` on this thread, unless the batcher thread holds the engine lock,
+        has work queued (it goes first) or stopped: -> whether it ran (every job answered)."""
         if not self._lock.acquire(blocking=False):
-            return None
+            return False
         try:
             with self._cv:
                 if self._queue or self.stopped is not None:
-                    return None
-            job = Job(req)
-            job.future.set_running_or_notify_cancel()
+                    return False
+            for job in jobs:
+                job.future.set_running_or_notify_cancel()
             try:
                 self._sync.before_cycle()
-                self._cycle([job])
+                self._cycle(jobs)
             except Exception as e:
-                fail_all([job], e, "an inline cycle failed")
-            metrics.inline_requests.inc()
-            return job.future
+                fail_all(jobs, e, "a cycle on the event loop failed")
+            metrics.inline_requests.inc(len(jobs))
+            return True
         finally:
             self._lock.release()
 
@@ -189,3 +212,14 @@ class Batcher:
                 rows += n
             self._queue.extendleft(reversed(deferred))
             return jobs
+
+
+def _settle(waiter: asyncio.Future, done: Future) -> None:
+    """Copy a finished job's outcome to the handler's asyncio future (unless the handler is gone)."""
+    if waiter.done():
+        return
+    error = done.exception()
+    if error is not None:
+        waiter.set_exception(error)
+    else:
+        waiter.set_result(done.result())

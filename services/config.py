@@ -35,8 +35,9 @@ class ServiceConfig:
     backend: str = "engine"  # LORASA_BACKEND: "engine" (policy dir, hot swap) | "onnx" (a lorasa-export dir)
     max_rows_per_request: int = 1024  # LORASA_MAX_ROWS_PER_REQUEST
     max_batch_rows: int = 4096  # LORASA_MAX_BATCH_ROWS: rows batched into one engine forward
-    inline_max_rows: int = 64  # LORASA_INLINE_MAX_ROWS: a lone stateless request up to this many rows runs
-    # on the handler's thread when the batcher is idle (no thread hand-off); 0 = always through the batcher
+    inline_max_rows: int = 64  # LORASA_INLINE_MAX_ROWS: stateless requests up to this many rows (together) are
+    # served by a cycle on the event loop, merged with those arriving with them (no thread hand-off);
+    # 0 = always through the batcher thread
     max_body_bytes: int = 8 << 20  # LORASA_MAX_BODY_BYTES: JSON request bodies
     max_upload_bytes: int = 16 << 20  # LORASA_MAX_UPLOAD_BYTES: adapter uploads
     max_sessions: int = 10_000  # LORASA_MAX_SESSIONS: live sessions before LRU eviction

@@ -49,12 +49,11 @@ def build_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[PolicyRunt
     async def act(request: Request) -> JSONResponse:
         _require_json(request)
         rt = await get_runtime()
-        with rt.handling():  # counted from before the body is read: the fast path's 'lone' test
-            body = await _body(request, cfg.max_body_bytes)
-            parse = lambda: parse_act(parse_json(body), rt.table, cfg.max_rows_per_request)  # noqa: E731
-            # big bodies are parsed off the event loop so they do not stall other requests
-            req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
-            res = await rt.act(req)
+        body = await _body(request, cfg.max_body_bytes)
+        parse = lambda: parse_act(parse_json(body), rt.table, cfg.max_rows_per_request)  # noqa: E731
+        # big bodies are parsed off the event loop so they do not stall other requests
+        req = await asyncio.to_thread(parse) if len(body) > PARSE_IN_THREAD_BYTES else parse()
+        res = await rt.act(req)
         metrics.act_requests.labels(outcome="ok").inc()
         body = strict_json.dumps(act_response(req, rt.table, res.actions, res.log_probs, res.state,
                                               res.versions, res.batch, res.session_state))

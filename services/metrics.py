@@ -23,7 +23,7 @@ batch_requests = Histogram(
     name="lorasa_batch_requests", documentation="HTTP requests merged into one engine forward",
     buckets=BATCH_BUCKETS)
 inline_requests = Counter(
-    name="lorasa_inline_requests", documentation="Act requests served on the handler's thread (the lone-request fast path)")
+    name="lorasa_inline_requests", documentation="Act requests served by a cycle on the event loop (the fast path for small stateless requests)")
 adapter_version = Gauge(
     name="lorasa_adapter_version", documentation="Adapter version served, per agent (max over live workers)",
     labelnames=["agent_id"], multiprocess_mode="livemax")

@@ -284,19 +284,18 @@ def build_oip_app(cfg: ServiceConfig, get_runtime: Callable[[], Awaitable[Policy
         model(request)
         _check_body_headers(request)
         rt = await get_runtime()
-        with rt.handling():  # counted from before the body is read: the fast path's 'lone' test
-            body = await _body(request, cfg.max_body_bytes)
-            hlen = request.headers.get(HEADER)
-            parse = lambda: parse_infer(body, hlen, rt.table, cfg.max_rows_per_request, served)  # noqa: E731
-            # (model() checked that the URL names this model and version; the body must agree with them)
-            # JSON tensors and binary BYTES ones (a Python loop per element unless all are one length)
-            # are slow to parse: big bodies with either go off the event loop; other binary ones stay on it
-            slow = len(body) > PARSE_IN_THREAD_BYTES and not (
-                hlen is not None and hlen.isascii() and hlen.isdigit() and len(hlen) < 16
-                and int(hlen) <= PARSE_IN_THREAD_BYTES
-                and b"BYTES" not in body[:int(hlen)])
-            call = await asyncio.to_thread(parse) if slow else parse()
-            res = await rt.act(call.req)
+        body = await _body(request, cfg.max_body_bytes)
+        hlen = request.headers.get(HEADER)
+        parse = lambda: parse_infer(body, hlen, rt.table, cfg.max_rows_per_request, served)  # noqa: E731
+        # (model() checked that the URL names this model and version; the body must agree with them)
+        # JSON tensors and binary BYTES ones (a Python loop per element unless all are one length)
+        # are slow to parse: big bodies with either go off the event loop; other binary ones stay on it
+        slow = len(body) > PARSE_IN_THREAD_BYTES and not (
+            hlen is not None and hlen.isascii() and hlen.isdigit() and len(hlen) < 16
+            and int(hlen) <= PARSE_IN_THREAD_BYTES
+            and b"BYTES" not in body[:int(hlen)])
+        call = await asyncio.to_thread(parse) if slow else parse()
+        res = await rt.act(call.req)
         metrics.act_requests.labels(outcome="ok").inc()
         out, header_len = encode_result(call, rt.spec, res)
         if header_len is None:

@@ -5,7 +5,7 @@ It builds and wires the pieces, each a module with one owner and no mutable stat
     act_backend     what acts (`Engine`, or `OnnxEngine` for an export)
     adapter_sync    the versions served, kept in step with the state backend: owns `ready`/`state_error`
     check_runner    where its checks run: before each cycle (local state dir) or on a thread (Redis)
-    batcher         the queue, the batcher thread, the engine lock, the inline fast path
+    batcher         the queue, the batcher thread, the engine lock, the fast path (cycles on the event loop)
     session_steps   leases and recurrent states of a batch's session steps; the sessions in flight here
     batch_forward   one `backend.act_checked` over a batch, NaN/inf screening, failures isolated
     agents_view     the `/v1/agents` view
@@ -19,7 +19,7 @@ import asyncio
 import threading
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 from lorasa_serve import Engine
 from lorasa_serve.backend import ActBackend
@@ -102,17 +102,12 @@ class PolicyRuntime:
         return fut
 
     async def act(self, req: ActRequest) -> ActResult:
-        """An HTTP handler's call (on the event loop, inside `handling()`): the request's result. A
-        request the fast path could take yields to the loop once first, so that the handlers of requests
-        that arrived with it check in (`handling`): then they all go to the batcher, which merges them."""
+        """An HTTP handler's call (on the event loop): the request's result. Small stateless requests
+        take the fast path (`Batcher.on_loop`: cycles on the event loop, merging the requests that
+        arrive together); the others the batcher thread."""
         if self.batcher.may_inline(req):
-            await asyncio.sleep(0)
-        fut = self.submit(req)  # done already when the fast path served it
-        return fut.result() if fut.done() else await asyncio.wrap_future(fut)
-
-    def handling(self) -> Iterator[None]:
-        """See `Batcher.handling`: an HTTP act handler's span."""
-        return self.batcher.handling()
+            return await self.batcher.on_loop(req)
+        return await asyncio.wrap_future(self.submit(req))
 
     def control(self, fn: Callable[[], object]) -> Future:
         """Run `fn` on the batcher thread (serialised with forwards), after the adapter sync's

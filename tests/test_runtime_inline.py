@@ -1,8 +1,11 @@
-"""The lone-request fast path (services/batcher.py, Batcher._inline): a lone small stateless request runs the batcher's
-cycle on the caller's thread. It must answer exactly what the batcher answers, see every version
-published before it, and never take a request the batcher should merge or a session step."""
+"""The fast path (services/batcher.py, Batcher.on_loop): small stateless requests run the batcher's cycle
+on the event loop, those that arrive together in one cycle. It must answer exactly what the batcher
+thread answers, see every version published before it, merge concurrent requests, hand them to the
+batcher thread while it is busy, and never take a big request or a session step."""
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -36,28 +39,66 @@ def _inlined() -> float:
 
 
 def _through_batcher(rt, req):
-    with rt.handling(), rt.handling():  # another request is being handled: the batcher merges them
-        before = _inlined()
-        res = rt.submit(req).result(timeout=30)
-        assert _inlined() == before
+    before = _inlined()
+    res = rt.submit(req).result(timeout=30)  # submit: always the batcher thread
+    assert _inlined() == before
     return res
 
 
-def test_a_lone_small_request_is_answered_inline_exactly_as_the_batcher_answers(rt):
+def _act(rt, *reqs):
+    """rt.act for each request, all started in one event-loop iteration (as concurrent handlers)."""
+    async def main():
+        return await asyncio.gather(*(rt.act(r) for r in reqs))
+    return asyncio.run(main())
+
+
+def test_a_lone_small_request_is_answered_on_the_loop_exactly_as_the_batcher_answers(rt):
     req = _req(rt, 1)  # 3 rows <= inline_max_rows 4
     before = _inlined()
-    fut = rt.submit(req)
-    assert fut.done() and _inlined() == before + 1  # answered before submit returned
-    fast, slow = fut.result(), _through_batcher(rt, req)
+    (fast,) = _act(rt, req)
+    assert _inlined() == before + 1 and fast.batch == {"requests": 1, "rows": 3}
+    slow = _through_batcher(rt, req)
     for a, b in ((fast.actions, slow.actions), (fast.log_probs, slow.log_probs), (fast.state, slow.state),
                  (fast.versions, slow.versions)):
         np.testing.assert_array_equal(a, b)
 
 
+def test_requests_arriving_together_share_one_cycle_up_to_the_row_limit(rt):
+    reqs = [_req(rt, 1, seed=s) for s in range(3)]  # 3 rows each, inline_max_rows 4: one per cycle
+    small = [parse_act({"rows": [{"agent_id": rt.spec.agent_ids[0], "obs": [0.5] * rt.spec.agents[0].obs_dim}]},
+                       rt.table, 64) for _ in range(4)]  # 1 row each: all four in one cycle
+    before = _inlined()
+    for res, req in zip(_act(rt, *reqs), reqs):
+        assert res.batch == {"requests": 1, "rows": 3}
+        np.testing.assert_array_equal(res.actions, _through_batcher(rt, req).actions)
+    results = _act(rt, *small)
+    assert [r.batch for r in results] == [{"requests": 4, "rows": 4}] * 4
+    assert _inlined() == before + 7
+
+
+def test_while_the_batcher_thread_holds_the_engine_it_takes_the_loop_requests(rt):
+    """A cycle on the loop never waits for the engine lock: the requests go to the batcher's queue."""
+    req, held, release = _req(rt, 1), threading.Event(), threading.Event()
+
+    def hold():
+        with rt.batcher._lock:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    threading.Timer(0.3, release.set).start()
+    before = _inlined()
+    (res,) = _act(rt, req)
+    t.join()
+    assert _inlined() == before
+    np.testing.assert_array_equal(res.actions, _through_batcher(rt, req).actions)
+
+
 def test_big_requests_and_session_steps_go_through_the_batcher(rt):
     before = _inlined()
-    assert rt.submit(_req(rt, 2)).result(timeout=30).actions.shape[0] == 6  # 6 rows > 4
-    rt.submit(_req(rt, 1, session_id="s-inline")).result(timeout=30)  # a session step
+    assert _act(rt, _req(rt, 2))[0].actions.shape[0] == 6  # 6 rows > 4
+    _act(rt, _req(rt, 1, session_id="s-inline"))  # a session step
     assert _inlined() == before
 
 
@@ -66,7 +107,7 @@ def test_an_inline_request_sees_a_version_published_before_it(rt):
     v = rt.state.publish_adapter(agent, rt.sync.served_adapter(agent))  # what an upload on another worker does
     req = _req(rt, 1)
     before = _inlined()
-    res = rt.submit(req).result()
+    (res,) = _act(rt, req)
     assert _inlined() == before + 1
     assert res.versions.tolist() == [v if a == agent else rt.applied[a] for a in rt.spec.agent_ids]
     assert rt.applied[agent] == v
@@ -77,7 +118,7 @@ def test_inline_off_when_its_limit_is_zero(rt):
     rt.batcher.cfg, saved = off, rt.batcher.cfg
     try:
         before = _inlined()
-        rt.submit(_req(rt, 1)).result(timeout=30)
+        _act(rt, _req(rt, 1))
         assert _inlined() == before
     finally:
         rt.batcher.cfg = saved
