@@ -423,7 +423,10 @@ def _session_state(header: dict, step: bool) -> str | None:
     """A session step's `session_state` response parameter ("resumed" or "new"; None from a server
     that does not send it), or ResponseError when it is malformed or answers a request without session."""
     params = header.get("parameters", {})
-    value = params.get("session_state") if isinstance(params, dict) else params
+    if not isinstance(params, dict):
+        raise ResponseError(200, f"the answer's parameters must be an object (holding session_state), not "
+                                 f"{type(params).__name__}")
+    value = params.get("session_state")
     if value is None:
         return None
     if not step or value not in (SESSION_NEW, SESSION_RESUMED):

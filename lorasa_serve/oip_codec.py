@@ -207,8 +207,11 @@ def _from_json(data: object, datatype: str, shape: list[int], name: str) -> np.n
     if dt.kind != "b" and bool in kinds:
         raise TensorError(f"tensor {name!r}: 'data' holds booleans, not {datatype} numbers")
     if dt.kind == "f" and kinds <= _INT_FLOAT:  # the common case: one conversion, straight to dt
-        with np.errstate(over="ignore", invalid="ignore"):
-            return np.array(flat, dtype=dt).reshape(shape)  # FP32 overflow: inf (the callers refuse it)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                return np.array(flat, dtype=dt).reshape(shape)  # FP32 overflow: inf (the callers refuse it)
+        except (OverflowError, ValueError):  # an integer too big for a float: the general path says so
+            pass
     try:
         arr = np.asarray(flat)
     except (ValueError, OverflowError, TypeError):

@@ -110,7 +110,8 @@ class AdapterSync:
             log.log(level, "state sync failed at start (not ready, retrying): %s", self._state_error)
 
     def before_cycle(self) -> None:
-        """Before every batcher cycle, without the engine lock (see services/check_runner.py)."""
+        """Before every cycle: on the batcher thread without the engine lock, on the event loop (the
+        fast path, local state dir only) with it held (see services/check_runner.py)."""
         self._checks.before_cycle()
 
     def refresh(self, timeout: float) -> bool:

@@ -41,7 +41,8 @@ class CycleSync(Protocol):
     idle_check_s: float | None  # an idle batcher still runs an (empty) cycle this often
 
     def before_cycle(self) -> None:
-        """Run before every cycle, before the engine lock is taken (it may take it itself)."""
+        """Run before every cycle: on the batcher thread before the engine lock is taken (it may take it
+        itself: the lock is re-entrant), on the event loop with it already held."""
 
 
 class Batcher:
@@ -104,17 +105,22 @@ class Batcher:
         now, self._on_loop = pending[:take], pending[take:]
         if self._on_loop:
             loop.call_soon(self._loop_cycle, loop)
-        if now and self._cycle_here([j for j, _ in now]):
-            for job, waiter in now:
-                _settle(waiter, job.future)
-            return
-        for job, waiter in now:  # the batcher thread's turn
-            try:
+        try:
+            if now and self._cycle_here([j for j, _ in now]):
+                return
+            for job, waiter in now:  # the batcher thread's turn
                 fut = self._put(job)
-            except StateUnavailable as e:
-                waiter.set_exception(e)
-                continue
-            fut.add_done_callback(lambda f, w=waiter: loop.call_soon_threadsafe(_settle, w, f))
+                fut.add_done_callback(lambda f, w=waiter: loop.call_soon_threadsafe(_settle, w, f))
+                # a handler gone (client gone, timeout) cancels its job while still queued there
+                waiter.add_done_callback(lambda w, f=fut: w.cancelled() and f.cancel())
+        except Exception as e:  # the batcher stopped (StateUnavailable), or a bug: never leave a handler waiting
+            for _, waiter in now:
+                if not waiter.done():
+                    waiter.set_exception(e)
+        finally:
+            for job, waiter in now:
+                if job.future.done():
+                    _settle(waiter, job.future)
 
     def _cycle_here(self, jobs: list[Job]) -> bool:
         """Run one cycle for `jobs` on this thread, unless the batcher thread holds the engine lock,
@@ -130,9 +136,9 @@ class Batcher:
             try:
                 self._sync.before_cycle()
                 self._cycle(jobs)
+                metrics.inline_requests.inc(len(jobs))
             except Exception as e:
                 fail_all(jobs, e, "a cycle on the event loop failed")
-            metrics.inline_requests.inc(len(jobs))
             return True
         finally:
             self._lock.release()
@@ -216,7 +222,7 @@ class Batcher:
 
 def _settle(waiter: asyncio.Future, done: Future) -> None:
     """Copy a finished job's outcome to the handler's asyncio future (unless the handler is gone)."""
-    if waiter.done():
+    if waiter.done() or not done.done() or done.cancelled():
         return
     error = done.exception()
     if error is not None:

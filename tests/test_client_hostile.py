@@ -77,6 +77,7 @@ MODES = {
     "deep_503": lambda c: _reply(c, b"[" * 100_000, {"Retry-After": "0"}, status="503 Service Unavailable"),
     "session_new": lambda c: _reply(c, *_outputs(parameters={"session_state": "new"})),
     "session_odd": lambda c: _reply(c, *_outputs(parameters={"session_state": "maybe"})),
+    "session_bare": lambda c: _reply(c, *_outputs(parameters="new")),  # parameters not an object
     "session_list": lambda c: _reply(c, *_outputs(parameters=["new"])),
 }
 
@@ -197,7 +198,7 @@ def test_session_state_is_checked(peer):
     assert peer.client().act(["agent_0", "agent_1"], OBS, session_id="s1").session_state == "new"
     with pytest.raises(ResponseError, match="without a session"):  # a stateless answer has none
         peer.client().act(["agent_0", "agent_1"], OBS)
-    for mode in ("session_odd", "session_list"):
+    for mode in ("session_odd", "session_list", "session_bare"):
         peer.mode = mode
         with pytest.raises(ResponseError, match="session_state"):
             peer.client().act(["agent_0", "agent_1"], OBS, session_id="s1")

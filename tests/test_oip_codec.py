@@ -74,6 +74,7 @@ def test_bytes_split_fast_path_equals_loop():
     ({"datatype": "INT64", "shape": [1], "data": [1.5]}, "floating-point"),
     ({"datatype": "INT64", "shape": [1], "data": [2**70]}, "mixed"),
     ({"datatype": "INT32", "shape": [1], "data": [2**40]}, "INT32 range"),
+    ({"datatype": "FP32", "shape": [2], "data": [1.0, 10**400]}, "mixed"),  # an integer too big for a float
     ({"datatype": "BOOL", "shape": [1], "data": [1]}, "integer"),
     ({"datatype": "FP32", "shape": [2, 2], "data": [[1.0, 2.0, 3.0, 4.0]]}, r"shape is \[2, 2\]"),
     ({"datatype": "FP32", "shape": [-1], "data": []}, "non-negative"),

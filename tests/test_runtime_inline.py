@@ -122,3 +122,40 @@ def test_inline_off_when_its_limit_is_zero(rt):
         assert _inlined() == before
     finally:
         rt.batcher.cfg = saved
+
+
+def test_a_handler_gone_while_its_request_waits_for_the_batcher_cancels_it(rt):
+    """The batcher thread holds the engine lock: a fast-path request is handed to its queue; its handler
+    gives up (a timeout, the client gone) before the batcher takes it: the queued job is cancelled, so
+    the batcher drops it instead of running its forward."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with rt.batcher._lock:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    first = rt.control(lambda: None)  # the batcher thread takes it, then waits for the lock: busy
+    try:
+        for _ in range(100):
+            with rt.batcher._cv:
+                if not rt.batcher._queue:
+                    break
+            threading.Event().wait(0.01)
+
+        async def main():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(rt.act(_req(rt, 1)), 0.2)
+            await asyncio.sleep(0)  # the cancellation's callbacks run
+        asyncio.run(main())
+        with rt.batcher._cv:
+            queued = list(rt.batcher._queue)
+        assert len(queued) == 1 and queued[0].future.cancelled()
+    finally:
+        release.set()
+        t.join()
+    first.result(timeout=10)
+    (res,) = _act(rt, _req(rt, 1))  # and the worker goes on serving
+    assert res.actions.shape[0] == 3

@@ -136,8 +136,8 @@ def _inline_count(srv) -> float:
 
 
 def test_a_lone_client_is_served_by_the_fast_path(srv):
-    """One kept-alive client sending small stateless requests one after another: each is served on the
-    handler's thread (the counter grows by one per request), and each answer is still right."""
+    """One kept-alive client sending small stateless requests one after another: each is served by a
+    cycle on the event loop (the counter grows by one per request), and each answer is still right."""
     before = _inline_count(srv)
     with requests.Session() as s:
         for j in range(20):
