@@ -154,3 +154,17 @@ def categorical_server(tmp_path_factory):
         server.spec, server.policy = spec, root / "policy"
         server.engine = Engine.from_dir(root / "policy", device="cpu", mode="lora")
         yield server
+
+
+@pytest.fixture
+def no_hang():
+    """A blocking open or read (a FIFO) fails the test after 60 s instead of hanging the suite."""
+    import signal
+
+    def fail(*_):
+        raise TimeoutError("blocked on a file")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 
 import pytest
 import torch
@@ -19,18 +18,6 @@ FAULTS = ("fifo", "device", "dangling", "flip")
 CHEETAH_ENV = {"kind": "mamujoco", "scenario": "HalfCheetah", "agent_conf": "2x3", "agent_obsk": 1,
                "episode_limit": 20}
 ADAPTER = "adapters/agent_0.safetensors"
-
-
-@pytest.fixture
-def no_hang():
-    """A blocking open (a FIFO) fails the test after 60 s instead of hanging the suite."""
-    def fail(*_):
-        raise TimeoutError("blocked on a file")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 def fault(path, how: str, flip_at: int = -5) -> str:

@@ -9,7 +9,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import sqlite3
 
 import numpy as np
@@ -31,18 +30,6 @@ def _flip(path, offset=-5):
 
 def _adapter(d, agent="agent_0"):
     return d / "adapters" / f"{agent}.safetensors"
-
-
-@pytest.fixture
-def no_hang():
-    """A read that blocks (a FIFO) fails the test after 10 s instead of hanging the suite."""
-    def fail(*_):
-        raise TimeoutError("blocked reading a file")
-    old = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(10)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
 
 
 # --- policy directories ----------------------------------------------------------------------------
@@ -351,7 +338,6 @@ def test_a_full_disk_is_state_unavailable_and_recovers(tiny_policy, small_disk):
     assert st.publish_adapter("agent_0", data) == 2 and st.adapter_blob("agent_0", 2) == data
     step = st.open_steps([("after", ["agent_0"])])[0]
     assert st.close_steps([(step, h)]) == [True]
-
 
 
 def test_sqlite_log_is_bounded_on_a_small_volume(tiny_policy, small_disk):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -45,6 +46,26 @@ def _through_batcher(rt, req):
     return res
 
 
+@contextmanager
+def engine_lock_held(rt):
+    """Another thread holds the engine lock (as the batcher thread does during a forward) until the
+    block ends, or until the yielded event is set."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with rt.batcher._lock:
+            held.set()
+            release.wait(10)
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    try:
+        yield release
+    finally:
+        release.set()
+        t.join()
+
+
 def _act(rt, *reqs):
     """rt.act for each request, all started in one event-loop iteration (as concurrent handlers)."""
     async def main():
@@ -78,19 +99,11 @@ def test_requests_arriving_together_share_one_cycle_up_to_the_row_limit(rt):
 
 def test_while_the_batcher_thread_holds_the_engine_it_takes_the_loop_requests(rt):
     """A cycle on the loop never waits for the engine lock: the requests go to the batcher's queue."""
-    req, held, release = _req(rt, 1), threading.Event(), threading.Event()
-
-    def hold():
-        with rt.batcher._lock:
-            held.set()
-            release.wait(10)
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    threading.Timer(0.3, release.set).start()
-    before = _inlined()
-    (res,) = _act(rt, req)
-    t.join()
+    req = _req(rt, 1)
+    with engine_lock_held(rt) as release:
+        threading.Timer(0.3, release.set).start()
+        before = _inlined()
+        (res,) = _act(rt, req)
     assert _inlined() == before
     np.testing.assert_array_equal(res.actions, _through_batcher(rt, req).actions)
 
@@ -128,17 +141,8 @@ def test_a_handler_gone_while_its_request_waits_for_the_batcher_cancels_it(rt):
     """The batcher thread holds the engine lock: a fast-path request is handed to its queue; its handler
     gives up (a timeout, the client gone) before the batcher takes it: the queued job is cancelled, so
     the batcher drops it instead of running its forward."""
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with rt.batcher._lock:
-            held.set()
-            release.wait(10)
-    t = threading.Thread(target=hold)
-    t.start()
-    held.wait(10)
-    first = rt.control(lambda: None)  # the batcher thread takes it, then waits for the lock: busy
-    try:
+    with engine_lock_held(rt):
+        first = rt.control(lambda: None)  # the batcher thread takes it, then waits for the lock: busy
         for _ in range(100):
             with rt.batcher._cv:
                 if not rt.batcher._queue:
@@ -153,9 +157,6 @@ def test_a_handler_gone_while_its_request_waits_for_the_batcher_cancels_it(rt):
         with rt.batcher._cv:
             queued = list(rt.batcher._queue)
         assert len(queued) == 1 and queued[0].future.cancelled()
-    finally:
-        release.set()
-        t.join()
     first.result(timeout=10)
     (res,) = _act(rt, _req(rt, 1))  # and the worker goes on serving
     assert res.actions.shape[0] == 3
