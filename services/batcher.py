@@ -46,11 +46,10 @@ class CycleSync(Protocol):
 
 
 class Batcher:
-    def __init__(self, cfg: ServiceConfig, recurrent: bool, sync: CycleSync, engine_lock: threading.RLock,
+    def __init__(self, cfg: ServiceConfig, sync: CycleSync, engine_lock: threading.RLock,
                  serve: Callable[[list[Job]], None]):
         """serve(jobs): answer act jobs of one `deterministic` flag (called under the engine lock)."""
         self.cfg = cfg
-        self._recurrent = recurrent  # a feed-forward policy ignores session ids: every request is stateless
         self._sync = sync
         self._lock = engine_lock  # held for every cycle: the batcher's and the inline ones
         self._serve = serve
@@ -77,10 +76,10 @@ class Batcher:
         return self._put(Job(None, fn))
 
     def may_inline(self, req: ActRequest) -> bool:
-        """The fast path may take `req`: small, stateless, and an adapter sync that never waits on the
-        network (a cycle on the event loop must never block it on I/O)."""
-        return (req.n <= self.cfg.inline_max_rows and self._sync.inline_ok
-                and (req.session_id is None or not self._recurrent))
+        """The fast path may take `req` (a stateless request: the caller, which owns sessions, decides
+        that): small, and an adapter sync that never waits on the network (a cycle on the event loop
+        must never block it on I/O)."""
+        return req.n <= self.cfg.inline_max_rows and self._sync.inline_ok
 
     async def on_loop(self, req: ActRequest) -> object:
         """The fast path (called on the event loop for a request `may_inline` accepts): -> its result.

@@ -61,7 +61,7 @@ class PolicyRuntime:
         self.sessions = SessionSteps(self.spec, self.state, cfg.timeout_s)
         self.forward = BatchForward(self.backend, self.sync.versions, self.sessions.states)
         self.view = AgentsView(self.spec, self.engine, self.sync.versions, self.sync.load_failures)
-        self.batcher = Batcher(cfg, self.spec.recurrent, self.sync, engine_lock, self._serve)
+        self.batcher = Batcher(cfg, self.sync, engine_lock, self._serve)
         self.sync.start()
         self.batcher.start()
 
@@ -105,7 +105,7 @@ class PolicyRuntime:
         """An HTTP handler's call (on the event loop): the request's result. Small stateless requests
         take the fast path (`Batcher.on_loop`: cycles on the event loop, merging the requests that
         arrive together); the others the batcher thread."""
-        if self.batcher.may_inline(req):
+        if self.sessions.session_of(req) is None and self.batcher.may_inline(req):
             return await self.batcher.on_loop(req)
         return await asyncio.wrap_future(self.submit(req))
 
